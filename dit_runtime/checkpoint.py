@@ -15,6 +15,7 @@ Its header metadata (strings only, as safetensors requires) holds:
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import os
 from dataclasses import dataclass, field
@@ -229,3 +230,182 @@ def verify_sha256(path: str | os.PathLike, expected: str) -> None:
     if actual != expected.lower():
         raise CheckpointError(f"{path}: sha256 {actual} does not match the manifest's {expected}; "
                               "the file was changed or damaged")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Imports of other layouts: the paper repository's ``.pt`` state dicts and diffusers' DiTTransformer2DModel.
+
+
+@dataclass
+class ImportedWeights:
+    """Weights in our layout plus the config inferred for them, and notes a user should read."""
+
+    state_dict: dict[str, torch.Tensor]
+    config: DiTConfig
+    notes: list[str] = field(default_factory=list)
+
+
+def _infer_config(state: dict[str, torch.Tensor], source: str, num_heads: int | None,
+                  input_size: int | None) -> tuple[DiTConfig, list[str]]:
+    """A DiTConfig from weight shapes in our (= the paper's) layout. Heads are not in the shapes: take them from
+    ``num_heads`` or from the one preset whose shapes match; the null class is inferred from the table size."""
+    from .model import PRESETS
+
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in state:
+            raise CheckpointError(f"{source}: no tensor {key!r}; this is not a DiT state dict "
+                                  f"(found e.g. {_few(sorted(state), 4)})")
+        return tuple(state[key].shape)
+
+    hidden_dim, in_channels, patch_size, _ = shape("x_embedder.proj.weight")
+    num_layers = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    ffn_dim = shape("blocks.0.mlp.fc1.weight")[0]
+    out_channels = shape("final_layer.linear.weight")[0] // patch_size ** 2
+    table_rows = shape("y_embedder.embedding_table.weight")[0]
+    notes = []
+    if input_size is None:
+        if "pos_embed" not in state:
+            raise CheckpointError(f"{source}: has no pos_embed, so the input size is unknown; pass --input-size")
+        input_size = math.isqrt(shape("pos_embed")[1]) * patch_size
+    if num_heads is None:
+        matches = {c.num_heads for c in PRESETS.values()
+                   if (c.hidden_dim, c.num_layers, c.ffn_dim) == (hidden_dim, num_layers, ffn_dim)}
+        if len(matches) != 1:
+            raise CheckpointError(f"{source}: the number of attention heads cannot be read from the weights and no "
+                                  f"single preset has hidden_dim={hidden_dim}, num_layers={num_layers}, "
+                                  f"ffn_dim={ffn_dim}; pass --num-heads")
+        num_heads = matches.pop()
+        notes.append(f"num_heads={num_heads} taken from the preset with the same shapes")
+    # The paper's tables have one extra row, the null class, when trained with label dropout.
+    num_classes = table_rows - 1 if table_rows > 1 else table_rows
+    try:
+        config = DiTConfig(hidden_dim=hidden_dim, num_layers=num_layers, num_heads=num_heads, ffn_dim=ffn_dim,
+                           input_size=input_size, patch_size=patch_size, in_channels=in_channels,
+                           num_classes=num_classes, learn_sigma=out_channels == 2 * in_channels,
+                           class_dropout_prob=0.1 if table_rows > 1 else 0.0)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    return config, notes
+
+
+def import_paper_checkpoint(path: str | os.PathLike, num_heads: int | None = None,
+                            input_size: int | None = None) -> ImportedWeights:
+    """Read a facebookresearch/DiT ``.pt`` (a state dict, or a training checkpoint's ``ema``/``model`` entry).
+
+    Read with ``weights_only=True``: tensors and plain containers only, never arbitrary pickled objects.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError or EOFError depending on the damage
+        raise CheckpointError(f"{path}: cannot be read as a weights-only torch file ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); only plain state dicts of tensors are "
+                              "accepted, never arbitrary pickled objects") from None
+    if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        for entry in ("ema", "model"):  # train.py checkpoints: the EMA weights are the ones to serve
+            if isinstance(obj.get(entry), dict):
+                obj = obj[entry]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a state dict (names -> tensors), got {type(obj).__name__}")
+    state = {k.removeprefix("module."): v for k, v in obj.items()}
+    config, notes = _infer_config(state, str(path), num_heads, input_size)
+    if "pos_embed" not in state:
+        with torch.device("meta"):
+            model = DiTModel.from_config(config)
+        model.reset_pos_embed()
+        state["pos_embed"] = model.pos_embed
+        notes.append("pos_embed was not saved; recomputed (it is fixed, not learned)")
+    return ImportedWeights(state, config, notes)
+
+
+def _same_in_every_block(sd: dict[str, torch.Tensor], name: str, num_layers: int, source: str) -> torch.Tensor:
+    """diffusers keeps one timestep/class embedder per block; ours is shared, so all copies must be equal."""
+    first = sd[f"transformer_blocks.0.norm1.emb.{name}"]
+    for i in range(1, num_layers):
+        other = sd[f"transformer_blocks.{i}.norm1.emb.{name}"]
+        if other.shape != first.shape or not torch.equal(other, first):
+            raise CheckpointError(
+                f"{source}: block {i}'s embedder weight norm1.emb.{name} differs from block 0's; DiT shares one "
+                "timestep/class embedder across blocks, so this model has no equivalent in the DiT layout")
+    return first
+
+
+def _diffusers_to_ours(sd: dict[str, torch.Tensor], num_layers: int,
+                       source: str) -> dict[str, torch.Tensor]:
+    """Rename diffusers' DiT tensors to ours (consuming ``sd``); anything left over is an error."""
+    new = {"x_embedder.proj.weight": sd.pop("pos_embed.proj.weight"),
+           "x_embedder.proj.bias": sd.pop("pos_embed.proj.bias")}
+    emb = {"t_embedder.mlp.0": "timestep_embedder.linear_1", "t_embedder.mlp.2": "timestep_embedder.linear_2"}
+    for ours, theirs in emb.items():
+        for p in ("weight", "bias"):
+            new[f"{ours}.{p}"] = _same_in_every_block(sd, f"{theirs}.{p}", num_layers, source)
+    new["y_embedder.embedding_table.weight"] = _same_in_every_block(
+        sd, "class_embedder.embedding_table.weight", num_layers, source)
+    per_block = {"adaLN_modulation.1": "norm1.linear", "attn.proj": "attn1.to_out.0", "mlp.fc1": "ff.net.0.proj",
+                 "mlp.fc2": "ff.net.2"}
+    for i in range(num_layers):
+        src, dst = f"transformer_blocks.{i}.", f"blocks.{i}."
+        for p in ("weight", "bias"):
+            for ours, theirs in per_block.items():
+                new[f"{dst}{ours}.{p}"] = sd.pop(f"{src}{theirs}.{p}")
+            new[f"{dst}attn.qkv.{p}"] = torch.cat([sd.pop(f"{src}attn1.to_{k}.{p}") for k in "qkv"])
+        for key in [k for k in sd if k.startswith(f"{src}norm1.emb.")]:
+            del sd[key]  # checked equal to block 0's above
+    for p in ("weight", "bias"):
+        new[f"final_layer.adaLN_modulation.1.{p}"] = sd.pop(f"proj_out_1.{p}")
+        new[f"final_layer.linear.{p}"] = sd.pop(f"proj_out_2.{p}")
+    sd.pop("pos_embed.pos_embed", None)  # recomputed below; it is fixed
+    if sd:
+        raise CheckpointError(f"{source}: tensors with no place in the DiT layout: {_few(sorted(sd))}")
+    return new
+
+
+def import_diffusers_folder(folder: str | os.PathLike) -> ImportedWeights:
+    """Convert a diffusers ``DiTTransformer2DModel`` folder (config.json + diffusion_pytorch_model.safetensors)."""
+    folder = Path(folder)
+    config_path, weights_path = folder / "config.json", folder / "diffusion_pytorch_model.safetensors"
+    for needed in (config_path, weights_path):
+        if not needed.is_file():
+            raise CheckpointError(f"{folder}: not a diffusers DiTTransformer2DModel folder ({needed.name} is missing)")
+    try:
+        dconf = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_path}: not valid JSON ({e})") from None
+    if dconf.get("_class_name", "DiTTransformer2DModel") not in ("DiTTransformer2DModel", "Transformer2DModel"):
+        raise CheckpointError(f"{config_path}: is a {dconf['_class_name']}, expected DiTTransformer2DModel")
+    if dconf.get("norm_type", "ada_norm_zero") != "ada_norm_zero" or dconf.get("norm_elementwise_affine"):
+        raise CheckpointError(f"{config_path}: norm_type {dconf.get('norm_type')!r} / norm_elementwise_affine "
+                              f"{dconf.get('norm_elementwise_affine')!r}; only DiT's ada_norm_zero without affine "
+                              "norms converts")
+    with _open(weights_path) as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    source = str(folder)
+    try:
+        num_layers = int(dconf["num_layers"])
+        new = _diffusers_to_ours(sd, num_layers, source)
+    except KeyError as e:
+        raise CheckpointError(f"{source}: missing {e}; not a complete DiTTransformer2DModel") from None
+    in_channels = int(dconf["in_channels"])
+    table_rows = new["y_embedder.embedding_table.weight"].shape[0]
+    num_classes = int(dconf["num_embeds_ada_norm"])
+    try:
+        config = DiTConfig(hidden_dim=int(dconf["num_attention_heads"]) * int(dconf["attention_head_dim"]),
+                           num_layers=num_layers, num_heads=int(dconf["num_attention_heads"]),
+                           ffn_dim=new["blocks.0.mlp.fc1.weight"].shape[0], input_size=int(dconf["sample_size"]),
+                           patch_size=int(dconf["patch_size"]), in_channels=in_channels, num_classes=num_classes,
+                           learn_sigma=int(dconf.get("out_channels") or in_channels) == 2 * in_channels,
+                           class_dropout_prob=0.1 if table_rows > num_classes else 0.0)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    with torch.device("meta"):
+        model = DiTModel.from_config(config)
+    model.reset_pos_embed()
+    new["pos_embed"] = model.pos_embed
+    check_state_dict(new, model, source)
+    notes = ["converted to the paper's function, which differs from diffusers' in two details: the timestep "
+             "frequencies exp(-ln(10000) i/half) (diffusers: i/(half-1), downscale_freq_shift=1) and LayerNorm eps "
+             f"1e-6 in every norm (diffusers' norm2 uses norm_eps={dconf.get('norm_eps', 1e-5)})"]
+    return ImportedWeights(new, config, notes)

@@ -1,0 +1,124 @@
+"""Model-size arithmetic behind ``dit-verify``: parameters, weight memory, FLOPs, training memory per GPU.
+
+Parameter counts come from the module itself (built on the meta device, so no memory is allocated); FLOPs and
+memory come from the formulas below, which docs/model-sizes.md explains and compares against measurements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .model import TIMESTEP_FREQ_DIM, DiTConfig, DiTModel, count_parameters
+
+BYTES_PER_PARAM = {"float32": 4, "float16": 2, "bfloat16": 2}
+# What the first model card claimed. The dimensions do not give these numbers; kept to report them as wrong.
+MODEL_CARD_CLAIMS = {"dit-10l": 390_000_000, "dit-8l": 320_000_000, "dit-6l": 250_000_000,
+                     "dit-legacy-30l": 150_000_000}
+
+
+def build_on_meta(config: DiTConfig) -> DiTModel:
+    """The model with shapes but no storage: exact counts at no memory cost."""
+    with torch.device("meta"):
+        return DiTModel.from_config(config)
+
+
+def parameter_breakdown(config: DiTConfig) -> dict[str, int]:
+    """Trainable parameters by part; ``total`` = embeddings + num_layers * per_block + final_layer.
+
+    The fixed position embedding is a buffer, not a parameter (the paper stores it as a frozen parameter, which
+    adds ``pos_embed_buffer`` to its count).
+    """
+    model = build_on_meta(config)
+    embeddings = sum(count_parameters(m) for m in (model.x_embedder, model.t_embedder, model.y_embedder))
+    return {
+        "embeddings": embeddings,
+        "per_block": count_parameters(model.blocks[0]),
+        "blocks": count_parameters(model.blocks),
+        "final_layer": count_parameters(model.final_layer),
+        "total": count_parameters(model),
+        "pos_embed_buffer": model.pos_embed.numel(),
+    }
+
+
+def forward_flops(config: DiTConfig) -> dict[str, int]:
+    """FLOPs of one forward pass for one image, counting matmuls only (one multiply-add = 2 FLOPs).
+
+    Per block: 2N(4d^2 + 2d*ffn) for qkv, output projection and MLP, 4N^2 d for QK^T and AV, and 12 d^2 for the
+    adaLN modulation (per image, not per token). Not counted: LayerNorm, softmax, GELU, residual adds, the
+    position embedding. ``macs`` (FLOPs / 2) is the unit of the paper's "Gflops" column (DiT-XL/2: 118.6).
+    """
+    n, d, f, L = config.num_tokens, config.hidden_dim, config.ffn_dim, config.num_layers
+    patch = config.patch_size ** 2
+    parts = {
+        "blocks_linear": L * 2 * n * (4 * d * d + 2 * d * f),
+        "blocks_attention": L * 4 * n * n * d,
+        "adaln": L * 2 * d * 6 * d + 2 * d * 2 * d,
+        "embeddings": 2 * n * patch * config.in_channels * d + 2 * (TIMESTEP_FREQ_DIM * d + d * d),
+        "final_linear": 2 * n * d * patch * config.out_channels,
+    }
+    total = sum(parts.values())
+    return {**parts, "total": total, "macs": total // 2}
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """The training recipe the memory estimate assumes (issue 3's trainer): bf16 autocast over fp32 weights."""
+
+    batch_size: int = 32  # per device
+    gradient_checkpointing: bool = False
+
+
+def activation_bytes_per_token_layer(config: DiTConfig) -> int:
+    """Bytes one block saves for backward per token under bf16 autocast: 36 d + 4 ffn.
+
+    fp32 (LayerNorm runs in fp32 under autocast): norm1 and norm2 inputs and outputs, 4 x 4d. bf16: qkv input 2d,
+    q/k/v 6d, attention output 2d, proj input 2d, proj output 2d (for its gate), fc1 input 2d, fc1 output 2 ffn,
+    GELU output 2 ffn, fc2 output 2d. Flash attention keeps no N x N matrix.
+    """
+    return 36 * config.hidden_dim + 4 * config.ffn_dim
+
+
+def training_memory(config: DiTConfig, setup: TrainingSetup) -> dict[str, int]:
+    """Estimated peak bytes per GPU for one training step (data parallel: each GPU holds everything).
+
+    Static: fp32 weights 4P, fp32 EMA 4P, AdamW's two fp32 states 8P. The peak is the larger of
+    (a) the start of backward: static + bf16 weight copies cached by autocast 2P + saved activations + one block's
+    working set, and (b) the optimizer step: static + fp32 grads 4P + one fp32 temporary of AdamW's foreach
+    update 4P. With checkpointing a block keeps only its fp32 input (4 d per token) until its backward recomputes it.
+    """
+    p = count_parameters(build_on_meta(config))
+    tokens = setup.batch_size * config.num_tokens
+    layer = activation_bytes_per_token_layer(config) * tokens
+    if setup.gradient_checkpointing:
+        activations = config.num_layers * 4 * config.hidden_dim * tokens + layer
+    else:
+        activations = config.num_layers * layer
+    static = {"weights": 4 * p, "ema": 4 * p, "adamw_states": 8 * p}
+    at_backward = sum(static.values()) + 2 * p + activations + layer
+    at_step = sum(static.values()) + 4 * p + 4 * p
+    return {**static, "grads": 4 * p, "autocast_weight_copies": 2 * p, "activations": activations,
+            "peak": max(at_backward, at_step)}
+
+
+def size_report(name: str, config: DiTConfig, batch_size: int = 32) -> dict:
+    """Everything ``dit-verify`` prints for one model, as plain JSON-able values."""
+    params = parameter_breakdown(config)
+    report = {
+        "name": name,
+        "config": config.to_dict(),
+        "parameters": params["total"],
+        "breakdown": params,
+        "weight_bytes": {dtype: n * params["total"] for dtype, n in BYTES_PER_PARAM.items()},
+        "flops_per_image": forward_flops(config),
+        "training_memory": {
+            "batch_size_per_gpu": batch_size,
+            "recipe": "bf16 autocast, fp32 weights and grads, AdamW, fp32 EMA",
+            "without_checkpointing": training_memory(config, TrainingSetup(batch_size, False)),
+            "with_checkpointing": training_memory(config, TrainingSetup(batch_size, True)),
+        },
+    }
+    if name in MODEL_CARD_CLAIMS:
+        report["model_card_claim"] = MODEL_CARD_CLAIMS[name]
+    return report

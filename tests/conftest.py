@@ -1,0 +1,47 @@
+"""Shared fixtures: small real checkpoints written to tmp_path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dit_runtime.checkpoint import CheckpointInfo, default_class_names, save_checkpoint
+from dit_runtime.model import DiTConfig, DiTModel, get_preset
+
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+# Digits-shaped (16x16 grey, 10 classes, no learned sigma) but narrow, so tests stay fast.
+TINY_PIXEL_CONFIG = DiTConfig(hidden_dim=32, num_layers=2, num_heads=2, ffn_dim=64, input_size=16, patch_size=2,
+                              in_channels=1, num_classes=10, learn_sigma=False)
+
+
+def randomize(model: torch.nn.Module, std: float = 0.1, seed: int = 0) -> torch.nn.Module:
+    """Re-draw every parameter from N(0, std): adaLN-Zero's init makes a fresh DiT output exactly zero."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
+def write_random_checkpoint(path: Path, config: DiTConfig, class_names: list[str], space: str,
+                            seed: int = 0) -> Path:
+    model = randomize(DiTModel.from_config(config), seed=seed)
+    info = CheckpointInfo(config=config, class_names=class_names, space=space,
+                          training={"note": "random weights for tests"})
+    return save_checkpoint(path, model.state_dict(), info)
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path: Path) -> Path:
+    """A random latent-space ``dit-tiny`` checkpoint (learned sigma, guidance, 4 channels)."""
+    config = get_preset("dit-tiny")
+    return write_random_checkpoint(tmp_path / "tiny.safetensors", config, default_class_names(config.num_classes),
+                                   "latent")
+
+
+@pytest.fixture
+def pixel_checkpoint(tmp_path: Path) -> Path:
+    """A random pixel-space digits-shaped checkpoint (16x16x1, classes named "zero".."nine")."""
+    return write_random_checkpoint(tmp_path / "pixel.safetensors", TINY_PIXEL_CONFIG, DIGIT_NAMES, "pixel", seed=1)
