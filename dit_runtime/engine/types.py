@@ -12,6 +12,8 @@ import numpy as np
 from ..diffusion import SAMPLERS, Spacing
 
 Precision = Literal["float32", "float16", "bfloat16"]
+# Smallest forward batch (rows) on the CPU; see EngineConfig.buckets.
+CPU_MIN_BUCKET = 16
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,8 @@ class EngineConfig:
     clip_denoised: bool | None = None  # clip x0 to [-1, 1]; default: on for pixel-space models
     compile_cache_dir: str | None = None  # inductor/FX cache, so a restart does not recompile
     warmup: bool = True  # compile and capture every bucket at start-up
+    batching: Literal["step", "request", "single"] = "step"  # step-level (default); the others are baselines
+    stall_timeout: float = 120.0  # seconds without a finished step, with work pending, before health() fails
 
     def __post_init__(self) -> None:
         problems = []
@@ -43,6 +47,8 @@ class EngineConfig:
             problems.append("cuda_graphs needs device 'cuda'")
         if self.dtype != "float32" and not str(self.device).startswith("cuda"):
             problems.append(f"dtype {self.dtype} is for the GPU; use float32 on {self.device}")
+        if self.batching not in ("step", "request", "single"):
+            problems.append(f"batching must be one of step, request, single, got {self.batching!r}")
         if self.batch_buckets is not None:
             if not self.batch_buckets or any(b < 1 for b in self.batch_buckets):
                 problems.append(f"batch_buckets must be positive row counts, got {self.batch_buckets!r}")
@@ -58,7 +64,11 @@ class EngineConfig:
         if self.batch_buckets is not None:
             return tuple(sorted(set(b for b in self.batch_buckets if b <= self.max_batch_size)
                                 | {self.max_batch_size}))
-        out, b = [], 1
+        # On the CPU, matrix products with fewer than 16 rows take MKL's small-matrix path, whose summation order
+        # differs from the blocked one; starting the buckets at 16 rows keeps a request's numbers independent of
+        # its batch neighbours (tests/test_engine.py checks it bit for bit).
+        b = 1 if str(self.device).startswith("cuda") else min(CPU_MIN_BUCKET, self.max_batch_size)
+        out = []
         while b < self.max_batch_size:
             out.append(b)
             b *= 2
@@ -98,14 +108,32 @@ class StepEvent:
 
 @dataclass
 class GenerationResult:
-    """The finished images, uint8 (n, H, W, C), with the seed used and where the time went."""
+    """The finished images, uint8 (n, H, W, C), with the seed used and where the time went.
+
+    For a latent-space model served without a VAE, ``images`` is None and ``latents`` holds the raw samples.
+    """
 
     request_id: str
-    images: np.ndarray
+    images: np.ndarray | None
     seed: int
     queue_seconds: float  # submit -> admission into the batch
     denoise_seconds: float  # admission -> last step
     total_seconds: float
+    latents: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load."""
+
+    running_requests: int
+    running_images: int
+    waiting_requests: int
+    waiting_images: int
+    max_batch_size: int
+    max_queue_size: int
+    steps_done: int
+    seconds_since_last_step: float | None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,357 @@
+"""The engine: a loop of schedule -> execute -> update on a background thread, and request handles.
+
+``submit`` validates a request and queues it; the loop admits it at the next step boundary, runs one forward
+pass per step over every admitted image, streams a StepEvent per step to the request's handle, and delivers the
+images as soon as that request's last step is done. Handles work from threads (``for event in handle``) and from
+asyncio (``async for event in handle``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..checkpoint import CheckpointInfo, default_class_names, load_model
+from ..model import DiTModel, get_preset
+from .runner import ModelRunner
+from .scheduler import RequestState, Scheduler
+from .types import (EngineConfig, EngineError, EngineStats, EngineStoppedError, GenerationRequest, GenerationResult,
+                    InvalidRequestError, QueueFullError, StepEvent, StepStats, validate_request)
+
+log = logging.getLogger(__name__)
+
+_END = object()  # marks the end of a handle's stream
+
+
+class RequestHandle:
+    """A submitted request: iterate it for StepEvents and then its GenerationResult; ``cancel()`` to drop it."""
+
+    def __init__(self, request_id: str, engine: "Engine", state: RequestState):
+        self.request_id = request_id
+        self._engine = engine
+        self._state = state
+        self._items: queue.SimpleQueue = queue.SimpleQueue()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._lock = threading.Lock()
+        self._finished = False
+
+    # called from the engine thread
+    def _push(self, item) -> None:
+        self._items.put(item)
+        with self._lock:
+            waiters = list(self._waiters)
+        for loop, event in waiters:
+            loop.call_soon_threadsafe(event.set)
+
+    def cancel(self) -> None:
+        """Drop the request; its images leave the batch at the next step boundary."""
+        self._state.cancelled = True
+        self._engine._wake()
+
+    def _unpack(self, item):
+        if item is _END:
+            self._finished = True
+            return _END
+        if isinstance(item, BaseException):
+            self._finished = True
+            raise item
+        return item
+
+    def __iter__(self):
+        while not self._finished:
+            item = self._unpack(self._items.get())
+            if item is _END:
+                return
+            yield item
+
+    def __aiter__(self):
+        return self._aiter()
+
+    async def _aiter(self):
+        loop = asyncio.get_running_loop()
+        while not self._finished:
+            try:
+                item = self._items.get_nowait()
+            except queue.Empty:
+                event = asyncio.Event()
+                with self._lock:
+                    self._waiters.append((loop, event))
+                try:
+                    if self._items.empty():  # re-check after registering: no lost wake-ups
+                        await event.wait()
+                finally:
+                    with self._lock:
+                        self._waiters.remove((loop, event))
+                continue
+            item = self._unpack(item)
+            if item is _END:
+                return
+            yield item
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        """Block until the images are ready (raises the request's error, or TimeoutError)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                item = self._unpack(self._items.get(timeout=remaining))
+            except queue.Empty:
+                raise TimeoutError(f"request {self.request_id} did not finish within {timeout} s") from None
+            if isinstance(item, GenerationResult):
+                return item
+
+    async def result_async(self) -> GenerationResult:
+        async for item in self:
+            if isinstance(item, GenerationResult):
+                return item
+        raise EngineError(f"request {self.request_id} ended without a result")
+
+
+@dataclass
+class _Pending:
+    """Finished samples on their way to the host."""
+
+    state: RequestState
+    samples: torch.Tensor
+    event: torch.cuda.Event | None
+    finished_at: float
+
+
+class Engine:
+    """Step-level continuously batched DiT sampling for one model on one device."""
+
+    def __init__(self, model: DiTModel, info: CheckpointInfo, config: EngineConfig = EngineConfig(),
+                 on_step: Callable[[StepStats], None] | None = None,
+                 decode: Callable[[torch.Tensor], np.ndarray] | None = None):
+        self.config = config
+        self.info = info
+        clip = config.clip_denoised if config.clip_denoised is not None else info.space == "pixel"
+        self.runner = ModelRunner(model, config, clip_denoised=clip)
+        self.scheduler = Scheduler(config.max_batch_size, config.buckets, model.config.null_class, config.batching)
+        self.on_step = on_step
+        self._decode = decode if decode is not None else (_pixels_to_uint8 if info.space == "pixel" else None)
+        self._handles: dict[str, RequestHandle] = {}
+        self._inbox: list[RequestState] = []
+        self._lock = threading.Lock()
+        self._wakeup = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._failure: BaseException | None = None
+        self._last_step_at: float | None = None
+        self._steps_done = 0
+        self._pending: list[_Pending] = []
+        self.warmup_seconds: dict[int, float] = self.runner.warm_up() if config.warmup else {}
+
+    # ---- construction -----------------------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, path, config: EngineConfig = EngineConfig(), **kwargs) -> "Engine":
+        """Load a safetensors checkpoint (built on the meta device, weights assigned) and warm up."""
+        model, info = load_model(path, device=config.device)
+        return cls(model, info, config, **kwargs)
+
+    @classmethod
+    def random_weights(cls, preset: str, config: EngineConfig = EngineConfig(), seed: int = 0, **kwargs) -> "Engine":
+        """An engine over a randomly initialised preset: for benchmarks, never for serving images."""
+        cfg = get_preset(preset)
+        torch.manual_seed(seed)
+        with torch.device(config.device):
+            model = DiTModel.from_config(cfg)
+        for block in model.blocks:  # adaLN-Zero starts as the identity; give the blocks work to do
+            torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.02)
+        info = CheckpointInfo(config=cfg, class_names=default_class_names(cfg.num_classes), space="latent",
+                              training={"note": f"random weights ({preset}), for benchmarks"})
+        return cls(model, info, config, **kwargs)
+
+    # ---- public API -------------------------------------------------------------------------------------------
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="dit-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._wake()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def __enter__(self) -> "Engine":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Validate and queue a request; raises InvalidRequestError, QueueFullError or EngineStoppedError."""
+        self._raise_if_stopped()
+        cfg = self.info.config
+        validate_request(request, cfg.num_classes, self.config, cfg.supports_guidance)
+        seed = request.seed if request.seed is not None else secrets.randbits(63)
+        state = RequestState(request=request, seed=seed, labels=request.labels(), submitted_at=time.monotonic())
+        if state.rows > self.config.max_batch_size:
+            limit = self.config.max_batch_size // (2 if state.guided else 1)
+            raise InvalidRequestError("n", f"n must be at most {limit} for this model with guidance_scale "
+                                           f"{request.guidance_scale} (a guided image takes two of the "
+                                           f"{self.config.max_batch_size} rows of a forward pass), got {state.num_images}")
+        with self._lock:
+            waiting = self.scheduler.waiting_images + sum(s.num_images for s in self._inbox)
+            if waiting + state.num_images > self.config.max_queue_size:
+                raise QueueFullError(f"the queue is full ({waiting} images waiting, limit "
+                                     f"{self.config.max_queue_size}); retry later", retry_after=self._retry_after())
+            handle = RequestHandle(request.request_id, self, state)
+            self._handles[request.request_id] = handle
+            self._inbox.append(state)
+        self._wake()
+        return handle
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            inbox = list(self._inbox)
+        waiting = list(self.scheduler.waiting) + inbox
+        running = list(self.scheduler.running)
+        since = None if self._last_step_at is None else time.monotonic() - self._last_step_at
+        return EngineStats(running_requests=len(running), running_images=sum(s.num_images for s in running),
+                           waiting_requests=len(waiting), waiting_images=sum(s.num_images for s in waiting),
+                           max_batch_size=self.config.max_batch_size, max_queue_size=self.config.max_queue_size,
+                           steps_done=self._steps_done, seconds_since_last_step=since)
+
+    def health(self) -> None:
+        """Raise EngineStoppedError when the loop died, was stopped, or made no step for ``stall_timeout`` s."""
+        self._raise_if_stopped()
+        if self._thread is None:
+            raise EngineStoppedError("the engine loop was never started")
+        stats = self.stats()
+        busy = stats.running_requests or stats.waiting_requests
+        if busy and stats.seconds_since_last_step is not None and \
+                stats.seconds_since_last_step > self.config.stall_timeout:
+            raise EngineStoppedError(f"the engine loop is stuck: no step finished in "
+                                     f"{stats.seconds_since_last_step:.0f} s with work pending")
+
+    # ---- the loop ---------------------------------------------------------------------------------------------
+    def _wake(self) -> None:
+        self._wakeup.set()
+
+    def _raise_if_stopped(self) -> None:
+        if self._failure is not None:
+            raise EngineStoppedError(f"the engine loop died: {self._failure!r}")
+        if self._stopping:
+            raise EngineStoppedError("the engine is stopped")
+
+    def _retry_after(self) -> float:
+        return 1.0
+
+    def _loop(self) -> None:
+        try:
+            while not self._stopping:
+                self._deliver_pending(block=False)
+                with self._lock:
+                    inbox, self._inbox = self._inbox, []
+                for state in inbox:
+                    self.scheduler.add(state)
+                if not self.scheduler.has_work():
+                    self._deliver_pending(block=True)
+                    self._wakeup.wait(timeout=0.05)
+                    self._wakeup.clear()
+                    continue
+                self._step()
+        except BaseException as e:  # the loop must never die silently
+            log.exception("engine loop failed")
+            self._failure = e
+            for state, _ in self.scheduler.abort_all(EngineStoppedError(f"the engine loop died: {e!r}")):
+                self._finish(state, EngineStoppedError(f"the engine loop died: {e!r}"))
+            return
+        error = EngineStoppedError("the engine was stopped")
+        for state, err in self.scheduler.abort_all(error):
+            self._finish(state, err)
+        self._deliver_pending(block=True)
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        start = time.monotonic()
+        plan = self.scheduler.schedule(start)
+        for state, err in plan.aborted:
+            self._finish(state, err)
+        if plan.layout is None:
+            return
+        if plan.admitted:
+            self.runner.admit(plan.admitted)
+        if plan.layout_changed:
+            self.runner.set_layout(plan.layout)
+        try:
+            self.runner.execute(plan.layout.bucket)
+        except Exception as e:  # a failed forward fails the requests in it, not the engine
+            log.exception("engine step failed")
+            for state, err in self.scheduler.abort_all(EngineError(f"generation failed: {e}")):
+                self._finish(state, err)
+            return
+        finished = self.scheduler.update(plan)
+        for state in plan.running:
+            if state.admitted_at is not None:
+                self._handles_push(state, StepEvent(state.request.request_id, state.step,
+                                                    state.request.num_inference_steps))
+        for state in finished:
+            self._pending.append(self._read(state))
+        now = time.monotonic()
+        self._last_step_at = now
+        self._steps_done += 1
+        if self.on_step is not None:
+            self.on_step(StepStats(duration_seconds=now - start, rows=plan.layout.rows, bucket=plan.layout.bucket,
+                                   images=plan.layout.images, running_requests=len(self.scheduler.running),
+                                   waiting_requests=len(self.scheduler.waiting),
+                                   waiting_images=self.scheduler.waiting_images))
+
+    def _read(self, state: RequestState) -> _Pending:
+        samples = self.runner.read_samples(state.slots)
+        event = None
+        if samples.device.type == "cpu" and self.runner.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        return _Pending(state=state, samples=samples, event=event, finished_at=time.monotonic())
+
+    def _deliver_pending(self, block: bool) -> None:
+        keep = []
+        for p in self._pending:
+            if p.event is not None and not p.event.query():
+                if not block:
+                    keep.append(p)
+                    continue
+                p.event.synchronize()
+            self._deliver(p)
+        self._pending = keep
+
+    def _deliver(self, p: _Pending) -> None:
+        state = p.state
+        samples = p.samples.float()
+        images = self._decode(samples) if self._decode is not None else None
+        admitted = state.admitted_at if state.admitted_at is not None else state.submitted_at
+        result = GenerationResult(request_id=state.request.request_id, images=images, seed=state.seed,
+                                  queue_seconds=admitted - state.submitted_at,
+                                  denoise_seconds=p.finished_at - admitted,
+                                  total_seconds=time.monotonic() - state.submitted_at,
+                                  latents=None if images is not None else samples.numpy())
+        self._finish(state, result)
+
+    def _handles_push(self, state: RequestState, item) -> None:
+        handle = self._handles.get(state.request.request_id)
+        if handle is not None:
+            handle._push(item)
+
+    def _finish(self, state: RequestState, outcome) -> None:
+        handle = self._handles.pop(state.request.request_id, None)
+        if handle is not None:
+            handle._push(outcome)
+            handle._push(_END)
+
+
+def _pixels_to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Samples in [-1, 1], (n, C, H, W) -> uint8 (n, H, W, C)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()

@@ -1,0 +1,219 @@
+"""The scheduler: plain Python that decides which images run in the next step. No tensors here.
+
+Each step the scheduler drops cancelled and expired requests, admits waiting requests in FIFO order while their
+rows fit (a guided image takes two rows: conditional and null), and lays out the forward pass: which slot each
+image position reads, which rows belong to which image. The runner executes that plan; ``update`` then advances
+every running request by one step and retires the finished ones at once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .types import DeadlineExceededError, EngineError, GenerationRequest, RequestCancelledError
+
+
+@dataclass
+class RequestState:
+    """A request's place in the engine: its slots, progress and timings."""
+
+    request: GenerationRequest
+    seed: int
+    labels: list[int]
+    submitted_at: float
+    slots: list[int] = field(default_factory=list)
+    step: int = 0
+    admitted_at: float | None = None
+    cancelled: bool = False
+
+    @property
+    def num_images(self) -> int:
+        return len(self.labels)
+
+    @property
+    def guided(self) -> bool:
+        return self.request.guidance_scale != 1.0
+
+    @property
+    def rows(self) -> int:
+        return self.num_images * (2 if self.guided else 1)
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.request.num_inference_steps
+
+
+@dataclass
+class Layout:
+    """Where each image and row sits in one forward pass (all lists are of length ``bucket``).
+
+    image_slot[i]: state slot of image position i (``dummy_slot`` for padding); row_image[r]: image position that
+    row r reads; row_label[r]: its class label (the null class for guidance rows and padding);
+    cond_row[i] / uncond_row[i]: the rows holding image i's conditional and null outputs (equal when unguided).
+    """
+
+    bucket: int
+    rows: int  # real rows (the rest is padding)
+    images: int
+    image_slot: list[int]
+    row_image: list[int]
+    row_label: list[int]
+    cond_row: list[int]
+    uncond_row: list[int]
+
+
+@dataclass
+class StepPlan:
+    """The scheduler's output for one step."""
+
+    admitted: list[RequestState]  # newly admitted this step: their slots need initial noise
+    running: list[RequestState]  # every request that advances this step (admitted ones included)
+    aborted: list[tuple[RequestState, EngineError]]  # left the engine without finishing
+    layout: Layout | None  # None when nothing runs
+    layout_changed: bool
+
+
+class Scheduler:
+    """FIFO admission into a fixed number of rows, with a bounded waiting queue."""
+
+    def __init__(self, max_rows: int, buckets: tuple[int, ...], null_class: int,
+                 batching: Literal["step", "request", "single"] = "step"):
+        self.max_rows = max_rows
+        self.buckets = buckets
+        self.null_class = null_class
+        self.batching = batching
+        self.num_slots = max_rows  # an image takes at least one row
+        self.dummy_slot = max_rows  # padding positions read and write this scratch slot
+        self.waiting: deque[RequestState] = deque()
+        self.running: list[RequestState] = []
+        self._free_slots = list(range(self.num_slots - 1, -1, -1))  # pop() gives the lowest slot
+        self._layout: Layout | None = None
+        self._changed = True
+
+    # ---- queue ------------------------------------------------------------------------------------------------
+    def add(self, state: RequestState) -> None:
+        self.waiting.append(state)
+
+    @property
+    def waiting_images(self) -> int:
+        return sum(s.num_images for s in self.waiting)
+
+    @property
+    def running_images(self) -> int:
+        return sum(s.num_images for s in self.running)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step ---------------------------------------------------------------------------------------------
+    def schedule(self, now: float | None = None) -> StepPlan:
+        """Drop what was cancelled or expired, admit what fits, and lay out the next forward pass."""
+        now = time.monotonic() if now is None else now
+        aborted: list[tuple[RequestState, EngineError]] = []
+
+        def reason(state: RequestState) -> EngineError | None:
+            if state.cancelled:
+                return RequestCancelledError(f"request {state.request.request_id} was cancelled")
+            deadline = state.request.deadline
+            if deadline is not None and now >= deadline:
+                where = "waiting in the queue" if state.admitted_at is None else f"at step {state.step}"
+                return DeadlineExceededError(f"request {state.request.request_id} passed its deadline {where}")
+            return None
+
+        for queue_name in ("running", "waiting"):
+            kept = []
+            for state in getattr(self, queue_name):
+                err = reason(state)
+                if err is None:
+                    kept.append(state)
+                else:
+                    aborted.append((state, err))
+                    self._release(state)
+            setattr(self, queue_name, deque(kept) if queue_name == "waiting" else kept)
+
+        admitted = self._admit(now)
+        if admitted or aborted:
+            self._changed = True
+        if self._changed:
+            self._layout = self._make_layout() if self.running else None
+        plan = StepPlan(admitted=admitted, running=list(self.running), aborted=aborted, layout=self._layout,
+                        layout_changed=self._changed)
+        self._changed = False
+        return plan
+
+    def _admit(self, now: float) -> list[RequestState]:
+        if self.batching == "request" and self.running:
+            return []  # request-level batching: a batch runs to completion before the next one forms
+        admitted = []
+        rows = sum(s.rows for s in self.running)
+        while self.waiting:
+            head = self.waiting[0]
+            if self.batching == "single" and (self.running or admitted):
+                break
+            if rows + head.rows > self.max_rows or head.num_images > len(self._free_slots):
+                break  # FIFO: nothing overtakes the head of the queue
+            self.waiting.popleft()
+            head.slots = [self._free_slots.pop() for _ in range(head.num_images)]
+            head.admitted_at = now
+            rows += head.rows
+            self.running.append(head)
+            admitted.append(head)
+        return admitted
+
+    def _make_layout(self) -> Layout:
+        images = self.running_images
+        rows = sum(s.rows for s in self.running)
+        bucket = next(b for b in self.buckets if b >= rows)
+        image_slot, row_image, row_label = [], [], []
+        guided_images = []
+        for state in self.running:
+            for slot, label in zip(state.slots, state.labels):
+                if state.guided:
+                    guided_images.append(len(image_slot))
+                image_slot.append(slot)
+                row_image.append(len(row_image))
+                row_label.append(label)
+        cond_row = list(range(images))
+        uncond_row = list(range(images))
+        for i in guided_images:  # null rows follow the conditional ones
+            uncond_row[i] = len(row_image)
+            row_image.append(i)
+            row_label.append(self.null_class)
+        pad_images, pad_rows = bucket - images, bucket - rows
+        return Layout(bucket=bucket, rows=rows, images=images,
+                      image_slot=image_slot + [self.dummy_slot] * pad_images,
+                      row_image=row_image + [0] * pad_rows,
+                      row_label=row_label + [self.null_class] * pad_rows,
+                      cond_row=cond_row + [0] * pad_images, uncond_row=uncond_row + [0] * pad_images)
+
+    def update(self, plan: StepPlan) -> list[RequestState]:
+        """Advance every request that ran by one step; return (and release) the finished ones."""
+        finished = []
+        for state in plan.running:
+            state.step += 1
+            if state.done:
+                finished.append(state)
+        if finished:
+            done_ids = {id(s) for s in finished}
+            self.running = [s for s in self.running if id(s) not in done_ids]
+            for state in finished:
+                self._release(state)
+            self._changed = True
+        return finished
+
+    def _release(self, state: RequestState) -> None:
+        """Return a request's slots to the pool; ``state.slots`` still names them so its output can be read."""
+        self._free_slots.extend(state.slots)
+        self._free_slots.sort(reverse=True)
+
+    def abort_all(self, error: EngineError) -> list[tuple[RequestState, EngineError]]:
+        """Remove every request (engine shutdown or failure)."""
+        out = [(s, error) for s in list(self.running) + list(self.waiting)]
+        for state, _ in out:
+            self._release(state)
+        self.running, self.waiting = [], deque()
+        self._changed = True
+        return out
