@@ -1,0 +1,217 @@
+"""Measure a digit checkpoint: does it draw the digit asked for, and does it draw it in varied ways?
+
+A classifier trained on real scikit-learn digit scans judges the samples (class-conditional accuracy: the share
+it assigns to the requested class); diversity is the mean pairwise distance between samples of one class, next to
+the same figure on real digits. Both are measured on the scans' own 8x8 grid of 0..16 ink levels: samples are
+pooled 16x16 -> 8x8, and the real digits go through the same 8x8 -> 16x16 -> 8x8 round trip, so the classifier and
+the distances see both in one representation. Needs scikit-learn (a test dependency), not the serving engine.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointInfo
+from .diffusion import SAMPLER_IDS, NoiseSchedule, check_num_steps, sampler_step, timestep_at
+from .model import DiTModel
+from .train.data import digits_to_model_space, load_digit_scans, model_space_to_digits
+
+# The quality bar for a shipped digit checkpoint (issue 3).
+MIN_CLASSIFIER_ACCURACY = 0.95
+MIN_SAMPLE_ACCURACY = 0.90
+MIN_DIVERSITY_RATIO = 0.5
+HELD_OUT_FRACTION = 0.25
+DIGITS_MODEL_SIDE = 16
+# Used when a checkpoint records no default sampling settings.
+FALLBACK_SAMPLING = {"sampler": "dpm-solver++", "num_inference_steps": 25, "guidance_scale": 2.0}
+
+
+@dataclass
+class DigitClassifier:
+    """An RBF SVM on 8x8 ink levels, with its accuracy on held-out real digits."""
+
+    model: object
+    held_out_accuracy: float  # on held-out scans after the same 16x16 round trip samples take
+    held_out_accuracy_raw: float  # on the held-out scans as scanned
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        return self.model.predict(features)
+
+
+def real_digit_features() -> tuple[np.ndarray, np.ndarray]:
+    """All real digits as (N, 64) ink levels after the model's 8x8 -> 16x16 -> 8x8 round trip, and labels."""
+    images, labels = load_digit_scans()
+    x = digits_to_model_space(images, DIGITS_MODEL_SIDE)  # (N, 1, 16, 16)
+    return model_space_to_digits(x).numpy(), labels.astype(np.int64)
+
+
+def train_digit_classifier(seed: int = 0) -> DigitClassifier:
+    """Fit on 75% of the real digits, score on the other 25%. Takes about a second, so nothing is cached."""
+    from sklearn.model_selection import train_test_split
+    from sklearn.svm import SVC
+
+    images, labels = load_digit_scans()
+    features = model_space_to_digits(digits_to_model_space(images, DIGITS_MODEL_SIDE)).numpy()
+    raw = images.reshape(len(images), -1).astype(np.float64)
+    idx_train, idx_test = train_test_split(np.arange(len(labels)), test_size=HELD_OUT_FRACTION,
+                                           random_state=seed, stratify=labels)
+    svm = SVC(C=10.0, gamma="scale").fit(features[idx_train], labels[idx_train])
+    acc = float((svm.predict(features[idx_test]) == labels[idx_test]).mean())
+    acc_raw = float((svm.predict(raw[idx_test]) == labels[idx_test]).mean())
+    return DigitClassifier(svm, acc, acc_raw)
+
+
+def mean_pairwise_distance(features: np.ndarray) -> float:
+    """Mean Euclidean distance over all distinct pairs of rows."""
+    f = torch.as_tensor(features, dtype=torch.float64)
+    n = f.shape[0]
+    if n < 2:
+        return 0.0
+    d = torch.cdist(f, f)  # (n, n)
+    return float(d.sum() / (n * (n - 1)))
+
+
+@torch.no_grad()
+def sample_images(model: DiTModel, labels: torch.Tensor, *, sampler: str, num_inference_steps: int,
+                  guidance_scale: float, seed: int, clip_denoised: bool, batch_size: int = 256) -> torch.Tensor:
+    """Class-conditional samples (N, C, H, W) for ``labels`` (N,), in batches, with diffusion.sampler_step.
+
+    A plain loop for evaluation; the serving engine has its own scheduler. Image k's noise comes from a generator
+    seeded with (seed, batch), so results do not depend on anything but the arguments.
+    """
+    if sampler not in SAMPLER_IDS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLER_IDS)}")
+    check_num_steps(num_inference_steps, "trailing")
+    cfg = model.config
+    guided = guidance_scale != 1.0
+    if guided and not cfg.supports_guidance:
+        raise ValueError("this model was trained without label dropout, so guidance_scale must be 1")
+    device = next(model.parameters()).device
+    schedule = NoiseSchedule.linear(device=device)
+    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    out = []
+    for start in range(0, labels.shape[0], batch_size):
+        y = labels[start:start + batch_size].to(device)  # (B,)
+        n = y.shape[0]
+        g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + start)
+        x = torch.randn((n, *shape), generator=g).to(device)  # (B, C, H, W)
+        prev_x0 = torch.zeros_like(x)
+        steps = torch.full((n,), num_inference_steps, dtype=torch.int64, device=device)
+        kind = torch.full((n,), SAMPLER_IDS[sampler], dtype=torch.int64, device=device)
+        eta = torch.zeros(n, device=device)
+        scale = torch.full((n,), float(guidance_scale), device=device)
+        for i in range(num_inference_steps):
+            step_index = torch.full((n,), i, dtype=torch.int64, device=device)
+            t = timestep_at(step_index, steps)  # (B,)
+            model_out = model.forward_with_cfg(x, t, y, scale) if guided else model(x, t, y)  # (B, C_out, H, W)
+            noise = torch.randn((n, *shape), generator=g).to(device)
+            result = sampler_step(schedule, model_out, x, step_index, steps, kind, eta, prev_x0, noise,
+                                  learn_sigma=cfg.learn_sigma, clip_denoised=clip_denoised)
+            x, prev_x0 = result.x, result.x0
+        out.append(x.cpu())
+    return torch.cat(out)
+
+
+def check_digit_model(info: CheckpointInfo, source: str) -> None:
+    c = info.config
+    if (c.in_channels, c.input_size, c.num_classes, info.space) != (1, DIGITS_MODEL_SIDE, 10, "pixel"):
+        raise ValueError(f"{source}: dit-eval measures digit models (pixel space, 1 x 16 x 16, 10 classes); this "
+                         f"checkpoint is {info.space}, {c.in_channels} x {c.input_size} x {c.input_size}, "
+                         f"{c.num_classes} classes")
+
+
+@dataclass
+class EvalResult:
+    """What dit-eval measured for one checkpoint."""
+
+    checkpoint: str
+    sampling: dict
+    samples_per_class: int
+    classifier_held_out_accuracy: float
+    accuracy: float
+    per_class_accuracy: list[float]
+    diversity: float
+    real_diversity: float
+    per_class_diversity: list[float] = field(default_factory=list)
+    per_class_real_diversity: list[float] = field(default_factory=list)
+    sampling_seconds: float = 0.0
+
+    @property
+    def diversity_ratio(self) -> float:
+        return self.diversity / self.real_diversity if self.real_diversity else math.nan
+
+    @property
+    def passed(self) -> bool:
+        return self.accuracy >= MIN_SAMPLE_ACCURACY and self.diversity_ratio >= MIN_DIVERSITY_RATIO
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "diversity_ratio": self.diversity_ratio, "passed": self.passed,
+                "bar": {"accuracy": MIN_SAMPLE_ACCURACY, "diversity_ratio": MIN_DIVERSITY_RATIO}}
+
+
+def evaluate(model: DiTModel, info: CheckpointInfo, classifier: DigitClassifier, *, source: str,
+             samples_per_class: int, sampler: str, num_inference_steps: int, guidance_scale: float, seed: int = 0,
+             batch_size: int = 256) -> tuple[EvalResult, torch.Tensor]:
+    """Sample every class, classify and measure diversity; returns the result and the samples (10 x k, 1, H, W)."""
+    import time
+
+    check_digit_model(info, source)
+    labels = torch.arange(10).repeat_interleave(samples_per_class)  # (10k,)
+    start = time.perf_counter()
+    samples = sample_images(model, labels, sampler=sampler, num_inference_steps=num_inference_steps,
+                            guidance_scale=guidance_scale, seed=seed, clip_denoised=True, batch_size=batch_size)
+    seconds = time.perf_counter() - start
+    features = model_space_to_digits(samples).numpy()  # (10k, 64)
+    predicted = classifier.predict(features)
+    truth = labels.numpy()
+    real, real_labels = real_digit_features()
+    per_acc, per_div, per_real = [], [], []
+    for c in range(10):
+        mine = truth == c
+        per_acc.append(float((predicted[mine] == c).mean()))
+        per_div.append(mean_pairwise_distance(features[mine]))
+        per_real.append(mean_pairwise_distance(real[real_labels == c]))
+    result = EvalResult(
+        checkpoint=source, samples_per_class=samples_per_class,
+        sampling={"sampler": sampler, "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
+                  "seed": seed},
+        classifier_held_out_accuracy=classifier.held_out_accuracy, accuracy=float((predicted == truth).mean()),
+        per_class_accuracy=per_acc, diversity=float(np.mean(per_div)), real_diversity=float(np.mean(per_real)),
+        per_class_diversity=per_div, per_class_real_diversity=per_real, sampling_seconds=round(seconds, 2))
+    return result, samples
+
+
+def save_sample_grid(samples: torch.Tensor, rows: int, path: str | Path, columns: int = 10, zoom: int = 4,
+                     gap: int = 2) -> Path:
+    """A PNG grid: one row per class, the first ``columns`` samples of each; [-1, 1] -> grey levels."""
+    from PIL import Image
+
+    per_row = samples.shape[0] // rows
+    columns = min(columns, per_row)
+    side = samples.shape[-1] * zoom
+    grid = Image.new("L", (columns * (side + gap) + gap, rows * (side + gap) + gap), 255)
+    for r in range(rows):
+        for c in range(columns):
+            img = samples[r * per_row + c, 0].clamp(-1, 1)
+            # Ink is high values in the scans; draw it dark on white, as on paper.
+            pixels = ((1 - (img + 1) / 2) * 255).round().to(torch.uint8).numpy()
+            tile = Image.fromarray(pixels, mode="L").resize((side, side), Image.NEAREST)
+            grid.paste(tile, (gap + c * (side + gap), gap + r * (side + gap)))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def default_sampling(info: CheckpointInfo) -> dict:
+    """The sampler settings a checkpoint recommends (its training record), else the fallback."""
+    chosen = dict(FALLBACK_SAMPLING)
+    chosen.update(info.training.get("default_sampling") or {})
+    if not info.config.supports_guidance:
+        chosen["guidance_scale"] = 1.0
+    return chosen
