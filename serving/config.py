@@ -1,0 +1,189 @@
+"""Typed arguments of the serving app: the ``args`` block of serve_config.yaml, validated once at start-up.
+
+A bad value fails ``serve run`` before anything is deployed, with a message naming the field
+(``models[1].checkpoint``, ``limits.max_images_per_request``) and what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class _Args(BaseModel):
+    # Unknown keys are errors: a typo in the YAML must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class Limits(_Args):
+    """What one request may ask for; the gateway refuses the rest with a 400 naming the field and the range."""
+
+    max_images_per_request: int = Field(8, ge=1, le=256, description="upper bound of `n`")
+    max_inference_steps: int = Field(100, ge=1, le=1000, description="upper bound of `num_inference_steps`")
+    default_inference_steps: int = Field(25, ge=1, le=1000)
+    max_guidance_scale: float = Field(20.0, ge=1.0, le=20.0, description="upper bound of `guidance_scale` (>= 1)")
+    max_image_side: int = Field(512, ge=1, le=4096,
+                                description="largest `size` side in pixels; images are upscaled by whole factors")
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="larger request bodies get 413")
+    request_timeout_s: float = Field(120.0, gt=0, description="deadline of a request in the engine; past it, 504")
+
+    @model_validator(mode="after")
+    def _default_within_max(self) -> "Limits":
+        if self.default_inference_steps > self.max_inference_steps:
+            raise ValueError(f"default_inference_steps ({self.default_inference_steps}) must be <= "
+                             f"max_inference_steps ({self.max_inference_steps})")
+        return self
+
+
+class Autoscaling(_Args):
+    """Ray Serve autoscaling of one model deployment (passed through as its ``autoscaling_config``)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    # Default: half the engine's batch rows, i.e. the number of guided one-image requests that fill one batch.
+    target_ongoing_requests: float | None = Field(None, gt=0)
+    upscale_delay_s: float = Field(10.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+    look_back_period_s: float = Field(15.0, gt=10.0, description="must exceed Ray's 10 s metrics interval")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Autoscaling":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError(f"initial_replicas ({self.initial_replicas}) must be within "
+                             f"[min_replicas, max_replicas] = [{self.min_replicas}, {self.max_replicas}]")
+        return self
+
+
+class ModelArgs(_Args):
+    """One served model size: where its weights come from, how its engine runs, and its Ray resources."""
+
+    name: str = Field(description="the `model` id clients ask for, e.g. digits-s or dit-10l")
+    checkpoint: str | None = Field(None, description="a .safetensors checkpoint; relative paths are resolved "
+                                                     "against the directory `serve run` starts in")
+    preset: str | None = Field(None, description="random-weight model preset (benchmarks only; needs "
+                                                 "allow_random_weights)")
+    allow_random_weights: bool = False
+    device: Literal["cpu", "cuda"] = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    compile: bool = False
+    cuda_graphs: bool = False
+    max_batch_size: int = Field(32, ge=1, description="rows per forward pass (a guided image takes two)")
+    max_queue_size: int = Field(256, ge=1, description="images waiting for a batch slot; past it, 429")
+    batch_buckets: list[int] | None = None
+    compile_cache_dir: str | None = None
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    # Ray's router may hold at most this many requests on a replica. The default leaves room for a full batch plus
+    # the engine's queue, so the engine (not Ray's default of 5) decides what runs and what is shed.
+    max_ongoing_requests: int | None = Field(None, ge=1)
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+    health_check_period_s: float = Field(10.0, gt=0)
+    health_check_timeout_s: float = Field(30.0, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not MODEL_NAME.match(v):
+            raise ValueError(f"model name {v!r} must be 1-64 letters, digits, '.', '_' or '-', starting with a "
+                             "letter or digit")
+        return v
+
+    @model_validator(mode="after")
+    def _weights_and_device(self) -> "ModelArgs":
+        if self.checkpoint is None and self.preset is None:
+            raise ValueError("give `checkpoint` (a .safetensors file), or `preset` with `allow_random_weights: true`")
+        if self.checkpoint is not None and self.preset is not None:
+            raise ValueError("give either `checkpoint` or `preset`, not both")
+        if self.preset is not None and not self.allow_random_weights:
+            raise ValueError(f"preset {self.preset!r} without a checkpoint serves random weights (noise): set "
+                             "`allow_random_weights: true` if that is what you want (benchmarks), or give `checkpoint`")
+        if self.checkpoint is not None:
+            path = Path(self.checkpoint).expanduser().resolve()
+            if not path.is_file():
+                raise ValueError(f"checkpoint file not found: {path}")
+            self.checkpoint = str(path)  # replicas may start in another directory
+        if self.device == "cuda" and self.num_gpus <= 0:
+            raise ValueError("device 'cuda' needs num_gpus > 0 (a fraction such as 0.5 shares a GPU)")
+        if self.device == "cpu" and self.num_gpus > 0:
+            raise ValueError(f"num_gpus {self.num_gpus} with device 'cpu' reserves a GPU that is not used")
+        if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_batch_size // 2:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) below max_batch_size / 2 "
+                             f"({self.max_batch_size // 2}) would keep the engine's batch from filling")
+        self.engine_config()  # the engine's own checks (dtype vs device, buckets ...), reported here
+        return self
+
+    def engine_config(self, limits: Limits | None = None):
+        """The engine's config for this model; ``limits`` caps what one request may ask for."""
+        from dit_runtime.engine.types import EngineConfig  # imports torch: only where an engine runs
+        limits = limits or Limits()
+        return EngineConfig(device=self.device, dtype=self.dtype, max_batch_size=self.max_batch_size,
+                            max_queue_size=self.max_queue_size,
+                            max_images_per_request=limits.max_images_per_request,
+                            max_inference_steps=limits.max_inference_steps, compile=self.compile,
+                            cuda_graphs=self.cuda_graphs,
+                            batch_buckets=tuple(self.batch_buckets) if self.batch_buckets else None,
+                            compile_cache_dir=self.compile_cache_dir)
+
+    @property
+    def ongoing_requests_cap(self) -> int:
+        return self.max_ongoing_requests or self.max_batch_size + self.max_queue_size
+
+    def ray_autoscaling_config(self) -> dict:
+        a = self.autoscaling
+        out = a.model_dump(exclude_none=True)
+        out["target_ongoing_requests"] = a.target_ongoing_requests or max(1, self.max_batch_size // 2)
+        return out
+
+
+class GatewayArgs(_Args):
+    """The FastAPI ingress deployment: thin, no torch; one replica serves thousands of requests in flight."""
+
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.1, ge=0)
+    max_ongoing_requests: int = Field(2000, ge=1)
+
+
+class AppArgs(_Args):
+    """Everything `serve_config.yaml` passes to ``build_app``."""
+
+    models: list[ModelArgs] = Field(min_length=1)
+    limits: Limits = Field(default_factory=Limits)
+    gateway: GatewayArgs = Field(default_factory=GatewayArgs)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[ModelArgs]) -> list[ModelArgs]:
+        names = [m.name for m in models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
+        return models
+
+    @classmethod
+    def parse(cls, raw: dict | "AppArgs") -> "AppArgs":
+        """Validate, raising a ValueError whose lines name each bad field (``models[0].checkpoint: ...``)."""
+        if isinstance(raw, cls):
+            return raw
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            raise ValueError("invalid serving config (the `args` of serve_config.yaml):\n" + format_errors(e)) from None
+
+
+def format_errors(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
+        msg = err["msg"].removeprefix("Value error, ")
+        got = f" (got {err['input']!r})" if err["type"] not in ("missing",) and not isinstance(err["input"], dict) \
+            else ""
+        lines.append(f"  {loc or '<root>'}: {msg}{got}")
+    return "\n".join(lines)

@@ -1,0 +1,283 @@
+"""The HTTP gateway: a thin FastAPI ingress that validates, routes to a model deployment and maps errors.
+
+Routes: ``POST /v1/images/generations`` (OpenAI's images API; ``stream: true`` for server-sent events),
+``GET /v1/models``, ``GET /healthz`` (liveness: this process answers), ``GET /readyz`` (readiness: every model is
+loaded and its engine loop healthy), ``GET /openapi.json``. No torch here: the gateway process stays small.
+"""
+
+
+import asyncio
+import json
+import logging
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .config import AppArgs, Limits
+from .errors import APIError
+from .metrics import GatewayMetrics
+from .protocol import ErrorResponse, ImageGenerationRequest, ImagesResponse, ModelList, check_limits
+
+log = logging.getLogger("ray.serve")
+
+UNKNOWN_MODEL = "unknown"  # metrics label of requests for no configured model (bounded label values)
+DESCRIBE_TIMEOUT_S = 10.0
+READY_TIMEOUT_S = 5.0
+RETRY_AFTER_UNAVAILABLE_S = 2.0
+
+ERROR_RESPONSES = {s: {"model": ErrorResponse} for s in (400, 404, 413, 429, 503, 504)}
+
+api = FastAPI(title="DiT Serve", version="0.1.0",
+              description="Class-conditional DiT image generation behind OpenAI's images API.")
+
+
+class _State:
+    """Per-process settings the middleware and error handlers need (set by Gateway.__init__)."""
+
+    limits = Limits()
+    metrics: GatewayMetrics | None = None
+
+
+class BodySizeLimit:
+    """Refuse request bodies over ``limits.max_body_bytes`` with 413, by Content-Length or while reading."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = _State.limits.max_body_bytes
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await _error_response(_too_large(int(declared), limit))(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _too_large(seen, limit)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _too_large(size: int, limit: int) -> APIError:
+    return APIError(413, f"request body of {size} bytes is over the limit of {limit} bytes (limits.max_body_bytes)",
+                    code="body_too_large")
+
+
+def _error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
+
+
+@api.exception_handler(APIError)
+async def _api_error(request: Request, e: APIError) -> JSONResponse:
+    return _error_response(e)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+    """Schema errors in OpenAI's shape: 400 naming the first bad field, with pydantic's statement of the range."""
+    first = e.errors()[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    if first.get("type") == "json_invalid":
+        error = APIError(400, f"the request body is not valid JSON: {first.get('msg')}", code="invalid_json")
+    elif first.get("type") == "extra_forbidden":
+        error = APIError(400, f"unknown field {param!r}; see /openapi.json for the fields this API accepts",
+                         param=param, code="unknown_field")
+    elif first.get("type") == "missing" and not loc:
+        error = APIError(400, "the request needs a JSON body", code="missing_body")
+    else:
+        got = first.get("input")
+        shown = "" if isinstance(got, (dict, list)) or got is None else f", got {json.dumps(got)[:80]}"
+        error = APIError(400, f"{param}: {first.get('msg')}{shown}", param=param, code="invalid_value")
+    if _State.metrics is not None and request.url.path.endswith("/images/generations"):
+        _State.metrics.record(UNKNOWN_MODEL, 400, 0.0)
+    return _error_response(error)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    code = {404: "route_not_found", 405: "method_not_allowed"}.get(e.status_code)
+    message = f"{request.method} {request.url.path}: {e.detail}"
+    return _error_response(APIError(e.status_code, message, code=code))
+
+
+api.add_middleware(BodySizeLimit)
+
+
+async def _sse_events(model: str, first: dict, gen, metrics: GatewayMetrics, started: float):
+    """Server-sent events of a streamed request: progress per step, then the images (or an error), then [DONE].
+
+    Module level on purpose: Ray pickles the ingress class by value, and a closure inside it would lose its globals.
+    """
+    status = 200
+    try:
+        item = first
+        while True:
+            if "error" in item:
+                error = APIError.from_dict(item["error"])
+                status = error.status
+                yield _sse("error", {"type": "error", **error.body()})
+                break
+            if "progress" in item:
+                yield _sse("image_generation.progress", {"type": "image_generation.progress", **item["progress"]})
+            else:
+                yield _sse("image_generation.completed", {"type": "image_generation.completed", **item["result"]})
+                break
+            try:
+                item = await gen.__anext__()
+            except StopAsyncIteration:
+                break
+            except Exception as e:
+                item = {"error": _handle_error(model, e).to_dict()}
+        yield "data: [DONE]\n\n"
+    finally:
+        metrics.record(model, status, time.perf_counter() - started)
+
+
+def _sse(event: str, data: dict) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+def _unavailable(model: str, e: Exception) -> APIError:
+    return APIError(503, f"model {model!r} has no replica able to take the request right now ({type(e).__name__}); "
+                         "retry after the Retry-After delay", code="model_unavailable",
+                    retry_after=RETRY_AFTER_UNAVAILABLE_S)
+
+
+def _handle_error(model: str, e: Exception) -> APIError:
+    """Map errors of a call through a deployment handle to API errors."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, BackPressureError):
+        return APIError(503, f"model {model!r} is overloaded: its replicas' request queues are full; retry after "
+                             "the Retry-After delay", code="overloaded", retry_after=1.0)
+    if isinstance(e, (RayActorError, DeploymentUnavailableError)):
+        return _unavailable(model, e)
+    log.exception("request to model %r failed", model)
+    return APIError(500, f"model {model!r} failed: {type(e).__name__}: {e}"[:1000], code="internal_error")
+
+
+# Last in the module: serve.ingress pickles the class when it is decorated, so every helper it uses must exist.
+@serve.ingress(api)
+class Gateway:
+    """Routes requests to the model deployments; one handle per model."""
+
+    def __init__(self, args: AppArgs, models: dict[str, DeploymentHandle]):
+        self.models = models
+        self.default_model = args.models[0].name
+        self.limits = args.limits
+        self.metrics = GatewayMetrics()
+        _State.limits, _State.metrics = args.limits, self.metrics
+        self._cards: dict[str, dict] = {}  # describe() answers of loaded models (they do not change)
+
+    @api.post("/v1/images/generations", response_model=ImagesResponse, responses=ERROR_RESPONSES,
+              summary="Create images (OpenAI images API; `stream: true` for server-sent events)")
+    async def generate(self, body: ImageGenerationRequest):
+        started = time.perf_counter()
+        model = body.model or self.default_model
+        label = model if model in self.models else UNKNOWN_MODEL
+        status = 500
+        try:
+            if model not in self.models:
+                raise APIError(404, f"model {model!r} not found; this server has {', '.join(self.models)}",
+                               param="model", code="model_not_found")
+            check_limits(body, self.limits)
+            payload = body.model_dump(exclude={"model", "stream", "user", "response_format"})
+            if body.stream:
+                response = await self._stream(model, payload, started)
+                status = None  # recorded when the stream ends
+                return response
+            out = await self._call_unary(model, payload)
+            if "error" in out:
+                raise APIError.from_dict(out["error"])
+            status = 200
+            return JSONResponse(out["result"])
+        except APIError as e:
+            status = e.status
+            raise
+        finally:
+            if status is not None:
+                self.metrics.record(label, status, time.perf_counter() - started)
+
+    @api.get("/v1/models", response_model=ModelList, summary="The served models")
+    async def list_models(self) -> dict:
+        names = list(self.models)
+        answers = await asyncio.gather(*(self._describe(n) for n in names))
+        return {"object": "list", "data": answers}
+
+    @api.get("/v1/models/{model}", summary="One served model", responses=ERROR_RESPONSES)
+    async def get_model(self, model: str) -> dict:
+        if model not in self.models:
+            raise APIError(404, f"model {model!r} not found; this server has {', '.join(self.models)}",
+                           param="model", code="model_not_found")
+        return await self._describe(model)
+
+    @api.get("/healthz", summary="Liveness: the gateway answers")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/readyz", summary="Readiness: every model loaded and its engine healthy (503 otherwise)")
+    async def readyz(self) -> JSONResponse:
+        names = list(self.models)
+        answers = await asyncio.gather(*(self._ready(n) for n in names))
+        models = dict(zip(names, answers))
+        ok = all(a["ready"] for a in answers)
+        return JSONResponse({"status": "ready" if ok else "not_ready", "models": models},
+                            status_code=200 if ok else 503)
+
+    # ---- internals ----------------------------------------------------------------------------------------------
+    async def _call_unary(self, model: str, payload: dict) -> dict:
+        """Call the model's ``generate``; a replica that died under the request is retried once on another."""
+        for attempt in (1, 2):
+            try:
+                return await self.models[model].generate.remote(payload)
+            except RayActorError as e:
+                if attempt == 2:
+                    raise _unavailable(model, e)
+                log.warning("model %r replica died during a request (%s); retrying once", model, e)
+            except Exception as e:
+                raise _handle_error(model, e)
+
+    async def _stream(self, model: str, payload: dict, started: float) -> StreamingResponse:
+        gen = self.models[model].options(stream=True).generate_stream.remote(payload)
+        try:
+            first = await gen.__anext__()
+        except Exception as e:
+            raise _handle_error(model, e)
+        if "error" in first:  # refused before any work: a plain JSON error, not a stream
+            raise APIError.from_dict(first["error"])
+
+        return StreamingResponse(_sse_events(model, first, gen, self.metrics, started), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _describe(self, model: str) -> dict:
+        if model in self._cards:
+            return self._cards[model]
+        try:
+            card = await asyncio.wait_for(self.models[model].describe.remote(), DESCRIBE_TIMEOUT_S)
+        except Exception as e:
+            return {"id": model, "created": int(time.time()), "status": "unavailable",
+                    "detail": f"no replica answered: {e!r}"[:500]}
+        if card["status"] == "ready":
+            self._cards[model] = card
+        return card
+
+    async def _ready(self, model: str) -> dict:
+        try:
+            return await asyncio.wait_for(self.models[model].ready.remote(), READY_TIMEOUT_S)
+        except Exception as e:
+            return {"ready": False, "detail": f"no replica answered within {READY_TIMEOUT_S:g} s: {e!r}"[:500]}

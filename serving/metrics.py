@@ -1,0 +1,69 @@
+"""Prometheus metrics through Ray's metrics pipeline (``ray.serve.metrics``).
+
+Names carry a ``dit_`` prefix and base units (seconds, ratios); our labels are ``model`` and ``status`` only. Ray adds
+``ray_`` in front of every custom metric name (``dit_request_latency_seconds`` is scraped as
+``ray_dit_request_latency_seconds_bucket``) and its own process tags (``application``, ``deployment``, ``replica``,
+``SessionName``, ``NodeAddress`` ...), and exports them on each node's metrics export port next to the
+``ray_serve_*`` metrics (``ray start --metrics-export-port=8080``). docs/serving.md lists them all.
+"""
+
+from __future__ import annotations
+
+from ray.serve.metrics import Counter, Gauge, Histogram
+
+# Seconds: from a 16x16 CPU model's few milliseconds to a long queue wait under overload.
+LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0]
+STEP_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0]
+OCCUPANCY_BUCKETS = [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0]
+
+
+class GatewayMetrics:
+    """What clients see: end-to-end latency and the count of requests by outcome (the HTTP status)."""
+
+    def __init__(self):
+        self.latency = Histogram("dit_request_latency_seconds", "End-to-end latency of image requests at the gateway",
+                                 boundaries=LATENCY_BUCKETS, tag_keys=("model", "status"))
+        self.requests = Counter("dit_requests_total", "Image requests by model and HTTP status",
+                                tag_keys=("model", "status"))
+
+    def record(self, model: str, status: int, seconds: float) -> None:
+        tags = {"model": model, "status": str(status)}
+        self.latency.observe(seconds, tags=tags)
+        self.requests.inc(tags=tags)
+
+
+class EngineMetrics:
+    """What one model replica's engine does: queue wait, denoising, steps, batch fill, load."""
+
+    def __init__(self, model: str, max_batch_size: int):
+        self.max_batch_size = max_batch_size
+        self.queue_wait = Histogram("dit_queue_wait_seconds", "Time from submission to admission into the batch",
+                                    boundaries=LATENCY_BUCKETS, tag_keys=("model",))
+        self.denoise = Histogram("dit_denoise_seconds", "Time from admission to the last denoising step",
+                                 boundaries=LATENCY_BUCKETS, tag_keys=("model",))
+        self.step = Histogram("dit_step_seconds", "Duration of one batched denoising step",
+                              boundaries=STEP_BUCKETS, tag_keys=("model",))
+        self.occupancy = Histogram("dit_batch_occupancy_ratio", "Real rows / max_batch_size of each step",
+                                   boundaries=OCCUPANCY_BUCKETS, tag_keys=("model",))
+        self.images = Counter("dit_images_generated_total", "Images generated", tag_keys=("model",))
+        self.running = Gauge("dit_requests_running", "Requests in the engine's batch", tag_keys=("model",))
+        self.waiting = Gauge("dit_requests_waiting", "Requests waiting for a batch slot", tag_keys=("model",))
+        for metric in (self.queue_wait, self.denoise, self.step, self.occupancy, self.images, self.running,
+                       self.waiting):
+            metric.set_default_tags({"model": model})  # a fresh dict: Ray adds its own tags to it
+
+    def on_step(self, stats) -> None:
+        """The engine's per-step observer (runs on the engine thread): ``stats`` is a StepStats."""
+        self.step.observe(stats.duration_seconds)
+        self.occupancy.observe(stats.rows / self.max_batch_size)
+        self.set_load(stats.running_requests, stats.waiting_requests)
+
+    def on_result(self, result) -> None:
+        """Record a finished request (a GenerationResult)."""
+        self.queue_wait.observe(result.queue_seconds)
+        self.denoise.observe(result.denoise_seconds)
+        self.images.inc(len(result.images))
+
+    def set_load(self, running: int, waiting: int) -> None:
+        self.running.set(running)
+        self.waiting.set(waiting)

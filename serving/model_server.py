@@ -1,0 +1,211 @@
+"""The per-model Ray Serve deployment: owns one Engine, turns API payloads into engine requests, encodes PNGs.
+
+Batching happens inside the engine (step-level, across every admitted request), so this class takes requests one by
+one (no ``@serve.batch``) and Ray's ``max_ongoing_requests`` is set high enough not to cap the engine's batch.
+Errors come back as ``{"error": APIError.to_dict()}`` values rather than raised exceptions, so the gateway gets the
+exact status, field and message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import threading
+import time
+from typing import AsyncIterator
+
+import numpy as np
+from PIL import Image
+
+from dit_runtime.engine import (DeadlineExceededError, Engine, EngineError, EngineStoppedError, GenerationRequest,
+                                GenerationResult, InvalidRequestError, QueueFullError, RequestCancelledError,
+                                StepEvent)
+
+from .config import Limits, ModelArgs
+from .errors import APIError, invalid
+from .metrics import EngineMetrics
+from .protocol import upscale_factor
+
+log = logging.getLogger("ray.serve")
+
+LOAD_REFRESH_S = 1.0  # how often the running/waiting gauges are refreshed while the engine is idle
+DEFAULT_GUIDANCE = 4.0  # the paper's sampling default for models trained with label dropout
+
+
+class ModelServer:
+    """One model size behind one Ray Serve deployment (wrapped with ``serve.deployment`` in ``app.build_app``)."""
+
+    def __init__(self, args: ModelArgs, limits: Limits):
+        self.name = args.name
+        self.args = args
+        self.limits = limits
+        self.engine: Engine | None = None
+        self.load_error: str | None = None
+        self._stopped = threading.Event()
+        self.metrics = EngineMetrics(args.name, args.max_batch_size)
+        source = args.checkpoint or f"random weights of preset {args.preset!r}"
+        started = time.perf_counter()
+        try:
+            config = args.engine_config(limits)
+            if args.checkpoint is not None:
+                self.engine = Engine.from_checkpoint(args.checkpoint, config, on_step=self.metrics.on_step)
+            else:
+                self.engine = Engine.random_weights(args.preset, config, on_step=self.metrics.on_step)
+            self.engine.start()
+        except Exception as e:  # reported by check_health and by every request, naming the file
+            self.load_error = f"model {self.name!r} failed to load from {source}: {e}"
+            log.error(self.load_error)
+            return
+        log.info("model %r loaded from %s in %.1f s", self.name, source, time.perf_counter() - started)
+        threading.Thread(target=self._refresh_load, name="dit-load-gauges", daemon=True).start()
+
+    # ---- Ray Serve hooks ----------------------------------------------------------------------------------------
+    def check_health(self) -> None:
+        """Fail (Ray then replaces the replica) when the model did not load or the engine loop died or is stuck."""
+        if self.load_error is not None:
+            raise RuntimeError(self.load_error)
+        self.engine.health()
+
+    def __del__(self):
+        self._stopped.set()
+        if self.engine is not None:
+            self.engine.stop()
+
+    # ---- called by the gateway ----------------------------------------------------------------------------------
+    async def describe(self) -> dict:
+        """This model's entry of GET /v1/models (a ModelCard as a dict)."""
+        created = int(time.time())
+        if self.engine is None:
+            return {"id": self.name, "created": created, "status": "unavailable", "detail": self.load_error}
+        info, cfg = self.engine.info, self.engine.info.config
+        side = cfg.input_size
+        return {"id": self.name, "created": created, "status": "ready", "resolution": [side, side],
+                "channels": cfg.in_channels, "space": info.space, "num_classes": cfg.num_classes,
+                "class_names": list(info.class_names), "supports_guidance": cfg.supports_guidance,
+                "parameters": sum(p.numel() for p in self.engine.runner.model.parameters()),
+                "max_batch_size": self.args.max_batch_size}
+
+    async def ready(self) -> dict:
+        """Readiness: loaded and the loop healthy; never raises."""
+        try:
+            self.check_health()
+        except Exception as e:
+            return {"ready": False, "detail": str(e)}
+        return {"ready": True, "detail": None}
+
+    async def generate(self, payload: dict) -> dict:
+        """Unary generation: ``{"result": ImagesResponse dict}`` or ``{"error": APIError dict}``."""
+        try:
+            handle, scale = self._submit(payload)
+            try:
+                result = await handle.result_async()
+            except asyncio.CancelledError:  # the client went away: free its batch rows at the next step
+                handle.cancel()
+                raise
+            return {"result": await self._response(result, scale)}
+        except APIError as e:
+            return {"error": e.to_dict()}
+        except EngineError as e:
+            return {"error": self._engine_error(e).to_dict()}
+
+    async def generate_stream(self, payload: dict) -> AsyncIterator[dict]:
+        """Streaming generation: ``{"progress": {...}}`` per step, then ``{"result": ...}``, or ``{"error": ...}``."""
+        try:
+            handle, scale = self._submit(payload)
+        except APIError as e:
+            yield {"error": e.to_dict()}
+            return
+        except EngineError as e:
+            yield {"error": self._engine_error(e).to_dict()}
+            return
+        try:
+            async for event in handle:
+                if isinstance(event, StepEvent):
+                    yield {"progress": {"step": event.step, "num_steps": event.num_steps}}
+                elif isinstance(event, GenerationResult):
+                    yield {"result": await self._response(event, scale)}
+        except asyncio.CancelledError:
+            handle.cancel()
+            raise
+        except EngineError as e:
+            yield {"error": self._engine_error(e).to_dict()}
+
+    # ---- internals ----------------------------------------------------------------------------------------------
+    def _submit(self, payload: dict):
+        """Map a validated API payload to an engine request and submit it; raises APIError / EngineError."""
+        if self.engine is None:
+            raise APIError(503, self.load_error, code="model_unavailable", retry_after=30)
+        info, cfg = self.engine.info, self.engine.info.config
+        if payload.get("class_label") is not None:
+            raw = payload["class_label"]
+            labels = raw if isinstance(raw, list) else [raw]
+            param = "class_label"
+        else:
+            labels, param = [payload["prompt"]], "prompt"
+        try:
+            class_ids = [info.class_id(label) for label in labels]
+        except ValueError as e:
+            raise invalid(param, f"{param}: {e}") from None
+        scale = upscale_factor(payload.get("size"), cfg.input_size, cfg.input_size, self.limits.max_image_side)
+        guidance = payload.get("guidance_scale")
+        if guidance is None:
+            guidance = DEFAULT_GUIDANCE if cfg.supports_guidance else 1.0
+        request = GenerationRequest(
+            class_labels=class_ids, num_images=payload.get("n", 1), seed=payload.get("seed"),
+            num_inference_steps=payload.get("num_inference_steps") or self.limits.default_inference_steps,
+            sampler=payload.get("sampler") or "dpm-solver++", guidance_scale=float(guidance),
+            deadline=time.monotonic() + self.limits.request_timeout_s)
+        return self.engine.submit(request), scale
+
+    async def _response(self, result: GenerationResult, scale: int) -> dict:
+        self.metrics.on_result(result)
+        images = result.images if result.images is not None else latents_to_uint8(result.latents)
+        encoded = await asyncio.to_thread(encode_pngs, images, scale)  # Pillow off the event loop
+        return {"created": int(time.time()), "data": [{"b64_json": b} for b in encoded], "seed": result.seed,
+                "timings": {"queue_seconds": result.queue_seconds, "denoise_seconds": result.denoise_seconds,
+                            "engine_seconds": result.total_seconds}}
+
+    def _engine_error(self, exc: EngineError) -> APIError:
+        """Map the engine's errors: bad field 400, queue full 429, deadline 504, cancelled 499, stopped 503."""
+        if isinstance(exc, InvalidRequestError):
+            return invalid(exc.field, str(exc))
+        if isinstance(exc, QueueFullError):
+            return APIError(429, f"model {self.name!r} is at capacity: {exc}", code="queue_full",
+                            retry_after=exc.retry_after)
+        if isinstance(exc, DeadlineExceededError):
+            return APIError(504, f"the request did not finish within {self.limits.request_timeout_s:g} s on model "
+                                 f"{self.name!r}: {exc}", code="deadline_exceeded")
+        if isinstance(exc, RequestCancelledError):
+            return APIError(499, f"the request was cancelled: {exc}", code="cancelled")
+        if isinstance(exc, EngineStoppedError):
+            return APIError(503, f"model {self.name!r} is not serving: {exc}", code="model_unavailable",
+                            retry_after=5)
+        return APIError(500, f"model {self.name!r} failed to generate: {exc}", code="engine_error")
+
+    def _refresh_load(self) -> None:
+        """Keep the running/waiting gauges true while no steps run (the per-step observer only fires when busy)."""
+        while not self._stopped.wait(LOAD_REFRESH_S):
+            stats = self.engine.stats()
+            self.metrics.set_load(stats.running_requests, stats.waiting_requests)
+
+
+def encode_pngs(images: np.ndarray, scale: int = 1) -> list[str]:
+    """uint8 (n, H, W, C) -> base64 PNGs (C = 1 grey, 3 RGB, 4 RGBA), upscaled ``scale`` times (nearest pixel)."""
+    out = []
+    for image in images:
+        pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+        if scale > 1:
+            pil = pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST)
+        buf = io.BytesIO()
+        pil.save(buf, format="PNG", compress_level=1)  # fast; these are small images
+        out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
+    return out
+
+
+def latents_to_uint8(latents: np.ndarray) -> np.ndarray:
+    """(n, C, H, W) latents of a model served without a VAE -> uint8 (n, H, W, C): a view of the latent, for
+    benchmarks of latent-space models (random weights); real images need the VAE decoder."""
+    x = np.clip(latents, -1.0, 1.0)
+    return np.round((x + 1.0) * 127.5).astype(np.uint8).transpose(0, 2, 3, 1)
