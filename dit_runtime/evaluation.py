@@ -166,7 +166,17 @@ def evaluate(model: DiTModel, info: CheckpointInfo, classifier: DigitClassifier,
     samples = sample_images(model, labels, sampler=sampler, num_inference_steps=num_inference_steps,
                             guidance_scale=guidance_scale, seed=seed, clip_denoised=True, batch_size=batch_size)
     seconds = time.perf_counter() - start
-    features = model_space_to_digits(samples).numpy()  # (10k, 64)
+    result = score_samples(samples, labels, classifier, source=source, samples_per_class=samples_per_class,
+                           sampling={"sampler": sampler, "num_inference_steps": num_inference_steps,
+                                     "guidance_scale": guidance_scale, "seed": seed})
+    result.sampling_seconds = round(seconds, 2)
+    return result, samples
+
+
+def score_samples(samples: torch.Tensor, labels: torch.Tensor, classifier: DigitClassifier, *, source: str,
+                  samples_per_class: int, sampling: dict) -> EvalResult:
+    """Class accuracy and diversity of samples (N, 1, H, W) in [-1, 1] drawn for ``labels`` (N,)."""
+    features = model_space_to_digits(samples).numpy()  # (N, 64)
     predicted = classifier.predict(features)
     truth = labels.numpy()
     real, real_labels = real_digit_features()
@@ -176,14 +186,11 @@ def evaluate(model: DiTModel, info: CheckpointInfo, classifier: DigitClassifier,
         per_acc.append(float((predicted[mine] == c).mean()))
         per_div.append(mean_pairwise_distance(features[mine]))
         per_real.append(mean_pairwise_distance(real[real_labels == c]))
-    result = EvalResult(
-        checkpoint=source, samples_per_class=samples_per_class,
-        sampling={"sampler": sampler, "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
-                  "seed": seed},
+    return EvalResult(
+        checkpoint=source, samples_per_class=samples_per_class, sampling=sampling,
         classifier_held_out_accuracy=classifier.held_out_accuracy, accuracy=float((predicted == truth).mean()),
         per_class_accuracy=per_acc, diversity=float(np.mean(per_div)), real_diversity=float(np.mean(per_real)),
-        per_class_diversity=per_div, per_class_real_diversity=per_real, sampling_seconds=round(seconds, 2))
-    return result, samples
+        per_class_diversity=per_div, per_class_real_diversity=per_real)
 
 
 def save_sample_grid(samples: torch.Tensor, rows: int, path: str | Path, columns: int = 10, zoom: int = 4,

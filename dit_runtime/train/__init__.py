@@ -1,0 +1,1 @@
+"""Training: the dit-train entry point, its typed config, data sets and the trainer."""

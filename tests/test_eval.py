@@ -1,0 +1,96 @@
+"""dit-eval: its judge (a classifier on real digits) is accurate, its figures tell real digits from collapsed ones,
+and the command runs end to end on a real checkpoint; shipped checkpoints meet the quality bar."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dit_runtime.checkpoint import CheckpointInfo, load_model, save_checkpoint
+from dit_runtime.cli.eval import main as dit_eval
+from dit_runtime.evaluation import (MIN_CLASSIFIER_ACCURACY, MIN_DIVERSITY_RATIO, MIN_SAMPLE_ACCURACY, default_sampling,
+                                    evaluate, mean_pairwise_distance, score_samples, train_digit_classifier)
+from dit_runtime.model import DiTModel, get_preset
+from dit_runtime.train.data import digits_to_model_space, load_digit_scans
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((REPO / "checkpoints").glob("*.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return train_digit_classifier(seed=0)
+
+
+def test_classifier_is_accurate_on_held_out_real_digits(classifier):
+    assert classifier.held_out_accuracy >= MIN_CLASSIFIER_ACCURACY
+    assert classifier.held_out_accuracy_raw >= MIN_CLASSIFIER_ACCURACY
+
+
+def test_real_digits_pass_the_bar_and_collapsed_samples_fail_it(classifier):
+    images, labels = load_digit_scans()
+    pick = np.concatenate([np.flatnonzero(labels == c)[:30] for c in range(10)])
+    real = digits_to_model_space(images[pick], 16)  # (300, 1, 16, 16), as the model would draw them
+    y = torch.as_tensor(labels[pick], dtype=torch.int64)
+    scored = score_samples(real, y, classifier, source="real", samples_per_class=30, sampling={})
+    assert scored.accuracy >= MIN_SAMPLE_ACCURACY and scored.diversity_ratio > 0.8 and scored.passed
+    # Mode collapse: every sample of a class is the same (correct) digit -> accurate but no diversity.
+    collapsed = torch.cat([real[y == c][:1].repeat(30, 1, 1, 1) for c in range(10)])
+    scored = score_samples(collapsed, torch.arange(10).repeat_interleave(30), classifier, source="collapsed",
+                           samples_per_class=30, sampling={})
+    assert scored.diversity == 0.0 and scored.diversity_ratio < MIN_DIVERSITY_RATIO and not scored.passed
+    # Wrong classes: each class's samples are another digit.
+    shifted = torch.cat([real[y == (c + 1) % 10] for c in range(10)])
+    scored = score_samples(shifted, torch.arange(10).repeat_interleave(30), classifier, source="shifted",
+                           samples_per_class=30, sampling={})
+    assert scored.accuracy < 0.1 and not scored.passed
+
+
+def test_mean_pairwise_distance():
+    assert mean_pairwise_distance(np.array([[0.0, 0.0], [3.0, 4.0]])) == pytest.approx(5.0)
+    assert mean_pairwise_distance(np.array([[0.0], [1.0], [3.0]])) == pytest.approx((1 + 3 + 2) / 3)
+
+
+def test_dit_eval_runs_on_a_small_checkpoint(tmp_path, capsys):
+    torch.manual_seed(0)
+    config = get_preset("dit-digits-s")
+    model = DiTModel.from_config(config)
+    info = CheckpointInfo(config=config, class_names=[str(i) for i in range(10)], space="pixel",
+                          training={"default_sampling": {"sampler": "ddim", "num_inference_steps": 3,
+                                                         "guidance_scale": 1.5}})
+    path = save_checkpoint(tmp_path / "small.safetensors", model.state_dict(), info)
+    assert default_sampling(load_model(path)[1])["sampler"] == "ddim"
+    code = dit_eval(["--checkpoint", str(path), "--samples-per-class", "3", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["sampling"] == {"sampler": "ddim", "num_inference_steps": 3, "guidance_scale": 1.5, "seed": 0}
+    assert out["samples_per_class"] == 3 and len(out["per_class_accuracy"]) == 10
+    assert out["classifier_held_out_accuracy"] >= MIN_CLASSIFIER_ACCURACY
+    assert out["real_diversity"] > 0
+    # An untrained model draws noise, not digits: the bar must fail and the exit code must say so.
+    assert not out["passed"] and code == 1
+    grid = Image.open(out["grid"])
+    assert grid.size[1] > grid.size[0] * 10 // 3 - 10  # 10 rows (digits) of 3 columns
+
+
+def test_dit_eval_rejects_a_non_digit_checkpoint(tmp_path, capsys):
+    config = get_preset("dit-tiny")
+    path = save_checkpoint(tmp_path / "tiny.safetensors", DiTModel.from_config(config).state_dict(),
+                           CheckpointInfo(config=config, class_names=[str(i) for i in range(10)]))
+    assert dit_eval(["--checkpoint", str(path), "--samples-per-class", "2"]) == 2
+    assert "dit-eval measures digit models" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_checkpoint_meets_the_bar_at_its_default_sampling(path, classifier):
+    model, info = load_model(path)
+    assert path.stat().st_size < 20 * 2**20
+    result, _ = evaluate(model, info, classifier, source=str(path), samples_per_class=10, seed=1,
+                         **default_sampling(info))
+    assert result.accuracy >= MIN_SAMPLE_ACCURACY, result.per_class_accuracy
+    assert result.diversity_ratio >= MIN_DIVERSITY_RATIO
