@@ -111,6 +111,8 @@ class TrainerSection:
                                   "averages ~10k steps: right for 400k-step runs; a few-thousand-step run "
                                   "needs ~0.999 or its EMA is still mostly the initial weights",
                           low=0.0, high=1.0, high_open=True)
+    ema_warmup: bool = _f(True, "use min(ema_decay, (1 + step) / (10 + step)) as the decay, so the EMA of a short "
+                                "run is not mostly its initial weights; false = the paper's fixed decay")
     seed: int = _f(0, "seeds weights, data order, timesteps and noise; rank r adds r to it", low=0)
     max_steps: int = _f(0, "optimiser steps to train; 0 = use epochs", low=0)
     epochs: float = _f(0.0, "passes over the data when max_steps is 0", low=0.0)

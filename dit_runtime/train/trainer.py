@@ -235,7 +235,8 @@ class Trainer:
 
     @torch.no_grad()
     def _update_ema(self) -> None:
-        decay = self.config.trainer.ema_decay
+        t = self.config.trainer
+        decay = min(t.ema_decay, (1 + self.step) / (10 + self.step)) if t.ema_warmup else t.ema_decay
         params = dict(self.model.named_parameters())
         names = list(params)
         torch._foreach_lerp_([self.ema[n] for n in names], [params[n].detach() for n in names], 1 - decay)
