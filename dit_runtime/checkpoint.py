@@ -15,9 +15,11 @@ Its header metadata (strings only, as safetensors requires) holds:
 from __future__ import annotations
 
 import hashlib
-import math
 import json
+import math
 import os
+import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -299,10 +301,16 @@ def import_paper_checkpoint(path: str | os.PathLike, num_heads: int | None = Non
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError or EOFError depending on the damage
-        raise CheckpointError(f"{path}: cannot be read as a weights-only torch file ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}); only plain state dicts of tensors are "
-                              "accepted, never arbitrary pickled objects") from None
+    except pickle.UnpicklingError as e:
+        refused = re.search(r"(?:unsupported|Unsupported global:) GLOBAL (\S+)", str(e))
+        raise CheckpointError(
+            f"{path}: holds a pickled object ({refused.group(1) if refused else 'not a tensor'}) that a weights-only "
+            "load refuses, and nothing else is ever unpickled. If you trust the file, save just its state dict "
+            "(e.g. torch.save(ckpt['ema'], 'ema.pt')) and convert that") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable torch file ({first_line}); it may be truncated or "
+                              "corrupted") from None
     if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         for entry in ("ema", "model"):  # train.py checkpoints: the EMA weights are the ones to serve
             if isinstance(obj.get(entry), dict):

@@ -137,7 +137,7 @@ def test_paper_import_never_unpickles_arbitrary_objects(tmp_path):
     torch.save({"x_embedder.proj.weight": torch.zeros(1), "payload": _RunsCodeWhenUnpickled(marker)}, path)
     with pytest.raises(CheckpointError) as e:
         import_paper_checkpoint(path)
-    assert str(path) in str(e.value) and "weights-only" in str(e.value)
+    assert str(path) in str(e.value) and "a weights-only load refuses" in str(e.value) and "posix.mkdir" in str(e.value)
     assert not marker.exists()
 
 
@@ -145,3 +145,11 @@ def test_paper_import_rejects_non_dit_state_dicts(tmp_path):
     torch.save({"encoder.weight": torch.zeros(2, 2)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match=r"no tensor 'x_embedder.proj.weight'.*encoder.weight"):
         import_paper_checkpoint(tmp_path / "other.pt")
+
+
+def test_truncated_pt_file_is_reported_as_such(tmp_path):
+    path = tmp_path / "cut.pt"
+    torch.save(DiTModel.from_preset("dit-tiny").state_dict(), path)
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=r"cut\.pt: not a readable torch file .* may be truncated or corrupted"):
+        import_paper_checkpoint(path)
