@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointInfo
-from .diffusion import SAMPLER_IDS, NoiseSchedule, check_num_steps, sampler_step, timestep_at
+from .cli.sample import sample
+from .diffusion import SAMPLER_IDS, check_num_steps
 from .model import DiTModel
 from .train.data import digits_to_model_space, load_digit_scans, model_space_to_digits
 
@@ -79,41 +80,21 @@ def mean_pairwise_distance(features: np.ndarray) -> float:
 @torch.no_grad()
 def sample_images(model: DiTModel, labels: torch.Tensor, *, sampler: str, num_inference_steps: int,
                   guidance_scale: float, seed: int, clip_denoised: bool, batch_size: int = 256) -> torch.Tensor:
-    """Class-conditional samples (N, C, H, W) for ``labels`` (N,), in batches, with diffusion.sampler_step.
+    """Class-conditional samples (N, C, H, W) for ``labels`` (N,), in batches, through dit-sample's loop.
 
-    A plain loop for evaluation; the serving engine has its own scheduler. Image k's noise comes from a generator
-    seeded with (seed, batch), so results do not depend on anything but the arguments.
+    Image k gets the noise stream ``noise_key(seed, k)``, the engine's convention, so a server asked for the same
+    class and seed draws the same image, whatever the batch size.
     """
     if sampler not in SAMPLER_IDS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLER_IDS)}")
     check_num_steps(num_inference_steps, "trailing")
-    cfg = model.config
-    guided = guidance_scale != 1.0
-    if guided and not cfg.supports_guidance:
+    if guidance_scale != 1.0 and not model.config.supports_guidance:
         raise ValueError("this model was trained without label dropout, so guidance_scale must be 1")
-    device = next(model.parameters()).device
-    schedule = NoiseSchedule.linear(device=device)
-    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     out = []
     for start in range(0, labels.shape[0], batch_size):
-        y = labels[start:start + batch_size].to(device)  # (B,)
-        n = y.shape[0]
-        g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + start)
-        x = torch.randn((n, *shape), generator=g).to(device)  # (B, C, H, W)
-        prev_x0 = torch.zeros_like(x)
-        steps = torch.full((n,), num_inference_steps, dtype=torch.int64, device=device)
-        kind = torch.full((n,), SAMPLER_IDS[sampler], dtype=torch.int64, device=device)
-        eta = torch.zeros(n, device=device)
-        scale = torch.full((n,), float(guidance_scale), device=device)
-        for i in range(num_inference_steps):
-            step_index = torch.full((n,), i, dtype=torch.int64, device=device)
-            t = timestep_at(step_index, steps)  # (B,)
-            model_out = model.forward_with_cfg(x, t, y, scale) if guided else model(x, t, y)  # (B, C_out, H, W)
-            noise = torch.randn((n, *shape), generator=g).to(device)
-            result = sampler_step(schedule, model_out, x, step_index, steps, kind, eta, prev_x0, noise,
-                                  learn_sigma=cfg.learn_sigma, clip_denoised=clip_denoised)
-            x, prev_x0 = result.x, result.x0
-        out.append(x.cpu())
+        batch = labels[start:start + batch_size].tolist()
+        out.append(sample(model, batch, seed, num_inference_steps, sampler, guidance_scale,
+                          clip_denoised=clip_denoised, first_index=start).cpu())  # (B, C, H, W)
     return torch.cat(out)
 
 

@@ -75,7 +75,13 @@ def test_run_writes_servable_checkpoint_with_training_record(uninterrupted: Path
     assert not torch.equal(raw["blocks.0.attn.qkv.weight"], served["blocks.0.attn.qkv.weight"])
     png = uninterrupted / "loss_curve.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # The checkpoint samples: 4 images of two classes, finite and inside the pixel range.
+    # dit-sample serves the checkpoint as written: a 2 x 2 grid of two classes.
+    grid = uninterrupted / "grid.png"
+    proc = subprocess.run([sys.executable, "-m", "dit_runtime.cli.sample", str(uninterrupted / "model.safetensors"),
+                           "--classes", "3", "8", "-n", "2", "--steps", "4", "--guidance", "2", "--grid", str(grid),
+                           "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     x = sample_images(model, torch.tensor([3, 3, 8, 8]), sampler="dpm-solver++", num_inference_steps=4,
                       guidance_scale=2.0, seed=0, clip_denoised=True)
     assert x.shape == (4, 1, 16, 16) and torch.isfinite(x).all() and x.abs().max() <= 1.0 + 1e-5
