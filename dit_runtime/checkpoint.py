@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .model import DiTConfig, DiTModel
+from .model import PRESETS, DiTConfig, DiTModel
 
 FORMAT = "dit-serve/1"
 # Scale of Stable Diffusion's VAE latents, which DiT was trained on (latents are multiplied by it).
@@ -251,8 +251,6 @@ def _infer_config(state: dict[str, torch.Tensor], source: str, num_heads: int | 
                   input_size: int | None) -> tuple[DiTConfig, list[str]]:
     """A DiTConfig from weight shapes in our (= the paper's) layout. Heads are not in the shapes: take them from
     ``num_heads`` or from the one preset whose shapes match; the null class is inferred from the table size."""
-    from .model import PRESETS
-
     def shape(key: str) -> tuple[int, ...]:
         if key not in state:
             raise CheckpointError(f"{source}: no tensor {key!r}; this is not a DiT state dict "
@@ -280,6 +278,7 @@ def _infer_config(state: dict[str, torch.Tensor], source: str, num_heads: int | 
         notes.append(f"num_heads={num_heads} taken from the preset with the same shapes")
     # The paper's tables have one extra row, the null class, when trained with label dropout.
     num_classes = table_rows - 1 if table_rows > 1 else table_rows
+    notes.append(f"label table of {table_rows} rows read as {num_classes} classes + the null class")
     try:
         config = DiTConfig(hidden_dim=hidden_dim, num_layers=num_layers, num_heads=num_heads, ffn_dim=ffn_dim,
                            input_size=input_size, patch_size=patch_size, in_channels=in_channels,

@@ -6,8 +6,8 @@ Examples::
     dit-sample checkpoints/dit-xl-2-256.safetensors --classes "golden retriever" --vae ./sd-vae-ft-ema --out samples/
 
 Image k of a run gets the noise stream ``noise_key(seed, k)`` (initial noise at counter -1, step j's noise at
-counter j), the same convention as the serving engine, so a request with the same labels and seed gives the same
-images there.
+counter j), the serving engine's convention, so a request with the same labels, seed and settings gives the same
+images there (up to floating-point rounding).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointError, CheckpointInfo, load_model
+from ..checkpoint import CheckpointError, load_model
 from ..diffusion import (SAMPLER_IDS, SAMPLERS, NoiseSchedule, check_num_steps, counter_noise, noise_key,
                          sampler_step, timestep_at)
 from ..images import save_grid, to_pil, to_uint8
@@ -29,7 +29,7 @@ from ..model import DiTModel
 INITIAL_NOISE_COUNTER = -1  # the engine's convention: x_T at counter -1, step j's noise at counter j
 
 
-def load_vae(folder: str | None, info: CheckpointInfo, checkpoint: str):
+def load_vae(folder: str | None, checkpoint: str):
     """The diffusers AutoencoderKL that decodes this latent-space checkpoint, with errors saying what is missing."""
     if folder is None:
         raise SystemExit(f"dit-sample: {checkpoint} denoises VAE latents (space=latent), so it needs a decoder: pass "
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         model, info = load_model(args.checkpoint, device=args.device)
     except CheckpointError as e:
         sys.exit(f"dit-sample: {e}")
-    vae = load_vae(args.vae, info, args.checkpoint).to(args.device) if info.space == "latent" else None
+    vae = load_vae(args.vae, args.checkpoint).to(args.device) if info.space == "latent" else None
     try:
         class_ids = ([info.class_id(c) for c in args.classes] if args.classes
                      else list(range(min(info.config.num_classes, 10))))
