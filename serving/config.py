@@ -50,7 +50,8 @@ class Autoscaling(_Args):
     target_ongoing_requests: float | None = Field(None, gt=0)
     upscale_delay_s: float = Field(10.0, ge=0)
     downscale_delay_s: float = Field(60.0, ge=0)
-    look_back_period_s: float = Field(15.0, gt=10.0, description="must exceed Ray's 10 s metrics interval")
+    # The window load is averaged over; keep it above Ray's metrics push interval (10 s unless set by env).
+    look_back_period_s: float = Field(15.0, gt=0)
 
     @model_validator(mode="after")
     def _ordered(self) -> "Autoscaling":

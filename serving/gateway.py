@@ -46,7 +46,7 @@ class _State:
 
 
 class BodySizeLimit:
-    """Refuse request bodies over ``limits.max_body_bytes`` with 413, by Content-Length or while reading."""
+    """Refuse request bodies over ``limits.max_body_bytes`` with 413, by Content-Length or while reading them."""
 
     def __init__(self, app):
         self.app = app
@@ -58,18 +58,27 @@ class BodySizeLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await _error_response(_too_large(int(declared), limit))(scope, receive, send)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
+        # Read the body here (it is small by definition) so an oversized one is refused before the app sees it:
+        # an error raised from inside FastAPI's body parsing would come out as a generic 400.
+        body, more = b"", True
+        while more:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise _too_large(seen, limit)
-            return message
+            if message["type"] != "http.request":
+                return await self.app(scope, _replay([message], receive), send)
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > limit:
+                return await _error_response(_too_large(len(body), limit))(scope, receive, send)
+        await self.app(scope, _replay([{"type": "http.request", "body": body, "more_body": False}], receive), send)
 
-        await self.app(scope, limited_receive, send)
+
+def _replay(messages: list[dict], receive):
+    """An ASGI receive that first returns ``messages``, then defers to the real one (for disconnects)."""
+    pending = list(messages)
+
+    async def replayed():
+        return pending.pop(0) if pending else await receive()
+    return replayed
 
 
 def _too_large(size: int, limit: int) -> APIError:
@@ -152,9 +161,9 @@ def _sse(event: str, data: dict) -> str:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
-def _unavailable(model: str, e: Exception) -> APIError:
-    return APIError(503, f"model {model!r} has no replica able to take the request right now ({type(e).__name__}); "
-                         "retry after the Retry-After delay", code="model_unavailable",
+def _unavailable(model: str, e: Exception, why: str | None = None) -> APIError:
+    return APIError(503, f"model {model!r} has no replica able to take the request right now "
+                         f"({why or type(e).__name__}); retry after the Retry-After delay", code="model_unavailable",
                     retry_after=RETRY_AFTER_UNAVAILABLE_S)
 
 
@@ -249,6 +258,8 @@ class Gateway:
                 if attempt == 2:
                     raise _unavailable(model, e)
                 log.warning("model %r replica died during a request (%s); retrying once", model, e)
+            except DeploymentUnavailableError as e:
+                raise _unavailable(model, e, await self._why_unavailable(model, e))
             except Exception as e:
                 raise _handle_error(model, e)
 
@@ -256,6 +267,8 @@ class Gateway:
         gen = self.models[model].options(stream=True).generate_stream.remote(payload)
         try:
             first = await gen.__anext__()
+        except DeploymentUnavailableError as e:
+            raise _unavailable(model, e, await self._why_unavailable(model, e))
         except Exception as e:
             raise _handle_error(model, e)
         if "error" in first:  # refused before any work: a plain JSON error, not a stream
@@ -280,4 +293,17 @@ class Gateway:
         try:
             return await asyncio.wait_for(self.models[model].ready.remote(), READY_TIMEOUT_S)
         except Exception as e:
-            return {"ready": False, "detail": f"no replica answered within {READY_TIMEOUT_S:g} s: {e!r}"[:500]}
+            return {"ready": False, "detail": await self._why_unavailable(model, e)}
+
+    async def _why_unavailable(self, model: str, e: Exception) -> str:
+        """Ray's own account of a deployment with no running replica (e.g. its health check naming a bad file)."""
+        handle = self.models[model]
+        try:
+            status = await asyncio.to_thread(serve.status)
+            deployment = status.applications[handle.app_name].deployments[handle.deployment_name]
+            # Ray's message ends with the traceback of the failed constructor or health check: keep its last line.
+            lines = [line for line in str(deployment.message).splitlines() if line.strip()]
+            state = getattr(deployment.status, "value", deployment.status)
+            return f"deployment {handle.deployment_name} is {state}: {lines[-1] if lines else 'no message'}"[:1000]
+        except Exception:
+            return f"no replica of model {model!r} answered: {e!r}"[:500]

@@ -152,8 +152,13 @@ class ModelServer:
         guidance = payload.get("guidance_scale")
         if guidance is None:
             guidance = DEFAULT_GUIDANCE if cfg.supports_guidance else 1.0
+        n = payload.get("n", 1)
+        rows = n * (2 if guidance != 1.0 else 1)  # a guided image runs a conditional and a null row
+        if rows > self.args.max_batch_size:
+            raise invalid("n", f"n={n} with guidance needs {rows} batch rows but model {self.name!r} runs at most "
+                               f"{self.args.max_batch_size}: ask for n <= {self.args.max_batch_size // (rows // n)}")
         request = GenerationRequest(
-            class_labels=class_ids, num_images=payload.get("n", 1), seed=payload.get("seed"),
+            class_labels=class_ids, num_images=n, seed=payload.get("seed"),
             num_inference_steps=payload.get("num_inference_steps") or self.limits.default_inference_steps,
             sampler=payload.get("sampler") or "dpm-solver++", guidance_scale=float(guidance),
             deadline=time.monotonic() + self.limits.request_timeout_s)

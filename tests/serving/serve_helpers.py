@@ -1,0 +1,42 @@
+"""Helpers of the serving tests: real random-weight digits-shaped checkpoints, ports, model entries."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+from dit_runtime.checkpoint import CheckpointInfo, save_checkpoint
+from dit_runtime.model import DiTConfig, DiTModel
+
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+# Shaped like the shipped digits models (16x16 grey, 10 classes, label dropout for guidance), but narrow and
+# shallow so a step takes about a millisecond on one core.
+TINY_DIGITS = DiTConfig(hidden_dim=32, num_layers=2, num_heads=2, ffn_dim=64, input_size=16, patch_size=4,
+                        in_channels=1, num_classes=10, learn_sigma=False)
+
+
+def write_digits_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A random-weight pixel-space checkpoint (every parameter re-drawn: adaLN-Zero's init outputs zeros)."""
+    model = DiTModel.from_config(TINY_DIGITS)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    info = CheckpointInfo(config=TINY_DIGITS, class_names=DIGIT_NAMES, space="pixel",
+                          training={"note": "random weights for serving tests"})
+    return save_checkpoint(path, model.state_dict(), info)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def model_args(name: str, checkpoint: Path, /, **overrides) -> dict:
+    """A CPU model entry sized for a 2-core machine (fractional CPUs so several replicas fit)."""
+    return {"name": name, "checkpoint": str(checkpoint), "num_cpus": 0.1, "max_batch_size": 16,
+            "max_queue_size": 64, **overrides}

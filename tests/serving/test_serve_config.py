@@ -1,0 +1,106 @@
+"""The serving config: the shipped YAML files validate, and a bad config fails at start naming the field."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serving.config import AppArgs
+from serve_helpers import model_args, write_digits_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return write_digits_checkpoint(tmp_path_factory.mktemp("cfg") / "d.safetensors")
+
+
+def app_args(path: str) -> dict:
+    return yaml.safe_load((ROOT / path).read_text())["applications"][0]["args"]
+
+
+def error_of(raw: dict) -> str:
+    with pytest.raises(ValueError) as e:
+        AppArgs.parse(raw)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("config", ["serve_config.yaml", "serve_config.gpu.yaml"])
+def test_shipped_configs_validate_once_their_checkpoints_exist(config, ckpt, tmp_path, monkeypatch):
+    raw = app_args(config)
+    for m in raw["models"]:
+        target = tmp_path / m["checkpoint"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ckpt, target)
+    monkeypatch.chdir(tmp_path)  # relative checkpoint paths resolve against the start directory
+    args = AppArgs.parse(raw)
+    assert [m.name for m in args.models] == [m["name"] for m in raw["models"]]
+    for m in args.models:
+        assert Path(m.checkpoint).is_absolute() and Path(m.checkpoint).is_file()
+        # Ray's router must never hold fewer requests than fill the engine's batch.
+        assert m.ongoing_requests_cap >= m.max_batch_size
+        assert m.ray_autoscaling_config()["target_ongoing_requests"] <= m.ongoing_requests_cap
+
+
+def test_gpu_config_deploys_the_three_sizes_on_gpus_in_fp16_with_cuda_graphs():
+    models = app_args("serve_config.gpu.yaml")["models"]
+    assert [m["name"] for m in models] == ["dit-10l", "dit-8l", "dit-6l"]
+    for m in models:
+        assert m["device"] == "cuda" and m["num_gpus"] > 0 and m["dtype"] == "float16"
+        assert m["compile"] and m["cuda_graphs"] and m["checkpoint"] and not m.get("allow_random_weights")
+
+
+def test_cpu_config_fits_two_cores_at_max_replicas():
+    raw = app_args("serve_config.yaml")
+    total = raw["gateway"]["num_cpus"] * raw["gateway"]["num_replicas"] + \
+        sum(m["num_cpus"] * m["autoscaling"]["max_replicas"] for m in raw["models"])
+    assert total <= 2.0
+
+
+def test_missing_checkpoint_names_the_field_and_the_file(tmp_path):
+    msg = error_of({"models": [model_args("a", tmp_path / "nope.safetensors")]})
+    assert "models[0]" in msg and "nope.safetensors" in msg and "not found" in msg
+
+
+def test_random_weights_need_the_explicit_flag():
+    msg = error_of({"models": [{"name": "dit-10l", "preset": "dit-10l"}]})
+    assert "models[0]" in msg and "allow_random_weights" in msg
+    args = AppArgs.parse({"models": [{"name": "dit-10l", "preset": "dit-10l", "allow_random_weights": True}]})
+    assert args.models[0].checkpoint is None
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"max_batch_size": 0}, "models[0].max_batch_size"),
+    ({"dtype": "float8"}, "models[0].dtype"),
+    ({"cuda_graphs": True}, "cuda_graphs needs device 'cuda'"),
+    ({"dtype": "float16"}, "dtype float16 is for the GPU"),
+    ({"device": "cuda"}, "num_gpus > 0"),
+    ({"name": "bad/name"}, "models[0].name"),
+    ({"max_ongoing_requests": 2}, "would keep the engine's batch from filling"),
+    ({"autoscaling": {"min_replicas": 3, "max_replicas": 2}}, "models[0].autoscaling"),
+    ({"max_batch_sise": 8}, "models[0].max_batch_sise"),  # a typo is an error, not a silent default
+])
+def test_bad_model_field_is_named(ckpt, change, field):
+    assert field in error_of({"models": [model_args("a", ckpt, **change)]})
+
+
+def test_bad_limits_and_duplicates_are_named(ckpt):
+    assert "limits.max_images_per_request" in error_of(
+        {"models": [model_args("a", ckpt)], "limits": {"max_images_per_request": 0}})
+    assert "default_inference_steps" in error_of(
+        {"models": [model_args("a", ckpt)], "limits": {"max_inference_steps": 10, "default_inference_steps": 25}})
+    assert "repeated: a" in error_of({"models": [model_args("a", ckpt), model_args("a", ckpt)]})
+    assert "models" in error_of({"models": []})
+
+
+def test_app_builder_refuses_a_bad_config_naming_the_field():
+    """build_app (serve_config.yaml's import_path) validates its args before binding any deployment."""
+    from serving.app import build_app
+    raw = app_args("serve_config.yaml")
+    raw["limits"]["max_inference_steps"] = -1
+    with pytest.raises(ValueError, match=r"limits\.max_inference_steps: Input should be greater than or equal to 1"):
+        build_app(raw)
