@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Serving benchmark on an H200 host (python 3.12, CUDA torch; ray/fastapi/pydantic from the offline bundle).
+#   bash scripts/gpu_serve_bench.sh            # results in $OUT (default out/serve_bench), each file as it completes
+# Serves dit-10l (random weights, fp16, compiled, CUDA graphs) through build_app over HTTP and measures:
+# the engine alone, what Ray's proxy + the gateway + PNG encoding add at one image per request (target <= 10%),
+# and scripts/loadgen.py at several Poisson rates (throughput, p50/p95/p99, errors) plus batch occupancy.
+# Bounded to under 8 minutes; see docs/serving.md ("GPU benchmark") and docs/benchmarks.md for the figures.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/serve_bench}
+mkdir -p "$OUT"
+
+if ! python3 -c "import ray, fastapi, pydantic" 2>/dev/null; then
+    echo "[gpu_serve_bench] installing the offline bundle into /tmp/site" >&2
+    bash .bundle/install.sh /tmp/site
+    export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}"   # the project is used from the working tree (not pip-installed)
+export RAY_USAGE_STATS_ENABLED=0
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv" || true
+python3 -c "import sys, torch, ray, fastapi, pydantic; print(f'python {sys.version.split()[0]} torch {torch.__version__} \
+ray {ray.__version__} fastapi {fastapi.__version__} pydantic {pydantic.__version__}')" | tee "$OUT/versions.txt"
+
+status=0
+timeout --signal=INT 450 python3 scripts/serve_bench.py --out "$OUT" \
+    --model-name dit-10l --preset dit-10l --device cuda --dtype float16 --compile --cuda-graphs \
+    --max-batch-size 64 --max-queue-size 1024 --steps 25 --sequential 40 --warmup 5 \
+    --rates 8,32,128,256 --duration 15 2>&1 | tee "$OUT/serve_bench.log" || status=$?
+python3 -c "import ray; ray.shutdown()" 2>/dev/null || true
+echo "[gpu_serve_bench] exit status $status; results in $OUT:" >&2
+ls -l "$OUT" >&2
+exit "$status"

@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""Open-loop HTTP load generator for the images API: Poisson arrivals at several rates.
+
+    python scripts/loadgen.py --url http://127.0.0.1:8000 --model digits-s --rates 2,5,10 --duration 20
+
+For each rate it sends requests with exponential inter-arrival times (open loop: a slow server does not slow the
+arrivals), then prints and appends one JSON line (``--out``) with throughput, latency p50/p95/p99, the answers by
+status, client timeouts, and what serving added on top of the engine (HTTP latency minus the ``timings`` the server
+reports for the request). ``--sequential N`` instead sends N requests one at a time (latency without queueing).
+Needs aiohttp (a Ray dependency, also on the GPU hosts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+
+
+@dataclass
+class Sample:
+    status: int  # HTTP status; 0 = client timeout, -1 = connection error
+    latency: float
+    engine_seconds: float | None = None
+    images: int = 0
+
+
+@dataclass
+class Run:
+    label: str
+    offered_rate: float | None
+    samples: list[Sample] = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    k = min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))
+    return s[k]
+
+
+def summarize(run: Run) -> dict:
+    ok = [s for s in run.samples if s.status == 200]
+    lat = [s.latency for s in ok]
+    overhead = [s.latency - s.engine_seconds for s in ok if s.engine_seconds is not None]
+    engine = [s.engine_seconds for s in ok if s.engine_seconds is not None]
+    by_status: dict[str, int] = {}
+    for s in run.samples:
+        key = {0: "timeout", -1: "conn_error"}.get(s.status, str(s.status))
+        by_status[key] = by_status.get(key, 0) + 1
+
+    def ms(x):
+        return None if x is None else round(1000 * x, 2)
+    med_engine = percentile(engine, 50)
+    med_overhead = percentile(overhead, 50)
+    return {
+        "label": run.label, "offered_rps": run.offered_rate, "sent": len(run.samples), "ok": len(ok),
+        "by_status": by_status, "failed": sum(1 for s in run.samples if s.status >= 500 or s.status <= 0),
+        "shed": sum(1 for s in run.samples if s.status in (429, 503)),
+        "throughput_rps": round(len(ok) / run.wall_seconds, 3) if run.wall_seconds else None,
+        "images_per_s": round(sum(s.images for s in ok) / run.wall_seconds, 3) if run.wall_seconds else None,
+        "p50_ms": ms(percentile(lat, 50)), "p95_ms": ms(percentile(lat, 95)), "p99_ms": ms(percentile(lat, 99)),
+        "engine_p50_ms": ms(med_engine), "overhead_p50_ms": ms(med_overhead),
+        "overhead_p95_ms": ms(percentile(overhead, 95)),
+        "overhead_pct_of_engine_p50": round(100 * med_overhead / med_engine, 2) if engine and med_engine else None,
+    }
+
+
+async def one(session: aiohttp.ClientSession, url: str, body: dict, timeout: float) -> Sample:
+    t0 = time.perf_counter()
+    try:
+        async with session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+            payload = await r.read()
+            latency = time.perf_counter() - t0
+            if r.status != 200:
+                return Sample(r.status, latency)
+            data = json.loads(payload)
+            return Sample(200, latency, data.get("timings", {}).get("engine_seconds"), len(data["data"]))
+    except asyncio.TimeoutError:
+        return Sample(0, time.perf_counter() - t0)
+    except aiohttp.ClientError:
+        return Sample(-1, time.perf_counter() - t0)
+
+
+async def poisson(url: str, body: dict, rate: float, duration: float, timeout: float, seed: int,
+                  max_in_flight: int) -> Run:
+    rng = random.Random(seed)
+    run = Run(label=f"poisson@{rate:g}/s", offered_rate=rate)
+    connector = aiohttp.TCPConnector(limit=max_in_flight)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        tasks = []
+        start = time.perf_counter()
+        next_at = start
+        while True:
+            next_at += rng.expovariate(rate)
+            if next_at - start > duration:
+                break
+            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(session, url, {**body, "seed": rng.randrange(2 ** 31)}, timeout)))
+        run.samples = list(await asyncio.gather(*tasks))
+        run.wall_seconds = time.perf_counter() - start
+    return run
+
+
+async def sequential(url: str, body: dict, count: int, timeout: float) -> Run:
+    run = Run(label=f"sequential x{count}", offered_rate=None)
+    async with aiohttp.ClientSession() as session:
+        start = time.perf_counter()
+        for i in range(count):
+            run.samples.append(await one(session, url, {**body, "seed": i}, timeout))
+        run.wall_seconds = time.perf_counter() - start
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--model", required=True)
+    p.add_argument("--rates", default="1,2,4", help="comma-separated arrival rates, requests/s")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per rate")
+    p.add_argument("--sequential", type=int, default=0, help="send N requests one at a time instead")
+    p.add_argument("--n", type=int, default=1, help="images per request")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--prompt", default="3")
+    p.add_argument("--timeout", type=float, default=120.0, help="client timeout per request, s")
+    p.add_argument("--max-in-flight", type=int, default=4096)
+    p.add_argument("--warmup", type=int, default=3, help="requests sent (and ignored) first")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="append one JSON line per rate here as it completes")
+    args = p.parse_args(argv)
+
+    url = args.url.rstrip("/") + "/v1/images/generations"
+    body = {"model": args.model, "prompt": args.prompt, "n": args.n, "num_inference_steps": args.steps}
+    rows = []
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        line = json.dumps(row)
+        print(line, flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(line + "\n")
+
+    if args.warmup:
+        asyncio.run(sequential(url, body, args.warmup, args.timeout))
+    if args.sequential:
+        emit(summarize(asyncio.run(sequential(url, body, args.sequential, args.timeout))))
+    else:
+        for i, rate in enumerate(float(r) for r in args.rates.split(",")):
+            print(f"[loadgen] {rate:g} req/s for {args.duration:g} s ...", file=sys.stderr, flush=True)
+            emit(summarize(asyncio.run(poisson(url, body, rate, args.duration, args.timeout, args.seed + i,
+                                                 args.max_in_flight))))
+
+    print(f"\n{'run':>18} {'ok/sent':>9} {'req/s':>7} {'img/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
+          f"{'+serve p50 ms':>13} {'+serve %':>8}  errors", file=sys.stderr)
+    for r in rows:
+        errors = {k: v for k, v in r["by_status"].items() if k != "200"}
+        print(f"{r['label']:>18} {r['ok']:>4}/{r['sent']:<4} {r['throughput_rps'] or 0:7.2f} "
+              f"{r['images_per_s'] or 0:7.2f} {r['p50_ms'] or 0:8.1f} {r['p95_ms'] or 0:8.1f} {r['p99_ms'] or 0:8.1f} "
+              f"{r['overhead_p50_ms'] or 0:13.2f} {r['overhead_pct_of_engine_p50'] or 0:8.2f}  {errors or '-'}",
+              file=sys.stderr)
+    if args.out:
+        print(f"[loadgen] results appended to {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

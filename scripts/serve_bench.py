@@ -1,0 +1,205 @@
+#!/usr/bin/env python3
+"""What serving adds on top of the engine, and how the server holds up under Poisson load.
+
+    python scripts/serve_bench.py --out out/ --preset dit-10l --device cuda --dtype float16 --compile --cuda-graphs
+
+1. The engine alone, in this process: one-image requests one at a time (its own latency), and PNG encoding.
+2. The same model served by Ray Serve (``build_app``): one-image requests one at a time through a deployment
+   handle (Ray's RPC to the replica + PNG encoding) and over HTTP (+ Ray's proxy + the FastAPI gateway).
+   Each answer carries the engine's own time for that request, so overhead = latency - engine time.
+3. ``scripts/loadgen.py`` at each ``--rates`` (Poisson arrivals), then the mean batch occupancy from the metrics.
+Every result is written to ``--out`` as soon as it exists (``*.json`` / ``loadgen.jsonl``); ``summary.json`` last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def log(msg: str) -> None:
+    print(f"[serve_bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def p(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))]
+
+
+def write(out: Path, name: str, row: dict) -> None:
+    (out / name).write_text(json.dumps(row, indent=2))
+    log(f"{name}: {json.dumps(row)}")
+
+
+def model_args(a) -> dict:
+    m = {"name": a.model_name, "device": a.device, "dtype": a.dtype, "compile": a.compile,
+         "cuda_graphs": a.cuda_graphs, "max_batch_size": a.max_batch_size, "max_queue_size": a.max_queue_size,
+         "num_cpus": a.num_cpus, "num_gpus": 1 if a.device == "cuda" else 0,
+         "compile_cache_dir": a.compile_cache_dir,
+         "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
+    if a.checkpoint:
+        m["checkpoint"] = a.checkpoint
+    else:
+        m.update(preset=a.preset, allow_random_weights=True)
+    return m
+
+
+def engine_alone(a, out: Path) -> dict:
+    """The engine's own one-image latency in this process, and the PNG encoding time of its images."""
+    from dit_runtime.engine import Engine, GenerationRequest
+    from serving.config import AppArgs
+    from serving.model_server import encode_pngs, latents_to_uint8
+
+    args = AppArgs.parse({"models": [model_args(a)]})
+    t0 = time.perf_counter()
+    m = args.models[0]
+    config = m.engine_config(args.limits)
+    engine = (Engine.from_checkpoint(m.checkpoint, config) if m.checkpoint else
+              Engine.random_weights(m.preset, config)).start()
+    log(f"engine loaded and warmed up in {time.perf_counter() - t0:.1f} s")
+    wall, total, png = [], [], []
+    for i in range(a.warmup + a.sequential):
+        start = time.perf_counter()
+        result = engine.submit(GenerationRequest(class_labels=[3], num_images=1, seed=i,
+                                                 num_inference_steps=a.steps)).result(timeout=120)
+        elapsed = time.perf_counter() - start
+        images = result.images if result.images is not None else latents_to_uint8(result.latents)
+        t1 = time.perf_counter()
+        encode_pngs(images)
+        if i >= a.warmup:
+            wall.append(elapsed)
+            total.append(result.total_seconds)
+            png.append(time.perf_counter() - t1)
+    engine.stop()
+    del engine
+    gc.collect()
+    try:
+        import torch
+        torch.cuda.empty_cache()
+    except Exception:
+        pass
+    row = {"requests": len(wall), "steps": a.steps, "latency_p50_ms": 1000 * p(wall, 50),
+           "latency_p95_ms": 1000 * p(wall, 95), "engine_total_p50_ms": 1000 * p(total, 50),
+           "png_encode_p50_ms": 1000 * p(png, 50), "png_encode_p95_ms": 1000 * p(png, 95)}
+    write(out, "engine_alone.json", row)
+    return row
+
+
+def handle_path(a, out: Path) -> dict:
+    """One-image requests one at a time through a deployment handle: Ray RPC + replica + PNG, no proxy/gateway."""
+    from ray import serve
+
+    from serving.app import model_deployment_name
+    handle = serve.get_deployment_handle(model_deployment_name(a.model_name), app_name="dit")
+    lat, engine = [], []
+    for i in range(a.warmup + a.sequential):
+        start = time.perf_counter()
+        answer = handle.generate.remote({"prompt": "3", "n": 1, "num_inference_steps": a.steps,
+                                         "seed": i}).result()
+        elapsed = time.perf_counter() - start
+        if "error" in answer:
+            raise RuntimeError(f"handle request failed: {answer['error']}")
+        if i >= a.warmup:
+            lat.append(elapsed)
+            engine.append(answer["result"]["timings"]["engine_seconds"])
+    over = [x - e for x, e in zip(lat, engine)]
+    row = {"requests": len(lat), "latency_p50_ms": 1000 * p(lat, 50), "engine_p50_ms": 1000 * p(engine, 50),
+           "overhead_p50_ms": 1000 * p(over, 50), "overhead_p95_ms": 1000 * p(over, 95)}
+    write(out, "handle_path.json", row)
+    return row
+
+
+def loadgen(a, out: Path, extra: list[str]) -> list[dict]:
+    cmd = [sys.executable, str(ROOT / "scripts" / "loadgen.py"), "--url", f"http://127.0.0.1:{a.port}",
+           "--model", a.model_name, "--steps", str(a.steps), "--out", str(out / "loadgen.jsonl"), *extra]
+    log("running " + " ".join(cmd[1:]))
+    res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+    return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+
+
+def batch_occupancy(a) -> dict:
+    """Mean real-rows / max_batch_size per step and steps run, read from the Prometheus endpoint."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{a.metrics_port}/metrics", timeout=10).read().decode()
+    sums = {"sum": 0.0, "count": 0.0}
+    for line in text.splitlines():
+        for part in sums:
+            if line.startswith(f"ray_dit_batch_occupancy_ratio_{part}{{"):
+                sums[part] += float(line.rsplit(" ", 1)[1])
+    return {"steps": sums["count"], "mean_batch_occupancy": sums["sum"] / sums["count"] if sums["count"] else None}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--model-name", default="dit-10l")
+    ap.add_argument("--preset", default="dit-10l")
+    ap.add_argument("--checkpoint")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--cuda-graphs", action="store_true")
+    ap.add_argument("--compile-cache-dir", default="/tmp/dit-compile-cache")
+    ap.add_argument("--max-batch-size", type=int, default=64)
+    ap.add_argument("--max-queue-size", type=int, default=1024)
+    ap.add_argument("--num-cpus", type=float, default=4)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--sequential", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--rates", default="4,16,64,128")
+    ap.add_argument("--duration", type=float, default=20)
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--metrics-port", type=int, default=8080)
+    a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    a.compile_cache_dir = a.compile_cache_dir if a.compile else None
+
+    alone = engine_alone(a, a.out)
+
+    import ray
+    from ray import serve
+
+    from serving.app import build_app
+    ray.init(include_dashboard=False, _metrics_export_port=a.metrics_port, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": a.port})
+    t0 = time.perf_counter()
+    serve.run(build_app({"models": [model_args(a)], "limits": {"max_images_per_request": 8,
+                                                               "max_inference_steps": max(250, a.steps)}}),
+              name="dit", route_prefix="/")
+    log(f"served in {time.perf_counter() - t0:.1f} s (load, compile, graph capture)")
+    via_handle = handle_path(a, a.out)
+    http = loadgen(a, a.out, ["--sequential", str(a.sequential), "--warmup", str(a.warmup)])[0]
+    write(a.out, "http_sequential.json", http)
+    engine_ms = http["engine_p50_ms"]
+    decomposition = {
+        "engine_alone_latency_p50_ms": alone["latency_p50_ms"],
+        "served_engine_time_p50_ms": engine_ms,
+        "png_encode_p50_ms": alone["png_encode_p50_ms"],
+        "replica_and_ray_rpc_p50_ms": via_handle["overhead_p50_ms"] - alone["png_encode_p50_ms"],
+        "proxy_and_gateway_p50_ms": http["overhead_p50_ms"] - via_handle["overhead_p50_ms"],
+        "serving_overhead_p50_ms": http["overhead_p50_ms"],
+        "serving_overhead_pct_of_engine": 100 * http["overhead_p50_ms"] / engine_ms,
+        "http_latency_vs_engine_alone_pct": 100 * (http["p50_ms"] - alone["latency_p50_ms"]) / alone["latency_p50_ms"],
+        "target_pct": 10.0,
+    }
+    write(a.out, "overhead.json", decomposition)
+    rows = loadgen(a, a.out, ["--rates", a.rates, "--duration", str(a.duration), "--warmup", "0"])
+    occupancy = batch_occupancy(a)
+    write(a.out, "occupancy.json", occupancy)
+    write(a.out, "summary.json", {"overhead": decomposition, "load": rows, "occupancy": occupancy})
+    serve.shutdown()
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
