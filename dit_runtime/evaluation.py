@@ -10,6 +10,7 @@ the distances see both in one representation. Needs scikit-learn (a test depende
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -139,8 +140,6 @@ def evaluate(model: DiTModel, info: CheckpointInfo, classifier: DigitClassifier,
              samples_per_class: int, sampler: str, num_inference_steps: int, guidance_scale: float, seed: int = 0,
              batch_size: int = 256) -> tuple[EvalResult, torch.Tensor]:
     """Sample every class, classify and measure diversity; returns the result and the samples (10 x k, 1, H, W)."""
-    import time
-
     check_digit_model(info, source)
     labels = torch.arange(10).repeat_interleave(samples_per_class)  # (10k,)
     start = time.perf_counter()

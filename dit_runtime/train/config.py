@@ -14,7 +14,6 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from ..diffusion import SAMPLERS
 from ..model import DiTConfig, get_preset
 
 
