@@ -7,9 +7,11 @@ import base64
 import concurrent.futures
 import io
 import json
+import re
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -22,6 +24,8 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
 from serving.app import build_app  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
 
 LIMITS = {"max_images_per_request": 4, "max_inference_steps": 60, "max_guidance_scale": 10.0,
           "max_image_side": 64, "max_body_bytes": 4096, "default_inference_steps": 8}
@@ -269,7 +273,13 @@ scrape_configs:
         images = _query(prom_port, 'sum(ray_dit_images_generated_total{model="digits-s"})')
         steps = _query(prom_port, 'sum(ray_dit_step_seconds_count{model="digits-s"})')
         assert images is not None and images >= 20 and steps is not None and steps >= 4 * 20 / 16
-        assert _query(prom_port, 'sum(ray_serve_num_http_requests_total) > 0') is not None  # Ray's own, alongside
+        # Every series the shipped Grafana dashboard plots exists (ours and Ray Serve's own, side by side).
+        dashboard = json.loads((ROOT / "monitoring" / "grafana-dashboard.json").read_text())
+        exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+        names = {n for e in exprs for n in re.findall(r"\b(ray_[a-z_]+)\b", e)}
+        assert {"ray_dit_request_latency_seconds_bucket", "ray_serve_deployment_replica_healthy"} <= names
+        missing = [n for n in sorted(names) if _query(prom_port, f'count({{__name__="{n}"}})') is None]
+        assert not missing, f"dashboard series absent from the scrape: {missing}"
     finally:
         proc.terminate()
         proc.wait(10)
