@@ -104,3 +104,16 @@ def test_app_builder_refuses_a_bad_config_naming_the_field():
     raw["limits"]["max_inference_steps"] = -1
     with pytest.raises(ValueError, match=r"limits\.max_inference_steps: Input should be greater than or equal to 1"):
         build_app(raw)
+
+
+def test_kuberay_manifest_embeds_the_gpu_config():
+    """deploy/rayservice.yaml's serveConfigV2 is serve_config.gpu.yaml's app, checkpoints baked in at /app."""
+    manifest = yaml.safe_load((ROOT / "deploy" / "rayservice.yaml").read_text())
+    assert manifest["kind"] == "RayService" and manifest["apiVersion"] == "ray.io/v1"
+    embedded = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"]
+    shipped = yaml.safe_load((ROOT / "serve_config.gpu.yaml").read_text())["applications"]
+    for m in shipped[0]["args"]["models"]:
+        m["checkpoint"] = "/app/" + m["checkpoint"]
+    assert embedded == shipped
+    head = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]
+    assert head["metrics-export-port"] == "8080"
