@@ -169,7 +169,7 @@ def main() -> int:
     from ray import serve
 
     from serving.app import build_app
-    ray.init(include_dashboard=False, _metrics_export_port=a.metrics_port, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, _metrics_export_port=a.metrics_port, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": a.port})
     t0 = time.perf_counter()
     serve.run(build_app({"models": [model_args(a)], "limits": {"max_images_per_request": 8,

@@ -44,8 +44,9 @@ class Server:
 @pytest.fixture(scope="module")
 def server(checkpoints):
     metrics_port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port,
-             _system_config={"metrics_report_interval_ms": 1000})
+    # address="local": a fresh cluster for this module even if a `ray start` cluster runs on the machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"limits": LIMITS, "models": [
@@ -210,6 +211,7 @@ def test_health_readiness_openapi_and_unknown_routes(server):
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "route_not_found"
 
 
+@pytest.mark.slow
 def test_model_that_fails_to_load_reports_unhealthy_naming_the_file_and_the_rest_keeps_serving(server, checkpoints,
                                                                                             tmp_path):
     broken = tmp_path / "broken.safetensors"

@@ -26,7 +26,7 @@ MODEL = "digits-a"
 def server(checkpoints):
     saved = {k: os.environ.get(k) for k in FAST_METRICS}
     os.environ.update(FAST_METRICS)  # inherited by the Ray processes started below
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     autoscaling = {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 2, "upscale_delay_s": 0.5,
@@ -48,6 +48,7 @@ def running_replicas() -> int:
     return deployment.replica_states.get("RUNNING", 0)
 
 
+@pytest.mark.slow
 def test_deployment_scales_up_under_load_and_back_down_after(server):
     assert running_replicas() == 1
     stop = threading.Event()
