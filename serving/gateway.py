@@ -218,6 +218,9 @@ class Gateway:
         except APIError as e:
             status = e.status
             raise
+        except asyncio.CancelledError:  # the client went away; Ray cancels the model call, freeing its batch rows
+            status = 499
+            raise
         finally:
             if status is not None:
                 self.metrics.record(label, status, time.perf_counter() - started)
