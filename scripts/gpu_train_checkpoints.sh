@@ -14,11 +14,13 @@ EXTRA=${EXTRA:-}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1 || true
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')" \
   | tee -a "$OUT/gpu.txt"
-for name in ${MODELS:-digits-s digits-m}; do
+# shipped name : config in train_config/
+for pair in ${MODELS:-digits-s:digits-s-gpu digits-m:digits-m}; do
+  name=${pair%%:*} config=${pair#*:}
   run="runs/gpu-$name"
   rm -rf "$run"
   start=$(date +%s)
-  "$PY" -m dit_runtime.train.cli --config "train_config/$name.yaml" \
+  "$PY" -m dit_runtime.train.cli --config "train_config/$config.yaml" \
     --trainer.device "$DEVICE" --trainer.bf16 true --checkpointing.output_dir "$run" $EXTRA 2>&1 | tee "$OUT/$name.train.log"
   cp "$run/model.safetensors" "$OUT/$name.safetensors"
   cp "$run/train_log.jsonl" "$OUT/$name.train_log.jsonl"

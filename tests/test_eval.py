@@ -77,6 +77,15 @@ def test_dit_eval_runs_on_a_small_checkpoint(tmp_path, capsys):
     assert grid.size[1] > grid.size[0] * 10 // 3 - 10  # 10 rows (digits) of 3 columns
 
 
+def test_dit_eval_record_stores_settings_only_when_the_bar_is_met(tmp_path, capsys):
+    config = get_preset("dit-digits-s")
+    info = CheckpointInfo(config=config, class_names=[str(i) for i in range(10)], space="pixel")
+    path = save_checkpoint(tmp_path / "untrained.safetensors", DiTModel.from_config(config).state_dict(), info)
+    before = path.read_bytes()
+    assert dit_eval(["--checkpoint", str(path), "--samples-per-class", "2", "--steps", "2", "--record"]) == 1
+    assert path.read_bytes() == before  # failed the bar: nothing recorded
+
+
 def test_dit_eval_rejects_a_non_digit_checkpoint(tmp_path, capsys):
     config = get_preset("dit-tiny")
     path = save_checkpoint(tmp_path / "tiny.safetensors", DiTModel.from_config(config).state_dict(),

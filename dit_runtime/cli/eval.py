@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..checkpoint import CheckpointError, load_model
+from ..checkpoint import CheckpointError, load_model, load_state_dict, save_checkpoint
 from ..diffusion import SAMPLERS
 from ..evaluation import (MIN_CLASSIFIER_ACCURACY, MIN_DIVERSITY_RATIO, MIN_SAMPLE_ACCURACY, default_sampling,
                           evaluate, save_sample_grid, train_digit_classifier)
@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=250, help="images per sampling batch")
     p.add_argument("--grid", help="sample-grid PNG path (default: <checkpoint stem>-samples.png beside it)")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
+    p.add_argument("--record", action="store_true",
+                   help="when the bar is met, store these sampling settings as the checkpoint's default_sampling and "
+                        "the figures under training.eval (the file is rewritten atomically)")
     return p
 
 
@@ -49,6 +52,22 @@ def format_table(result) -> str:
              f"{d['diversity_ratio']:.2f} x real (bar >= {MIN_DIVERSITY_RATIO:g}): "
              f"{'PASS' if result.passed else 'FAIL'}"]
     return "\n".join(lines)
+
+
+def record_in_checkpoint(path: Path, result) -> None:
+    """Store the measured sampling settings and figures in the checkpoint's training record, atomically."""
+    served, info = load_state_dict(path)
+    try:
+        raw, _ = load_state_dict(path, which="raw")
+    except CheckpointError:
+        raw = None
+    info.training["default_sampling"] = {k: result.sampling[k]
+                                         for k in ("sampler", "num_inference_steps", "guidance_scale")}
+    info.training["eval"] = {k: v for k, v in result.to_dict().items()
+                             if k in ("accuracy", "diversity", "real_diversity", "diversity_ratio", "samples_per_class",
+                                      "classifier_held_out_accuracy")}
+    info.training["eval"]["seed"] = result.sampling["seed"]
+    save_checkpoint(path, served, info, raw_state_dict=raw)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     save_sample_grid(samples, rows=10, path=grid)
     out = result.to_dict()
     out["grid"] = str(grid)
+    if args.record and result.passed:
+        record_in_checkpoint(ckpt_path, result)
+        out["recorded"] = True
     if args.json:
         print(json.dumps(out, indent=2))
     else:

@@ -83,6 +83,10 @@ class DiffusionSection:
     """The noise schedule trained on, and the sampler settings the checkpoint recommends for serving."""
 
     num_timesteps: int = _f(1000, "training timesteps of the linear schedule (the paper's 1000)", low=2)
+    loss_weighting: Literal["uniform", "min_snr"] = _f(
+        "uniform", "uniform: the paper's noise MSE; min_snr: weight each timestep by min(SNR, gamma) / SNR "
+                   "(Hang et al. 2023), which takes weight off nearly-clean timesteps")
+    min_snr_gamma: float = _f(5.0, "gamma of min_snr weighting (5 in the paper)", low=0.0)
     sampler: Literal["ddpm", "ddim", "dpm-solver++"] = _f(
         "dpm-solver++", "default sampler stored in the checkpoint: DPM-Solver++(2M) is good in 20-25 steps")
     num_inference_steps: int = _f(25, "default sampling steps stored in the checkpoint", low=1, high=1000)
@@ -104,6 +108,8 @@ class TrainerSection:
     lr_schedule: Literal["constant", "cosine"] = _f("constant", "after warm-up: constant (the paper) or cosine "
                                                                 "decay to 10% at the last step")
     weight_decay: float = _f(0.0, "AdamW decoupled weight decay (the paper uses 0)", low=0.0, high=1.0)
+    label_embedding_lr_scale: float = _f(1.0, "learning-rate multiplier for the class-label embedding table; "
+                                              "short runs learn class conditioning sooner with > 1", low=0.0)
     adam_beta2: float = _f(0.999, "AdamW beta2", low=0.0, high=1.0, high_open=True)
     max_grad_norm: float = _f(1.0, "clip the global gradient norm to this; 0 disables clipping", low=0.0)
     ema_decay: float = _f(0.9999, "EMA of weights, served instead of the raw weights. 0.9999 (the paper) "

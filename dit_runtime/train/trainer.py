@@ -158,12 +158,20 @@ class Trainer:
         self.model.train()
         self.ema = {k: v.detach().clone().float() for k, v in self.model.state_dict().items()}
         self.schedule = NoiseSchedule.linear(config.diffusion.num_timesteps, device=self.device)
+        self.snr_weight = None  # (T,) per-timestep weight of the noise MSE
+        if config.diffusion.loss_weighting == "min_snr":
+            snr = self.schedule.alphas_cumprod / (1 - self.schedule.alphas_cumprod)
+            self.snr_weight = snr.clamp(max=config.diffusion.min_snr_gamma) / snr
 
-        decay, no_decay = [], []
+        decay, no_decay, labels = [], [], []
         for name, p in self.model.named_parameters():  # no decay on biases and embeddings, as is usual
-            (no_decay if p.ndim < 2 or "embedding" in name else decay).append(p)
+            if name.startswith("y_embedder."):
+                labels.append(p)
+            else:
+                (no_decay if p.ndim < 2 or "embedding" in name else decay).append(p)
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+             {"params": labels, "weight_decay": 0.0, "lr": t.learning_rate * t.label_embedding_lr_scale}],
             lr=t.learning_rate, betas=(0.9, t.adam_beta2), fused=self.device.type == "cuda")
 
         self.batches = ShardedBatches(len(self.data), t.per_device_train_batch_size, self.dist.rank,
@@ -221,7 +229,8 @@ class Trainer:
                     out = module(x_t, timesteps, y)  # (B, C_out, H, W)
                 losses = training_losses(self.schedule, out, x0, x_t, timesteps, noise,
                                          self.model_config.learn_sigma)
-                loss = losses["loss"].mean()
+                loss = (losses["loss"] if self.snr_weight is None else
+                        losses["loss"] - losses["mse"] + self.snr_weight[timesteps] * losses["mse"]).mean()
                 (loss / accum).backward()
             total += loss.detach()
         if t.max_grad_norm > 0:
