@@ -251,21 +251,35 @@ def test_health_fails_when_the_loop_dies():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_gpu_compiled_graphs_match_fp32_and_never_recompile(dtype):
+    """Half precision + torch.compile + CUDA graphs against fp32 eager on the same requests.
+
+    Bound: relative L2 error of the final samples under 1% (fp16) / 3% (bf16). One rounding of a unit value
+    costs 2^-11 (fp16) or 2^-8 (bf16); 20 sampler steps of a 2-layer model accumulate a few hundred such
+    roundings, with partial cancellation, so errors of 1e-3 (fp16) and 1e-2 (bf16) are expected and anything
+    near 1 would mean a wrong kernel.
+    """
     from torch._dynamo.utils import counters
 
-    def run(config):
+    def requests(eng):
+        handles = [eng.submit(GenerationRequest(class_labels=[i], num_images=1 + i % 2, seed=i,
+                                                num_inference_steps=20)) for i in range(5)]
+        return np.concatenate([h.result(timeout=300).latents for h in handles])
+
+    def engine(config):
         model = random_model()
         info = CheckpointInfo(config=model.config, class_names=default_class_names(10), space="latent")
-        with Engine(model, info, config) as eng:
-            handles = [eng.submit(GenerationRequest(class_labels=[i], num_images=2, seed=i, num_inference_steps=20))
-                       for i in range(5)]
-            return np.stack([h.result(timeout=120).latents for h in handles]), eng
+        return Engine(model, info, config).start()
 
-    ref, _ = run(EngineConfig(device="cuda", dtype="float32", max_batch_size=32))
-    counters.clear()
-    fast, eng = run(EngineConfig(device="cuda", dtype=dtype, max_batch_size=32, compile=True, cuda_graphs=True))
-    frames_after_warmup = counters["stats"]["unique_graphs"]
-    assert set(eng.runner._graphs) == set(eng.config.buckets)
-    rel = np.linalg.norm(fast - ref) / np.linalg.norm(ref)
-    assert rel < (2e-2 if dtype == "bfloat16" else 5e-3), rel
-    assert frames_after_warmup == len(eng.config.buckets)
+    ref_engine = engine(EngineConfig(device="cuda", dtype="float32", max_batch_size=8))
+    ref = requests(ref_engine)
+    ref_engine.stop()
+    fast_engine = engine(EngineConfig(device="cuda", dtype=dtype, max_batch_size=8, compile=True, cuda_graphs=True))
+    compiled_after_warmup = sum(counters["stats"].values()), dict(counters["frames"])
+    fast = requests(fast_engine)
+    fast_engine.stop()
+    assert set(fast_engine.runner._graphs) == set(fast_engine.config.buckets)
+    assert (sum(counters["stats"].values()), dict(counters["frames"])) == compiled_after_warmup, \
+        "torch.compile recompiled after warm-up"
+    rel = float(np.linalg.norm(fast - ref) / np.linalg.norm(ref))
+    print(f"{dtype}: relative error vs fp32 {rel:.2e}")
+    assert rel < (1e-2 if dtype == "float16" else 3e-2), rel

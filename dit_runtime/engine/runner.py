@@ -44,6 +44,9 @@ class ModelRunner:
         self.dtype = _DTYPES[config.dtype]
         self.model = model.to(self.device, self.dtype).eval().requires_grad_(False)
         self.model.pos_embed = self.model.pos_embed.float()
+        if config.fused_mlp_epilogue and self.device.type == "cuda":
+            for block in self.model.blocks:
+                block.mlp.fused_epilogue = True
         cfg = model.config
         self.image_shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
         self.learn_sigma = cfg.learn_sigma
@@ -69,8 +72,9 @@ class ModelRunner:
             if config.compile_cache_dir:
                 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", config.compile_cache_dir)
             # One specialisation per bucket; the default limit (8) would silently fall back to eager past it.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(config.buckets))
-            self._step_fn = torch.compile(self._step, fullgraph=True, dynamic=False)
+            name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 2 * len(config.buckets)))
+            self._step_fn = torch.compile(self._step, fullgraph=True, dynamic=config.compile_dynamic or None)
 
     # ---- the step ---------------------------------------------------------------------------------------------
     def _step(self, bucket: int) -> None:

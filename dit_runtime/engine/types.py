@@ -26,7 +26,9 @@ class EngineConfig:
     max_queue_size: int = 256  # images waiting for admission; past it submit() raises QueueFullError
     max_images_per_request: int = 8
     max_inference_steps: int = 1000
-    compile: bool = False  # torch.compile the step function, one static shape per bucket
+    compile: bool = False  # torch.compile the step function
+    compile_dynamic: bool = True  # one compiled graph with a symbolic batch size serves every bucket
+    fused_mlp_epilogue: bool = True  # on CUDA: bias + GELU inside the fc1 GEMM (cuBLASLt epilogue)
     cuda_graphs: bool = False  # capture each bucket's step as a CUDA graph (needs device=cuda)
     batch_buckets: tuple[int, ...] | None = None  # row counts forwards are padded to; default powers of two
     spacing: Spacing = "trailing"

@@ -1,0 +1,337 @@
+"""dit-bench: our engine against diffusers' DiT on one GPU, same dimensions, same inputs, one run.
+
+Parts (all on by default):
+  forward  per-step forward throughput (image-steps/s) and MFU at several batch sizes, for
+           diffusers eager fp16 / diffusers + torch.compile / ours eager fp16 / ours compiled + CUDA graphs
+  latency  one image, 50 steps, guidance 4.0 (a batch of 2 with the null half), end to end
+  load     the engine under Poisson arrivals with mixed step counts: step-level vs request-level batching vs
+           one request at a time (images/s, p50/p99 latency)
+
+Every result row is appended to ``OUT/bench.jsonl`` the moment it is measured, so a run cut short keeps what it
+measured. At the end: ``OUT/bench.json``, ``OUT/load.png`` (latency vs load) and a Markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..model import DiTModel, get_preset
+from ..sizing import forward_flops
+
+DIFFUSERS_NAMES = ("diffusers-eager", "diffusers-compile", "ours-eager", "ours-compiled-graphs")
+
+
+class Recorder:
+    """Appends each result row to a JSONL file as soon as it exists, and keeps them for the summary."""
+
+    def __init__(self, out: Path, meta: dict):
+        out.mkdir(parents=True, exist_ok=True)
+        self.path = out / "bench.jsonl"
+        self.rows: list[dict] = []
+        self.meta = meta
+        self.add({"part": "meta", **meta})
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+
+def cuda_time(fn, iters: int, warmup: int = 3) -> float:
+    """Median seconds per call of ``fn`` over ``iters`` calls, timed with CUDA events after a warm-up."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def matmul_peak(dtype=torch.float16, n: int = 8192) -> float:
+    """Measured dense matmul rate of this GPU (FLOP/s), the MFU denominator."""
+    a, b = torch.randn(n, n, device="cuda", dtype=dtype), torch.randn(n, n, device="cuda", dtype=dtype)
+    seconds = cuda_time(lambda: a @ b, iters=10)
+    return 2 * n ** 3 / seconds
+
+
+def random_dit(preset: str, dtype) -> DiTModel:
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = DiTModel.from_config(get_preset(preset))
+    for block in model.blocks:  # adaLN-Zero init is the identity; make every block do real work
+        torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.02)
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+def diffusers_dit(preset: str, dtype):
+    """diffusers' DiTTransformer2DModel at the same dimensions (FFN is 4 x hidden there, as in our presets)."""
+    from diffusers import DiTTransformer2DModel
+
+    cfg = get_preset(preset)
+    if cfg.ffn_dim != 4 * cfg.hidden_dim:
+        raise ValueError(f"{preset}: diffusers' DiT fixes FFN at 4 x hidden")
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(num_attention_heads=cfg.num_heads, attention_head_dim=cfg.hidden_dim // cfg.num_heads,
+                                  in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_layers=cfg.num_layers,
+                                  sample_size=cfg.input_size, patch_size=cfg.patch_size,
+                                  num_embeds_ada_norm=cfg.num_classes, norm_eps=1e-6)
+    return model.to("cuda", dtype).eval().requires_grad_(False)
+
+
+def inputs(preset: str, batch: int, dtype):
+    cfg = get_preset(preset)
+    g = torch.Generator(device="cuda").manual_seed(batch)
+    x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device="cuda", dtype=dtype, generator=g)
+    t = torch.randint(0, 1000, (batch,), device="cuda", generator=g)
+    y = torch.randint(0, cfg.num_classes, (batch,), device="cuda", generator=g)
+    return x, t, y
+
+
+# ---- part 1: forward throughput -------------------------------------------------------------------------------
+def bench_forward(rec: Recorder, preset: str, batches: list[int], setups: list[str], peak: float) -> None:
+    from ..engine.runner import ModelRunner
+    from ..engine.types import EngineConfig
+
+    flops = forward_flops(get_preset(preset))["total"]
+    dtype = torch.float16
+    for setup in setups:
+        try:
+            if setup.startswith("diffusers"):
+                model = diffusers_dit(preset, dtype)
+                fn = torch.compile(model) if setup == "diffusers-compile" else model
+                make = lambda b: (lambda x=inputs(preset, b, dtype): fn(*x, return_dict=False))
+            elif setup == "ours-eager":
+                model = random_dit(preset, dtype)
+                make = lambda b: (lambda x=inputs(preset, b, dtype): model(*x))
+            else:  # ours-compiled-graphs[-nofuse]: the engine's own step (model + guidance + sampler), graph-captured
+                fuse = not setup.endswith("-nofuse")
+                config = EngineConfig(device="cuda", dtype="float16", max_batch_size=max(batches),
+                                      batch_buckets=tuple(batches), compile=True, cuda_graphs=True,
+                                      fused_mlp_epilogue=fuse)
+                start = time.perf_counter()
+                model = random_dit(preset, dtype)
+                runner = ModelRunner(model, config, clip_denoised=False)
+                per_bucket = runner.warm_up()
+                rec.add({"part": "compile", "model": preset, "setup": setup, "buckets": list(config.buckets),
+                         "seconds": round(time.perf_counter() - start, 1),
+                         "per_bucket_s": {b: round(t, 1) for b, t in per_bucket.items()}})
+                runner.layout.zero_()
+
+                def make(b, runner=runner):
+                    runner.layout[0, :b] = torch.arange(b)  # b images in slots 0..b-1, one row each
+                    runner.layout[1, :b] = torch.arange(b)
+                    runner.layout[3, :b] = torch.arange(b)
+                    runner.layout[4, :b] = torch.arange(b)
+                    runner.num_steps.fill_(10 ** 6)  # never finishes, so every step does real work
+                    return lambda: runner.execute(b)
+            for b in batches:
+                call = make(b)
+                iters = max(5, min(100, int(2000 / b)))
+                seconds = cuda_time(call, iters=iters)
+                rate = b / seconds
+                rec.add({"part": "forward", "model": preset, "setup": setup, "batch": b,
+                         "ms_per_step": round(seconds * 1e3, 3), "image_steps_per_s": round(rate, 1),
+                         "mfu": round(rate * flops / peak, 4)})
+        except Exception as e:  # one setup failing must not lose the others
+            rec.add({"part": "forward", "model": preset, "setup": setup, "error": repr(e)[:500]})
+        torch.cuda.empty_cache()
+
+
+# ---- part 2: single-image latency -----------------------------------------------------------------------------
+def bench_latency(rec: Recorder, preset: str, setups: list[str], steps: int = 50, guidance: float = 4.0) -> None:
+    from ..engine import Engine, EngineConfig, GenerationRequest
+
+    dtype = torch.float16
+    cfg = get_preset(preset)
+    for setup in setups:
+        try:
+            if setup.startswith("diffusers"):
+                from diffusers import DDIMScheduler
+
+                model = diffusers_dit(preset, dtype)
+                fn = torch.compile(model, mode="reduce-overhead") if setup == "diffusers-compile" else model
+                sched = DDIMScheduler(beta_schedule="linear", clip_sample=False, timestep_spacing="trailing")
+                sched.set_timesteps(steps)
+                y = torch.tensor([1, cfg.null_class], device="cuda")
+
+                def one_image():
+                    x = torch.randn(1, cfg.in_channels, cfg.input_size, cfg.input_size, device="cuda", dtype=dtype)
+                    for t in sched.timesteps:
+                        out = fn(torch.cat([x, x]), t.expand(2).to("cuda"), y, return_dict=False)[0]
+                        eps_c, eps_u = out[:, :cfg.in_channels].chunk(2)
+                        eps = eps_u + guidance * (eps_c - eps_u)
+                        x = sched.step(eps, t, x).prev_sample
+                    torch.cuda.synchronize()
+            else:
+                compiled = setup != "ours-eager"
+                config = EngineConfig(device="cuda", dtype="float16", max_batch_size=2, compile=compiled,
+                                      cuda_graphs=compiled)
+                engine = Engine(random_dit(preset, dtype), _bench_info(preset), config).start()
+
+                def one_image():
+                    engine.submit(GenerationRequest(class_labels=[1], num_images=1, seed=0, num_inference_steps=steps,
+                                                    sampler="ddim", guidance_scale=guidance)).result(timeout=60)
+            for _ in range(3):
+                one_image()
+            times = []
+            for _ in range(10):
+                start = time.perf_counter()
+                one_image()
+                times.append(time.perf_counter() - start)
+            rec.add({"part": "latency", "model": preset, "setup": setup, "steps": steps, "guidance": guidance,
+                     "ms_median": round(statistics.median(times) * 1e3, 2), "ms_min": round(min(times) * 1e3, 2)})
+            if not setup.startswith("diffusers"):
+                engine.stop()
+        except Exception as e:
+            rec.add({"part": "latency", "model": preset, "setup": setup, "error": repr(e)[:500]})
+        torch.cuda.empty_cache()
+
+
+def _bench_info(preset: str):
+    from ..checkpoint import CheckpointInfo, default_class_names
+
+    cfg = get_preset(preset)
+    return CheckpointInfo(config=cfg, class_names=default_class_names(cfg.num_classes), space="latent")
+
+
+# ---- part 3: the engine under load ----------------------------------------------------------------------------
+def bench_load(rec: Recorder, preset: str, rates: list[float], duration: float, max_batch: int,
+               policies: list[str], buckets: tuple[int, ...] | None = None) -> None:
+    from ..engine import Engine, EngineConfig, GenerationRequest, QueueFullError
+
+    model = random_dit(preset, torch.float16)
+    config = EngineConfig(device="cuda", dtype="float16", max_batch_size=max_batch, compile=True, cuda_graphs=True,
+                          max_queue_size=4096, batch_buckets=buckets)
+    start = time.perf_counter()
+    engine = Engine(model, _bench_info(preset), config).start()
+    rec.add({"part": "compile", "model": preset, "setup": "engine", "buckets": list(config.buckets),
+             "seconds": round(time.perf_counter() - start, 1),
+             "per_bucket_s": {b: round(t, 1) for b, t in engine.warmup_seconds.items()}})
+    for policy in policies:
+        # The same compiled engine for every policy; the scheduler's policy is switched while the engine is idle.
+        engine.scheduler.batching = policy
+        for rate in rates:
+            rng = random.Random(int(rate * 1000))
+            handles, rejected = [], 0
+            t0 = time.monotonic()
+            next_at = t0
+            while next_at - t0 < duration:
+                delay = next_at - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                request = GenerationRequest(class_labels=[rng.randrange(1000)], num_images=1, seed=rng.randrange(2 ** 31),
+                                            num_inference_steps=rng.choice([20, 50]), sampler="ddim", guidance_scale=4.0)
+                try:
+                    handles.append((time.monotonic(), engine.submit(request)))
+                except QueueFullError:
+                    rejected += 1
+                next_at += rng.expovariate(rate)
+            results = [h.result(timeout=600) for _, h in handles]
+            # Throughput over the whole run: from the first arrival to the last completion.
+            end = max(submitted + r.total_seconds for (submitted, _), r in zip(handles, results))
+            lat = sorted(r.total_seconds for r in results)
+            rec.add({"part": "load", "model": preset, "policy": policy, "rate": rate, "requests": len(results),
+                     "rejected": rejected, "images_per_s": round(len(results) / (end - t0), 2),
+                     "p50_s": round(_pct(lat, 50), 4), "p99_s": round(_pct(lat, 99), 4),
+                     "mean_queue_s": round(statistics.mean(r.queue_seconds for r in results), 4)})
+    engine.stop()
+    del model
+    torch.cuda.empty_cache()
+
+
+def _pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    k = min(len(values) - 1, max(0, round(p / 100 * (len(values) - 1))))
+    return values[k]
+
+
+def plot_load(rows: list[dict], path: Path) -> None:
+    """p99 latency against offered load, one line per batching policy, drawn with Pillow."""
+    from ..plot import line_plot
+
+    series = {}
+    for r in rows:
+        if r.get("part") == "load" and "p99_s" in r:
+            series.setdefault(f"{r['model']} {r['policy']}", []).append((r["rate"], r["p99_s"]))
+    if series:
+        line_plot(series, path, title="p99 latency vs offered load", xlabel="requests/s", ylabel="p99 latency (s)",
+                  log_y=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dit-bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["dit-10l", "dit-legacy-30l"])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64, 256])
+    p.add_argument("--setups", nargs="+", default=list(DIFFUSERS_NAMES) + ["ours-compiled-graphs-nofuse"])
+    p.add_argument("--parts", nargs="+", default=["forward", "latency", "load"], choices=["forward", "latency", "load"])
+    p.add_argument("--rates", nargs="+", type=float, default=[20, 40, 80, 120])
+    p.add_argument("--load-seconds", type=float, default=6.0)
+    p.add_argument("--load-max-batch", type=int, default=256)
+    p.add_argument("--load-buckets", nargs="+", type=int, default=[4, 16, 64, 128, 256])
+    p.add_argument("--load-models", nargs="+", default=["dit-10l"])
+    p.add_argument("--policies", nargs="+", default=["step", "request", "single"])
+    p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("dit-bench needs a CUDA GPU", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = True
+    out = Path(args.out)
+    peak = matmul_peak()
+    rec = Recorder(out, {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                         "python": platform.python_version(), "fp16_matmul_peak_tflops": round(peak / 1e12, 1),
+                         "command": "dit-bench " + " ".join(argv if argv is not None else sys.argv[1:])})
+    for preset in args.models:
+        if "forward" in args.parts:
+            bench_forward(rec, preset, args.batches, args.setups, peak)
+        if "latency" in args.parts:
+            bench_latency(rec, preset, [s for s in args.setups if not s.endswith("-nofuse")])
+    if "load" in args.parts:
+        for preset in args.load_models:
+            bench_load(rec, preset, args.rates, args.load_seconds, args.load_max_batch, args.policies,
+                       tuple(args.load_buckets))
+    (out / "bench.json").write_text(json.dumps(rec.rows, indent=1))
+    try:
+        plot_load(rec.rows, out / "load.png")
+    except Exception as e:  # the numbers matter more than the picture
+        print(f"plot failed: {e!r}", file=sys.stderr)
+    print(summary_table(rec.rows))
+    return 0
+
+
+def summary_table(rows: list[dict]) -> str:
+    lines = ["| model | setup | batch | ms/step | image-steps/s | MFU |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if r.get("part") == "forward" and "mfu" in r:
+            lines.append(f"| {r['model']} | {r['setup']} | {r['batch']} | {r['ms_per_step']} | "
+                         f"{r['image_steps_per_s']:,} | {r['mfu']:.1%} |")
+    lines += ["", "| model | setup | one image, 50 steps, guided (ms, median) |", "| --- | --- | --- |"]
+    lines += [f"| {r['model']} | {r['setup']} | {r['ms_median']} |" for r in rows
+              if r.get("part") == "latency" and "ms_median" in r]
+    lines += ["", "| model | batching | offered req/s | images/s | p50 s | p99 s | rejected |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['model']} | {r['policy']} | {r['rate']} | {r['images_per_s']} | {r['p50_s']} | {r['p99_s']} | "
+              f"{r['rejected']} |" for r in rows if r.get("part") == "load"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
