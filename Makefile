@@ -3,8 +3,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 
-.PHONY: setup serve test lint clean
+.PHONY: setup sysdeps serve serve-metrics test clean
 setup: $(STAMP)
+
+# Debian's prometheus server, which the metrics test scrapes the running app with; nothing when already on PATH.
+sysdeps:
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends prometheus; }
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -15,7 +21,12 @@ $(STAMP): pyproject.toml constraints.txt
 serve: setup
 	$(VENV)/bin/serve run serve_config.yaml
 
-test: setup
+# The same, with Ray's metrics (ray_dit_* and ray_serve_*) on the fixed port 8080 for Prometheus; `ray stop` ends it.
+serve-metrics: setup
+	$(VENV)/bin/ray start --head --metrics-export-port=8080 --disable-usage-stats
+	$(VENV)/bin/serve run serve_config.yaml
+
+test: setup sysdeps
 	$(PY) -m pytest -q tests
 
 clean:
