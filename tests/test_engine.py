@@ -232,6 +232,26 @@ def test_pixel_model_returns_uint8_images():
     assert result.images.dtype == np.uint8 and result.images.shape == (2, 8, 8, 4)
 
 
+def test_failed_forward_fails_its_requests_and_the_engine_keeps_serving():
+    eng = make_engine()
+    real_execute, calls = eng.runner.execute, []
+
+    def flaky(bucket):
+        calls.append(bucket)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: an illegal memory access (simulated)")
+        real_execute(bucket)
+
+    eng.runner.execute = flaky
+    with eng:
+        doomed = eng.submit(GenerationRequest(class_labels=[0], seed=0, num_inference_steps=5))
+        with pytest.raises(Exception, match="generation failed: CUDA error"):
+            doomed.result(timeout=30)
+        later = eng.submit(GenerationRequest(class_labels=[1], seed=1, num_inference_steps=5)).result(timeout=30)
+        eng.health()
+    assert later.latents.shape == (1, 4, 8, 8)
+
+
 def test_health_fails_when_the_loop_dies():
     eng = make_engine().start()
     eng.health()

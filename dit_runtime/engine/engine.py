@@ -288,9 +288,9 @@ class Engine:
             self.runner.set_layout(plan.layout)
         try:
             self.runner.execute(plan.layout.bucket)
-        except Exception as e:  # a failed forward fails the requests in it, not the engine
+        except Exception as e:  # a failed forward fails the requests in it, not the engine or the queue
             log.exception("engine step failed")
-            for state, err in self.scheduler.abort_all(EngineError(f"generation failed: {e}")):
+            for state, err in self.scheduler.abort_running(EngineError(f"generation failed: {e}")):
                 self._finish(state, err)
             return
         finished = self.scheduler.update(plan)

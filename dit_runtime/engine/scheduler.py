@@ -209,11 +209,17 @@ class Scheduler:
         self._free_slots.extend(state.slots)
         self._free_slots.sort(reverse=True)
 
-    def abort_all(self, error: EngineError) -> list[tuple[RequestState, EngineError]]:
-        """Remove every request (engine shutdown or failure)."""
-        out = [(s, error) for s in list(self.running) + list(self.waiting)]
+    def abort_running(self, error: EngineError) -> list[tuple[RequestState, EngineError]]:
+        """Remove the running requests (their step failed); the waiting ones stay queued."""
+        out = [(s, error) for s in self.running]
         for state, _ in out:
             self._release(state)
-        self.running, self.waiting = [], deque()
+        self.running = []
         self._changed = True
+        return out
+
+    def abort_all(self, error: EngineError) -> list[tuple[RequestState, EngineError]]:
+        """Remove every request (engine shutdown or failure)."""
+        out = self.abort_running(error) + [(s, error) for s in self.waiting]
+        self.waiting = deque()
         return out
