@@ -16,6 +16,7 @@ from .gateway import Gateway
 from .model_server import ModelServer
 
 GATEWAY_NAME = "gateway"
+GRACE_S = 10.0  # beyond the request deadline, for PNG encoding and the answer's trip back
 
 
 def model_deployment_name(model: str) -> str:
@@ -33,6 +34,8 @@ def build_app(args: AppArgs) -> Application:
             ray_actor_options={"num_cpus": m.num_cpus, "num_gpus": m.num_gpus},
             autoscaling_config=m.ray_autoscaling_config(),
             max_ongoing_requests=m.ongoing_requests_cap,
+            max_queued_requests=m.max_queued_requests,
+            graceful_shutdown_timeout_s=m.graceful_shutdown_timeout_s or args.limits.request_timeout_s + GRACE_S,
             health_check_period_s=m.health_check_period_s,
             health_check_timeout_s=m.health_check_timeout_s,
         )
@@ -42,5 +45,6 @@ def build_app(args: AppArgs) -> Application:
         num_replicas=args.gateway.num_replicas,
         ray_actor_options={"num_cpus": args.gateway.num_cpus},
         max_ongoing_requests=args.gateway.max_ongoing_requests,
+        graceful_shutdown_timeout_s=args.limits.request_timeout_s + GRACE_S,
     )
     return gateway.bind(args, models)

@@ -30,7 +30,8 @@ class Limits(_Args):
     max_image_side: int = Field(512, ge=1, le=4096,
                                 description="largest `size` side in pixels; images are upscaled by whole factors")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="larger request bodies get 413")
-    request_timeout_s: float = Field(120.0, gt=0, description="deadline of a request in the engine; past it, 504")
+    request_timeout_s: float = Field(120.0, gt=0, description="deadline of a request, from its arrival at the "
+                                                              "gateway; past it, 504 and its images leave the batch")
 
     @model_validator(mode="after")
     def _default_within_max(self) -> "Limits":
@@ -85,9 +86,18 @@ class ModelArgs(_Args):
     # Ray's router may hold at most this many requests on a replica. The default leaves room for a full batch plus
     # the engine's queue, so the engine (not Ray's default of 5) decides what runs and what is shed.
     max_ongoing_requests: int | None = Field(None, ge=1)
+    # Requests Ray's router holds for this deployment while every replica is at max_ongoing_requests (or while no
+    # replica runs, e.g. during a restart); past it the gateway answers 503 at once instead of queueing without bound.
+    max_queued_requests: int = Field(256, ge=1)
+    # Checkpoints are verified against the sha256 in manifest.json beside them before they are loaded
+    # (`python -m serving.manifest checkpoints/` writes it). Off only for files you produced yourself.
+    verify_manifest: bool = True
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
+    # How long a replica that is being replaced (redeploy, downscale) may finish its requests; default: the
+    # request deadline plus a margin, so a redeploy never cuts a request that could still succeed.
+    graceful_shutdown_timeout_s: float | None = Field(None, gt=0)
 
     @field_validator("name")
     @classmethod
@@ -108,6 +118,10 @@ class ModelArgs(_Args):
                              "`allow_random_weights: true` if that is what you want (benchmarks), or give `checkpoint`")
         if self.checkpoint is not None:
             path = Path(self.checkpoint).expanduser().resolve()
+            if path.suffix != ".safetensors":
+                # Pickle-based formats (.pt, .bin, .ckpt) can run code when loaded: the server never opens them.
+                raise ValueError(f"checkpoint {path.name!r} is not a .safetensors file; the server loads only "
+                                 "safetensors (convert a .pt with `dit-convert`)")
             if not path.is_file():
                 raise ValueError(f"checkpoint file not found: {path}")
             self.checkpoint = str(path)  # replicas may start in another directory
@@ -152,12 +166,33 @@ class GatewayArgs(_Args):
     max_ongoing_requests: int = Field(2000, ge=1)
 
 
+class AuthArgs(_Args):
+    """Optional API keys for the /v1 routes (``Authorization: Bearer <key>``); /healthz, /readyz and the metrics
+    port stay open. No key found in either place: the API is open (fine on 127.0.0.1, see docs/reliability.md)."""
+
+    api_keys_env: str | None = Field("DIT_API_KEYS", description="environment variable of the gateway's processes "
+                                                                 "holding comma-separated keys")
+    api_keys_file: str | None = Field(None, description="a file with one key per line (# comments allowed); read "
+                                                        "by the gateway replicas, so it must exist on their nodes")
+
+    @field_validator("api_keys_file")
+    @classmethod
+    def _file_ok(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        path = Path(v).expanduser().resolve()
+        if not path.is_file():
+            raise ValueError(f"API key file not found: {path}")
+        return str(path)
+
+
 class AppArgs(_Args):
     """Everything `serve_config.yaml` passes to ``build_app``."""
 
     models: list[ModelArgs] = Field(min_length=1)
     limits: Limits = Field(default_factory=Limits)
     gateway: GatewayArgs = Field(default_factory=GatewayArgs)
+    auth: AuthArgs = Field(default_factory=AuthArgs)
 
     @field_validator("models")
     @classmethod

@@ -3,13 +3,18 @@
 Routes: ``POST /v1/images/generations`` (OpenAI's images API; ``stream: true`` for server-sent events),
 ``GET /v1/models``, ``GET /healthz`` (liveness: this process answers), ``GET /readyz`` (readiness: every model is
 loaded and its engine loop healthy), ``GET /openapi.json``. No torch here: the gateway process stays small.
+With API keys configured (``auth`` in the config), the ``/v1`` routes need ``Authorization: Bearer <key>``.
 """
 
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
+import os
 import time
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,10 +25,10 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .config import AppArgs, Limits
+from .config import AppArgs, AuthArgs, Limits
 from .errors import APIError
 from .metrics import GatewayMetrics
-from .protocol import ErrorResponse, ImageGenerationRequest, ImagesResponse, ModelList, check_limits
+from .protocol import DEADLINE_KEY, ErrorResponse, ImageGenerationRequest, ImagesResponse, ModelList, check_limits
 
 log = logging.getLogger("ray.serve")
 
@@ -31,8 +36,12 @@ UNKNOWN_MODEL = "unknown"  # metrics label of requests for no configured model (
 DESCRIBE_TIMEOUT_S = 10.0
 READY_TIMEOUT_S = 5.0
 RETRY_AFTER_UNAVAILABLE_S = 2.0
+# The gateway stops waiting for a model this long after the request's deadline, in case the replica cannot answer
+# at all (the engine itself answers 504 at the deadline; this only bounds a hung or unreachable replica).
+DEADLINE_GRACE_S = 5.0
+PROTECTED_PREFIX = "/v1/"  # what API keys guard; /healthz, /readyz and /openapi.json stay open
 
-ERROR_RESPONSES = {s: {"model": ErrorResponse} for s in (400, 404, 413, 429, 503, 504)}
+ERROR_RESPONSES = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 429, 503, 504)}
 
 api = FastAPI(title="DiT Serve", version="0.1.0",
               description="Class-conditional DiT image generation behind OpenAI's images API.")
@@ -43,6 +52,48 @@ class _State:
 
     limits = Limits()
     metrics: GatewayMetrics | None = None
+    key_digests: list[bytes] = []  # sha256 of each accepted API key; empty: no keys, the API is open
+
+
+def load_api_keys(auth: AuthArgs) -> list[str]:
+    """The API keys from the environment variable and the file named by the config (a missing file is an error)."""
+    keys = []
+    if auth.api_keys_env:
+        keys += [k.strip() for k in os.environ.get(auth.api_keys_env, "").split(",")]
+    if auth.api_keys_file:
+        lines = Path(auth.api_keys_file).read_text().splitlines()
+        keys += [line.strip() for line in lines if not line.lstrip().startswith("#")]
+    return [k for k in keys if k]
+
+
+def _key_matches(presented: str, digests: list[bytes]) -> bool:
+    """Constant-time: compare sha256 digests (equal lengths) with hmac.compare_digest, against every key."""
+    digest = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
+    found = False
+    for d in digests:
+        found |= hmac.compare_digest(digest, d)
+    return found
+
+
+class APIKeyAuth:
+    """Refuse /v1 requests without a valid ``Authorization: Bearer <key>`` (401, OpenAI's error shape)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        digests = _State.key_digests
+        if scope["type"] != "http" or not digests or not scope["path"].startswith(PROTECTED_PREFIX):
+            return await self.app(scope, receive, send)
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() == "bearer" and key.strip() and _key_matches(key.strip(), digests):
+            return await self.app(scope, receive, send)
+        message = ("missing API key: send `Authorization: Bearer <key>`" if not header else
+                   "invalid API key in the Authorization header (want `Bearer <key>` with a key this server accepts)")
+        error = APIError(401, message, code="invalid_api_key")
+        response = JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        return await response(scope, receive, send)
 
 
 class BodySizeLimit:
@@ -125,6 +176,7 @@ async def _http_error(request: Request, e: StarletteHTTPException) -> JSONRespon
 
 
 api.add_middleware(BodySizeLimit)
+api.add_middleware(APIKeyAuth)  # added last, runs first: no body is read for a client without a key
 
 
 async def _sse_events(model: str, first: dict, gen, metrics: GatewayMetrics, started: float):
@@ -176,6 +228,8 @@ def _handle_error(model: str, e: Exception) -> APIError:
                              "the Retry-After delay", code="overloaded", retry_after=1.0)
     if isinstance(e, (RayActorError, DeploymentUnavailableError)):
         return _unavailable(model, e)
+    if isinstance(e, TimeoutError):
+        return APIError(504, f"model {model!r} did not answer within the request's deadline", code="deadline_exceeded")
     log.exception("request to model %r failed", model)
     return APIError(500, f"model {model!r} failed: {type(e).__name__}: {e}"[:1000], code="internal_error")
 
@@ -191,6 +245,10 @@ class Gateway:
         self.limits = args.limits
         self.metrics = GatewayMetrics()
         _State.limits, _State.metrics = args.limits, self.metrics
+        keys = load_api_keys(args.auth)
+        _State.key_digests = [hashlib.sha256(k.encode("utf-8", "surrogateescape")).digest() for k in keys]
+        log.info("gateway: %s", f"{len(keys)} API key(s) guard {PROTECTED_PREFIX}" if keys else
+                 "no API keys configured, the API is open")
         self._cards: dict[str, dict] = {}  # describe() answers of loaded models (they do not change)
 
     @api.post("/v1/images/generations", response_model=ImagesResponse, responses=ERROR_RESPONSES,
@@ -206,6 +264,7 @@ class Gateway:
                                param="model", code="model_not_found")
             check_limits(body, self.limits)
             payload = body.model_dump(exclude={"model", "stream", "user", "response_format"})
+            payload[DEADLINE_KEY] = time.time() + self.limits.request_timeout_s  # from arrival, not from admission
             if body.stream:
                 response = await self._stream(model, payload, started)
                 status = None  # recorded when the stream ends
@@ -254,9 +313,11 @@ class Gateway:
     # ---- internals ----------------------------------------------------------------------------------------------
     async def _call_unary(self, model: str, payload: dict) -> dict:
         """Call the model's ``generate``; a replica that died under the request is retried once on another."""
+        # Retrying is safe: nothing reached the client yet, and a seeded request gives the same images again.
         for attempt in (1, 2):
             try:
-                return await self.models[model].generate.remote(payload)
+                remaining = payload[DEADLINE_KEY] - time.time() + DEADLINE_GRACE_S
+                return await asyncio.wait_for(self.models[model].generate.remote(payload), remaining)
             except RayActorError as e:
                 if attempt == 2:
                     raise _unavailable(model, e)

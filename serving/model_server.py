@@ -12,6 +12,7 @@ import asyncio
 import base64
 import io
 import logging
+import os
 import threading
 import time
 from typing import AsyncIterator
@@ -25,8 +26,9 @@ from dit_runtime.engine import (DeadlineExceededError, Engine, EngineError, Engi
 
 from .config import Limits, ModelArgs
 from .errors import APIError, invalid
+from .manifest import verify_checkpoint
 from .metrics import EngineMetrics
-from .protocol import upscale_factor
+from .protocol import DEADLINE_KEY, upscale_factor
 
 log = logging.getLogger("ray.serve")
 
@@ -50,6 +52,8 @@ class ModelServer:
         try:
             config = args.engine_config(limits)
             if args.checkpoint is not None:
+                if args.verify_manifest:
+                    verify_checkpoint(args.checkpoint)  # before a byte of it is parsed
                 self.engine = Engine.from_checkpoint(args.checkpoint, config, on_step=self.metrics.on_step)
             else:
                 self.engine = Engine.random_weights(args.preset, config, on_step=self.metrics.on_step)
@@ -88,12 +92,23 @@ class ModelServer:
                 "max_batch_size": self.args.max_batch_size}
 
     async def ready(self) -> dict:
-        """Readiness: loaded and the loop healthy; never raises."""
+        """Readiness (loaded and the loop healthy) and this replica's load; never raises."""
         try:
             self.check_health()
         except Exception as e:
             return {"ready": False, "detail": str(e)}
-        return {"ready": True, "detail": None}
+        return {"ready": True, "detail": None, "load": self.load()}
+
+    def load(self) -> dict:
+        """The engine's load on this replica (requests and images running and waiting, steps done)."""
+        stats = self.engine.stats()
+        return {"running_requests": stats.running_requests, "running_images": stats.running_images,
+                "waiting_requests": stats.waiting_requests, "waiting_images": stats.waiting_images,
+                "steps_done": stats.steps_done}
+
+    def replica_pid(self) -> int:
+        """This replica's process id (not routed over HTTP; fault-injection tests kill it)."""
+        return os.getpid()
 
     async def generate(self, payload: dict) -> dict:
         """Unary generation: ``{"result": ImagesResponse dict}`` or ``{"error": APIError dict}``."""
@@ -144,6 +159,10 @@ class ModelServer:
             param = "class_label"
         else:
             labels, param = [payload["prompt"]], "prompt"
+            digits = payload["prompt"].strip()
+            if digits.isdigit() and not digits.isascii():  # int() would read '٣' as 3 and fail on '³'
+                raise invalid("prompt", f"prompt {payload['prompt']!r}: write class ids with the digits 0-9, or "
+                                        f"give a class name")
         try:
             class_ids = [info.class_id(label) for label in labels]
         except ValueError as e:
@@ -161,8 +180,15 @@ class ModelServer:
             class_labels=class_ids, num_images=n, seed=payload.get("seed"),
             num_inference_steps=payload.get("num_inference_steps") or self.limits.default_inference_steps,
             sampler=payload.get("sampler") or "dpm-solver++", guidance_scale=float(guidance),
-            deadline=time.monotonic() + self.limits.request_timeout_s)
+            deadline=time.monotonic() + self._remaining(payload))
         return self.engine.submit(request), scale
+
+    def _remaining(self, payload: dict) -> float:
+        """Seconds left of the request's deadline, which runs from its arrival at the gateway (wall clock, so it
+        holds across processes); never more than the configured timeout, whatever the clocks say."""
+        timeout = self.limits.request_timeout_s
+        deadline = payload.get(DEADLINE_KEY)
+        return timeout if deadline is None else min(timeout, float(deadline) - time.time())
 
     async def _response(self, result: GenerationResult, scale: int) -> dict:
         self.metrics.on_result(result)

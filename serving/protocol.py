@@ -17,6 +17,8 @@ from .config import Limits
 from .errors import invalid
 
 SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+# Payload key (gateway -> model replica) of the request's deadline in Unix seconds; not a client field.
+DEADLINE_KEY = "deadline_unix"
 
 
 class ImageGenerationRequest(BaseModel):

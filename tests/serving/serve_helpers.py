@@ -15,16 +15,20 @@ DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "e
 # shallow so a step takes about a millisecond on one core.
 TINY_DIGITS = DiTConfig(hidden_dim=32, num_layers=2, num_heads=2, ffn_dim=64, input_size=16, patch_size=4,
                         in_channels=1, num_classes=10, learn_sigma=False)
+# Same shape of image, 4x the tokens and width: steps of several milliseconds, so a long request is still running
+# when a test cancels it or its deadline passes.
+SLOW_DIGITS = DiTConfig(hidden_dim=128, num_layers=4, num_heads=4, ffn_dim=512, input_size=16, patch_size=2,
+                        in_channels=1, num_classes=10, learn_sigma=False)
 
 
-def write_digits_checkpoint(path: Path, seed: int = 0) -> Path:
+def write_digits_checkpoint(path: Path, seed: int = 0, config: DiTConfig = TINY_DIGITS) -> Path:
     """A random-weight pixel-space checkpoint (every parameter re-drawn: adaLN-Zero's init outputs zeros)."""
-    model = DiTModel.from_config(TINY_DIGITS)
+    model = DiTModel.from_config(config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    info = CheckpointInfo(config=TINY_DIGITS, class_names=DIGIT_NAMES, space="pixel",
+    info = CheckpointInfo(config=config, class_names=DIGIT_NAMES, space="pixel",
                           training={"note": "random weights for serving tests"})
     return save_checkpoint(path, model.state_dict(), info)
 
