@@ -15,6 +15,7 @@ Its header metadata (strings only, as safetensors requires) holds:
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 import json
 import math
 import os
@@ -102,16 +103,26 @@ def default_class_names(num_classes: int) -> list[str]:
 
 def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], info: CheckpointInfo,
                     raw_state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write a checkpoint atomically: to a temporary file in the same folder, fsync, then rename over ``path``."""
+    """Write a servable checkpoint atomically (see ``atomic_save``)."""
+    tensors = dict(state_dict)
+    if raw_state_dict is not None:
+        tensors.update({RAW_PREFIX + k: v for k, v in raw_state_dict.items()})
+    return atomic_save(path, tensors, info.to_metadata())
+
+
+def atomic_save(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                before_rename: Callable[[Path], None] | None = None) -> Path:
+    """safetensors written to a temporary file in the same folder, fsynced, then renamed over ``path`` (and the
+    folder fsynced): a crash at any moment leaves either the old file or the new one, never a torn one.
+    ``before_rename`` (tests) runs with the finished temporary file just before the rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    if raw_state_dict is not None:
-        tensors.update({RAW_PREFIX + k: v.detach().contiguous().cpu() for k, v in raw_state_dict.items()})
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file(tensors, str(tmp), metadata=info.to_metadata())
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         _fsync(tmp)
+        if before_rename is not None:
+            before_rename(tmp)
         os.replace(tmp, path)
         _fsync(path.parent)
     finally:

@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .. import checkpoint as ckpt
 from ..diffusion import NoiseSchedule, q_sample, training_losses
@@ -95,18 +94,12 @@ def hardware_description(info: DistInfo) -> str:
 
 def atomic_save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
                             pause_hook: bool = False) -> None:
-    """safetensors written to a temporary file, fsynced, then renamed over ``path`` (and the folder fsynced)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        ckpt._fsync_file(tmp)
-        if pause_hook:
-            Path(f"{tmp}.paused").touch()
-            time.sleep(float(os.environ.get(SAVE_PAUSE_S_ENV, "60")))
-        os.replace(tmp, path)
-        ckpt._fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """``checkpoint.atomic_save``; with ``pause_hook`` (the kill-during-save test) it stops just before the rename."""
+    def pause(tmp: Path) -> None:
+        Path(f"{tmp}.paused").touch()
+        time.sleep(float(os.environ.get(SAVE_PAUSE_S_ENV, "60")))
+
+    ckpt.atomic_save(path, tensors, metadata, before_rename=pause if pause_hook else None)
 
 
 def checkpoint_paths(output_dir: Path, step: int) -> tuple[Path, Path]:
