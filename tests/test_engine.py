@@ -204,6 +204,7 @@ def test_fifo_admission_up_to_max_batch():
     ("n", {"num_images": 0}), ("n", {"num_images": 99}), ("num_inference_steps", {"num_inference_steps": 0}),
     ("sampler", {"sampler": "euler"}), ("guidance_scale", {"guidance_scale": float("nan")}),
     ("class_label", {"class_labels": [10]}), ("seed", {"seed": -1}), ("eta", {"eta": 2.0}),
+    ("size", {"resolution": 128}),
 ])
 def test_invalid_requests_name_the_field(engine, field, kwargs):
     request = GenerationRequest(**{"class_labels": [0], **kwargs})

@@ -30,6 +30,8 @@ from .types import (EngineConfig, EngineError, EngineStats, EngineStoppedError, 
 log = logging.getLogger(__name__)
 
 _END = object()  # marks the end of a handle's stream
+# Pixels per latent pixel of the Stable Diffusion VAE that DiT's latent models use.
+LATENT_DOWNSAMPLE = 8
 
 
 class RequestHandle:
@@ -194,7 +196,7 @@ class Engine:
         """Validate and queue a request; raises InvalidRequestError, QueueFullError or EngineStoppedError."""
         self._raise_if_stopped()
         cfg = self.info.config
-        validate_request(request, cfg.num_classes, self.config, cfg.supports_guidance)
+        validate_request(request, cfg.num_classes, self.config, cfg.supports_guidance, self.native_resolution)
         seed = request.seed if request.seed is not None else secrets.randbits(63)
         state = RequestState(request=request, seed=seed, labels=request.labels(), submitted_at=time.monotonic())
         if state.rows > self.config.max_batch_size:
@@ -212,6 +214,12 @@ class Engine:
             self._inbox.append(state)
         self._wake()
         return handle
+
+    @property
+    def native_resolution(self) -> int:
+        """Side of the generated images in pixels (latent side x 8 for latent-space models, as with the SD VAE)."""
+        cfg = self.info.config
+        return cfg.input_size * (LATENT_DOWNSAMPLE if self.info.space == "latent" else 1)
 
     def stats(self) -> EngineStats:
         with self._lock:

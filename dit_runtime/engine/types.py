@@ -92,6 +92,7 @@ class GenerationRequest:
     sampler: str = "dpm-solver++"
     guidance_scale: float = 4.0  # 1.0 disables guidance (no null-class rows are run)
     eta: float = 0.0  # DDIM only: 0 is deterministic
+    resolution: int | None = None  # image side in pixels; None or the checkpoint's native side (others rejected)
     deadline: float | None = None  # time.monotonic() after which the request is dropped with DeadlineExceeded
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
@@ -185,8 +186,11 @@ class EngineStoppedError(EngineError):
 
 
 def validate_request(request: GenerationRequest, num_classes: int, config: EngineConfig,
-                     supports_guidance: bool) -> None:
+                     supports_guidance: bool, native_resolution: int | None = None) -> None:
     """Raise InvalidRequestError naming the first field that is out of range."""
+    if request.resolution is not None and request.resolution != native_resolution:
+        raise InvalidRequestError("size", f"size: this model generates {native_resolution}x{native_resolution} images "
+                                          f"only (its native resolution), got {request.resolution}")
     if not isinstance(request.num_images, int) or not 1 <= request.num_images <= config.max_images_per_request:
         raise InvalidRequestError("n", f"n must be an integer in [1, {config.max_images_per_request}], "
                                        f"got {request.num_images!r}")
