@@ -75,6 +75,12 @@ def _key_matches(presented: str, digests: list[bytes]) -> bool:
     return found
 
 
+def _route(scope) -> str:
+    """The request path inside this app (Starlette's ``path`` includes the app's route prefix, ``root_path``)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
+
+
 class APIKeyAuth:
     """Refuse /v1 requests without a valid ``Authorization: Bearer <key>`` (401, OpenAI's error shape)."""
 
@@ -83,7 +89,7 @@ class APIKeyAuth:
 
     async def __call__(self, scope, receive, send):
         digests = _State.key_digests
-        if scope["type"] != "http" or not digests or not scope["path"].startswith(PROTECTED_PREFIX):
+        if scope["type"] != "http" or not digests or not _route(scope).startswith(PROTECTED_PREFIX):
             return await self.app(scope, receive, send)
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
         scheme, _, key = header.partition(" ")
@@ -109,6 +115,11 @@ class BodySizeLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await _error_response(_too_large(int(declared), limit))(scope, receive, send)
+        media_type = dict(scope["headers"]).get(b"content-type", b"application/json").split(b";")[0].strip()
+        if scope["method"] == "POST" and media_type.lower() != b"application/json":
+            error = APIError(415, f"the request body must be JSON sent with `Content-Type: application/json`, got "
+                                  f"{media_type.decode('latin-1')[:80]!r}", param=None, code="unsupported_media_type")
+            return await _error_response(error)(scope, receive, send)
         # Read the body here (it is small by definition) so an oversized one is refused before the app sees it:
         # an error raised from inside FastAPI's body parsing would come out as a generic 400.
         body, more = b"", True
@@ -151,7 +162,7 @@ async def _validation_error(request: Request, e: RequestValidationError) -> JSON
     """Schema errors in OpenAI's shape: 400 naming the first bad field, with pydantic's statement of the range."""
     first = e.errors()[0]
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
+    param = loc[0] if loc else None  # the request field; deeper parts name pydantic's union members (`int`)
     if first.get("type") == "json_invalid":
         error = APIError(400, f"the request body is not valid JSON: {first.get('msg')}", code="invalid_json")
     elif first.get("type") == "extra_forbidden":
@@ -170,8 +181,10 @@ async def _validation_error(request: Request, e: RequestValidationError) -> JSON
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
-    code = {404: "route_not_found", 405: "method_not_allowed"}.get(e.status_code)
+    code = {400: "invalid_json", 404: "route_not_found", 405: "method_not_allowed"}.get(e.status_code)
     message = f"{request.method} {request.url.path}: {e.detail}"
+    if e.status_code == 400:  # FastAPI's own parse failure, e.g. a body that is not UTF-8
+        message += "; send a UTF-8 JSON object"
     return _error_response(APIError(e.status_code, message, code=code))
 
 

@@ -117,3 +117,23 @@ def test_kuberay_manifest_embeds_the_gpu_config():
     assert embedded == shipped
     head = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]
     assert head["metrics-export-port"] == "8080"
+
+
+def test_only_safetensors_checkpoints_are_accepted(tmp_path):
+    pickle = tmp_path / "model.pt"
+    pickle.write_bytes(b"not opened")
+    msg = error_of({"models": [model_args("a", pickle)]})
+    assert "models[0]" in msg and "model.pt" in msg and "only safetensors" in msg and "dit-convert" in msg
+
+
+def test_api_key_file_must_exist(ckpt, tmp_path):
+    msg = error_of({"models": [model_args("a", ckpt)], "auth": {"api_keys_file": str(tmp_path / "keys.txt")}})
+    assert "auth.api_keys_file" in msg and "keys.txt" in msg
+
+
+@pytest.mark.parametrize("config", ["serve_config.yaml", "serve_config.gpu.yaml"])
+def test_shipped_configs_bind_loopback_and_verify_checksums(config):
+    raw = yaml.safe_load((ROOT / config).read_text())
+    assert raw["http_options"]["host"] == "127.0.0.1"
+    args = raw["applications"][0]["args"]
+    assert all(m.get("verify_manifest", True) for m in args["models"])

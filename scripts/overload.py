@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""Bounded overload test of the images API: measure capacity, then offer ~3x that and check it is shed cleanly.
+
+    python scripts/overload.py --url http://127.0.0.1:8000 --model digits-s              # a running server
+    python scripts/overload.py --start --steps 60                                         # starts its own (tiny)
+
+1. Capacity: ``--clients`` closed-loop clients send requests back to back for ``--capacity-seconds``; the rate of
+   200 answers is the capacity.
+2. Overload: Poisson arrivals at ``--factor`` x capacity for ``--seconds`` (at most ``--max-requests``), each with a
+   client timeout of ``--timeout``. Every answer is classed: accepted (200), shed (429/503 with Retry-After and
+   OpenAI's error shape), failed (anything else, or a shed answer without those), timed out (no answer in time).
+
+Prints one JSON line; the bar (exit status 1 otherwise): nothing failed or timed out, and every shed answer came in
+under ``--shed-bar-ms`` (100 ms). Loopback only: ``--url`` must be 127.0.0.1 or localhost. ``--start`` serves two
+tiny random-weight models (one with a 1-image queue) on a fresh local Ray cluster for a quick look on a laptop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+import httpx
+
+SHED = (429, 503)
+
+
+@dataclass
+class Outcome:
+    status: int  # HTTP status; 0 = client timeout, -1 = connection error
+    seconds: float
+    shed_ok: bool = True  # a shed answer carried Retry-After and OpenAI's error shape
+
+
+@dataclass
+class Report:
+    capacity_rps: float
+    offered_rps: float
+    outcomes: list[Outcome] = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+    def summary(self, shed_bar_ms: float = 100.0) -> dict:
+        accepted = [o.seconds for o in self.outcomes if o.status == 200]
+        shed = [o.seconds for o in self.outcomes if o.status in SHED and o.shed_ok]
+        timed_out = sum(o.status == 0 for o in self.outcomes)
+        failed = len(self.outcomes) - len(accepted) - len(shed) - timed_out
+        shed_max_ms = 1000 * max(shed) if shed else None
+        return {
+            "capacity_rps": round(self.capacity_rps, 2), "offered_rps": round(self.offered_rps, 2),
+            "sent": len(self.outcomes), "accepted": len(accepted), "shed": len(shed), "failed": failed,
+            "timed_out": timed_out, "accepted_rps": round(len(accepted) / self.wall_seconds, 2),
+            "accepted_p50_ms": _ms(percentile(accepted, 50)), "accepted_p99_ms": _ms(percentile(accepted, 99)),
+            "shed_p50_ms": _ms(percentile(shed, 50)), "shed_p99_ms": _ms(percentile(shed, 99)),
+            "shed_max_ms": _ms(max(shed) if shed else None), "wall_seconds": round(self.wall_seconds, 2),
+            "passed": failed == 0 and timed_out == 0 and (shed_max_ms is None or shed_max_ms < shed_bar_ms),
+        }
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+def _ms(x: float | None) -> float | None:
+    return None if x is None else round(1000 * x, 1)
+
+
+def _is_clean_shed(r: httpx.Response) -> bool:
+    try:
+        error = r.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return "retry-after" in r.headers and {"message", "type", "param", "code"} <= set(error)
+
+
+async def _one(http: httpx.AsyncClient, body: dict, timeout: float) -> Outcome:
+    started = time.perf_counter()
+    try:
+        r = await http.post("/v1/images/generations", json=body, timeout=timeout)
+    except httpx.TimeoutException:
+        return Outcome(0, time.perf_counter() - started)
+    except httpx.HTTPError:
+        return Outcome(-1, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return Outcome(r.status_code, seconds, shed_ok=r.status_code not in SHED or _is_clean_shed(r))
+
+
+async def measure_capacity(http: httpx.AsyncClient, body: dict, clients: int, seconds: float,
+                           timeout: float) -> float:
+    """Requests/s answered 200 by ``clients`` closed-loop clients (each sends its next request on an answer)."""
+    done = 0
+    stop = time.perf_counter() + seconds
+
+    async def client(k: int) -> None:
+        nonlocal done
+        while time.perf_counter() < stop:
+            o = await _one(http, {**body, "seed": k}, timeout)
+            done += o.status == 200
+            if o.status in SHED:
+                await asyncio.sleep(0.01)  # closed loop: back off a little rather than spin on 429s
+    started = time.perf_counter()
+    await asyncio.gather(*(client(k) for k in range(clients)))
+    return done / (time.perf_counter() - started)
+
+
+async def overload(url: str, body: dict, factor: float = 3.0, seconds: float = 10.0, max_requests: int = 2000,
+                   clients: int = 8, capacity_seconds: float = 5.0, timeout: float = 30.0,
+                   seed: int = 0) -> Report:
+    """Measure capacity, then send Poisson arrivals at ``factor`` x capacity; every request is awaited."""
+    host = urlparse(url).hostname
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise SystemExit(f"--url {url}: this load test runs on loopback only (127.0.0.1 or localhost)")
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=200)
+    async with httpx.AsyncClient(base_url=url, limits=limits) as http:
+        capacity = await measure_capacity(http, body, clients, capacity_seconds, timeout)
+        if capacity <= 0:
+            raise SystemExit("no request succeeded while measuring capacity: is the server up and the model right?")
+        rate = factor * capacity
+        rng = random.Random(seed)
+        tasks = []
+        started = time.perf_counter()
+        next_at = started
+        while len(tasks) < max_requests and next_at - started < seconds:
+            delay = next_at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(_one(http, {**body, "seed": len(tasks)}, timeout)))
+            next_at += rng.expovariate(rate)
+        outcomes = await asyncio.gather(*tasks)
+        return Report(capacity, rate, list(outcomes), time.perf_counter() - started)
+
+
+def _start_tiny_server(port: int, steps_limit: int) -> None:
+    """Two random-weight tiny models on a fresh local Ray cluster (for a quick run without checkpoints)."""
+    import tempfile
+    from pathlib import Path
+
+    import ray
+    from ray import serve
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "serving"))
+    from serve_helpers import model_args, write_digits_checkpoint
+
+    from serving.app import build_app
+    from serving.manifest import write_manifest
+
+    root = Path(tempfile.mkdtemp(prefix="overload-"))
+    ckpt = write_digits_checkpoint(root / "tiny.safetensors")
+    write_manifest(root)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"limits": {"max_inference_steps": steps_limit}, "models": [
+        model_args("digits-s", ckpt), model_args("digits-q", ckpt, max_batch_size=2, max_queue_size=1)]}),
+        name="dit", route_prefix="/")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--url", default="http://127.0.0.1:8000")
+    ap.add_argument("--model", default="digits-s")
+    ap.add_argument("--steps", type=int, default=25, help="num_inference_steps of every request")
+    ap.add_argument("--factor", type=float, default=3.0, help="offered load / measured capacity")
+    ap.add_argument("--seconds", type=float, default=10.0, help="length of the overload phase")
+    ap.add_argument("--max-requests", type=int, default=2000)
+    ap.add_argument("--clients", type=int, default=8, help="closed-loop clients while measuring capacity")
+    ap.add_argument("--capacity-seconds", type=float, default=5.0)
+    ap.add_argument("--timeout", type=float, default=30.0, help="client timeout per request (a hang counts)")
+    ap.add_argument("--shed-bar-ms", type=float, default=100.0)
+    ap.add_argument("--start", action="store_true", help="start a local tiny server on --url's port first")
+    a = ap.parse_args()
+    if a.start:
+        _start_tiny_server(urlparse(a.url).port or 8000, max(a.steps, 100))
+    body = {"model": a.model, "prompt": "3", "num_inference_steps": a.steps}
+    print(f"overload: {a.url} model {a.model}, {a.steps} steps; capacity over {a.capacity_seconds:g} s with "
+          f"{a.clients} clients, then {a.factor:g}x for {a.seconds:g} s", file=sys.stderr)
+    report = asyncio.run(overload(a.url, body, a.factor, a.seconds, a.max_requests, a.clients, a.capacity_seconds,
+                                  a.timeout))
+    summary = report.summary(a.shed_bar_ms)
+    print(json.dumps(summary))
+    return 0 if summary["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
