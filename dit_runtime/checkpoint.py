@@ -35,6 +35,8 @@ FORMAT = "dit-serve/1"
 # Scale of Stable Diffusion's VAE latents, which DiT was trained on (latents are multiplied by it).
 LATENT_SCALE = 0.18215
 RAW_PREFIX = "raw."
+# Sampler settings for a checkpoint whose training record names none.
+FALLBACK_SAMPLING = {"sampler": "dpm-solver++", "num_inference_steps": 25, "guidance_scale": 2.0}
 
 Space = Literal["pixel", "latent"]
 
@@ -57,6 +59,15 @@ class CheckpointInfo:
     def __post_init__(self) -> None:
         if len(self.class_names) != self.config.num_classes:
             raise ValueError(f"{len(self.class_names)} class names given for {self.config.num_classes} classes")
+
+    @property
+    def default_sampling(self) -> dict:
+        """The sampler settings this checkpoint recommends (measured by dit-eval and recorded), else the fallback."""
+        chosen = dict(FALLBACK_SAMPLING)
+        chosen.update(self.training.get("default_sampling") or {})
+        if not self.config.supports_guidance:
+            chosen["guidance_scale"] = 1.0
+        return chosen
 
     def class_id(self, name_or_id: str | int) -> int:
         """Map a class name (case-insensitive) or a class id, as text or int, to an id."""

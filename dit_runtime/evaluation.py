@@ -30,7 +30,6 @@ MIN_DIVERSITY_RATIO = 0.5
 HELD_OUT_FRACTION = 0.25
 DIGITS_MODEL_SIDE = 16
 # Used when a checkpoint records no default sampling settings.
-FALLBACK_SAMPLING = {"sampler": "dpm-solver++", "num_inference_steps": 25, "guidance_scale": 2.0}
 
 
 @dataclass
@@ -193,12 +192,3 @@ def save_sample_grid(samples: torch.Tensor, rows: int, path: str | Path, columns
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
     return path
-
-
-def default_sampling(info: CheckpointInfo) -> dict:
-    """The sampler settings a checkpoint recommends (its training record), else the fallback."""
-    chosen = dict(FALLBACK_SAMPLING)
-    chosen.update(info.training.get("default_sampling") or {})
-    if not info.config.supports_guidance:
-        chosen["guidance_scale"] = 1.0
-    return chosen

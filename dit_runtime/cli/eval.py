@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..checkpoint import CheckpointError, load_model, load_state_dict, save_checkpoint
 from ..diffusion import SAMPLERS
-from ..evaluation import (MIN_CLASSIFIER_ACCURACY, MIN_DIVERSITY_RATIO, MIN_SAMPLE_ACCURACY, default_sampling,
+from ..evaluation import (MIN_CLASSIFIER_ACCURACY, MIN_DIVERSITY_RATIO, MIN_SAMPLE_ACCURACY,
                           evaluate, save_sample_grid, train_digit_classifier)
 
 
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"dit-eval: {e}", file=sys.stderr)
         return 2
-    sampling = default_sampling(info)
+    sampling = info.default_sampling
     for key, value in (("sampler", args.sampler), ("num_inference_steps", args.steps),
                        ("guidance_scale", args.guidance)):
         if value is not None:

@@ -83,9 +83,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="class ids or names (default: the first 10 classes)")
     parser.add_argument("-n", "--num-images", type=int, default=1, help="images per class")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=25, help="number of inference steps")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="dpm-solver++")
-    parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (1 = none)")
+    parser.add_argument("--steps", type=int, help="number of inference steps (default: the checkpoint's)")
+    parser.add_argument("--sampler", choices=SAMPLERS, help="default: the checkpoint's")
+    parser.add_argument("--guidance", type=float,
+                        help="classifier-free guidance scale, 1 = none (default: the checkpoint's)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     parser.add_argument("--out", default="samples", help="folder for one PNG per image")
     parser.add_argument("--grid", help="write one grid PNG here instead of one file per image")
@@ -97,16 +98,19 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("num_images", "batch_size", "upscale"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    try:
-        check_num_steps(args.steps, "trailing")
-    except ValueError as e:
-        parser.error(str(e))
-
     start = time.perf_counter()
     try:
         model, info = load_model(args.checkpoint, device=args.device)
     except CheckpointError as e:
         sys.exit(f"dit-sample: {e}")
+    defaults = info.default_sampling  # what dit-eval measured for this checkpoint
+    args.steps = defaults["num_inference_steps"] if args.steps is None else args.steps
+    args.sampler = defaults["sampler"] if args.sampler is None else args.sampler
+    args.guidance = defaults["guidance_scale"] if args.guidance is None else args.guidance
+    try:
+        check_num_steps(args.steps, "trailing")
+    except ValueError as e:
+        parser.error(str(e))
     vae = load_vae(args.vae, args.checkpoint).to(args.device) if info.space == "latent" else None
     try:
         class_ids = ([info.class_id(c) for c in args.classes] if args.classes
