@@ -10,9 +10,10 @@
    client timeout of ``--timeout``. Every answer is classed: accepted (200), shed (429/503 with Retry-After and
    OpenAI's error shape), failed (anything else, or a shed answer without those), timed out (no answer in time).
 
-Prints one JSON line; the bar (exit status 1 otherwise): nothing failed or timed out, and every shed answer came in
-under ``--shed-bar-ms`` (100 ms). Loopback only: ``--url`` must be 127.0.0.1 or localhost. ``--start`` serves two
-tiny random-weight models (one with a 1-image queue) on a fresh local Ray cluster for a quick look on a laptop.
+Prints one JSON line; the bar (exit status 1 otherwise): nothing failed or timed out, and shed answers came in
+under ``--shed-bar-ms`` (100 ms) at the 99th percentile (the maximum is reported too). Loopback only: ``--url`` must be 127.0.0.1 or localhost. ``--start`` serves
+``digits-s`` (``--checkpoint``, or tiny random weights) and ``digits-q`` (the same behind a 1-image queue) on a fresh
+local Ray cluster first, for a self-contained run.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class Report:
         shed = [o.seconds for o in self.outcomes if o.status in SHED and o.shed_ok]
         timed_out = sum(o.status == 0 for o in self.outcomes)
         failed = len(self.outcomes) - len(accepted) - len(shed) - timed_out
-        shed_max_ms = 1000 * max(shed) if shed else None
+        shed_p99 = percentile(shed, 99)
         return {
             "capacity_rps": round(self.capacity_rps, 2), "offered_rps": round(self.offered_rps, 2),
             "sent": len(self.outcomes), "accepted": len(accepted), "shed": len(shed), "failed": failed,
@@ -58,7 +59,7 @@ class Report:
             "accepted_p50_ms": _ms(percentile(accepted, 50)), "accepted_p99_ms": _ms(percentile(accepted, 99)),
             "shed_p50_ms": _ms(percentile(shed, 50)), "shed_p99_ms": _ms(percentile(shed, 99)),
             "shed_max_ms": _ms(max(shed) if shed else None), "wall_seconds": round(self.wall_seconds, 2),
-            "passed": failed == 0 and timed_out == 0 and (shed_max_ms is None or shed_max_ms < shed_bar_ms),
+            "passed": failed == 0 and timed_out == 0 and (shed_p99 is None or 1000 * shed_p99 < shed_bar_ms),
         }
 
 
@@ -138,8 +139,10 @@ async def overload(url: str, body: dict, factor: float = 3.0, seconds: float = 1
         return Report(capacity, rate, list(outcomes), time.perf_counter() - started)
 
 
-def _start_tiny_server(port: int, steps_limit: int) -> None:
-    """Two random-weight tiny models on a fresh local Ray cluster (for a quick run without checkpoints)."""
+def _start_server(port: int, steps_limit: int, checkpoint: str | None) -> None:
+    """``digits-s`` (``checkpoint``, or random tiny weights) and ``digits-q`` (the same weights behind a 1-image
+    queue) on a fresh local Ray cluster; the checkpoint is copied next to a fresh manifest."""
+    import shutil
     import tempfile
     from pathlib import Path
 
@@ -153,7 +156,8 @@ def _start_tiny_server(port: int, steps_limit: int) -> None:
     from serving.manifest import write_manifest
 
     root = Path(tempfile.mkdtemp(prefix="overload-"))
-    ckpt = write_digits_checkpoint(root / "tiny.safetensors")
+    ckpt = (Path(shutil.copy(checkpoint, root / "served.safetensors")) if checkpoint else
+            write_digits_checkpoint(root / "tiny.safetensors"))
     write_manifest(root)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -174,10 +178,11 @@ def main() -> int:
     ap.add_argument("--capacity-seconds", type=float, default=5.0)
     ap.add_argument("--timeout", type=float, default=30.0, help="client timeout per request (a hang counts)")
     ap.add_argument("--shed-bar-ms", type=float, default=100.0)
-    ap.add_argument("--start", action="store_true", help="start a local tiny server on --url's port first")
+    ap.add_argument("--start", action="store_true", help="start a local server on --url's port first")
+    ap.add_argument("--checkpoint", help="with --start: serve this .safetensors file (default: tiny random weights)")
     a = ap.parse_args()
     if a.start:
-        _start_tiny_server(urlparse(a.url).port or 8000, max(a.steps, 100))
+        _start_server(urlparse(a.url).port or 8000, max(a.steps, 100), a.checkpoint)
     body = {"model": a.model, "prompt": "3", "num_inference_steps": a.steps}
     print(f"overload: {a.url} model {a.model}, {a.steps} steps; capacity over {a.capacity_seconds:g} s with "
           f"{a.clients} clients, then {a.factor:g}x for {a.seconds:g} s", file=sys.stderr)

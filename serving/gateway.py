@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -41,7 +42,7 @@ RETRY_AFTER_UNAVAILABLE_S = 2.0
 DEADLINE_GRACE_S = 5.0
 PROTECTED_PREFIX = "/v1/"  # what API keys guard; /healthz, /readyz and /openapi.json stay open
 
-ERROR_RESPONSES = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 429, 503, 504)}
+ERROR_RESPONSES = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 415, 429, 503, 504)}
 
 api = FastAPI(title="DiT Serve", version="0.1.0",
               description="Class-conditional DiT image generation behind OpenAI's images API.")
@@ -103,7 +104,8 @@ class APIKeyAuth:
 
 
 class BodySizeLimit:
-    """Refuse request bodies over ``limits.max_body_bytes`` with 413, by Content-Length or while reading them."""
+    """Refuse request bodies over ``limits.max_body_bytes`` with 413, by Content-Length or while reading them, and
+    POST bodies declared as anything but JSON with 415 (FastAPI would try to parse a form and fail with a 500)."""
 
     def __init__(self, app):
         self.app = app
@@ -247,6 +249,27 @@ def _handle_error(model: str, e: Exception) -> APIError:
     return APIError(500, f"model {model!r} failed: {type(e).__name__}: {e}"[:1000], code="internal_error")
 
 
+class Admission:
+    """Requests in flight per model at this gateway replica. Past the cap a request is refused here (429) before
+    any Ray call: under a flood, refusing at the edge keeps the refusals fast and leaves the model replicas' CPU
+    to the images being generated. A streamed request counts until its first event."""
+
+    def __init__(self, args: AppArgs):
+        # What the model's replicas can hold at most (batch + queue each), shared between the gateway replicas.
+        self.caps = {m.name: max(1, math.ceil(m.autoscaling.max_replicas * m.ongoing_requests_cap /
+                                              args.gateway.num_replicas)) for m in args.models}
+        self.in_flight = dict.fromkeys(self.caps, 0)
+
+    def enter(self, model: str) -> None:
+        if self.in_flight[model] >= self.caps[model]:
+            raise APIError(429, f"model {model!r} is at capacity: {self.in_flight[model]} requests in flight "
+                                f"(limit {self.caps[model]}); retry later", code="queue_full", retry_after=1.0)
+        self.in_flight[model] += 1
+
+    def leave(self, model: str) -> None:
+        self.in_flight[model] -= 1
+
+
 # Last in the module: serve.ingress pickles the class when it is decorated, so every helper it uses must exist.
 @serve.ingress(api)
 class Gateway:
@@ -262,6 +285,7 @@ class Gateway:
         _State.key_digests = [hashlib.sha256(k.encode("utf-8", "surrogateescape")).digest() for k in keys]
         log.info("gateway: %s", f"{len(keys)} API key(s) guard {PROTECTED_PREFIX}" if keys else
                  "no API keys configured, the API is open")
+        self.admission = Admission(args)
         self._cards: dict[str, dict] = {}  # describe() answers of loaded models (they do not change)
 
     @api.post("/v1/images/generations", response_model=ImagesResponse, responses=ERROR_RESPONSES,
@@ -278,11 +302,15 @@ class Gateway:
             check_limits(body, self.limits)
             payload = body.model_dump(exclude={"model", "stream", "user", "response_format"})
             payload[DEADLINE_KEY] = time.time() + self.limits.request_timeout_s  # from arrival, not from admission
-            if body.stream:
-                response = await self._stream(model, payload, started)
-                status = None  # recorded when the stream ends
-                return response
-            out = await self._call_unary(model, payload)
+            self.admission.enter(model)
+            try:
+                if body.stream:
+                    response = await self._stream(model, payload, started)
+                    status = None  # recorded when the stream ends
+                    return response
+                out = await self._call_unary(model, payload)
+            finally:
+                self.admission.leave(model)
             if "error" in out:
                 raise APIError.from_dict(out["error"])
             status = 200
