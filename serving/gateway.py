@@ -255,9 +255,12 @@ class Admission:
     to the images being generated. A streamed request counts until its first event."""
 
     def __init__(self, args: AppArgs):
-        # What the model's replicas can hold at most (batch + queue each), shared between the gateway replicas.
-        self.caps = {m.name: max(1, math.ceil(m.autoscaling.max_replicas * m.ongoing_requests_cap /
-                                              args.gateway.num_replicas)) for m in args.models}
+        # What the model's replicas hold at most of guided one-image requests (the common case: half the batch
+        # rows running, the queue full), shared between the gateway replicas. At this cap the gateway refuses
+        # before the engine has to: the engine's own 429 is the slower path, through a replica busy denoising.
+        self.caps = {m.name: max(1, math.ceil(m.autoscaling.max_replicas * min(
+            m.ongoing_requests_cap, max(1, m.max_batch_size // 2) + m.max_queue_size) / args.gateway.num_replicas))
+            for m in args.models}
         self.in_flight = dict.fromkeys(self.caps, 0)
 
     def enter(self, model: str) -> None:
