@@ -4,8 +4,8 @@
     python scripts/overload.py --url http://127.0.0.1:8000 --model digits-s              # a running server
     python scripts/overload.py --start --steps 60                                         # starts its own (tiny)
 
-1. Capacity: ``--clients`` closed-loop clients send requests back to back for ``--capacity-seconds``; the rate of
-   200 answers is the capacity.
+1. Capacity: after one warm-up request, ``--clients`` closed-loop clients send requests back to back for
+   ``--capacity-seconds``; the rate of 200 answers is the capacity.
 2. Overload: Poisson arrivals at ``--factor`` x capacity for ``--seconds`` (at most ``--max-requests``), each with a
    client timeout of ``--timeout``. Every answer is classed: accepted (200), shed (429/503 with Retry-After and
    OpenAI's error shape), failed (anything else, or a shed answer without those), timed out (no answer in time).
@@ -121,6 +121,7 @@ async def overload(url: str, body: dict, factor: float = 3.0, seconds: float = 1
         raise SystemExit(f"--url {url}: this load test runs on loopback only (127.0.0.1 or localhost)")
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=200)
     async with httpx.AsyncClient(base_url=url, limits=limits) as http:
+        await _one(http, body, timeout)  # warm-up (first-request costs), not counted
         capacity = await measure_capacity(http, body, clients, capacity_seconds, timeout)
         if capacity <= 0:
             raise SystemExit("no request succeeded while measuring capacity: is the server up and the model right?")

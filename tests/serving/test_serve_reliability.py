@@ -99,7 +99,7 @@ def test_three_times_capacity_is_shed_fast_and_every_accepted_request_finishes(c
     """digits-q holds one guided image in its batch and one waiting: 3x its capacity must be mostly shed."""
     body = {"model": "digits-q", "prompt": "3", "num_inference_steps": 60}
     report = overload.asyncio.run(overload.overload(cluster.base, body, factor=3.0, seconds=4.0, max_requests=400,
-                                                    clients=4, capacity_seconds=2.0, timeout=30.0))
+                                                    clients=4, capacity_seconds=3.0, timeout=30.0))
     s = report.summary()
     figure("overload", **s)
     assert s["failed"] == 0 and s["timed_out"] == 0, s
