@@ -114,7 +114,7 @@ PRESETS: dict[str, DiTConfig] = {
     "DiT-S/8": _paper(384, 12, 6, 8),
     # Pixel-space digit models that train on a CPU; the shipped checkpoints use these.
     "dit-digits-s": _digits(hidden_dim=96, num_layers=4, num_heads=4),
-    "dit-digits-m": _digits(hidden_dim=192, num_layers=6, num_heads=6),
+    "dit-digits-m": _digits(hidden_dim=128, num_layers=6, num_heads=4),
     # For tests: the smallest model that still exercises every part (learned sigma, guidance, 4 channels).
     "dit-tiny": DiTConfig(hidden_dim=32, num_layers=2, num_heads=2, ffn_dim=64, input_size=8, patch_size=2,
                           in_channels=4, num_classes=10),
