@@ -25,7 +25,9 @@ class Limits(_Args):
 
     max_images_per_request: int = Field(8, ge=1, le=256, description="upper bound of `n`")
     max_inference_steps: int = Field(100, ge=1, le=1000, description="upper bound of `num_inference_steps`")
-    default_inference_steps: int = Field(25, ge=1, le=1000)
+    default_inference_steps: int | None = Field(None, ge=1, le=1000,
+                                                description="steps when a request names none; default: the "
+                                                            "checkpoint's measured default_sampling")
     max_guidance_scale: float = Field(20.0, ge=1.0, le=20.0, description="upper bound of `guidance_scale` (>= 1)")
     max_image_side: int = Field(512, ge=1, le=4096,
                                 description="largest `size` side in pixels; images are upscaled by whole factors")
@@ -35,7 +37,7 @@ class Limits(_Args):
 
     @model_validator(mode="after")
     def _default_within_max(self) -> "Limits":
-        if self.default_inference_steps > self.max_inference_steps:
+        if self.default_inference_steps is not None and self.default_inference_steps > self.max_inference_steps:
             raise ValueError(f"default_inference_steps ({self.default_inference_steps}) must be <= "
                              f"max_inference_steps ({self.max_inference_steps})")
         return self

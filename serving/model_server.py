@@ -33,7 +33,6 @@ from .protocol import DEADLINE_KEY, upscale_factor
 log = logging.getLogger("ray.serve")
 
 LOAD_REFRESH_S = 1.0  # how often the running/waiting gauges are refreshed while the engine is idle
-DEFAULT_GUIDANCE = 4.0  # the paper's sampling default for models trained with label dropout
 
 
 class ModelServer:
@@ -168,9 +167,10 @@ class ModelServer:
         except ValueError as e:
             raise invalid(param, f"{param}: {e}") from None
         scale = upscale_factor(payload.get("size"), cfg.input_size, cfg.input_size, self.limits.max_image_side)
+        defaults = info.default_sampling  # what dit-eval measured for this checkpoint
         guidance = payload.get("guidance_scale")
         if guidance is None:
-            guidance = DEFAULT_GUIDANCE if cfg.supports_guidance else 1.0
+            guidance = defaults["guidance_scale"]
         n = payload.get("n", 1)
         rows = n * (2 if guidance != 1.0 else 1)  # a guided image runs a conditional and a null row
         if rows > self.args.max_batch_size:
@@ -178,8 +178,9 @@ class ModelServer:
                                f"{self.args.max_batch_size}: ask for n <= {self.args.max_batch_size // (rows // n)}")
         request = GenerationRequest(
             class_labels=class_ids, num_images=n, seed=payload.get("seed"),
-            num_inference_steps=payload.get("num_inference_steps") or self.limits.default_inference_steps,
-            sampler=payload.get("sampler") or "dpm-solver++", guidance_scale=float(guidance),
+            num_inference_steps=(payload.get("num_inference_steps") or self.limits.default_inference_steps
+                                 or defaults["num_inference_steps"]),
+            sampler=payload.get("sampler") or defaults["sampler"], guidance_scale=float(guidance),
             deadline=time.monotonic() + self._remaining(payload))
         return self.engine.submit(request), scale
 
