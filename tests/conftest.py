@@ -5,24 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from dit_runtime.checkpoint import CheckpointInfo, default_class_names, save_checkpoint
 from dit_runtime.model import DiTConfig, DiTModel, get_preset
+from model_helpers import randomize
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 # Digits-shaped (16x16 grey, 10 classes, no learned sigma) but narrow, so tests stay fast.
 TINY_PIXEL_CONFIG = DiTConfig(hidden_dim=32, num_layers=2, num_heads=2, ffn_dim=64, input_size=16, patch_size=2,
                               in_channels=1, num_classes=10, learn_sigma=False)
-
-
-def randomize(model: torch.nn.Module, std: float = 0.1, seed: int = 0) -> torch.nn.Module:
-    """Re-draw every parameter from N(0, std): adaLN-Zero's init makes a fresh DiT output exactly zero."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
-    return model
 
 
 def write_random_checkpoint(path: Path, config: DiTConfig, class_names: list[str], space: str,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import randomize
+from model_helpers import randomize
 from dit_runtime.checkpoint import (CheckpointError, CheckpointInfo, default_class_names, import_paper_checkpoint,
                                     load_model, load_state_dict, read_info, save_checkpoint)
 from dit_runtime.model import DiTConfig, DiTModel, get_preset

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import randomize
+from model_helpers import randomize
 from dit_runtime.checkpoint import load_model
 from dit_runtime.cli.convert import main as convert
 from dit_runtime.model import DiTConfig, DiTModel

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import randomize
+from model_helpers import randomize
 from dit_runtime.diffusion import (DDIM, DDPM, DPM_SOLVER, NoiseSchedule, counter_noise, noise_key, sampler_step,
                                    timestep_at)
 from dit_runtime.model import DiTModel

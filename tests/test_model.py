@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import randomize
+from model_helpers import randomize
 from dit_runtime.checkpoint import CheckpointError, build_model, import_diffusers_folder
 from dit_runtime.model import DiTModel, get_preset
 

@@ -3,7 +3,6 @@ once the load stops (short delays; replica counts read from serve.status())."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
@@ -24,23 +23,19 @@ MODEL = "digits-a"
 
 @pytest.fixture(scope="module")
 def server(checkpoints):
-    saved = {k: os.environ.get(k) for k in FAST_METRICS}
-    os.environ.update(FAST_METRICS)  # inherited by the Ray processes started below
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    autoscaling = {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 2, "upscale_delay_s": 0.5,
-                   "downscale_delay_s": 3, "look_back_period_s": 1.5}
-    serve.run(build_app({"models": [model_args(MODEL, checkpoints["digits-s"], autoscaling=autoscaling)]}),
-              name="dit", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in FAST_METRICS.items():
+            env.setenv(key, value)  # inherited by the Ray processes started below
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        autoscaling = {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 2, "upscale_delay_s": 0.5,
+                       "downscale_delay_s": 3, "look_back_period_s": 1.5}
+        serve.run(build_app({"models": [model_args(MODEL, checkpoints["digits-s"], autoscaling=autoscaling)]}),
+                  name="dit", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+        serve.shutdown()
+        ray.shutdown()
 
 
 def running_replicas() -> int:

@@ -64,26 +64,21 @@ def cluster(checkpoints, tmp_path_factory):
     checkpoints = {**checkpoints,
                    "digits-slow": write_digits_checkpoint(root / "digits-slow.safetensors", config=SLOW_DIGITS)}
     write_manifest(root)
-    saved = {k: os.environ.get(k) for k in (KEYS_ENV, "DIT_API_KEYS")}
-    os.environ[KEYS_ENV] = ",".join(ENV_KEYS)  # inherited by the Ray processes started below
-    os.environ.pop("DIT_API_KEYS", None)  # the main app runs without keys
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"limits": LIMITS, "models": [
-        model_args("digits-s", checkpoints["digits-s"]),
-        model_args("digits-q", checkpoints["digits-s"], max_batch_size=2, max_queue_size=1),
-    ]}), name="dit", route_prefix="/")
-    serve.run(build_app({"limits": SLOW_LIMITS, "models": [model_args("digits-slow", checkpoints["digits-slow"])]}),
-              name="slow", route_prefix="/slow")
-    yield Cluster(port, checkpoints, root)
-    serve.shutdown()
-    ray.shutdown()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(KEYS_ENV, ",".join(ENV_KEYS))  # inherited by the Ray processes started below
+        env.delenv("DIT_API_KEYS", raising=False)  # the main app runs without keys
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app({"limits": LIMITS, "models": [
+            model_args("digits-s", checkpoints["digits-s"]),
+            model_args("digits-q", checkpoints["digits-s"], max_batch_size=2, max_queue_size=1),
+        ]}), name="dit", route_prefix="/")
+        serve.run(build_app({"limits": SLOW_LIMITS, "models": [model_args("digits-slow", checkpoints["digits-slow"])]}),
+                  name="slow", route_prefix="/slow")
+        yield Cluster(port, checkpoints, root)
+        serve.shutdown()
+        ray.shutdown()
 
 
 def assert_openai_error(r: httpx.Response, status: int | tuple[int, ...]) -> dict:
