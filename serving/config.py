@@ -75,6 +75,8 @@ class ModelArgs(_Args):
     preset: str | None = Field(None, description="random-weight model preset (benchmarks only; needs "
                                                  "allow_random_weights)")
     allow_random_weights: bool = False
+    vae: str | None = Field(None, description="local diffusers AutoencoderKL folder that decodes a latent-space "
+                                              "checkpoint's samples into images (required for those)")
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     compile: bool = False
@@ -127,6 +129,11 @@ class ModelArgs(_Args):
             if not path.is_file():
                 raise ValueError(f"checkpoint file not found: {path}")
             self.checkpoint = str(path)  # replicas may start in another directory
+        if self.vae is not None:
+            vae = Path(self.vae).expanduser().resolve()
+            if not (vae / "config.json").is_file():
+                raise ValueError(f"vae {vae} is not a diffusers AutoencoderKL folder (no config.json)")
+            self.vae = str(vae)
         if self.device == "cuda" and self.num_gpus <= 0:
             raise ValueError("device 'cuda' needs num_gpus > 0 (a fraction such as 0.5 shares a GPU)")
         if self.device == "cpu" and self.num_gpus > 0:

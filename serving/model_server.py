@@ -24,6 +24,8 @@ from dit_runtime.engine import (DeadlineExceededError, Engine, EngineError, Engi
                                 GenerationResult, InvalidRequestError, QueueFullError, RequestCancelledError,
                                 StepEvent)
 
+from dit_runtime.vae import LatentDecoder
+
 from .config import Limits, ModelArgs
 from .errors import APIError, invalid
 from .manifest import verify_checkpoint
@@ -43,6 +45,7 @@ class ModelServer:
         self.args = args
         self.limits = limits
         self.engine: Engine | None = None
+        self.decoder: LatentDecoder | None = None
         self.load_error: str | None = None
         self._stopped = threading.Event()
         self.metrics = EngineMetrics(args.name, args.max_batch_size)
@@ -56,6 +59,7 @@ class ModelServer:
                 self.engine = Engine.from_checkpoint(args.checkpoint, config, on_step=self.metrics.on_step)
             else:
                 self.engine = Engine.random_weights(args.preset, config, on_step=self.metrics.on_step)
+            self.decoder = self._decoder(args, self.engine.info)
             self.engine.start()
         except Exception as e:  # reported by check_health and by every request, naming the file
             self.load_error = f"model {self.name!r} failed to load from {source}: {e}"
@@ -63,6 +67,18 @@ class ModelServer:
             return
         log.info("model %r loaded from %s in %.1f s", self.name, source, time.perf_counter() - started)
         threading.Thread(target=self._refresh_load, name="dit-load-gauges", daemon=True).start()
+
+    @staticmethod
+    def _decoder(args: ModelArgs, info) -> LatentDecoder | None:
+        """The VAE of a latent-space checkpoint; random-weight benchmarks may go without (a view of the latents)."""
+        if info.space != "latent":
+            return None
+        if args.vae is None:
+            if args.checkpoint is None:
+                return None
+            raise ValueError(f"{args.checkpoint} is a latent-space model: set `vae:` to a local diffusers "
+                             "AutoencoderKL folder (the VAE it was trained with) so its samples decode into images")
+        return LatentDecoder.load(args.vae, info.latent_scale, device=args.device)
 
     # ---- Ray Serve hooks ----------------------------------------------------------------------------------------
     def check_health(self) -> None:
@@ -193,7 +209,12 @@ class ModelServer:
 
     async def _response(self, result: GenerationResult, scale: int) -> dict:
         self.metrics.on_result(result)
-        images = result.images if result.images is not None else latents_to_uint8(result.latents)
+        if result.images is not None:
+            images = result.images
+        elif self.decoder is not None:
+            images = await asyncio.to_thread(self.decoder, result.latents)  # the VAE, off the event loop
+        else:
+            images = latents_to_uint8(result.latents)
         encoded = await asyncio.to_thread(encode_pngs, images, scale)  # Pillow off the event loop
         return {"created": int(time.time()), "data": [{"b64_json": b} for b in encoded], "seed": result.seed,
                 "timings": {"queue_seconds": result.queue_seconds, "denoise_seconds": result.denoise_seconds,

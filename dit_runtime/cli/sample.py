@@ -25,24 +25,21 @@ from ..diffusion import (SAMPLER_IDS, SAMPLERS, NoiseSchedule, check_num_steps, 
                          sampler_step, timestep_at)
 from ..images import save_grid, to_pil, to_uint8
 from ..model import DiTModel
+from ..vae import LatentDecoder
 
 INITIAL_NOISE_COUNTER = -1  # the engine's convention: x_T at counter -1, step j's noise at counter j
 
 
-def load_vae(folder: str | None, checkpoint: str):
-    """The diffusers AutoencoderKL that decodes this latent-space checkpoint, with errors saying what is missing."""
+def load_vae(folder: str | None, checkpoint: str, latent_scale: float, device: str) -> LatentDecoder:
+    """The decoder of this latent-space checkpoint, with errors saying what is missing."""
     if folder is None:
         raise SystemExit(f"dit-sample: {checkpoint} denoises VAE latents (space=latent), so it needs a decoder: pass "
                          "--vae PATH to a local diffusers AutoencoderKL folder (config.json + weights, e.g. a "
                          "download of stabilityai/sd-vae-ft-ema)")
-    if not (Path(folder) / "config.json").is_file():
-        raise SystemExit(f"dit-sample: --vae {folder} is not a diffusers model folder (no config.json)")
     try:
-        from diffusers import AutoencoderKL
-    except ImportError:
-        raise SystemExit("dit-sample: decoding latents needs the optional package diffusers "
-                         "(pip install diffusers)") from None
-    return AutoencoderKL.from_pretrained(folder).eval()
+        return LatentDecoder.load(folder, latent_scale, device)
+    except ValueError as e:
+        raise SystemExit(f"dit-sample: --vae {e}") from None
 
 
 @torch.no_grad()
@@ -111,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         check_num_steps(args.steps, "trailing")
     except ValueError as e:
         parser.error(str(e))
-    vae = load_vae(args.vae, args.checkpoint).to(args.device) if info.space == "latent" else None
+    vae = load_vae(args.vae, args.checkpoint, info.latent_scale, args.device) if info.space == "latent" else None
     try:
         class_ids = ([info.class_id(c) for c in args.classes] if args.classes
                      else list(range(min(info.config.num_classes, 10))))
@@ -133,10 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         x = sample(model, batch, args.seed, args.steps, args.sampler, args.guidance, eta=args.eta,
                    clip_denoised=info.space == "pixel", first_index=first, progress=progress)
         done += len(batch) * args.steps
-        if vae is not None:
-            with torch.no_grad():
-                x = vae.decode(x / info.latent_scale).sample  # (N, 3, 8H, 8W) in [-1, 1]
-        images.append(to_uint8(x))
+        images.append(vae(x) if vae is not None else to_uint8(x))
     print(file=sys.stderr)
     denoise_seconds = time.perf_counter() - denoise_start
 

@@ -272,3 +272,47 @@ def _query(port: int, promql: str) -> float | None:
         return None
     value = float(result[0]["value"][1])
     return None if np.isnan(value) else value
+
+
+def tiny_latent_model(root: Path) -> tuple[Path, Path]:
+    """A random latent-space checkpoint (8x8x4 latents) and a tiny diffusers AutoencoderKL folder to decode it."""
+    diffusers = pytest.importorskip("diffusers")
+    import torch
+
+    from dit_runtime.checkpoint import CheckpointInfo, default_class_names, save_checkpoint
+    from dit_runtime.model import DiTModel, get_preset
+
+    torch.manual_seed(0)
+    model = DiTModel.from_config(get_preset("dit-tiny"))
+    ckpt = save_checkpoint(root / "latent.safetensors", model.state_dict(),
+                           CheckpointInfo(config=model.config, class_names=default_class_names(10), space="latent"))
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
+                                  down_block_types=("DownEncoderBlock2D",) * 4,
+                                  up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8)
+    vae.save_pretrained(root / "vae")
+    return ckpt, root / "vae"
+
+
+def test_latent_model_images_decode_through_its_vae(server, tmp_path):
+    ckpt, vae = tiny_latent_model(tmp_path)
+    serve.run(build_app({"limits": LIMITS, "models": [model_args("latent", ckpt, vae=str(vae),
+                                                                 verify_manifest=False)]}),
+              name="latent", route_prefix="/latent")
+    try:
+        r = server.http.post("/latent/v1/images/generations", json={"model": "latent", "prompt": "3", "seed": 0})
+        assert r.status_code == 200, r.text
+        image = decode(r.json()["data"][0]["b64_json"])
+        assert image.shape == (64, 64, 3)  # 8x8 latents, 8x upsampled by the VAE into RGB
+    finally:
+        serve.delete("latent")
+
+
+def test_latent_checkpoint_without_a_vae_is_refused_naming_what_to_set(tmp_path):
+    from serving.config import ModelArgs
+    from serving.model_server import ModelServer
+
+    from dit_runtime.checkpoint import read_info
+
+    ckpt, _ = tiny_latent_model(tmp_path)
+    with pytest.raises(ValueError, match=r"latent\.safetensors is a latent-space model: set `vae:`"):
+        ModelServer._decoder(ModelArgs(**model_args("latent", ckpt)), read_info(ckpt))

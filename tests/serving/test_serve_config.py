@@ -36,6 +36,9 @@ def test_shipped_configs_validate_once_their_checkpoints_exist(config, ckpt, tmp
         target = tmp_path / m["checkpoint"]
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ckpt, target)
+        if "vae" in m:  # latent models name the VAE folder that decodes them
+            (tmp_path / m["vae"]).mkdir(parents=True, exist_ok=True)
+            (tmp_path / m["vae"] / "config.json").write_text("{}")
     monkeypatch.chdir(tmp_path)  # relative checkpoint paths resolve against the start directory
     args = AppArgs.parse(raw)
     assert [m.name for m in args.models] == [m["name"] for m in raw["models"]]
@@ -114,6 +117,7 @@ def test_kuberay_manifest_embeds_the_gpu_config():
     shipped = yaml.safe_load((ROOT / "serve_config.gpu.yaml").read_text())["applications"]
     for m in shipped[0]["args"]["models"]:
         m["checkpoint"] = "/app/" + m["checkpoint"]
+        m["vae"] = "/app/" + m["vae"]
     assert embedded == shipped
     head = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]
     assert head["metrics-export-port"] == "8080"
