@@ -86,8 +86,8 @@ def timestep_at(step_index: torch.Tensor, num_steps: torch.Tensor, num_train_tim
     return torch.where(i >= s, torch.full_like(t, -1), t)
 
 
-def check_num_steps(num_steps: int, spacing: Spacing, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> None:
-    """Raise for step counts that would repeat or skip timesteps under ``spacing``."""
+def check_num_steps(num_steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> None:
+    """Raise for step counts outside [1, T]."""
     if not 1 <= num_steps <= num_train_timesteps:
         raise ValueError(f"num_inference_steps must be in [1, {num_train_timesteps}], got {num_steps}")
 

@@ -87,7 +87,7 @@ def sample_images(model: DiTModel, labels: torch.Tensor, *, sampler: str, num_in
     """
     if sampler not in SAMPLER_IDS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLER_IDS)}")
-    check_num_steps(num_inference_steps, "trailing")
+    check_num_steps(num_inference_steps)
     if guidance_scale != 1.0 and not model.config.supports_guidance:
         raise ValueError("this model was trained without label dropout, so guidance_scale must be 1")
     out = []

@@ -134,16 +134,16 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def timestep_embedding(t: torch.Tensor, dim: int = TIMESTEP_FREQ_DIM, max_period: int = TIMESTEP_MAX_PERIOD,
-                       freq_shift: float = 0.0) -> torch.Tensor:
+def timestep_embedding(t: torch.Tensor, dim: int = TIMESTEP_FREQ_DIM,
+                       max_period: int = TIMESTEP_MAX_PERIOD) -> torch.Tensor:
     """Sinusoidal embedding ``[cos, sin]`` of (possibly fractional) timesteps t: (N,) -> (N, dim), in fp32.
 
-    ``freq_shift=0`` is the paper's (frequencies ``max_period ** (-i / half)``); diffusers' DiT uses
-    ``freq_shift=1`` (``-i / (half - 1)``), which is the only place its function differs from the paper's.
+    Frequencies are the paper's, ``max_period ** (-i / half)``; diffusers' DiT uses ``-i / (half - 1)``
+    (``downscale_freq_shift=1``), the only place its function differs from the paper's.
     """
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
-                      / (half - freq_shift))
+                      / half)
     args = t[:, None].float() * freqs[None]  # (N, half)
     embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, 2 * half)
     if dim % 2:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 import torch
 
 from dit_runtime.checkpoint import CheckpointInfo, default_class_names
-from dit_runtime.diffusion import SAMPLER_IDS, NoiseSchedule, counter_noise, noise_key, sampler_step
+from dit_runtime.diffusion import SAMPLER_IDS, NoiseSchedule, counter_noise, noise_key, sampler_step, timestep_at
 from dit_runtime.engine import (DeadlineExceededError, Engine, EngineConfig, GenerationRequest, GenerationResult,
                                 InvalidRequestError, QueueFullError, RequestCancelledError, StepEvent)
 from dit_runtime.model import DiTModel, get_preset
@@ -52,7 +51,7 @@ def reference_sample(model: DiTModel, request: GenerationRequest, seed: int) -> 
     with torch.no_grad():
         for i in range(request.num_inference_steps):
             step = torch.full((n,), i)
-            t = __import__("dit_runtime.diffusion", fromlist=["timestep_at"]).timestep_at(step, steps)
+            t = timestep_at(step, steps)
             out = model.forward_with_cfg(x, t, labels, torch.full((n,), request.guidance_scale))
             res = sampler_step(schedule, out, x, step, steps, torch.full((n,), SAMPLER_IDS[request.sampler]),
                                torch.full((n,), request.eta), prev_x0, counter_noise(keys, step, shape),

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     args.sampler = defaults["sampler"] if args.sampler is None else args.sampler
     args.guidance = defaults["guidance_scale"] if args.guidance is None else args.guidance
     try:
-        check_num_steps(args.steps, "trailing")
+        check_num_steps(args.steps)
     except ValueError as e:
         parser.error(str(e))
     vae = load_vae(args.vae, args.checkpoint, info.latent_scale, args.device) if info.space == "latent" else None

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import CheckpointInfo, default_class_names, load_model
+from ..images import to_uint8
 from ..model import DiTModel, get_preset
 from .runner import ModelRunner
 from .scheduler import RequestState, Scheduler
@@ -30,6 +31,8 @@ from .types import (EngineConfig, EngineError, EngineStats, EngineStoppedError, 
 log = logging.getLogger(__name__)
 
 _END = object()  # marks the end of a handle's stream
+# Retry-After for a full queue: about one request's share of a drained queue, short enough to retry soon.
+QUEUE_FULL_RETRY_AFTER_S = 1.0
 # Pixels per latent pixel of the Stable Diffusion VAE that DiT's latent models use.
 LATENT_DOWNSAMPLE = 8
 
@@ -140,7 +143,7 @@ class Engine:
         self.runner = ModelRunner(model, config, clip_denoised=clip)
         self.scheduler = Scheduler(config.max_batch_size, config.buckets, model.config.null_class, config.batching)
         self.on_step = on_step
-        self._decode = decode if decode is not None else (_pixels_to_uint8 if info.space == "pixel" else None)
+        self._decode = decode if decode is not None else (to_uint8 if info.space == "pixel" else None)
         self._handles: dict[str, RequestHandle] = {}
         self._inbox: list[RequestState] = []
         self._lock = threading.Lock()
@@ -203,12 +206,14 @@ class Engine:
             limit = self.config.max_batch_size // (2 if state.guided else 1)
             raise InvalidRequestError("n", f"n must be at most {limit} for this model with guidance_scale "
                                            f"{request.guidance_scale} (a guided image takes two of the "
-                                           f"{self.config.max_batch_size} rows of a forward pass), got {state.num_images}")
+                                           f"{self.config.max_batch_size} rows of a forward pass), "
+                                           f"got {state.num_images}")
         with self._lock:
             waiting = self.scheduler.waiting_images + sum(s.num_images for s in self._inbox)
             if waiting + state.num_images > self.config.max_queue_size:
                 raise QueueFullError(f"the queue is full ({waiting} images waiting, limit "
-                                     f"{self.config.max_queue_size}); retry later", retry_after=self._retry_after())
+                                     f"{self.config.max_queue_size}); retry later",
+                                     retry_after=QUEUE_FULL_RETRY_AFTER_S)
             handle = RequestHandle(request.request_id, self, state)
             self._handles[request.request_id] = handle
             self._inbox.append(state)
@@ -253,9 +258,6 @@ class Engine:
             raise EngineStoppedError(f"the engine loop died: {self._failure!r}")
         if self._stopping:
             raise EngineStoppedError("the engine is stopped")
-
-    def _retry_after(self) -> float:
-        return 1.0
 
     def _loop(self) -> None:
         try:
@@ -359,7 +361,3 @@ class Engine:
             handle._push(outcome)
             handle._push(_END)
 
-
-def _pixels_to_uint8(x: torch.Tensor) -> np.ndarray:
-    """Samples in [-1, 1], (n, C, H, W) -> uint8 (n, H, W, C)."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()

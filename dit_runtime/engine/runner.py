@@ -64,7 +64,6 @@ class ModelRunner:
         self.guidance = torch.ones(n, device=dev)
         self.key = torch.zeros(n, 2, dtype=torch.int64, device=dev)
         self.layout = torch.zeros(_LAYOUT_ROWS, max(config.buckets), dtype=torch.int64, device=dev)
-        self._bucket = 0
         self._in_flight: deque[torch.cuda.Event] = deque()
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._step_fn = self._step
@@ -125,7 +124,6 @@ class ModelRunner:
                                     layout.uncond_row)):
             host[i, :layout.bucket] = torch.tensor(values, dtype=torch.int64)
         self.layout.copy_(host, non_blocking=True)
-        self._bucket = layout.bucket
 
     def admit(self, states: list[RequestState]) -> None:
         """Initialise the slots of newly admitted requests: initial noise and their sampler settings."""
