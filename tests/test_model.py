@@ -125,3 +125,52 @@ def test_meta_build_allocates_nothing_and_has_the_real_shapes():
     assert all(p.is_meta for p in model.parameters())
     assert model.blocks[0].mlp.fc1.weight.shape == (config.ffn_dim, config.hidden_dim)
     assert model.y_embedder.embedding_table.weight.shape == (config.num_classes + 1, config.hidden_dim)
+
+
+def _tiny_inputs(model: DiTModel, n: int = 3):
+    cfg = model.config
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(n, cfg.in_channels, cfg.input_size, cfg.input_size, generator=gen)
+    return x, torch.randint(0, 1000, (n,), generator=gen), torch.randint(0, cfg.num_classes, (n,), generator=gen)
+
+
+def test_inference_fast_paths_compute_the_same_function_and_keep_the_checkpoint_layout():
+    model = randomize(DiTModel.from_config(get_preset("dit-tiny"))).eval()
+    inputs = _tiny_inputs(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        reference = model(*inputs)
+        model.optimize_for_inference(fused_adaln=True, split_k=2, split_k_max_rows=10 ** 6)
+        fast = model(*inputs)
+    # Only the summation order changes (one joined GEMM; K split in two halves summed in fp32).
+    assert torch.allclose(fast, reference, rtol=1e-5, atol=1e-6), (fast - reference).abs().max()
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_loading_weights_after_fusing_adaln_reaches_the_joined_gemm():
+    model = DiTModel.from_config(get_preset("dit-tiny")).eval().optimize_for_inference(fused_adaln=True)
+    other = randomize(DiTModel.from_config(get_preset("dit-tiny")), seed=3).eval()
+    model.load_state_dict(other.state_dict())
+    inputs = _tiny_inputs(model)
+    with torch.no_grad():
+        assert torch.allclose(model(*inputs), other(*inputs), rtol=1e-5, atol=1e-6)
+
+
+def test_training_ignores_the_inference_fast_paths():
+    model = randomize(DiTModel.from_config(get_preset("dit-tiny")))
+    inputs = _tiny_inputs(model)
+    torch.manual_seed(0)  # training mode drops labels at random
+    reference = model(*inputs)
+    model.optimize_for_inference(fused_adaln=True, split_k=2, split_k_max_rows=10 ** 6)
+    torch.manual_seed(0)
+    out = model(*inputs)  # grad enabled: the plain per-block path
+    assert torch.equal(out, reference)
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_split_k_must_divide_the_reduction():
+    model = DiTModel.from_config(get_preset("dit-tiny"))
+    with pytest.raises(ValueError, match="split_k must divide"):
+        model.optimize_for_inference(split_k=7, split_k_max_rows=512)

@@ -73,7 +73,7 @@ def matmul_peak(dtype=torch.float16, n: int = 8192) -> float:
 
 def random_dit(preset: str, dtype) -> DiTModel:
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # CPU: smoke runs only
         model = DiTModel.from_config(get_preset(preset))
     for block in model.blocks:  # adaLN-Zero init is the identity; make every block do real work
         torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.02)

@@ -44,9 +44,17 @@ class ModelRunner:
         self.dtype = _DTYPES[config.dtype]
         self.model = model.to(self.device, self.dtype).eval().requires_grad_(False)
         self.model.pos_embed = self.model.pos_embed.float()
-        if config.fused_mlp_epilogue and self.device.type == "cuda":
-            for block in self.model.blocks:
-                block.mlp.fused_epilogue = True
+        cuda = self.device.type == "cuda"
+        # Split-K only on CUDA (on the CPU a request must take the same GEMM path alone and in a full batch), and
+        # only where it divides both reductions.
+        split_k = config.split_k if cuda else 1
+        if split_k > 1 and (model.config.hidden_dim % split_k or model.config.ffn_dim % split_k):
+            log.info("split_k %d does not divide hidden_dim %d and ffn_dim %d; not splitting", split_k,
+                     model.config.hidden_dim, model.config.ffn_dim)
+            split_k = 1
+        self.model.optimize_for_inference(fused_mlp_epilogue=config.fused_mlp_epilogue and cuda,
+                                          fused_adaln=config.fused_adaln, split_k=split_k,
+                                          split_k_max_rows=config.split_k_max_rows)
         cfg = model.config
         self.image_shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
         self.learn_sigma = cfg.learn_sigma
@@ -70,9 +78,10 @@ class ModelRunner:
         if config.compile:
             if config.compile_cache_dir:
                 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", config.compile_cache_dir)
-            # One specialisation per bucket; the default limit (8) would silently fall back to eager past it.
+            # Up to one specialisation per bucket, counted per code object: every runner in this process compiles
+            # the same _step, so each adds its own allowance (past the limit, fullgraph=True fails hard).
             name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 2 * len(config.buckets)))
+            setattr(torch._dynamo.config, name, getattr(torch._dynamo.config, name) + 2 * len(config.buckets))
             self._step_fn = torch.compile(self._step, fullgraph=True, dynamic=config.compile_dynamic or None)
 
     # ---- the step ---------------------------------------------------------------------------------------------

@@ -29,6 +29,9 @@ class EngineConfig:
     compile: bool = False  # torch.compile the step function
     compile_dynamic: bool = True  # one compiled graph with a symbolic batch size serves every bucket
     fused_mlp_epilogue: bool = True  # on CUDA: bias + GELU inside the fc1 GEMM (cuBLASLt epilogue)
+    fused_adaln: bool = True  # every block's adaLN modulation in one GEMM per step
+    split_k: int = 4  # on CUDA: split the reduction of attn.proj and fc2 into this many chunks ...
+    split_k_max_rows: int = 512  # ... in forwards of at most this many token rows (few rows under-fill the GPU)
     cuda_graphs: bool = False  # capture each bucket's step as a CUDA graph (needs device=cuda)
     batch_buckets: tuple[int, ...] | None = None  # row counts forwards are padded to; default powers of two
     spacing: Spacing = "trailing"
@@ -45,6 +48,10 @@ class EngineConfig:
         for name in ("max_batch_size", "max_queue_size", "max_images_per_request", "max_inference_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.split_k, int) or self.split_k < 1:
+            problems.append(f"split_k must be a positive integer, got {self.split_k!r}")
+        if not isinstance(self.split_k_max_rows, int) or self.split_k_max_rows < 0:
+            problems.append(f"split_k_max_rows must be a non-negative integer, got {self.split_k_max_rows!r}")
         if self.cuda_graphs and not str(self.device).startswith("cuda"):
             problems.append("cuda_graphs needs device 'cuda'")
         if self.dtype != "float32" and not str(self.device).startswith("cuda"):

@@ -1,0 +1,212 @@
+"""Before/after measurements of the engine's small-batch fast paths on one GPU, in one run.
+
+    python scripts/latency_ab.py --out OUT [--preset dit-10l]
+
+1. ``gemm``: each of the block's four GEMM shapes at several token-row counts, plain (cuBLAS through F.linear)
+   against split-K (``split_k_linear``) with 2, 4 and 8 chunks; each timed as a CUDA graph of 20 calls, so launch
+   gaps do not count.
+2. ``latency``: one image, 50 DDIM steps, guidance 4.0 (two rows), through the compiled, graph-captured engine,
+   for each variant of (fused adaLN, split-K chunks); also the largest difference of the final latent from the
+   baseline variant's, same seed.
+3. ``forward``: per-step throughput at batch 16, 64 and 256 for the baseline and the chosen variant, to show the
+   large batches do not lose.
+4. ``profile``: GPU time per kernel of one bucket-2 step (torch.profiler), baseline and chosen variant.
+
+Every row goes to ``OUT/latency_ab.jsonl`` as soon as it is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dit_runtime.cli.bench import Recorder, _bench_info, cuda_time, matmul_peak, random_dit  # noqa: E402
+from dit_runtime.engine import Engine, EngineConfig, GenerationRequest  # noqa: E402
+from dit_runtime.engine.runner import ModelRunner  # noqa: E402
+from dit_runtime.model import get_preset, split_k_linear  # noqa: E402
+from dit_runtime.sizing import forward_flops  # noqa: E402
+
+BASELINE = {"fused_adaln": False, "split_k": 1, "split_k_max_rows": 0}
+
+
+def model_for(preset: str):
+    """dit-bench's random model, with the output layer drawn too, so the final latents differ between variants."""
+    model = random_dit(preset, torch.float16 if torch.cuda.is_available() else torch.float32)
+    gen = torch.Generator(device=model.pos_embed.device).manual_seed(1)
+    with torch.no_grad():
+        for layer in (model.final_layer.linear, model.final_layer.adaLN_modulation[-1]):
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen, device=layer.weight.device) * 0.02)
+    return model
+
+
+def graph_time(fn, calls: int = 20) -> float:
+    """Seconds per call of ``fn``, replaying a CUDA graph of ``calls`` calls."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return cuda_time(graph.replay, iters=20) / calls
+
+
+def bench_gemm(rec: Recorder, cfg, rows_list: list[int]) -> None:
+    d, ffn = cfg.hidden_dim, cfg.ffn_dim
+    shapes = {"qkv": (3 * d, d), "proj": (d, d), "fc1": (ffn, d), "fc2": (d, ffn)}
+    for rows in rows_list:
+        for name, (n, k) in shapes.items():
+            layer = torch.nn.Linear(k, n, device="cuda", dtype=torch.float16)
+            x = torch.randn(rows, k, device="cuda", dtype=torch.float16)
+            row = {"part": "gemm", "shape": name, "rows": rows, "n": n, "k": k}
+            with torch.inference_mode():
+                plain = graph_time(lambda: F.linear(x, layer.weight, layer.bias))
+                row["plain_us"] = round(plain * 1e6, 2)
+                for s in (2, 4, 8):
+                    row[f"split{s}_us"] = round(graph_time(lambda: split_k_linear(x, layer, s)) * 1e6, 2)
+            row["tflops_plain"] = round(2 * rows * n * k / plain / 1e12, 1)
+            rec.add(row)
+
+
+def make_config(variant: dict, max_batch: int, buckets=None) -> EngineConfig:
+    if not torch.cuda.is_available():  # a smoke run of the script's plumbing on a CPU machine (--preset dit-tiny)
+        return EngineConfig(device="cpu", max_batch_size=max_batch, batch_buckets=buckets, **variant)
+    return EngineConfig(device="cuda", dtype="float16", max_batch_size=max_batch, batch_buckets=buckets,
+                        compile=True, cuda_graphs=True, **variant)
+
+
+def bench_latency(rec: Recorder, preset: str, variants: list[dict], steps: int = 50) -> None:
+    reference = None
+    for variant in variants:
+        try:
+            start = time.perf_counter()
+            engine = Engine(model_for(preset), _bench_info(preset), make_config(variant, 2)).start()
+            startup = time.perf_counter() - start
+            request = GenerationRequest(class_labels=[1], num_images=1, seed=0, num_inference_steps=steps,
+                                        sampler="ddim", guidance_scale=4.0)
+            for _ in range(3):
+                engine.submit(request).result(timeout=60)
+            times, image = [], None
+            for _ in range(10):
+                t0 = time.perf_counter()
+                image = engine.submit(request).result(timeout=60)
+                times.append(time.perf_counter() - t0)
+            latent = torch.as_tensor(image.latents if image.latents is not None else image.images).float()
+            diff = None
+            if reference is None:
+                reference = latent
+            else:
+                diff = round(((latent - reference).abs().max() / reference.abs().max()).item(), 6)
+            rec.add({"part": "latency", "model": preset, **variant, "steps": steps,
+                     "ms_median": round(statistics.median(times) * 1e3, 2), "ms_min": round(min(times) * 1e3, 2),
+                     "max_rel_diff_vs_baseline": diff, "startup_s": round(startup, 1)})
+            engine.stop()
+        except Exception as e:  # one variant failing must not lose the others
+            rec.add({"part": "latency", "model": preset, **variant, "error": repr(e)[:500]})
+        torch.cuda.empty_cache()
+
+
+def runner_for(preset: str, variant: dict, batches: list[int]) -> ModelRunner:
+    runner = ModelRunner(model_for(preset), make_config(variant, max(batches), tuple(batches)),
+                         clip_denoised=False)
+    runner.warm_up()
+    runner.layout.zero_()
+    b = max(batches)
+    for i in (0, 1, 3, 4):  # b images in slots 0..b-1, one row each
+        runner.layout[i, :b] = torch.arange(b)
+    runner.num_steps.fill_(10 ** 6)  # never finishes, so every step does real work
+    return runner
+
+
+def bench_forward(rec: Recorder, preset: str, variants: list[dict], batches: list[int], peak: float) -> None:
+    flops = forward_flops(get_preset(preset))["total"]
+    for variant in variants:
+        try:
+            runner = runner_for(preset, variant, batches)
+            for b in batches:
+                seconds = cuda_time(lambda: runner.execute(b), iters=max(5, min(100, int(2000 / b))))
+                rec.add({"part": "forward", "model": preset, **variant, "batch": b,
+                         "ms_per_step": round(seconds * 1e3, 3), "image_steps_per_s": round(b / seconds, 1),
+                         "mfu": round(b / seconds * flops / peak, 4)})
+            del runner
+        except Exception as e:
+            rec.add({"part": "forward", "model": preset, **variant, "error": repr(e)[:500]})
+        torch.cuda.empty_cache()
+
+
+def profile_step(rec: Recorder, preset: str, variant: dict, out: Path, bucket: int = 2) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        runner = runner_for(preset, {**variant}, [bucket])
+        runner._graphs.clear()  # profile the compiled step itself: kernels are named, not one graph launch
+        with torch.inference_mode():
+            for _ in range(5):
+                runner.execute(bucket)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    runner.execute(bucket)
+                torch.cuda.synchronize()
+        per_kernel = collections.defaultdict(lambda: [0.0, 0])
+        for event in prof.events():
+            if event.device_type == torch.autograd.DeviceType.CUDA:
+                per_kernel[event.name][0] += event.device_time / 10
+                per_kernel[event.name][1] += 1 / 10
+        total = sum(t for t, _ in per_kernel.values())
+        top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:25]
+        rec.add({"part": "profile", "model": preset, **variant, "bucket": bucket,
+                 "kernel_us_per_step": round(total, 1), "kernels_per_step": round(sum(n for _, n in per_kernel.values())),
+                 "top": [{"kernel": name[:120], "us": round(t, 1), "calls": round(n)} for name, (t, n) in top]})
+    except Exception as e:
+        rec.add({"part": "profile", "model": preset, **variant, "error": repr(e)[:500]})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--preset", default="dit-10l")
+    parser.add_argument("--parts", nargs="+", default=["gemm", "latency", "forward", "profile"])
+    parser.add_argument("--variants", default='[{}, {"fused_adaln": true}, {"split_k": 4, "split_k_max_rows": 1024}, '
+                        '{"fused_adaln": true, "split_k": 4, "split_k_max_rows": 1024}, '
+                        '{"fused_adaln": true, "split_k": 2, "split_k_max_rows": 1024}, '
+                        '{"fused_adaln": true, "split_k": 8, "split_k_max_rows": 1024}]',
+                        help="JSON list of EngineConfig overrides on top of the baseline (all fast paths off)")
+    parser.add_argument("--chosen", default='{"fused_adaln": true, "split_k": 4, "split_k_max_rows": 1024}')
+    args = parser.parse_args(argv)
+    variants = [{**BASELINE, **v} for v in json.loads(args.variants)]
+    chosen = {**BASELINE, **json.loads(args.chosen)}
+    rec = Recorder(args.out, {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                              "preset": args.preset})
+    rec.path.rename(args.out / "latency_ab.jsonl")
+    rec.path = args.out / "latency_ab.jsonl"
+    peak = matmul_peak()
+    rec.add({"part": "peak", "fp16_tflops": round(peak / 1e12, 1)})
+    cfg = get_preset(args.preset)
+    if "gemm" in args.parts:
+        bench_gemm(rec, cfg, [256, 512, 1024, 2048, 4096])
+    if "latency" in args.parts:
+        bench_latency(rec, args.preset, variants)
+    if "forward" in args.parts:
+        bench_forward(rec, args.preset, [BASELINE, chosen], [16, 64, 256], peak)
+    if "profile" in args.parts:
+        for variant in (BASELINE, chosen):
+            profile_step(rec, args.preset, variant, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
