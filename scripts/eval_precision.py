@@ -6,6 +6,10 @@ to OUT/eval_precision.jsonl as soon as it is measured.
 
     python scripts/eval_precision.py checkpoints/digits-m.safetensors --device cuda     # GPU: all variants
     python scripts/eval_precision.py checkpoints/digits-m.safetensors --device cpu      # CPU: fp32 only
+    python scripts/eval_precision.py CKPT --variants bfloat16:compiled --compile-cache-dir /tmp/cache  # one variant
+
+With ``--compile-cache-dir``, a second run in a new process shows how quickly a restart with a warm compile cache
+starts (``warmup_s``).
 """
 
 from __future__ import annotations
@@ -51,17 +55,25 @@ def main() -> None:
     p.add_argument("checkpoint")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=os.environ.get("OUT", "out"))
+    p.add_argument("--variants", nargs="+", metavar="DTYPE[:compiled]",
+                   help="default: float32 on the CPU; float32, float16, bfloat16 eager and compiled on the GPU")
+    p.add_argument("--compile-cache-dir", help="inductor's cache (EngineConfig.compile_cache_dir)")
     args = p.parse_args()
     classifier = train_digit_classifier()
-    variants = [("float32", False)]
-    if args.device == "cuda":
-        variants += [("float16", False), ("bfloat16", False), ("float16", True), ("bfloat16", True)]
+    if args.variants:
+        variants = [(v.split(":")[0], v.endswith(":compiled")) for v in args.variants]
+    else:
+        variants = [("float32", False)]
+        if args.device == "cuda":
+            variants += [("float16", False), ("bfloat16", False), ("float16", True), ("bfloat16", True)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for dtype, compiled in variants:
         config = EngineConfig(device=args.device, dtype=dtype, compile=compiled, cuda_graphs=compiled,
-                              max_batch_size=256, max_queue_size=1024, max_images_per_request=10)
-        row = {"checkpoint": args.checkpoint, **run_variant(args.checkpoint, config, classifier)}
+                              max_batch_size=256, max_queue_size=1024, max_images_per_request=10,
+                              compile_cache_dir=args.compile_cache_dir)
+        row = {"checkpoint": args.checkpoint, "compile_cache_dir": args.compile_cache_dir,
+               **run_variant(args.checkpoint, config, classifier)}
         print(json.dumps(row), flush=True)
         with open(out / "eval_precision.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -74,7 +74,7 @@ def engine_alone(a, out: Path) -> dict:
         elapsed = time.perf_counter() - start
         images = result.images if result.images is not None else latents_to_uint8(result.latents)
         t1 = time.perf_counter()
-        encode_pngs(images)
+        png_b64_len = len(encode_pngs(images)[0])
         if i >= a.warmup:
             wall.append(elapsed)
             total.append(result.total_seconds)
@@ -89,7 +89,8 @@ def engine_alone(a, out: Path) -> dict:
         pass
     row = {"requests": len(wall), "steps": a.steps, "latency_p50_ms": 1000 * p(wall, 50),
            "latency_p95_ms": 1000 * p(wall, 95), "engine_total_p50_ms": 1000 * p(total, 50),
-           "png_encode_p50_ms": 1000 * p(png, 50), "png_encode_p95_ms": 1000 * p(png, 95)}
+           "png_encode_p50_ms": 1000 * p(png, 50), "png_encode_p95_ms": 1000 * p(png, 95),
+           "png_b64_len": png_b64_len}
     write(out, "engine_alone.json", row)
     return row
 
@@ -115,6 +116,63 @@ def handle_path(a, out: Path) -> dict:
     row = {"requests": len(lat), "latency_p50_ms": 1000 * p(lat, 50), "engine_p50_ms": 1000 * p(engine, 50),
            "overhead_p50_ms": 1000 * p(over, 50), "overhead_p95_ms": 1000 * p(over, 95)}
     write(out, "handle_path.json", row)
+    return row
+
+
+def ray_floor(a, out: Path, png_b64_len: int) -> dict:
+    """Ray Serve's own cost for our request shape, with none of our code: HTTP -> proxy -> a FastAPI ingress ->
+    a deployment handle -> a replica that returns a ready answer of the same size, and the handle hop alone."""
+    import http.client
+
+    from fastapi import FastAPI
+    from ray import serve
+
+    floor_api = FastAPI()
+    answer = {"created": 0, "data": [{"b64_json": "A" * png_b64_len}]}
+
+    @serve.deployment(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
+    class FloorModel:
+        async def generate(self, payload: dict) -> dict:
+            return {"result": answer}
+
+    @serve.deployment(max_ongoing_requests=2000, ray_actor_options={"num_cpus": 0})
+    @serve.ingress(floor_api)
+    class FloorGateway:
+        def __init__(self, model):
+            self.model = model
+
+        @floor_api.post("/v1/images/generations")
+        async def generate(self, body: dict) -> dict:
+            return (await self.model.generate.remote(body))["result"]
+
+    serve.run(FloorGateway.bind(FloorModel.bind()), name="floor", route_prefix="/floor")
+    handle = serve.get_deployment_handle("FloorModel", app_name="floor")
+    conn = http.client.HTTPConnection("127.0.0.1", a.port)
+    body = json.dumps({"model": a.model_name, "prompt": "3", "n": 1, "num_inference_steps": a.steps})
+
+    def over_http() -> None:
+        conn.request("POST", "/floor/v1/images/generations", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200, response.status
+
+    def timed(fn) -> list[float]:
+        for _ in range(a.warmup):
+            fn()
+        times = []
+        for _ in range(a.sequential):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return times
+
+    via_handle = timed(lambda: handle.generate.remote({}).result())
+    via_http = timed(over_http)
+    serve.delete("floor")
+    row = {"requests": a.sequential, "answer_bytes": png_b64_len,
+           "handle_p50_ms": 1000 * p(via_handle, 50), "handle_p95_ms": 1000 * p(via_handle, 95),
+           "http_p50_ms": 1000 * p(via_http, 50), "http_p95_ms": 1000 * p(via_http, 95)}
+    write(out, "ray_floor.json", row)
     return row
 
 
@@ -158,6 +216,7 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=20)
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--metrics-port", type=int, default=8080)
+    ap.add_argument("--gateway-replicas", type=int, default=1)
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     a.compile_cache_dir = a.compile_cache_dir if a.compile else None
@@ -171,7 +230,8 @@ def main() -> int:
     ray.init(address="local", include_dashboard=False, _metrics_export_port=a.metrics_port, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": a.port})
     t0 = time.perf_counter()
-    serve.run(build_app({"models": [model_args(a)], "limits": {"max_images_per_request": 8,
+    serve.run(build_app({"models": [model_args(a)], "gateway": {"num_replicas": a.gateway_replicas},
+                         "limits": {"max_images_per_request": 8,
                                                                "max_inference_steps": max(250, a.steps)}}),
               name="dit", route_prefix="/")
     log(f"served in {time.perf_counter() - t0:.1f} s (load, compile, graph capture)")
@@ -190,6 +250,10 @@ def main() -> int:
         "http_latency_vs_engine_alone_pct": 100 * (http["p50_ms"] - alone["latency_p50_ms"]) / alone["latency_p50_ms"],
         "target_pct": 10.0,
     }
+    floor = ray_floor(a, a.out, alone["png_b64_len"])
+    decomposition.update({"ray_floor_http_p50_ms": floor["http_p50_ms"],
+                          "ray_floor_handle_p50_ms": floor["handle_p50_ms"],
+                          "ours_over_ray_floor_p50_ms": http["overhead_p50_ms"] - floor["http_p50_ms"]})
     write(a.out, "overhead.json", decomposition)
     rows = loadgen(a, a.out, ["--rates", a.rates, "--duration", str(a.duration), "--warmup", "0"])
     occupancy = batch_occupancy(a)

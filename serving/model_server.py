@@ -128,7 +128,7 @@ class ModelServer:
     async def generate(self, payload: dict) -> dict:
         """Unary generation: ``{"result": ImagesResponse dict}`` or ``{"error": APIError dict}``."""
         try:
-            handle, scale = self._submit(payload)
+            handle, scale = self._submit(payload, progress=False)
             try:
                 result = await handle.result_async()
             except asyncio.CancelledError:  # the client went away: free its batch rows at the next step
@@ -163,7 +163,7 @@ class ModelServer:
             yield {"error": self._engine_error(e).to_dict()}
 
     # ---- internals ----------------------------------------------------------------------------------------------
-    def _submit(self, payload: dict):
+    def _submit(self, payload: dict, progress: bool = True):
         """Map a validated API payload to an engine request and submit it; raises APIError / EngineError."""
         if self.engine is None:
             raise APIError(503, self.load_error, code="model_unavailable", retry_after=30)
@@ -198,7 +198,7 @@ class ModelServer:
                                  or defaults["num_inference_steps"]),
             sampler=payload.get("sampler") or defaults["sampler"], guidance_scale=float(guidance),
             deadline=time.monotonic() + self._remaining(payload))
-        return self.engine.submit(request), scale
+        return self.engine.submit(request, progress=progress), scale
 
     def _remaining(self, payload: dict) -> float:
         """Seconds left of the request's deadline, which runs from its arrival at the gateway (wall clock, so it

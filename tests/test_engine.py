@@ -109,6 +109,14 @@ def test_stream_yields_every_step_then_the_images(engine):
     assert isinstance(events[-1], GenerationResult) and events[-1].seed == 0
 
 
+def test_a_handle_without_progress_yields_only_the_same_result(engine):
+    request = GenerationRequest(class_labels=[1], num_images=1, seed=0, num_inference_steps=7)
+    streamed = list(engine.submit(request))[-1]
+    events = list(engine.submit(request, progress=False))
+    assert len(events) == 1 and isinstance(events[0], GenerationResult)
+    assert np.array_equal(events[0].latents, streamed.latents)
+
+
 def test_async_iteration_streams_events():
     import asyncio
 

@@ -40,8 +40,9 @@ LATENT_DOWNSAMPLE = 8
 class RequestHandle:
     """A submitted request: iterate it for StepEvents and then its GenerationResult; ``cancel()`` to drop it."""
 
-    def __init__(self, request_id: str, engine: "Engine", state: RequestState):
+    def __init__(self, request_id: str, engine: "Engine", state: RequestState, progress: bool = True):
         self.request_id = request_id
+        self.progress = progress  # False: no StepEvents, only the result (no per-step wake-ups of the caller)
         self._engine = engine
         self._state = state
         self._items: queue.SimpleQueue = queue.SimpleQueue()
@@ -195,8 +196,12 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def submit(self, request: GenerationRequest) -> RequestHandle:
-        """Validate and queue a request; raises InvalidRequestError, QueueFullError or EngineStoppedError."""
+    def submit(self, request: GenerationRequest, progress: bool = True) -> RequestHandle:
+        """Validate and queue a request; raises InvalidRequestError, QueueFullError or EngineStoppedError.
+
+        With ``progress=False`` the handle yields only the result: a caller that waits for the images alone is
+        not woken once per step (under load that is a wake-up per request per step, on the caller's event loop).
+        """
         self._raise_if_stopped()
         cfg = self.info.config
         validate_request(request, cfg.num_classes, self.config, cfg.supports_guidance, self.native_resolution)
@@ -214,7 +219,7 @@ class Engine:
                 raise QueueFullError(f"the queue is full ({waiting} images waiting, limit "
                                      f"{self.config.max_queue_size}); retry later",
                                      retry_after=QUEUE_FULL_RETRY_AFTER_S)
-            handle = RequestHandle(request.request_id, self, state)
+            handle = RequestHandle(request.request_id, self, state, progress)
             self._handles[request.request_id] = handle
             self._inbox.append(state)
         self._wake()
@@ -305,9 +310,9 @@ class Engine:
             return
         finished = self.scheduler.update(plan)
         for state in plan.running:
-            if state.admitted_at is not None:
-                self._handles_push(state, StepEvent(state.request.request_id, state.step,
-                                                    state.request.num_inference_steps))
+            handle = self._handles.get(state.request.request_id)
+            if handle is not None and handle.progress and state.admitted_at is not None:
+                handle._push(StepEvent(state.request.request_id, state.step, state.request.num_inference_steps))
         for state in finished:
             self._pending.append(self._read(state))
         now = time.monotonic()
@@ -349,11 +354,6 @@ class Engine:
                                   total_seconds=time.monotonic() - state.submitted_at,
                                   latents=None if images is not None else samples.numpy())
         self._finish(state, result)
-
-    def _handles_push(self, state: RequestState, item) -> None:
-        handle = self._handles.get(state.request.request_id)
-        if handle is not None:
-            handle._push(item)
 
     def _finish(self, state: RequestState, outcome) -> None:
         handle = self._handles.pop(state.request.request_id, None)
