@@ -17,6 +17,11 @@ if ! python3 -c "import ray, fastapi, pydantic" 2>/dev/null; then
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}"   # the project is used from the working tree (not pip-installed)
 export RAY_USAGE_STATS_ENABLED=0
+# As the Docker image runs it (docs/benchmarks.md, "Serving over HTTP"); RAY_SERVE_TUNED=0 measures Ray's defaults.
+if [ "${RAY_SERVE_TUNED:-1}" = 1 ]; then
+    export RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=1
+    GATEWAYS=${GATEWAYS:-4}
+fi
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv" || true
 python3 -c "import sys, torch, ray, fastapi, pydantic; print(f'python {sys.version.split()[0]} torch {torch.__version__} \
@@ -26,7 +31,7 @@ status=0
 timeout --signal=INT 450 python3 scripts/serve_bench.py --out "$OUT" \
     --model-name dit-10l --preset dit-10l --device cuda --dtype float16 --compile --cuda-graphs \
     --max-batch-size 64 --max-queue-size 1024 --steps 25 --sequential 40 --warmup 5 \
-    --rates 8,32,128,256 --duration 15 2>&1 | tee "$OUT/serve_bench.log" || status=$?
+    --rates 8,32,128,256 --duration 10 --gateway-replicas "${GATEWAYS:-1}" 2>&1 | tee "$OUT/serve_bench.log" || status=$?
 python3 -c "import ray; ray.shutdown()" 2>/dev/null || true
 echo "[gpu_serve_bench] exit status $status; results in $OUT:" >&2
 ls -l "$OUT" >&2
