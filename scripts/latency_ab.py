@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                         '{"fused_adaln": true, "split_k": 2, "split_k_max_rows": 1024}, '
                         '{"fused_adaln": true, "split_k": 8, "split_k_max_rows": 1024}]',
                         help="JSON list of EngineConfig overrides on top of the baseline (all fast paths off)")
-    parser.add_argument("--chosen", default='{"fused_adaln": true, "split_k": 4, "split_k_max_rows": 1024}')
+    parser.add_argument("--chosen", default='{"fused_adaln": true, "split_k": 4, "split_k_max_rows": 512}',
+                        help="the variant the forward and profile parts compare with the baseline (the defaults)")
     args = parser.parse_args(argv)
     variants = [{**BASELINE, **v} for v in json.loads(args.variants)]
     chosen = {**BASELINE, **json.loads(args.chosen)}
