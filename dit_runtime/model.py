@@ -406,6 +406,10 @@ class DiTModel(nn.Module):
         out = F.linear(F.silu(c), self.adaln_weight, self.adaln_bias)  # (N, sum of 6D per block + 2D)
         return out.split([layer.out_features for layer in self._adaln_layers()], dim=1)
 
+    def can_split_k(self, splits: int) -> bool:
+        """Whether ``splits`` divides both reductions that split-K cuts (attn.proj's and fc2's)."""
+        return self.config.hidden_dim % splits == 0 and self.config.ffn_dim % splits == 0
+
     @torch.no_grad()
     def optimize_for_inference(self, *, fused_mlp_epilogue: bool = False, fused_adaln: bool = False,
                                split_k: int = 1, split_k_max_rows: int = 0) -> "DiTModel":
@@ -419,11 +423,9 @@ class DiTModel(nn.Module):
           ``split_k`` chunks when a forward has at most ``split_k_max_rows`` token rows.
         Training (grad enabled) ignores all of them, so the math there is untouched.
         """
-        if split_k > 1:
-            for k in (self.config.hidden_dim, self.config.ffn_dim):
-                if k % split_k:
-                    raise ValueError(f"split_k must divide hidden_dim and ffn_dim ({self.config.hidden_dim}, "
-                                     f"{self.config.ffn_dim}), got {split_k}")
+        if not self.can_split_k(split_k):
+            raise ValueError(f"split_k must divide hidden_dim and ffn_dim ({self.config.hidden_dim}, "
+                             f"{self.config.ffn_dim}), got {split_k}")
         for block in self.blocks:
             block.mlp.fused_epilogue = fused_mlp_epilogue
             for module in (block.attn, block.mlp):

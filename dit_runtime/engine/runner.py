@@ -48,9 +48,8 @@ class ModelRunner:
         # Split-K only on CUDA (on the CPU a request must take the same GEMM path alone and in a full batch), and
         # only where it divides both reductions.
         split_k = config.split_k if cuda else 1
-        if split_k > 1 and (model.config.hidden_dim % split_k or model.config.ffn_dim % split_k):
-            log.info("split_k %d does not divide hidden_dim %d and ffn_dim %d; not splitting", split_k,
-                     model.config.hidden_dim, model.config.ffn_dim)
+        if not self.model.can_split_k(split_k):
+            log.info("split_k %d does not divide this model's reductions; not splitting", split_k)
             split_k = 1
         self.model.optimize_for_inference(fused_mlp_epilogue=config.fused_mlp_epilogue and cuda,
                                           fused_adaln=config.fused_adaln, split_k=split_k,
