@@ -7,7 +7,8 @@
 2. The same model served by Ray Serve (``build_app``): one-image requests one at a time through a deployment
    handle (Ray's RPC to the replica + PNG encoding) and over HTTP (+ Ray's proxy + the FastAPI gateway).
    Each answer carries the engine's own time for that request, so overhead = latency - engine time.
-3. ``scripts/loadgen.py`` at each ``--rates`` (Poisson arrivals), then the mean batch occupancy from the metrics.
+3. ``scripts/loadgen.py`` at each ``--rates`` (Poisson arrivals), one phase per rate, each with its own mean batch
+   occupancy (real rows / max rows per step) from the metrics.
 Every result is written to ``--out`` as soon as it exists (``*.json`` / ``loadgen.jsonl``); ``summary.json`` last.
 """
 
@@ -192,7 +193,8 @@ def batch_occupancy(a) -> dict:
         for part in sums:
             if line.startswith(f"ray_dit_batch_occupancy_ratio_{part}{{"):
                 sums[part] += float(line.rsplit(" ", 1)[1])
-    return {"steps": sums["count"], "mean_batch_occupancy": sums["sum"] / sums["count"] if sums["count"] else None}
+    return {"steps": sums["count"], "occupancy_sum": sums["sum"],
+            "mean_batch_occupancy": sums["sum"] / sums["count"] if sums["count"] else None}
 
 
 def main() -> int:
@@ -217,6 +219,8 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--metrics-port", type=int, default=8080)
     ap.add_argument("--gateway-replicas", type=int, default=1)
+    ap.add_argument("--metrics-settle-s", type=float, default=12.0,
+                    help="wait after each load phase before reading the occupancy (Ray exports metrics every ~10 s)")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     a.compile_cache_dir = a.compile_cache_dir if a.compile else None
@@ -255,7 +259,19 @@ def main() -> int:
                           "ray_floor_handle_p50_ms": floor["handle_p50_ms"],
                           "ours_over_ray_floor_p50_ms": http["overhead_p50_ms"] - floor["http_p50_ms"]})
     write(a.out, "overhead.json", decomposition)
-    rows = loadgen(a, a.out, ["--rates", a.rates, "--duration", str(a.duration), "--warmup", "0"])
+    # One load phase per rate, with the batch occupancy of that phase alone: the difference of the histogram's
+    # sum and count around it, read after Ray's metrics export has caught up (--metrics-settle-s).
+    rows = []
+    before = batch_occupancy(a)
+    for rate in a.rates.split(","):
+        row = loadgen(a, a.out, ["--rates", rate, "--duration", str(a.duration), "--warmup", "0"])[0]
+        time.sleep(a.metrics_settle_s)
+        after = batch_occupancy(a)
+        steps = after["steps"] - before["steps"]
+        row["engine_steps"] = steps
+        row["mean_batch_occupancy"] = (after["occupancy_sum"] - before["occupancy_sum"]) / steps if steps else None
+        rows.append(row)
+        before = after
     occupancy = batch_occupancy(a)
     write(a.out, "occupancy.json", occupancy)
     write(a.out, "summary.json", {"overhead": decomposition, "load": rows, "occupancy": occupancy})
