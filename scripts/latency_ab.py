@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dit_runtime.cli.bench import Recorder, _bench_info, cuda_time, matmul_peak, random_dit  # noqa: E402
+from dit_runtime.cli.bench import Recorder, _bench_info, cuda_time, fill_rows, matmul_peak, random_dit  # noqa: E402
 from dit_runtime.engine import Engine, EngineConfig, GenerationRequest  # noqa: E402
 from dit_runtime.engine.runner import ModelRunner  # noqa: E402
 from dit_runtime.model import get_preset, split_k_linear  # noqa: E402
@@ -124,10 +124,7 @@ def runner_for(preset: str, variant: dict, batches: list[int]) -> ModelRunner:
                          clip_denoised=False)
     runner.warm_up()
     runner.layout.zero_()
-    b = max(batches)
-    for i in (0, 1, 3, 4):  # b images in slots 0..b-1, one row each
-        runner.layout[i, :b] = torch.arange(b)
-    runner.num_steps.fill_(10 ** 6)  # never finishes, so every step does real work
+    fill_rows(runner, max(batches))
     return runner
 
 
@@ -147,11 +144,11 @@ def bench_forward(rec: Recorder, preset: str, variants: list[dict], batches: lis
         torch.cuda.empty_cache()
 
 
-def profile_step(rec: Recorder, preset: str, variant: dict, out: Path, bucket: int = 2) -> None:
+def profile_step(rec: Recorder, preset: str, variant: dict, bucket: int = 2) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     try:
-        runner = runner_for(preset, {**variant}, [bucket])
+        runner = runner_for(preset, variant, [bucket])
         runner._graphs.clear()  # profile the compiled step itself: kernels are named, not one graph launch
         with torch.inference_mode():
             for _ in range(5):
@@ -191,9 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = [{**BASELINE, **v} for v in json.loads(args.variants)]
     chosen = {**BASELINE, **json.loads(args.chosen)}
     rec = Recorder(args.out, {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                              "preset": args.preset})
-    rec.path.rename(args.out / "latency_ab.jsonl")
-    rec.path = args.out / "latency_ab.jsonl"
+                              "preset": args.preset}, name="latency_ab.jsonl")
     peak = matmul_peak()
     rec.add({"part": "peak", "fp16_tflops": round(peak / 1e12, 1)})
     cfg = get_preset(args.preset)
@@ -205,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_forward(rec, args.preset, [BASELINE, chosen], [16, 64, 256], peak)
     if "profile" in args.parts:
         for variant in (BASELINE, chosen):
-            profile_step(rec, args.preset, variant, args.out)
+            profile_step(rec, args.preset, variant)
     return 0
 
 

@@ -34,9 +34,9 @@ DIFFUSERS_NAMES = ("diffusers-eager", "diffusers-compile", "ours-eager", "ours-c
 class Recorder:
     """Appends each result row to a JSONL file as soon as it exists, and keeps them for the summary."""
 
-    def __init__(self, out: Path, meta: dict):
+    def __init__(self, out: Path, meta: dict, name: str = "bench.jsonl"):
         out.mkdir(parents=True, exist_ok=True)
-        self.path = out / "bench.jsonl"
+        self.path = out / name
         self.rows: list[dict] = []
         self.meta = meta
         self.add({"part": "meta", **meta})
@@ -69,6 +69,13 @@ def matmul_peak(dtype=torch.float16, n: int = 8192) -> float:
     a, b = torch.randn(n, n, device="cuda", dtype=dtype), torch.randn(n, n, device="cuda", dtype=dtype)
     seconds = cuda_time(lambda: a @ b, iters=10)
     return 2 * n ** 3 / seconds
+
+
+def fill_rows(runner, rows: int) -> None:
+    """Lay out ``rows`` images in slots 0..rows-1, one row each, that never finish: every step does real work."""
+    for i in (0, 1, 3, 4):  # image_slot, row_image, cond_row, uncond_row
+        runner.layout[i, :rows] = torch.arange(rows)
+    runner.num_steps.fill_(10 ** 6)
 
 
 def random_dit(preset: str, dtype) -> DiTModel:
@@ -135,11 +142,7 @@ def bench_forward(rec: Recorder, preset: str, batches: list[int], setups: list[s
                 runner.layout.zero_()
 
                 def make(b, runner=runner):
-                    runner.layout[0, :b] = torch.arange(b)  # b images in slots 0..b-1, one row each
-                    runner.layout[1, :b] = torch.arange(b)
-                    runner.layout[3, :b] = torch.arange(b)
-                    runner.layout[4, :b] = torch.arange(b)
-                    runner.num_steps.fill_(10 ** 6)  # never finishes, so every step does real work
+                    fill_rows(runner, b)
                     return lambda: runner.execute(b)
             for b in batches:
                 call = make(b)
