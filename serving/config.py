@@ -15,6 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
+def model_deployment_name(model: str) -> str:
+    """The Ray Serve deployment name of a model (what `serve status` and the ``deployment`` metric tag show)."""
+    return f"model-{model}"
+
+
 class _Args(BaseModel):
     # Unknown keys are errors: a typo in the YAML must not silently fall back to a default.
     model_config = ConfigDict(extra="forbid", protected_namespaces=())

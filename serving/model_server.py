@@ -1,5 +1,8 @@
 """The per-model Ray Serve deployment: owns one Engine, turns API payloads into engine requests, encodes PNGs.
 
+``ModelServer`` is called by the gateway through a deployment handle. ``ModelIngress`` is the same replica serving
+the HTTP API itself, for its one model (``app.build_model_app``): no gateway, no handle hop.
+
 Batching happens inside the engine (step-level, across every admitted request), so this class takes requests one by
 one (no ``@serve.batch``) and Ray's ``max_ongoing_requests`` is set high enough not to cap the engine's batch.
 Errors come back as ``{"error": APIError.to_dict()}`` values rather than raised exceptions, so the gateway gets the
@@ -26,8 +29,11 @@ from dit_runtime.engine import (DeadlineExceededError, Engine, EngineError, Engi
 
 from dit_runtime.vae import LatentDecoder
 
-from .config import Limits, ModelArgs
+from ray import serve
+
+from .config import AuthArgs, Limits, ModelArgs
 from .errors import APIError, invalid
+from .frontend import Frontend, make_api
 from .manifest import verify_checkpoint
 from .metrics import EngineMetrics
 from .protocol import DEADLINE_KEY, upscale_factor
@@ -262,3 +268,30 @@ def latents_to_uint8(latents: np.ndarray) -> np.ndarray:
     benchmarks of latent-space models (random weights); real images need the VAE decoder."""
     x = np.clip(latents, -1.0, 1.0)
     return np.round((x + 1.0) * 127.5).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+model_api = make_api("Class-conditional DiT image generation behind OpenAI's images API (one model, served by "
+                     "its own replicas).")
+
+
+# Last in the module: serve.ingress pickles the app when it is decorated, so every helper it uses must exist.
+@serve.ingress(model_api)
+class ModelIngress(ModelServer, Frontend):
+    """One model serving the HTTP API from its own replicas: the request goes from Ray's HTTP ingress straight to
+    the engine in this process. Its queue bound (``max_queue_size``) is the admission control: past it, 429."""
+
+    def __init__(self, args: ModelArgs, limits: Limits, auth: AuthArgs):
+        ModelServer.__init__(self, args, limits)
+        Frontend.__init__(self, [args.name], limits, auth)
+
+    async def _call_unary(self, model: str, payload: dict) -> dict:
+        return await self.generate(payload)
+
+    def _open_stream(self, model: str, payload: dict):
+        return self.generate_stream(payload)
+
+    async def _describe(self, model: str) -> dict:
+        return await self.describe()
+
+    async def _ready(self, model: str) -> dict:
+        return await self.ready()

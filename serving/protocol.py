@@ -93,6 +93,8 @@ class Timings(BaseModel):
     queue_seconds: float
     denoise_seconds: float
     engine_seconds: float
+    server_seconds: float | None = Field(None, description="time inside the API route that answered, from the "
+                                                          "validated request to the response (engine included)")
 
 
 class ImagesResponse(BaseModel):

@@ -1,0 +1,118 @@
+"""One application per model, each model's replicas serving the API themselves (``build_model_app``), and the
+gateway as an application of its own (``build_gateway_app``), under Ray Serve's direct ingress with HAProxy in
+front (what serve_config.gpu.yaml runs): the layout that takes Ray's Python proxy and the handle hop off the path.
+Real Ray Serve, the real HAProxy binary that ray[serve] installs, the official openai client."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+from serve_helpers import free_port, model_args
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+
+from serving.app import build_gateway_app, build_model_app  # noqa: E402
+
+LIMITS = {"max_images_per_request": 4, "max_inference_steps": 60, "max_body_bytes": 4096,
+          "default_inference_steps": 8}
+# Read by Ray Serve's controller when it starts: set before ray.init, restored after the module.
+DIRECT_INGRESS_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
+
+@pytest.fixture(scope="module")
+def base(checkpoints):
+    saved = {k: os.environ.get(k) for k in DIRECT_INGRESS_ENV}
+    os.environ.update(DIRECT_INGRESS_ENV)
+    try:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        models = [model_args("digits-s", checkpoints["digits-s"]), model_args("digits-m", checkpoints["digits-m"])]
+        for m in models:
+            serve.run(build_model_app({"limits": LIMITS, "models": [m]}), name=m["name"],
+                      route_prefix=f"/models/{m['name']}")
+        serve.run(build_gateway_app({"limits": LIMITS, "models": models}), name="dit", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+        serve.shutdown()
+        ray.shutdown()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def decode(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
+
+
+def test_no_python_proxy_runs_haproxy_does(base):
+    """The layout under test really is direct ingress: the process that listens on Serve's HTTP port is HAProxy
+    (Ray's Python proxy only manages it), and the model replicas listen on ports of their own."""
+    import psutil
+    port = int(base.rsplit(":", 1)[1])
+    listeners = {c.laddr.port: c.pid for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+    assert psutil.Process(listeners[port]).name() == "haproxy"
+    replica_pids = {serve.get_deployment_handle("model-digits-s", app_name=m).replica_pid.remote().result()
+                    for m in ("digits-s",)}
+    assert any(pid in replica_pids for pid in listeners.values())  # the replica's own uvicorn
+    assert httpx.get(base + "/healthz", timeout=30).status_code == 200
+
+
+def test_model_route_and_gateway_give_the_same_images(base):
+    """The openai client at the model's own URL and at the gateway's: same request, same seed, same PNGs."""
+    direct = openai.OpenAI(base_url=base + "/models/digits-m/v1", api_key="unused")
+    gateway = openai.OpenAI(base_url=base + "/v1", api_key="unused")
+    kwargs = dict(model="digits-m", prompt="7", n=2, response_format="b64_json",
+                  extra_body={"seed": 4, "num_inference_steps": 6})
+    one, two = direct.images.generate(**kwargs), gateway.images.generate(**kwargs)
+    assert [d.b64_json for d in one.data] == [d.b64_json for d in two.data]
+    images = [decode(d.b64_json) for d in one.data]
+    assert images[0].shape == (16, 16) and not np.array_equal(images[0], images[1])
+
+
+def test_model_route_serves_only_its_model(base):
+    http = httpx.Client(base_url=base + "/models/digits-s", timeout=60)
+    r = http.post("/v1/images/generations", json={"model": "digits-m", "prompt": "3"})
+    err = r.json()["error"]
+    assert r.status_code == 404 and err["param"] == "model" and "digits-s" in err["message"]
+    listed = http.get("/v1/models").json()["data"]
+    assert [m["id"] for m in listed] == ["digits-s"] and listed[0]["status"] == "ready"
+    ready = http.get("/readyz").json()
+    assert ready["status"] == "ready" and list(ready["models"]) == ["digits-s"] and ready["models"]["digits-s"]["ready"]
+    assert http.post("/v1/images/generations", json={"prompt": "3", "seed": 1}).status_code == 200  # model optional
+
+
+def test_model_route_validates_like_the_gateway(base):
+    http = httpx.Client(base_url=base + "/models/digits-s", timeout=60)
+    r = http.post("/v1/images/generations", json={"model": "digits-s", "prompt": "3", "num_inference_steps": 61})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "num_inference_steps" and "60" in r.text
+    r = http.post("/v1/images/generations", json={"model": "digits-s", "prompt": "elephant"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "three" in r.text
+    r = http.post("/v1/images/generations", content=b"{" + b" " * 5000 + b"}",
+                  headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_model_route_streams_progress_then_the_images(base):
+    body = {"model": "digits-s", "prompt": "2", "seed": 9, "num_inference_steps": 5}
+    events = []
+    with httpx.stream("POST", base + "/models/digits-s/v1/images/generations", json={**body, "stream": True},
+                      timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    parsed = [json.loads(e) for e in events[:-1]]
+    assert [(e["type"], e["step"]) for e in parsed[:-1]] == [("image_generation.progress", k) for k in range(1, 6)]
+    unary = httpx.post(base + "/models/digits-s/v1/images/generations", json=body, timeout=60).json()
+    assert parsed[-1]["type"] == "image_generation.completed" and parsed[-1]["data"] == unary["data"]
