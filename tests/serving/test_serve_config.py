@@ -23,6 +23,10 @@ def app_args(path: str) -> dict:
     return yaml.safe_load((ROOT / path).read_text())["applications"][0]["args"]
 
 
+def every_app_args(path: str) -> list[dict]:
+    return [app["args"] for app in yaml.safe_load((ROOT / path).read_text())["applications"]]
+
+
 def error_of(raw: dict) -> str:
     with pytest.raises(ValueError) as e:
         AppArgs.parse(raw)
@@ -31,30 +35,45 @@ def error_of(raw: dict) -> str:
 
 @pytest.mark.parametrize("config", ["serve_config.yaml", "serve_config.gpu.yaml"])
 def test_shipped_configs_validate_once_their_checkpoints_exist(config, ckpt, tmp_path, monkeypatch):
-    raw = app_args(config)
-    for m in raw["models"]:
-        target = tmp_path / m["checkpoint"]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ckpt, target)
-        if "vae" in m:  # latent models name the VAE folder that decodes them
-            (tmp_path / m["vae"]).mkdir(parents=True, exist_ok=True)
-            (tmp_path / m["vae"] / "config.json").write_text("{}")
-    monkeypatch.chdir(tmp_path)  # relative checkpoint paths resolve against the start directory
-    args = AppArgs.parse(raw)
-    assert [m.name for m in args.models] == [m["name"] for m in raw["models"]]
-    for m in args.models:
-        assert Path(m.checkpoint).is_absolute() and Path(m.checkpoint).is_file()
-        # Ray's router must never hold fewer requests than fill the engine's batch.
-        assert m.ongoing_requests_cap >= m.max_batch_size
-        assert m.ray_autoscaling_config()["target_ongoing_requests"] <= m.ongoing_requests_cap
+    for raw in every_app_args(config):
+        for m in raw["models"]:
+            target = tmp_path / m["checkpoint"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ckpt, target)
+            if "vae" in m:  # latent models name the VAE folder that decodes them
+                (tmp_path / m["vae"]).mkdir(parents=True, exist_ok=True)
+                (tmp_path / m["vae"] / "config.json").write_text("{}")
+        monkeypatch.chdir(tmp_path)  # relative checkpoint paths resolve against the start directory
+        args = AppArgs.parse(raw)
+        assert [m.name for m in args.models] == [m["name"] for m in raw["models"]]
+        for m in args.models:
+            assert Path(m.checkpoint).is_absolute() and Path(m.checkpoint).is_file()
+            # Ray's router must never hold fewer requests than fill the engine's batch.
+            assert m.ongoing_requests_cap >= m.max_batch_size
+            assert m.ray_autoscaling_config()["target_ongoing_requests"] <= m.ongoing_requests_cap
 
 
 def test_gpu_config_deploys_the_three_sizes_on_gpus_in_fp16_with_cuda_graphs():
-    models = app_args("serve_config.gpu.yaml")["models"]
-    assert [m["name"] for m in models] == ["dit-10l", "dit-8l", "dit-6l"]
-    for m in models:
-        assert m["device"] == "cuda" and m["num_gpus"] > 0 and m["dtype"] == "float16"
+    apps = yaml.safe_load((ROOT / "serve_config.gpu.yaml").read_text())["applications"]
+    *model_apps, gateway = apps
+    names = ["dit-10l", "dit-8l", "dit-6l"]
+    # One application per model, named after it (the gateway finds it by that name), serving its own route.
+    assert [a["name"] for a in model_apps] == names
+    for app, name in zip(model_apps, names):
+        assert app["import_path"] == "serving.app:build_model_app" and app["route_prefix"] == f"/models/{name}"
+        [m] = app["args"]["models"]
+        assert m["name"] == name and m["device"] == "cuda" and m["num_gpus"] > 0 and m["dtype"] == "float16"
         assert m["compile"] and m["cuda_graphs"] and m["checkpoint"] and not m.get("allow_random_weights")
+    assert gateway["import_path"] == "serving.app:build_gateway_app" and gateway["route_prefix"] == "/"
+    assert gateway["args"]["models"] == [a["args"]["models"][0] for a in model_apps]
+    assert all(a["args"]["limits"] == gateway["args"]["limits"] for a in model_apps)
+    assert sum(a["args"]["models"][0]["num_gpus"] for a in model_apps) <= 1.0  # the three fit one GPU
+
+
+def test_model_app_builder_takes_exactly_one_model(ckpt):
+    from serving.app import build_model_app
+    with pytest.raises(ValueError, match=r"models: build_model_app serves exactly one model, got 2 \(a, b\)"):
+        build_model_app({"models": [model_args("a", ckpt), model_args("b", ckpt)]})
 
 
 def test_cpu_config_fits_two_cores_at_max_replicas():
@@ -115,9 +134,9 @@ def test_kuberay_manifest_embeds_the_gpu_config():
     assert manifest["kind"] == "RayService" and manifest["apiVersion"] == "ray.io/v1"
     embedded = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"]
     shipped = yaml.safe_load((ROOT / "serve_config.gpu.yaml").read_text())["applications"]
-    for m in shipped[0]["args"]["models"]:
-        m["checkpoint"] = "/app/" + m["checkpoint"]
-        m["vae"] = "/app/" + m["vae"]
+    for app in shipped:
+        app["args"]["models"] = [{**m, "checkpoint": "/app/" + m["checkpoint"], "vae": "/app/" + m["vae"]}
+                                 for m in app["args"]["models"]]
     assert embedded == shipped
     head = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]
     assert head["metrics-export-port"] == "8080"
