@@ -16,7 +16,7 @@ from ray.serve.handle import DeploymentHandle
 
 from .config import AppArgs, model_deployment_name
 from .errors import APIError
-from .frontend import DEADLINE_GRACE_S, DEADLINE_KEY, Frontend, _unavailable, make_api
+from .frontend import DEADLINE_GRACE_S, DEADLINE_KEY, RETRY_AFTER_UNAVAILABLE_S, Frontend, _unavailable, make_api
 
 log = logging.getLogger("ray.serve")
 
@@ -49,12 +49,6 @@ class Admission:
 
 
 
-def model_handles(args: AppArgs) -> dict[str, DeploymentHandle]:
-    """Handles of models deployed as applications of their own (``app.build_gateway_app``): the application and
-    its deployment are named after the model (``app.model_deployment_name``)."""
-    return {m.name: serve.get_deployment_handle(model_deployment_name(m.name), app_name=m.name) for m in args.models}
-
-
 gateway_api = make_api("Class-conditional DiT image generation behind OpenAI's images API (every model).")
 
 
@@ -65,11 +59,30 @@ class Gateway(Frontend):
 
     def __init__(self, args: AppArgs, models: dict[str, DeploymentHandle] | None = None):
         """``models``: handles bound in the same application (``build_app``); None: models deployed as their
-        own applications, found by name (``build_gateway_app``)."""
+        own applications (``build_gateway_app``), found by name when first asked for, so the gateway starts
+        whatever order Ray deploys the applications in."""
         super().__init__([m.name for m in args.models], args.limits, args.auth)
-        self.models = models if models is not None else model_handles(args)
+        self.models: dict[str, DeploymentHandle] = dict(models or {})
         self.admission = Admission(args)
         self._cards: dict[str, dict] = {}  # describe() answers of loaded models (they do not change)
+
+    async def _resolve(self, model: str) -> DeploymentHandle:
+        """The model's handle; for a model application, looked up by name (the application and its deployment are
+        named after the model, ``config.model_deployment_name``) the first time it is needed."""
+        handle = self.models.get(model)
+        if handle is None:
+            name = model_deployment_name(model)
+            try:  # asks the controller whether it exists: off the event loop
+                handle = await asyncio.to_thread(serve.get_deployment_handle, name, model)
+            except Exception as e:
+                raise APIError(503, f"model {model!r} is not deployed: no application {model!r} with a deployment "
+                                    f"{name!r} ({type(e).__name__}); retry after the Retry-After delay"[:1000],
+                               code="model_unavailable", retry_after=RETRY_AFTER_UNAVAILABLE_S) from None
+            self.models[model] = handle
+        return handle
+
+    async def _before_call(self, model: str) -> None:
+        await self._resolve(model)
 
     def _admit(self, model: str) -> None:
         self.admission.enter(model)
@@ -83,7 +96,10 @@ class Gateway(Frontend):
         for attempt in (1, 2):
             try:
                 remaining = payload[DEADLINE_KEY] - time.time() + DEADLINE_GRACE_S
-                return await asyncio.wait_for(self.models[model].generate.remote(payload), remaining)
+                handle = await self._resolve(model)
+                return await asyncio.wait_for(handle.generate.remote(payload), remaining)
+            except APIError:
+                raise
             except RayActorError as e:
                 if attempt == 2:
                     raise _unavailable(model, e)
@@ -98,7 +114,8 @@ class Gateway(Frontend):
         if model in self._cards:
             return self._cards[model]
         try:
-            card = await asyncio.wait_for(self.models[model].describe.remote(), DESCRIBE_TIMEOUT_S)
+            handle = await self._resolve(model)
+            card = await asyncio.wait_for(handle.describe.remote(), DESCRIBE_TIMEOUT_S)
         except Exception as e:
             return {"id": model, "created": int(time.time()), "status": "unavailable",
                     "detail": f"no replica answered: {e!r}"[:500]}
@@ -108,13 +125,16 @@ class Gateway(Frontend):
 
     async def _ready(self, model: str) -> dict:
         try:
-            return await asyncio.wait_for(self.models[model].ready.remote(), READY_TIMEOUT_S)
+            handle = await self._resolve(model)
+            return await asyncio.wait_for(handle.ready.remote(), READY_TIMEOUT_S)
+        except APIError as e:
+            return {"ready": False, "detail": e.message}
         except Exception as e:
             return {"ready": False, "detail": await self._why_unavailable(model, e)}
 
     async def _why_unavailable(self, model: str, e: Exception) -> str:
         """Ray's own account of a deployment with no running replica (e.g. its health check naming a bad file)."""
-        handle = self.models[model]
+        handle = self.models.get(model)
         try:
             status = await asyncio.to_thread(serve.status)
             deployment = status.applications[handle.app_name].deployments[handle.deployment_name]

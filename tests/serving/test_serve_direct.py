@@ -41,6 +41,9 @@ def base(checkpoints):
             serve.run(build_model_app({"limits": LIMITS, "models": [m]}), name=m["name"],
                       route_prefix=f"/models/{m['name']}")
         serve.run(build_gateway_app({"limits": LIMITS, "models": models}), name="dit", route_prefix="/")
+        # A gateway naming a model whose application is not deployed: it starts all the same.
+        orphan = [model_args("digits-x", checkpoints["digits-s"])]
+        serve.run(build_gateway_app({"limits": LIMITS, "models": orphan}), name="orphan", route_prefix="/orphan")
         yield f"http://127.0.0.1:{port}"
         serve.shutdown()
         ray.shutdown()
@@ -63,9 +66,8 @@ def test_no_python_proxy_runs_haproxy_does(base):
     port = int(base.rsplit(":", 1)[1])
     listeners = {c.laddr.port: c.pid for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
     assert psutil.Process(listeners[port]).name() == "haproxy"
-    replica_pids = {serve.get_deployment_handle("model-digits-s", app_name=m).replica_pid.remote().result()
-                    for m in ("digits-s",)}
-    assert any(pid in replica_pids for pid in listeners.values())  # the replica's own uvicorn
+    replica_pid = serve.get_deployment_handle("model-digits-s", app_name="digits-s").replica_pid.remote().result()
+    assert replica_pid in listeners.values()  # the model replica's own HTTP server
     assert httpx.get(base + "/healthz", timeout=30).status_code == 200
 
 
@@ -116,3 +118,12 @@ def test_model_route_streams_progress_then_the_images(base):
     assert [(e["type"], e["step"]) for e in parsed[:-1]] == [("image_generation.progress", k) for k in range(1, 6)]
     unary = httpx.post(base + "/models/digits-s/v1/images/generations", json=body, timeout=60).json()
     assert parsed[-1]["type"] == "image_generation.completed" and parsed[-1]["data"] == unary["data"]
+
+
+def test_gateway_answers_503_for_a_model_application_that_is_not_deployed(base):
+    r = httpx.post(base + "/orphan/v1/images/generations", json={"model": "digits-x", "prompt": "3"}, timeout=60)
+    err = r.json()["error"]
+    assert r.status_code == 503 and err["code"] == "model_unavailable" and "Retry-After" in r.headers
+    assert "no application 'digits-x'" in err["message"]
+    ready = httpx.get(base + "/orphan/readyz", timeout=60)
+    assert ready.status_code == 503 and not ready.json()["models"]["digits-x"]["ready"]
