@@ -28,6 +28,9 @@ class EngineConfig:
     max_inference_steps: int = 1000
     compile: bool = False  # torch.compile the step function
     compile_dynamic: bool = True  # one compiled graph with a symbolic batch size serves every bucket
+    # Inductor options for that compile (torch.compile's ``options``), e.g. {"max_autotune": True}: its GEMM search
+    # takes minutes per model, so it is off by default (docs/benchmarks.md has what it buys).
+    compile_options: dict | None = field(default=None, hash=False)
     fused_mlp_epilogue: bool = True  # on CUDA: bias + GELU inside the fc1 GEMM (cuBLASLt epilogue)
     fused_adaln: bool = True  # every block's adaLN modulation in one GEMM per step
     split_k: int = 4  # on CUDA: split the reduction of attn.proj and fc2 into this many chunks ...
