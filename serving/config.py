@@ -90,6 +90,8 @@ class ModelArgs(_Args):
     max_queue_size: int = Field(256, ge=1, description="images waiting for a batch slot; past it, 429")
     batch_buckets: list[int] | None = None
     compile_cache_dir: str | None = None
+    compile_options: dict | None = Field(None, description="inductor options for the engine's torch.compile, e.g. "
+                                                           "{max_autotune: true} (minutes of GEMM search at start)")
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     # Ray's router may hold at most this many requests on a replica. The default leaves room for a full batch plus
@@ -159,7 +161,7 @@ class ModelArgs(_Args):
                             max_inference_steps=limits.max_inference_steps, compile=self.compile,
                             cuda_graphs=self.cuda_graphs,
                             batch_buckets=tuple(self.batch_buckets) if self.batch_buckets else None,
-                            compile_cache_dir=self.compile_cache_dir)
+                            compile_cache_dir=self.compile_cache_dir, compile_options=self.compile_options)
 
     @property
     def ongoing_requests_cap(self) -> int:

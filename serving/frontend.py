@@ -39,8 +39,8 @@ log = logging.getLogger("ray.serve")
 
 UNKNOWN_MODEL = "unknown"  # metrics label of requests for no configured model (bounded label values)
 RETRY_AFTER_UNAVAILABLE_S = 2.0
-# The gateway stops waiting for a model this long after the request's deadline, in case the replica cannot answer
-# at all (the engine itself answers 504 at the deadline; this only bounds a hung or unreachable replica).
+# The API stops waiting for a model this long after the request's deadline, in case it cannot answer at all (the
+# engine itself answers 504 at the deadline; this only bounds a hung engine or an unreachable replica).
 DEADLINE_GRACE_S = 5.0
 PROTECTED_PREFIX = "/v1/"  # what API keys guard; /healthz, /readyz and /openapi.json stay open
 
@@ -192,6 +192,7 @@ async def _sse_events(model: str, first: dict, gen, metrics: GatewayMetrics, sta
     Module level on purpose: Ray pickles the ingress class by value, and a closure inside it would lose its globals.
     """
     status = 200
+    done = False
     try:
         item = first
         while True:
@@ -211,9 +212,18 @@ async def _sse_events(model: str, first: dict, gen, metrics: GatewayMetrics, sta
                 break
             except Exception as e:
                 item = {"error": _handle_error(model, e).to_dict()}
+        done = True
         yield "data: [DONE]\n\n"
+    except (asyncio.CancelledError, GeneratorExit):  # the client went away mid-stream
+        status = 499
+        raise
     finally:
         metrics.record(model, status, time.perf_counter() - started)
+        if not done:  # stop the model's work: a handle's stream is cancelled, an in-process generator closed
+            if hasattr(gen, "cancel"):
+                gen.cancel()
+            elif hasattr(gen, "aclose"):
+                await gen.aclose()
 
 
 def _sse(event: str, data: dict) -> str:
@@ -239,8 +249,6 @@ def _handle_error(model: str, e: Exception) -> APIError:
         return APIError(504, f"model {model!r} did not answer within the request's deadline", code="deadline_exceeded")
     log.exception("request to model %r failed", model)
     return APIError(500, f"model {model!r} failed: {type(e).__name__}: {e}"[:1000], code="internal_error")
-
-
 
 
 def _not_found(model: str, served: list[str]) -> APIError:
@@ -325,6 +333,10 @@ class Frontend(abc.ABC):
         except asyncio.CancelledError:  # the client went away; the model call is cancelled, freeing its batch rows
             status = 499
             raise
+        except Exception as e:  # anything unforeseen still answers in OpenAI's shape (and is logged)
+            error = await self._call_error(model, e)
+            status = error.status
+            raise error from e
         finally:
             if status is not None:
                 self.request_metrics.record(label, status, time.perf_counter() - started)
@@ -349,8 +361,8 @@ class Frontend(abc.ABC):
                             status_code=200 if ok else 503)
 
     async def _stream(self, model: str, payload: dict, started: float) -> StreamingResponse:
-        gen = self._open_stream(model, payload)
         try:
+            gen = self._open_stream(model, payload)
             first = await gen.__anext__()
         except APIError:
             raise

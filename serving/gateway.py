@@ -48,7 +48,6 @@ class Admission:
         self.in_flight[model] -= 1
 
 
-
 gateway_api = make_api("Class-conditional DiT image generation behind OpenAI's images API (every model).")
 
 
@@ -96,8 +95,7 @@ class Gateway(Frontend):
         for attempt in (1, 2):
             try:
                 remaining = payload[DEADLINE_KEY] - time.time() + DEADLINE_GRACE_S
-                handle = await self._resolve(model)
-                return await asyncio.wait_for(handle.generate.remote(payload), remaining)
+                return await asyncio.wait_for(self.models[model].generate.remote(payload), remaining)
             except APIError:
                 raise
             except RayActorError as e:

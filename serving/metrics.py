@@ -18,10 +18,11 @@ OCCUPANCY_BUCKETS = [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0]
 
 
 class GatewayMetrics:
-    """What clients see: end-to-end latency and the count of requests by outcome (the HTTP status)."""
+    """What clients see: end-to-end latency and the count of requests by outcome (the HTTP status), recorded by
+    whichever ingress answered (the gateway, or a model serving its own route)."""
 
     def __init__(self):
-        self.latency = Histogram("dit_request_latency_seconds", "End-to-end latency of image requests at the gateway",
+        self.latency = Histogram("dit_request_latency_seconds", "End-to-end latency of image requests at the API (gateway or model route)",
                                  boundaries=LATENCY_BUCKETS, tag_keys=("model", "status"))
         self.requests = Counter("dit_requests_total", "Image requests by model and HTTP status",
                                 tag_keys=("model", "status"))

@@ -1,7 +1,8 @@
 """The per-model Ray Serve deployment: owns one Engine, turns API payloads into engine requests, encodes PNGs.
 
 ``ModelServer`` is called by the gateway through a deployment handle. ``ModelIngress`` is the same replica serving
-the HTTP API itself, for its one model (``app.build_model_app``): no gateway, no handle hop.
+the HTTP API itself, for its one model (``app.build_model_app``): no gateway, no handle hop. Either way the API in
+front (``frontend.Frontend``) has validated the payload and set its deadline.
 
 Batching happens inside the engine (step-level, across every admitted request), so this class takes requests one by
 one (no ``@serve.batch``) and Ray's ``max_ongoing_requests`` is set high enough not to cap the engine's batch.
@@ -33,7 +34,7 @@ from ray import serve
 
 from .config import AuthArgs, Limits, ModelArgs
 from .errors import APIError, invalid
-from .frontend import Frontend, make_api
+from .frontend import DEADLINE_GRACE_S, Frontend, make_api
 from .manifest import verify_checkpoint
 from .metrics import EngineMetrics
 from .protocol import DEADLINE_KEY, upscale_factor
@@ -98,7 +99,7 @@ class ModelServer:
         if self.engine is not None:
             self.engine.stop()
 
-    # ---- called by the gateway ----------------------------------------------------------------------------------
+    # ---- called by the API in front (the gateway through a handle, or ModelIngress in this process) --------------
     async def describe(self) -> dict:
         """This model's entry of GET /v1/models (a ModelCard as a dict)."""
         created = int(time.time())
@@ -156,17 +157,20 @@ class ModelServer:
         except EngineError as e:
             yield {"error": self._engine_error(e).to_dict()}
             return
+        finished = False
         try:
             async for event in handle:
                 if isinstance(event, StepEvent):
                     yield {"progress": {"step": event.step, "num_steps": event.num_steps}}
                 elif isinstance(event, GenerationResult):
                     yield {"result": await self._response(event, scale)}
-        except asyncio.CancelledError:
-            handle.cancel()
-            raise
+            finished = True
         except EngineError as e:
+            finished = True
             yield {"error": self._engine_error(e).to_dict()}
+        finally:  # cancelled, or closed by a reader that went away: free the request's batch rows
+            if not finished:
+                handle.cancel()
 
     # ---- internals ----------------------------------------------------------------------------------------------
     def _submit(self, payload: dict, progress: bool = True):
@@ -207,8 +211,8 @@ class ModelServer:
         return self.engine.submit(request, progress=progress), scale
 
     def _remaining(self, payload: dict) -> float:
-        """Seconds left of the request's deadline, which runs from its arrival at the gateway (wall clock, so it
-        holds across processes); never more than the configured timeout, whatever the clocks say."""
+        """Seconds left of the request's deadline, which runs from its arrival at the API (wall clock, so it holds
+        across processes); never more than the configured timeout, whatever the clocks say."""
         timeout = self.limits.request_timeout_s
         deadline = payload.get(DEADLINE_KEY)
         return timeout if deadline is None else min(timeout, float(deadline) - time.time())
@@ -281,11 +285,13 @@ class ModelIngress(ModelServer, Frontend):
     the engine in this process. Its queue bound (``max_queue_size``) is the admission control: past it, 429."""
 
     def __init__(self, args: ModelArgs, limits: Limits, auth: AuthArgs):
+        Frontend.__init__(self, [args.name], limits, auth)  # first: a bad API key file fails before the model loads
         ModelServer.__init__(self, args, limits)
-        Frontend.__init__(self, [args.name], limits, auth)
 
     async def _call_unary(self, model: str, payload: dict) -> dict:
-        return await self.generate(payload)
+        # The engine answers 504 at the deadline itself; this bounds an engine that cannot answer at all.
+        remaining = payload[DEADLINE_KEY] - time.time() + DEADLINE_GRACE_S
+        return await asyncio.wait_for(self.generate(payload), remaining)
 
     def _open_stream(self, model: str, payload: dict):
         return self.generate_stream(payload)

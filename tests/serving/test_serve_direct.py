@@ -9,13 +9,15 @@ import base64
 import io
 import json
 import os
+import threading
+import time
 
 import httpx
 import numpy as np
 import openai
 import pytest
 from PIL import Image
-from serve_helpers import free_port, model_args
+from serve_helpers import SLOW_DIGITS, free_port, model_args, write_digits_checkpoint
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
@@ -29,7 +31,7 @@ DIRECT_INGRESS_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_ENABLE_
 
 
 @pytest.fixture(scope="module")
-def base(checkpoints):
+def base(checkpoints, tmp_path_factory):
     saved = {k: os.environ.get(k) for k in DIRECT_INGRESS_ENV}
     os.environ.update(DIRECT_INGRESS_ENV)
     try:
@@ -41,6 +43,11 @@ def base(checkpoints):
             serve.run(build_model_app({"limits": LIMITS, "models": [m]}), name=m["name"],
                       route_prefix=f"/models/{m['name']}")
         serve.run(build_gateway_app({"limits": LIMITS, "models": models}), name="dit", route_prefix="/")
+        # Steps of several milliseconds: a 1000-step request is still running when its client goes away.
+        slow = write_digits_checkpoint(tmp_path_factory.mktemp("slow") / "slow.safetensors", config=SLOW_DIGITS)
+        serve.run(build_model_app({"limits": {**LIMITS, "max_inference_steps": 1000},
+                                   "models": [model_args("digits-slow", slow, verify_manifest=False)]}),
+                  name="digits-slow", route_prefix="/models/digits-slow")
         # A gateway naming a model whose application is not deployed: it starts all the same.
         orphan = [model_args("digits-x", checkpoints["digits-s"])]
         serve.run(build_gateway_app({"limits": LIMITS, "models": orphan}), name="orphan", route_prefix="/orphan")
@@ -67,7 +74,12 @@ def test_no_python_proxy_runs_haproxy_does(base):
     listeners = {c.laddr.port: c.pid for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
     assert psutil.Process(listeners[port]).name() == "haproxy"
     replica_pid = serve.get_deployment_handle("model-digits-s", app_name="digits-s").replica_pid.remote().result()
-    assert replica_pid in listeners.values()  # the model replica's own HTTP server
+    # Ray gives each direct-ingress replica an HTTP port of its own in 30000-30999 (its defaults).
+    own = [p for p, pid in listeners.items() if pid == replica_pid and 30000 <= p < 31000]
+    assert len(own) == 1, listeners
+    r = httpx.post(f"http://127.0.0.1:{own[0]}/models/digits-s/v1/images/generations",
+                   json={"prompt": "3", "seed": 1, "num_inference_steps": 3}, timeout=60)
+    assert r.status_code == 200 and r.json()["data"][0]["b64_json"]  # the replica itself answered the API
     assert httpx.get(base + "/healthz", timeout=30).status_code == 200
 
 
@@ -95,15 +107,17 @@ def test_model_route_serves_only_its_model(base):
     assert http.post("/v1/images/generations", json={"prompt": "3", "seed": 1}).status_code == 200  # model optional
 
 
-def test_model_route_validates_like_the_gateway(base):
-    http = httpx.Client(base_url=base + "/models/digits-s", timeout=60)
-    r = http.post("/v1/images/generations", json={"model": "digits-s", "prompt": "3", "num_inference_steps": 61})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "num_inference_steps" and "60" in r.text
-    r = http.post("/v1/images/generations", json={"model": "digits-s", "prompt": "elephant"})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "three" in r.text
-    r = http.post("/v1/images/generations", content=b"{" + b" " * 5000 + b"}",
-                  headers={"Content-Type": "application/json"})
-    assert r.status_code == 413
+@pytest.mark.parametrize("body, status, param", [
+    ({"model": "digits-s", "prompt": "3", "num_inference_steps": 61}, 400, "num_inference_steps"),
+    ({"model": "digits-s", "prompt": "elephant"}, 400, "prompt"),
+    ({"model": "digits-s", "prompt": "3", "sead": 1}, 400, "sead"),
+    ({"model": "digits-s", "prompt": "3", "pad": " " * 5000}, 413, None),
+])
+def test_model_route_answers_errors_exactly_as_the_gateway(base, body, status, param):
+    answers = [httpx.post(base + prefix + "/v1/images/generations", json=body, timeout=60)
+               for prefix in ("/models/digits-s", "")]
+    assert [r.status_code for r in answers] == [status, status]
+    assert answers[0].json() == answers[1].json() and answers[0].json()["error"]["param"] == param
 
 
 def test_model_route_streams_progress_then_the_images(base):
@@ -127,3 +141,36 @@ def test_gateway_answers_503_for_a_model_application_that_is_not_deployed(base):
     assert "no application 'digits-x'" in err["message"]
     ready = httpx.get(base + "/orphan/readyz", timeout=60)
     assert ready.status_code == 503 and not ready.json()["models"]["digits-x"]["ready"]
+
+
+def slow_load(base: str) -> dict:
+    return httpx.get(base + "/models/digits-slow/readyz", timeout=30).json()["models"]["digits-slow"]["load"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_that_disconnects_from_the_model_route_frees_its_batch_rows(base, stream):
+    body = {"prompt": "4", "num_inference_steps": 1000, "stream": stream}
+    url = base + "/models/digits-slow/v1/images/generations"
+    with httpx.Client() as client:
+        if stream:
+            with client.stream("POST", url, json=body, timeout=30) as r:
+                lines = r.iter_lines()
+                while not next(lines).startswith('data: {"type": "image_generation.progress"'):
+                    pass
+                before = slow_load(base)
+        else:
+            def probe():
+                time.sleep(0.5)
+                probe.load = slow_load(base)
+            t = threading.Thread(target=probe)
+            t.start()
+            with pytest.raises(httpx.ReadTimeout):
+                client.post(url, json=body, timeout=0.8)  # the client gives up
+            t.join()
+            before = probe.load
+    assert before["running_requests"] == 1, before
+    started = time.perf_counter()
+    while slow_load(base)["running_requests"] and time.perf_counter() - started < 10:
+        time.sleep(0.02)
+    # 1000 steps of several milliseconds would run for seconds more
+    assert time.perf_counter() - started < 1.5 and slow_load(base)["running_requests"] == 0
