@@ -8,7 +8,7 @@
 #   direct ingress with HAProxy, measured on the model's own route and on the gateway's single URL.
 # LAYOUT=gateway: build_app behind Ray's Python proxy (the layout before direct ingress), for comparison.
 # PORT / METRICS_PORT let two runs share a host (one per GPU: CUDA_VISIBLE_DEVICES).
-# Bounded to under 8 minutes; see docs/serving.md ("GPU benchmark") and docs/benchmarks.md for the figures.
+# Bounded to under 10 minutes (BENCH_TIMEOUT, 560 s); see docs/serving.md ("GPU benchmark") and docs/benchmarks.md for the figures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/serve_bench}
@@ -38,7 +38,7 @@ python3 -c "import sys, torch, ray, fastapi, pydantic; print(f'python {sys.versi
 ray {ray.__version__} fastapi {fastapi.__version__} pydantic {pydantic.__version__}')" | tee "$OUT/versions.txt"
 
 status=0
-timeout --signal=INT "${BENCH_TIMEOUT:-450}" python3 scripts/serve_bench.py --out "$OUT" \
+timeout --signal=INT "${BENCH_TIMEOUT:-560}" python3 scripts/serve_bench.py --out "$OUT" \
     --model-name dit-10l --preset dit-10l --device cuda --dtype float16 --compile --cuda-graphs \
     --max-batch-size 64 --max-queue-size 1024 --steps 25 --sequential 40 --warmup 5 \
     --rates 8,32,128,256 --duration 10 --gateway-replicas "${GATEWAYS:-1}" --layout "$LAYOUT" \
