@@ -32,7 +32,9 @@ config = load_config(sys.argv[2], [
 trainer = Trainer(config, command=["dit-train", "(ddp test)"])
 trainer.run()
 save_file({k: v.contiguous() for k, v in trainer.model.state_dict().items()}, f"{out}/rank{trainer.dist.rank}.safetensors")
-print("world", trainer.dist.world_size, "global_batch", trainer.global_batch)
+# One write of one line: the two ranks share the pipe, and print's separate writes of each piece interleave.
+sys.stdout.write(f"world {trainer.dist.world_size} global_batch {trainer.global_batch}\\n")
+sys.stdout.flush()
 dist.destroy_process_group()
 """
 
