@@ -288,10 +288,7 @@ class Frontend(abc.ABC):
     async def _ready(self, model: str) -> dict:
         """``{"ready": bool, "detail": ...}``; never raises."""
 
-    async def _before_call(self, model: str) -> None:
-        """Anything to do (or refuse, raising APIError) before a request for ``model`` is admitted."""
-
-    def _admit(self, model: str) -> None:
+    async def _admit(self, model: str) -> None:
         """Refuse a request before any work (raise APIError), or count it in; paired with ``_release``."""
 
     def _release(self, model: str) -> None:
@@ -312,8 +309,7 @@ class Frontend(abc.ABC):
             check_limits(body, self.limits)
             payload = body.model_dump(exclude={"model", "stream", "user", "response_format"})
             payload[DEADLINE_KEY] = time.time() + self.limits.request_timeout_s  # from arrival, not from admission
-            await self._before_call(model)
-            self._admit(model)
+            await self._admit(model)
             try:
                 if body.stream:
                     response = await self._stream(model, payload, started)

@@ -80,10 +80,8 @@ class Gateway(Frontend):
             self.models[model] = handle
         return handle
 
-    async def _before_call(self, model: str) -> None:
+    async def _admit(self, model: str) -> None:
         await self._resolve(model)
-
-    def _admit(self, model: str) -> None:
         self.admission.enter(model)
 
     def _release(self, model: str) -> None:
