@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,39 @@ def to_pil(image: np.ndarray) -> Image.Image:
     if image.ndim != 3 or image.shape[-1] not in (1, 3):
         raise ValueError(f"expected an (H, W, 1) or (H, W, 3) uint8 image, got shape {image.shape}")
     return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_COLOR_TYPE = {1: 0, 2: 4, 3: 2, 4: 6}  # channels -> grey, grey + alpha, RGB, RGBA
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
+
+
+def encode_png(image: np.ndarray, level: int = 1) -> bytes:
+    """One uint8 (H, W, C) image, C in 1-4 (grey, grey + alpha, RGB, RGBA) -> PNG bytes, 8 bits per channel.
+
+    Written with numpy and zlib rather than Pillow: every row gets PNG's Up filter (the byte above subtracted,
+    modulo 256, vectorised over the whole image), then one deflate at ``level``. Against Pillow at the same level 1
+    (``scripts/png_bench.py``, our CPU): 2.3x faster at 256x256 and 2.8-3.5x at 32x32, where Pillow's fixed cost
+    per image dominates; files of real outputs a little smaller than Pillow's, of pure noise (a random-weight model's
+    latent) about 13% larger, as Pillow's adaptive filter leaves noise unfiltered. Any PNG reader decodes it; the
+    tests read it back with Pillow.
+    """
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in _PNG_COLOR_TYPE:
+        raise ValueError(f"expected a uint8 (H, W, C) image with 1-4 channels, got {image.dtype} {image.shape}")
+    h, w, c = image.shape
+    if h == 0 or w == 0:
+        raise ValueError(f"a PNG needs at least one pixel, got shape {image.shape}")
+    flat = np.ascontiguousarray(image).reshape(h, w * c)
+    rows = np.empty((h, w * c + 1), dtype=np.uint8)
+    rows[:, 0] = 2  # filter type 2, Up
+    rows[0, 1:] = flat[0]
+    np.subtract(flat[1:], flat[:-1], out=rows[1:, 1:])  # uint8 arithmetic wraps: modulo 256, as PNG wants
+    header = struct.pack(">IIBBBBB", w, h, 8, _PNG_COLOR_TYPE[c], 0, 0, 0)
+    return (PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), level))
+            + _png_chunk(b"IEND", b""))
 
 
 def make_grid(images: np.ndarray, ncols: int | None = None, padding: int = 2) -> np.ndarray:

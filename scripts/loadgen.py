@@ -6,14 +6,17 @@
 For each rate it sends requests with exponential inter-arrival times (open loop: a slow server does not slow the
 arrivals), then prints and appends one JSON line (``--out``) with throughput, latency p50/p95/p99, the answers by
 status, client timeouts, and what serving added on top of the engine (HTTP latency minus the ``timings`` the server
-reports for the request). ``--sequential N`` instead sends N requests one at a time (latency without queueing).
-Needs aiohttp (a Ray dependency, also on the GPU hosts).
+reports for the request). ``--sequential N`` instead sends N requests one at a time (latency without queueing),
+with aiohttp or, ``--client http.client``, over one kept-alive connection of the standard library's client (less
+client-side time in each figure; Ray's floor in ``serve_bench.py`` is timed with it). Needs aiohttp (a Ray
+dependency, also on the GPU hosts).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import random
 import sys
@@ -128,6 +131,32 @@ async def sequential(url: str, body: dict, count: int, timeout: float) -> Run:
     return run
 
 
+def sequential_stdlib(url: str, body: dict, count: int, timeout: float) -> Run:
+    """The same as ``sequential`` with http.client on one kept-alive connection: less client code per request."""
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+    run = Run(label=f"sequential x{count} (http.client)", offered_rate=None)
+    start = time.perf_counter()
+    for i in range(count):
+        data = json.dumps({**body, "seed": i})
+        t0 = time.perf_counter()
+        conn.request("POST", parts.path, data, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        payload = response.read()
+        latency = time.perf_counter() - t0
+        if response.status != 200:
+            run.samples.append(Sample(response.status, latency))
+            continue
+        answer = json.loads(payload)
+        timings = answer.get("timings", {})
+        run.samples.append(Sample(200, latency, timings.get("engine_seconds"), len(answer["data"]),
+                                  timings.get("server_seconds")))
+    run.wall_seconds = time.perf_counter() - start
+    conn.close()
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default="http://127.0.0.1:8000")
@@ -135,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rates", default="1,2,4", help="comma-separated arrival rates, requests/s")
     p.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per rate")
     p.add_argument("--sequential", type=int, default=0, help="send N requests one at a time instead")
+    p.add_argument("--client", choices=["aiohttp", "http.client"], default="aiohttp",
+                   help="the client of --sequential (the Poisson phases always use aiohttp)")
     p.add_argument("--n", type=int, default=1, help="images per request")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--prompt", default="3")
@@ -159,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.warmup:
         asyncio.run(sequential(url, body, args.warmup, args.timeout))
-    if args.sequential:
+    if args.sequential and args.client == "http.client":
+        emit(summarize(sequential_stdlib(url, body, args.sequential, args.timeout)))
+    elif args.sequential:
         emit(summarize(asyncio.run(sequential(url, body, args.sequential, args.timeout))))
     else:
         for i, rate in enumerate(float(r) for r in args.rates.split(",")):

@@ -60,6 +60,20 @@ def model_args(a) -> dict:
     return m
 
 
+def pillow_pngs(images) -> list[str]:
+    """What the server used before dit_runtime.images.encode_png: Pillow at compress level 1 (the comparison)."""
+    import base64
+    import io
+
+    from PIL import Image
+    out = []
+    for image in images:
+        buf = io.BytesIO()
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG", compress_level=1)
+        out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
+    return out
+
+
 def engine_alone(a, out: Path) -> dict:
     """The engine's own one-image latency in this process, and the PNG encoding time of its images."""
     from dit_runtime.engine import Engine, GenerationRequest
@@ -73,7 +87,7 @@ def engine_alone(a, out: Path) -> dict:
     engine = (Engine.from_checkpoint(m.checkpoint, config) if m.checkpoint else
               Engine.random_weights(m.preset, config)).start()
     log(f"engine loaded and warmed up in {time.perf_counter() - t0:.1f} s")
-    wall, total, png = [], [], []
+    wall, total, png, pillow = [], [], [], []
     for i in range(a.warmup + a.sequential):
         start = time.perf_counter()
         result = engine.submit(GenerationRequest(class_labels=[3], num_images=1, seed=i,
@@ -82,10 +96,13 @@ def engine_alone(a, out: Path) -> dict:
         images = result.images if result.images is not None else latents_to_uint8(result.latents)
         t1 = time.perf_counter()
         png_b64_len = len(encode_pngs(images)[0])
+        t2 = time.perf_counter()
+        pillow_pngs(images)
         if i >= a.warmup:
             wall.append(elapsed)
             total.append(result.total_seconds)
-            png.append(time.perf_counter() - t1)
+            png.append(t2 - t1)
+            pillow.append(time.perf_counter() - t2)
     engine.stop()
     del engine
     gc.collect()
@@ -97,7 +114,7 @@ def engine_alone(a, out: Path) -> dict:
     row = {"requests": len(wall), "steps": a.steps, "latency_p50_ms": 1000 * p(wall, 50),
            "latency_p95_ms": 1000 * p(wall, 95), "engine_total_p50_ms": 1000 * p(total, 50),
            "png_encode_p50_ms": 1000 * p(png, 50), "png_encode_p95_ms": 1000 * p(png, 95),
-           "png_b64_len": png_b64_len}
+           "pillow_png_encode_p50_ms": 1000 * p(pillow, 50), "png_b64_len": png_b64_len}
     write(out, "engine_alone.json", row)
     return row
 
@@ -241,7 +258,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--sequential", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--rates", default="4,16,64,128")
+    ap.add_argument("--rates", default="4,16,64,128", help="comma-separated req/s of the load phases, or none")
     ap.add_argument("--duration", type=float, default=20)
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--metrics-port", type=int, default=8080)
@@ -278,6 +295,10 @@ def main() -> int:
     via_handle = handle_path(a, a.out)
     http = loadgen(a, a.out, ["--sequential", str(a.sequential), "--warmup", str(a.warmup)], fast_route)[0]
     write(a.out, "http_sequential.json", http)
+    # The same with the client Ray's floor is timed with (http.client, one kept-alive connection).
+    stdlib = loadgen(a, a.out, ["--sequential", str(a.sequential), "--warmup", str(a.warmup),
+                                "--client", "http.client"], fast_route)[0]
+    write(a.out, "http_sequential_stdlib.json", stdlib)
     engine_ms = http["engine_p50_ms"]
     decomposition = {
         "layout": a.layout,
@@ -292,6 +313,9 @@ def main() -> int:
         "in_route_overhead_p50_ms": http.get("in_route_overhead_p50_ms"),
         "outside_route_p50_ms": http.get("outside_route_p50_ms"),
         "serving_overhead_pct_of_engine": 100 * http["overhead_p50_ms"] / engine_ms,
+        "stdlib_client": {k: stdlib.get(k) for k in ("p50_ms", "engine_p50_ms", "overhead_p50_ms", "overhead_p95_ms",
+                                                     "in_route_overhead_p50_ms", "outside_route_p50_ms",
+                                                     "overhead_pct_of_engine_p50")},
         "http_latency_vs_engine_alone_pct": 100 * (http["p50_ms"] - alone["latency_p50_ms"]) / alone["latency_p50_ms"],
         "target_pct": 10.0,
     }
@@ -314,7 +338,7 @@ def main() -> int:
     # sum and count around it, read after Ray's metrics export has caught up (--metrics-settle-s).
     rows = []
     before = batch_occupancy(a)
-    for rate in a.rates.split(","):
+    for rate in ([] if a.rates == "none" else a.rates.split(",")):
         row = loadgen(a, a.out, ["--rates", rate, "--duration", str(a.duration), "--warmup", "0"], fast_route)[0]
         time.sleep(a.metrics_settle_s)
         after = batch_occupancy(a)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from dit_runtime.cli.sample import main as sample
-from dit_runtime.images import make_grid, save_grid, to_uint8
+from dit_runtime.images import encode_png, make_grid, save_grid, to_uint8
 
 
 def test_to_uint8_maps_the_model_range_to_bytes_channels_last():
@@ -32,6 +34,27 @@ def run(checkpoint, tmp_path, *args: str) -> list[np.ndarray]:
     out = tmp_path / "out"
     sample([str(checkpoint), "--out", str(out), "--steps", "4", "--device", "cpu", *args])
     return [np.asarray(Image.open(p)) for p in sorted(out.glob("*.png"))]
+
+
+@pytest.mark.parametrize("channels, mode", [(1, "L"), (2, "LA"), (3, "RGB"), (4, "RGBA")])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 13), (32, 32), (64, 48)])
+def test_png_writer_round_trips_exactly_through_pillow(channels, mode, shape):
+    rng = np.random.default_rng(channels * 100 + shape[0])
+    noise = rng.integers(0, 256, (*shape, channels), dtype=np.uint8)
+    ramp = (np.arange(shape[0] * shape[1] * channels) % 256).astype(np.uint8).reshape(*shape, channels)
+    for image in (noise, ramp, 255 - ramp):  # the Up filter wraps below zero on the last two
+        decoded = Image.open(io.BytesIO(encode_png(image)))
+        assert decoded.mode == mode and decoded.size == (shape[1], shape[0])
+        np.testing.assert_array_equal(np.asarray(decoded).reshape(image.shape), image)
+
+
+def test_png_writer_takes_strided_views_and_refuses_what_is_not_an_image():
+    image = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    view = image[::2, ::3]  # not contiguous
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(encode_png(view)))), view)
+    for bad in (image.astype(np.float32), image[..., 0], np.zeros((4, 4, 5), np.uint8), np.zeros((0, 4, 3), np.uint8)):
+        with pytest.raises(ValueError, match="uint8|pixel"):
+            encode_png(bad)
 
 
 def test_writes_one_png_per_image_with_class_names(pixel_checkpoint, tmp_path, capsys):

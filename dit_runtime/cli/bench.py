@@ -127,11 +127,14 @@ def bench_forward(rec: Recorder, preset: str, batches: list[int], setups: list[s
             elif setup == "ours-eager":
                 model = random_dit(preset, dtype)
                 make = lambda b: (lambda x=inputs(preset, b, dtype): model(*x))
-            else:  # ours-compiled-graphs[-nofuse]: the engine's own step (model + guidance + sampler), graph-captured
+            else:  # ours-compiled-graphs[-nofuse|-autotune]: the engine's step (model + guidance + sampler), graphed
                 fuse = not setup.endswith("-nofuse")
+                # -autotune: inductor's max_autotune, which times Triton GEMM templates (with fused epilogues)
+                # against cuBLAS per shape at compile time: minutes per bucket.
+                options = {"max_autotune": True} if setup.endswith("-autotune") else None
                 config = EngineConfig(device="cuda", dtype="float16", max_batch_size=max(batches),
                                       batch_buckets=tuple(batches), compile=True, cuda_graphs=True,
-                                      fused_mlp_epilogue=fuse)
+                                      fused_mlp_epilogue=fuse, compile_options=options)
                 start = time.perf_counter()
                 model = random_dit(preset, dtype)
                 runner = ModelRunner(model, config, clip_denoised=False)
