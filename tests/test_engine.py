@@ -129,6 +129,57 @@ def test_async_iteration_streams_events():
     assert len(events) == 5 and isinstance(events[-1], GenerationResult)
 
 
+def test_on_finish_calls_back_once_with_the_result_or_the_error(engine):
+    import threading
+
+    seen, done = [], threading.Event()
+
+    def record(outcome):
+        seen.append((threading.current_thread().name, outcome))
+        done.set()
+
+    ok = engine.submit(GenerationRequest(class_labels=[1], seed=0, num_inference_steps=3), progress=False)
+    ok.on_finish(record)
+    result = ok.result(timeout=30)
+    assert done.wait(30) and len(seen) == 1
+    assert seen[0][0] == "dit-engine" and seen[0][1] is result  # on the engine thread, the very result
+    late = []
+    ok.on_finish(late.append)  # registered after the end: called at once, here
+    assert late == [result]
+
+    def broken(outcome):
+        raise RuntimeError("a caller's bug")
+
+    failing = engine.submit(GenerationRequest(class_labels=[1], seed=0, num_inference_steps=1000,
+                                              deadline=time.monotonic() + 0.2))
+    errors = []
+    failing.on_finish(broken)  # logged; neither the engine nor the next callback is hurt
+    failing.on_finish(errors.append)
+    with pytest.raises(DeadlineExceededError):
+        failing.result(timeout=30)
+    assert len(errors) == 1 and isinstance(errors[0], DeadlineExceededError)
+    assert engine.submit(GenerationRequest(class_labels=[2], seed=1, num_inference_steps=2)).result(timeout=30)
+
+
+def test_result_async_returns_the_images_or_raises_the_error(engine):
+    import asyncio
+
+    async def run():
+        ok = engine.submit(GenerationRequest(class_labels=[1], seed=0, num_inference_steps=3), progress=False)
+        result = await ok.result_async()
+        late = await ok.result_async()  # after the end: at once, the same result
+        failing = engine.submit(GenerationRequest(class_labels=[1], seed=0, num_inference_steps=1000,
+                                                  deadline=time.monotonic() + 0.2), progress=False)
+        with pytest.raises(DeadlineExceededError):
+            await failing.result_async()
+        return result, late
+
+    result, late = asyncio.run(run())
+    assert late is result and result.seed == 0
+    reference = engine.submit(GenerationRequest(class_labels=[1], seed=0, num_inference_steps=3)).result(timeout=30)
+    assert np.array_equal(result.latents, reference.latents)
+
+
 def test_one_forward_per_step_serves_requests_at_different_steps():
     steps = []
     eng = make_engine()

@@ -31,6 +31,7 @@ from .types import (EngineConfig, EngineError, EngineStats, EngineStoppedError, 
 log = logging.getLogger(__name__)
 
 _END = object()  # marks the end of a handle's stream
+_PENDING = object()  # a handle's outcome before the request ended
 # Retry-After for a full queue: about one request's share of a drained queue, short enough to retry soon.
 QUEUE_FULL_RETRY_AFTER_S = 1.0
 # Pixels per latent pixel of the Stable Diffusion VAE that DiT's latent models use.
@@ -49,14 +50,39 @@ class RequestHandle:
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._lock = threading.Lock()
         self._finished = False
+        self._outcome = _PENDING  # the GenerationResult or the exception, once the request ended
+        self._callbacks: list[Callable] = []
 
     # called from the engine thread
     def _push(self, item) -> None:
+        if isinstance(item, (GenerationResult, BaseException)):  # the outcome: callbacks first, then the stream
+            with self._lock:
+                self._outcome, callbacks, self._callbacks = item, self._callbacks, []
+            for callback in callbacks:
+                self._call(callback, item)
         self._items.put(item)
         with self._lock:
             waiters = list(self._waiters)
         for loop, event in waiters:
             loop.call_soon_threadsafe(event.set)
+
+    @staticmethod
+    def _call(callback: Callable, outcome) -> None:
+        try:
+            callback(outcome)
+        except Exception:  # a caller's bug must not stop the engine loop
+            log.exception("a request's on_finish callback failed")
+
+    def on_finish(self, callback: Callable[[GenerationResult | BaseException], None]) -> None:
+        """Call ``callback(outcome)`` once, when the request ends: with its GenerationResult, or with the error it
+        failed with. It runs on the engine thread before the outcome reaches the handle's stream (here, at once, if
+        the request has already ended), so it must be quick: hand real work to another thread. One hand-off instead of a wake-up of the caller that then hands
+        the result on (``ModelServer`` encodes PNGs this way)."""
+        with self._lock:
+            if self._outcome is _PENDING:
+                self._callbacks.append(callback)
+                return
+        self._call(callback, self._outcome)
 
     def cancel(self) -> None:
         """Drop the request; its images leave the batch at the next step boundary."""
@@ -116,10 +142,21 @@ class RequestHandle:
                 return item
 
     async def result_async(self) -> GenerationResult:
-        async for item in self:
-            if isinstance(item, GenerationResult):
-                return item
-        raise EngineError(f"request {self.request_id} ended without a result")
+        """Wait for the images without blocking the event loop (one wake-up of the loop, at the end)."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self.on_finish(lambda outcome: loop.call_soon_threadsafe(settle_future, done, outcome))
+        return await done
+
+
+def settle_future(future: asyncio.Future, outcome) -> None:
+    """Resolve ``future`` (on its loop) with a result, or with an exception; a no-op once the waiter gave up."""
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
 
 
 @dataclass
