@@ -43,6 +43,7 @@ RETRY_AFTER_UNAVAILABLE_S = 2.0
 # engine itself answers 504 at the deadline; this only bounds a hung engine or an unreachable replica).
 DEADLINE_GRACE_S = 5.0
 PROTECTED_PREFIX = "/v1/"  # what API keys guard; /healthz, /readyz and /openapi.json stay open
+GENERATIONS_ROUTE = "/v1/images/generations"
 
 ERROR_RESPONSES = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 415, 429, 503, 504)}
 
@@ -53,6 +54,7 @@ class _State:
     limits = Limits()
     metrics: GatewayMetrics | None = None
     key_digests: list[bytes] = []  # sha256 of each accepted API key; empty: no keys, the API is open
+    frontend: "Frontend | None" = None  # the ingress of this process (Ray runs one replica per process)
 
 
 def load_api_keys(auth: AuthArgs) -> list[str]:
@@ -133,6 +135,38 @@ class BodySizeLimit:
             if len(body) > limit:
                 return await _error_response(_too_large(len(body), limit))(scope, receive, send)
         await self.app(scope, _replay([{"type": "http.request", "body": body, "more_body": False}], receive), send)
+
+
+class FastGenerations:
+    """``POST /v1/images/generations`` with a valid body, answered by ``Frontend.create_images`` without FastAPI's
+    router, dependency solving and exception middleware in between (the largest share of the replica's per-request
+    CPU time we could remove; ``scripts/api_overhead.py`` measures it). It is a shortcut, not a second API: the body
+    is validated by the same pydantic model, and a body that fails validation, like every other route, goes on to
+    FastAPI unchanged, so every error answer and the OpenAPI schema stay FastAPI's."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        frontend = _State.frontend
+        if (scope["type"] != "http" or scope["method"] != "POST" or frontend is None
+                or _route(scope) != GENERATIONS_ROUTE):
+            return await self.app(scope, receive, send)
+        messages, body = [], b""
+        while not messages or messages[-1].get("more_body", False):  # BodySizeLimit replays it as one message
+            messages.append(await receive())
+            if messages[-1]["type"] != "http.request":
+                return await self.app(scope, _replay(messages, receive), send)
+            body += messages[-1].get("body", b"")
+        try:
+            request = ImageGenerationRequest.model_validate_json(body)
+        except ValueError:  # pydantic's ValidationError: FastAPI parses it again and answers its own 400
+            return await self.app(scope, _replay(messages, receive), send)
+        try:
+            response = await frontend.create_images(request)
+        except APIError as e:
+            response = _error_response(e)
+        await response(scope, receive, send)
 
 
 def _replay(messages: list[dict], receive):
@@ -265,7 +299,7 @@ class Frontend(abc.ABC):
         self.default_model = self.model_names[0]
         self.limits = limits
         self.request_metrics = GatewayMetrics()
-        _State.limits, _State.metrics = limits, self.request_metrics
+        _State.limits, _State.metrics, _State.frontend = limits, self.request_metrics, self
         keys = load_api_keys(auth)
         _State.key_digests = [hashlib.sha256(k.encode("utf-8", "surrogateescape")).digest() for k in keys]
         log.info("%s: %s", type(self).__name__, f"{len(keys)} API key(s) guard {PROTECTED_PREFIX}" if keys else
@@ -334,8 +368,9 @@ class Frontend(abc.ABC):
             status = error.status
             raise error from e
         finally:
-            if status is not None:
-                self.request_metrics.record(label, status, time.perf_counter() - started)
+            if status is not None:  # after the answer is on its way: the loop's next turn, off the critical path
+                asyncio.get_running_loop().call_soon(self.request_metrics.record, label, status,
+                                                     time.perf_counter() - started)
 
     async def list_models(self) -> dict:
         answers = await asyncio.gather(*(self._describe(n) for n in self.model_names))
@@ -376,15 +411,18 @@ class Frontend(abc.ABC):
         return _handle_error(model, e)
 
 
-def make_api(description: str) -> FastAPI:
-    """A FastAPI app with the API's middleware, error handlers and the routes of ``Frontend``."""
+def make_api(description: str, fast_path: bool = True) -> FastAPI:
+    """A FastAPI app with the API's middleware, error handlers and the routes of ``Frontend``; ``fast_path=False``
+    leaves out ``FastGenerations`` (to measure it)."""
     api = FastAPI(title="DiT Serve", version="0.1.0", description=description)
     api.add_exception_handler(APIError, _api_error)
     api.add_exception_handler(RequestValidationError, _validation_error)
     api.add_exception_handler(StarletteHTTPException, _http_error)
+    if fast_path:
+        api.add_middleware(FastGenerations)  # after the body checks: it sees only bodies they let through
     api.add_middleware(BodySizeLimit)
     api.add_middleware(APIKeyAuth)  # added last, runs first: no body is read for a client without a key
-    api.post("/v1/images/generations", response_model=ImagesResponse, responses=ERROR_RESPONSES,
+    api.post(GENERATIONS_ROUTE, response_model=ImagesResponse, responses=ERROR_RESPONSES,
              summary="Create images (OpenAI images API; `stream: true` for server-sent events)")(Frontend.create_images)
     api.get("/v1/models", response_model=ModelList, summary="The served models")(Frontend.list_models)
     api.get("/v1/models/{model}", summary="One served model", responses=ERROR_RESPONSES)(Frontend.get_model)
