@@ -46,6 +46,9 @@ LOAD_REFRESH_S = 1.0  # how often the running/waiting gauges are refreshed while
 # Threads that turn finished requests into answers (VAE decode, PNG, base64) off the event loop; zlib, numpy and
 # torch release the GIL for most of it, so a few run in parallel when many requests finish in one step.
 ENCODE_THREADS = 4
+# Answers of at most this many pixels (all images of a request, no VAE) are encoded on the event loop instead: a
+# 64x64 PNG takes about 0.1 ms to write, less than the wake-ups of a hand-off to a thread and back.
+INLINE_ENCODE_MAX_PIXELS = 64 * 64
 
 
 class ModelServer:
@@ -141,18 +144,29 @@ class ModelServer:
     async def generate(self, payload: dict) -> dict:
         """Unary generation: ``{"result": ImagesResponse dict}`` or ``{"error": APIError dict}``.
 
-        The engine hands the finished request straight to an encoder thread, which wakes this coroutine once with
-        the answer: one cross-thread hand-off per request instead of two (engine -> loop -> encoder -> loop)."""
+        Small answers are encoded on the event loop once the engine wakes it, since a round trip through a thread
+        costs more than the encoding (``_encodes_inline``). Others, and every VAE decode, go from the engine straight
+        to an encoder thread, which wakes this coroutine once with the answer: one cross-thread hand-off instead of
+        two (engine -> loop -> encoder -> loop)."""
         try:
             handle, scale = self._submit(payload, progress=False)
-            loop = asyncio.get_running_loop()
-            answer = loop.create_future()
-            handle.on_finish(lambda outcome: self._encoder.submit(self._answer, outcome, scale, loop, answer))
+            inline = self._encodes_inline(payload.get("n", 1), scale)
+            if inline:
+                answer = handle.result_async()
+            else:
+                loop = asyncio.get_running_loop()
+                answer = loop.create_future()
+                handle.on_finish(lambda outcome: self._encoder.submit(self._answer, outcome, scale, loop, answer))
             try:
-                return {"result": await answer}
+                done = await answer
             except asyncio.CancelledError:  # the client went away: free its batch rows at the next step
                 handle.cancel()
                 raise
+            if inline:
+                response = self._images_response(done, scale)
+                asyncio.get_running_loop().call_soon(self.metrics.on_result, done)  # after the answer is sent
+                return {"result": response}
+            return {"result": done}
         except APIError as e:
             return {"error": e.to_dict()}
         except EngineError as e:
@@ -228,21 +242,35 @@ class ModelServer:
         deadline = payload.get(DEADLINE_KEY)
         return timeout if deadline is None else min(timeout, float(deadline) - time.time())
 
+    def _encodes_inline(self, n: int, scale: int) -> bool:
+        """Whether a request's answer is encoded on the event loop: no VAE to run and at most
+        ``INLINE_ENCODE_MAX_PIXELS`` pixels in all its images (docs/benchmarks.md, "Session 5")."""
+        side = self.engine.info.config.input_size * scale
+        return self.decoder is None and n * side * side <= INLINE_ENCODE_MAX_PIXELS
+
     async def _response(self, result: GenerationResult, scale: int) -> dict:
-        return await asyncio.get_running_loop().run_in_executor(self._encoder, self._images_response, result, scale)
+        """The answer of a streamed request's result (on the loop if small, else in an encoder thread)."""
+        n = len(result.images if result.images is not None else result.latents)
+        if self._encodes_inline(n, scale):
+            response = self._images_response(result, scale)
+        else:
+            response = await asyncio.get_running_loop().run_in_executor(self._encoder, self._images_response,
+                                                                         result, scale)
+        self.metrics.on_result(result)
+        return response
 
     def _answer(self, outcome, scale: int, loop: asyncio.AbstractEventLoop, answer: asyncio.Future) -> None:
         """(encoder thread) Settle ``answer`` with the ImagesResponse dict of a finished request, or its error."""
         try:
-            if not isinstance(outcome, BaseException):
-                outcome = self._images_response(outcome, scale)
+            response = self._images_response(outcome, scale) if not isinstance(outcome, BaseException) else outcome
         except Exception as e:  # the request fails with it (500), like any other error of the route
-            outcome = e
-        loop.call_soon_threadsafe(settle_future, answer, outcome)
+            response = e
+        loop.call_soon_threadsafe(settle_future, answer, response)
+        if not isinstance(outcome, BaseException):
+            self.metrics.on_result(outcome)  # after the hand-off: off the answer's path
 
     def _images_response(self, result: GenerationResult, scale: int) -> dict:
-        """(encoder thread) The ImagesResponse dict of a finished request; records its engine metrics."""
-        self.metrics.on_result(result)
+        """The ImagesResponse dict of a finished request (in an encoder thread, or on the loop when small)."""
         encoded = self._pngs(result, scale)
         return {"created": int(time.time()), "data": [{"b64_json": b} for b in encoded], "seed": result.seed,
                 "timings": {"queue_seconds": result.queue_seconds, "denoise_seconds": result.denoise_seconds,
