@@ -3,7 +3,8 @@
 
     python scripts/serve_bench.py --out out/ --preset dit-10l --device cuda --dtype float16 --compile --cuda-graphs
 
-1. The engine alone, in this process: one-image requests one at a time (its own latency), and PNG encoding.
+1. The engine alone, in this process: one-image requests one at a time (its own latency), PNG encoding, and what
+   the model server's request handler adds around the same engine (``ModelServer.generate``, no HTTP, no Ray).
 2. The same model served by Ray Serve: one-image requests one at a time through a deployment handle (Ray's RPC to
    the replica + PNG encoding) and over HTTP. Each answer carries the engine's own time for that request, so
    overhead = latency - engine time. ``--layout`` picks what stands in front of the engine:
@@ -75,17 +76,21 @@ def pillow_pngs(images) -> list[str]:
 
 
 def engine_alone(a, out: Path) -> dict:
-    """The engine's own one-image latency in this process, and the PNG encoding time of its images."""
-    from dit_runtime.engine import Engine, GenerationRequest
+    """The engine's own one-image latency in this process, the PNG encoding time of its images, and what the model
+    server's handler adds around the same engine in this process (``ModelServer.generate``: no HTTP, no Ray)."""
+    import asyncio
+
+    from dit_runtime.engine import GenerationRequest
+    from serving import model_server
     from serving.config import AppArgs
-    from serving.model_server import encode_pngs, latents_to_uint8
+    from serving.model_server import ModelServer, encode_pngs, latents_to_uint8
 
     args = AppArgs.parse({"models": [model_args(a)]})
     t0 = time.perf_counter()
-    m = args.models[0]
-    config = m.engine_config(args.limits)
-    engine = (Engine.from_checkpoint(m.checkpoint, config) if m.checkpoint else
-              Engine.random_weights(m.preset, config)).start()
+    server = ModelServer(args.models[0], args.limits)  # loads, warms up and starts the engine
+    if server.engine is None:
+        raise RuntimeError(server.load_error)
+    engine = server.engine
     log(f"engine loaded and warmed up in {time.perf_counter() - t0:.1f} s")
     wall, total, png, pillow = [], [], [], []
     for i in range(a.warmup + a.sequential):
@@ -103,8 +108,36 @@ def engine_alone(a, out: Path) -> dict:
             total.append(result.total_seconds)
             png.append(t2 - t1)
             pillow.append(time.perf_counter() - t2)
-    engine.stop()
-    del engine
+
+    async def through_handler(n: int) -> list[float]:
+        extra = []
+        for i in range(n):
+            start = time.perf_counter()
+            answer = await server.generate({"prompt": "3", "n": 1, "num_inference_steps": a.steps, "seed": i,
+                                            "deadline_unix": time.time() + 120})
+            elapsed = time.perf_counter() - start
+            if "error" in answer:
+                raise RuntimeError(f"handler request failed: {answer['error']}")
+            extra.append(elapsed - answer["result"]["timings"]["engine_seconds"])
+        return extra
+
+    # The handler as configured, and (where the server has the switch) with every answer encoded in a thread,
+    # alternating in rounds so both see the same machine state.
+    variants = {"handler": None}
+    if hasattr(model_server, "INLINE_ENCODE_MAX_PIXELS"):
+        variants["handler_thread_encode"] = 0
+    asyncio.run(through_handler(a.warmup))
+    handler = {name: [] for name in variants}
+    default_limit = getattr(model_server, "INLINE_ENCODE_MAX_PIXELS", None)
+    for _ in range(4):
+        for name, limit in variants.items():
+            if default_limit is not None:
+                model_server.INLINE_ENCODE_MAX_PIXELS = default_limit if limit is None else limit
+            handler[name] += asyncio.run(through_handler(max(1, a.sequential // 4)))
+    if default_limit is not None:
+        model_server.INLINE_ENCODE_MAX_PIXELS = default_limit
+    server.__del__()  # stops the engine and the server's threads
+    del engine, server
     gc.collect()
     try:
         import torch
@@ -114,7 +147,9 @@ def engine_alone(a, out: Path) -> dict:
     row = {"requests": len(wall), "steps": a.steps, "latency_p50_ms": 1000 * p(wall, 50),
            "latency_p95_ms": 1000 * p(wall, 95), "engine_total_p50_ms": 1000 * p(total, 50),
            "png_encode_p50_ms": 1000 * p(png, 50), "png_encode_p95_ms": 1000 * p(png, 95),
-           "pillow_png_encode_p50_ms": 1000 * p(pillow, 50), "png_b64_len": png_b64_len}
+           "pillow_png_encode_p50_ms": 1000 * p(pillow, 50), "png_b64_len": png_b64_len,
+           **{f"{name}_overhead_p50_ms": 1000 * p(xs, 50) for name, xs in handler.items()},
+           **{f"{name}_overhead_p95_ms": 1000 * p(xs, 95) for name, xs in handler.items()}}
     write(out, "engine_alone.json", row)
     return row
 
@@ -305,6 +340,8 @@ def main() -> int:
         "engine_alone_latency_p50_ms": alone["latency_p50_ms"],
         "served_engine_time_p50_ms": engine_ms,
         "png_encode_p50_ms": alone["png_encode_p50_ms"],
+        "handler_in_process_p50_ms": alone["handler_overhead_p50_ms"],
+        "handler_in_process_thread_encode_p50_ms": alone.get("handler_thread_encode_overhead_p50_ms"),
         "replica_and_ray_rpc_p50_ms": via_handle["overhead_p50_ms"] - alone["png_encode_p50_ms"],
         "serving_overhead_p50_ms": http["overhead_p50_ms"],
         "serving_overhead_p95_ms": http["overhead_p95_ms"],
