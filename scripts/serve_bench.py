@@ -186,9 +186,12 @@ def handle_path(a, out: Path) -> dict:
     return row
 
 
-def ray_floor(a, out: Path, png_b64_len: int) -> dict:
+def ray_floor(a, out: Path, png_b64_len: int, wait_s: float) -> dict:
     """Ray Serve's own cost for our request shape, with none of our code: HTTP -> proxy -> a FastAPI ingress ->
-    a deployment handle -> a replica that returns a ready answer of the same size, and the handle hop alone."""
+    a deployment handle -> a replica that returns a ready answer of the same size, and the handle hop alone. The
+    one-hop floor is also measured answering after ``wait_s`` (the engine's time) instead of at once: a request that
+    waits pays more outside the replica's code than one answered at once (scripts/route_split.py)."""
+    import asyncio
     import http.client
 
     from fastapi import FastAPI
@@ -211,6 +214,17 @@ def ray_floor(a, out: Path, png_b64_len: int) -> dict:
         async def generate(self, body: dict) -> dict:
             return answer
 
+    waiting_api = FastAPI()
+
+    @serve.deployment(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
+    @serve.ingress(waiting_api)
+    class FloorDirectWaiting:
+        @waiting_api.post("/v1/images/generations")
+        async def generate(self, body: dict) -> dict:
+            start = time.perf_counter()
+            await asyncio.sleep(wait_s)
+            return {**answer, "waited_s": time.perf_counter() - start}
+
     @serve.deployment(max_ongoing_requests=2000, ray_actor_options={"num_cpus": 0})
     @serve.ingress(floor_api)
     class FloorGateway:
@@ -223,15 +237,20 @@ def ray_floor(a, out: Path, png_b64_len: int) -> dict:
 
     serve.run(FloorGateway.bind(FloorModel.bind()), name="floor", route_prefix="/floor")
     serve.run(FloorDirect.bind(), name="floor-direct", route_prefix="/floor-direct")
+    serve.run(FloorDirectWaiting.bind(), name="floor-waiting", route_prefix="/floor-waiting")
     handle = serve.get_deployment_handle("FloorModel", app_name="floor")
     conn = http.client.HTTPConnection("127.0.0.1", a.port)
     body = json.dumps({"model": a.model_name, "prompt": "3", "n": 1, "num_inference_steps": a.steps})
 
-    def over_http(prefix: str = "/floor") -> None:
+    def over_http(prefix: str = "/floor") -> float:
+        """The request's latency, less the time the route waited on purpose."""
+        start = time.perf_counter()
         conn.request("POST", prefix + "/v1/images/generations", body, {"Content-Type": "application/json"})
         response = conn.getresponse()
         text = response.read()
+        elapsed = time.perf_counter() - start
         assert response.status == 200, (response.status, prefix, text[:300])
+        return elapsed - json.loads(text).get("waited_s", 0.0)
 
     def timed(fn) -> list[float]:
         for _ in range(a.warmup):
@@ -246,12 +265,15 @@ def ray_floor(a, out: Path, png_b64_len: int) -> dict:
     via_handle = timed(lambda: handle.generate.remote({}).result())
     via_http = timed(over_http)
     one_hop = timed(lambda: over_http("/floor-direct"))
-    for name in ("floor", "floor-direct"):
+    waiting = [over_http("/floor-waiting") for _ in range(a.warmup + a.sequential)][a.warmup:]
+    for name in ("floor", "floor-direct", "floor-waiting"):
         serve.delete(name)
     row = {"layout": a.layout, "requests": a.sequential, "answer_bytes": png_b64_len,
            "handle_p50_ms": 1000 * p(via_handle, 50), "handle_p95_ms": 1000 * p(via_handle, 95),
            "http_p50_ms": 1000 * p(via_http, 50), "http_p95_ms": 1000 * p(via_http, 95),
-           "http_one_hop_p50_ms": 1000 * p(one_hop, 50), "http_one_hop_p95_ms": 1000 * p(one_hop, 95)}
+           "http_one_hop_p50_ms": 1000 * p(one_hop, 50), "http_one_hop_p95_ms": 1000 * p(one_hop, 95),
+           "waiting_s": wait_s, "http_one_hop_waiting_p50_ms": 1000 * p(waiting, 50),
+           "http_one_hop_waiting_p95_ms": 1000 * p(waiting, 95)}
     write(out, "ray_floor.json", row)
     return row
 
@@ -364,12 +386,16 @@ def main() -> int:
             "gateway_route_overhead_pct_of_engine": 100 * via_gateway["overhead_p50_ms"] / via_gateway["engine_p50_ms"]})
     else:
         decomposition["proxy_and_gateway_p50_ms"] = http["overhead_p50_ms"] - via_handle["overhead_p50_ms"]
-    floor = ray_floor(a, a.out, alone["png_b64_len"])
+    floor = ray_floor(a, a.out, alone["png_b64_len"], engine_ms / 1000)
     floor_ms = floor["http_one_hop_p50_ms"] if a.layout == "direct" else floor["http_p50_ms"]
     decomposition.update({"ray_floor_http_p50_ms": floor["http_p50_ms"],
                           "ray_floor_http_one_hop_p50_ms": floor["http_one_hop_p50_ms"],
                           "ray_floor_handle_p50_ms": floor["handle_p50_ms"],
+                          "ray_floor_http_one_hop_waiting_p50_ms": floor["http_one_hop_waiting_p50_ms"],
                           "ours_over_ray_floor_p50_ms": http["overhead_p50_ms"] - floor_ms})
+    if a.layout == "direct":  # the fair floor for a request that takes the engine's time, same client
+        decomposition["stdlib_ours_over_waiting_floor_p50_ms"] = (stdlib["overhead_p50_ms"]
+                                                                  - floor["http_one_hop_waiting_p50_ms"])
     write(a.out, "overhead.json", decomposition)
     # One load phase per rate, with the batch occupancy of that phase alone: the difference of the histogram's
     # sum and count around it, read after Ray's metrics export has caught up (--metrics-settle-s).
