@@ -26,7 +26,7 @@ import numpy as np
 from dit_runtime.engine import (DeadlineExceededError, Engine, EngineError, EngineStoppedError, GenerationRequest,
                                 GenerationResult, InvalidRequestError, QueueFullError, RequestCancelledError,
                                 StepEvent)
-from dit_runtime.engine.engine import settle_future
+from dit_runtime.engine.engine import settle_threadsafe
 
 from dit_runtime.images import encode_png
 from dit_runtime.vae import LatentDecoder
@@ -265,7 +265,7 @@ class ModelServer:
             response = self._images_response(outcome, scale) if not isinstance(outcome, BaseException) else outcome
         except Exception as e:  # the request fails with it (500), like any other error of the route
             response = e
-        loop.call_soon_threadsafe(settle_future, answer, response)
+        settle_threadsafe(loop, answer, response)
         if not isinstance(outcome, BaseException):
             self.metrics.on_result(outcome)  # after the hand-off: off the answer's path
 

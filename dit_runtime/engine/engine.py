@@ -76,8 +76,8 @@ class RequestHandle:
     def on_finish(self, callback: Callable[[GenerationResult | BaseException], None]) -> None:
         """Call ``callback(outcome)`` once, when the request ends: with its GenerationResult, or with the error it
         failed with. It runs on the engine thread before the outcome reaches the handle's stream (here, at once, if
-        the request has already ended), so it must be quick: hand real work to another thread. One hand-off instead of a wake-up of the caller that then hands
-        the result on (``ModelServer`` encodes PNGs this way)."""
+        the request has already ended), so it must be quick: hand real work on to another thread, as
+        ``ModelServer`` does with its PNGs (one hand-off, not a wake-up of a caller that then hands it on)."""
         with self._lock:
             if self._outcome is _PENDING:
                 self._callbacks.append(callback)
@@ -145,12 +145,20 @@ class RequestHandle:
         """Wait for the images without blocking the event loop (one wake-up of the loop, at the end)."""
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        self.on_finish(lambda outcome: loop.call_soon_threadsafe(settle_future, done, outcome))
+        self.on_finish(lambda outcome: settle_threadsafe(loop, done, outcome))
         return await done
 
 
-def settle_future(future: asyncio.Future, outcome) -> None:
-    """Resolve ``future`` (on its loop) with a result, or with an exception; a no-op once the waiter gave up."""
+def settle_threadsafe(loop: asyncio.AbstractEventLoop, future: asyncio.Future, outcome) -> None:
+    """From any thread: resolve ``future`` on ``loop`` with a result, or with an exception. A no-op once the waiter
+    gave up (the future is cancelled, or its loop has closed)."""
+    try:
+        loop.call_soon_threadsafe(_settle, future, outcome)
+    except RuntimeError:  # the loop is closed: nobody is waiting any more
+        pass
+
+
+def _settle(future: asyncio.Future, outcome) -> None:
     if future.done():
         return
     if isinstance(outcome, BaseException):
