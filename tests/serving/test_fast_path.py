@@ -16,7 +16,7 @@ import pytest
 from ray.serve import context as serve_context
 
 from serving.config import AuthArgs, Limits
-from serving.frontend import FastGenerations
+from serving.frontend import FastGenerations, _State
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "api_overhead.py"
 
@@ -26,11 +26,13 @@ def harness():
     spec = importlib.util.spec_from_file_location("api_overhead", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    ingress = module.ReadyModel([module.MODEL], Limits(), AuthArgs())
-    saved = serve_context._INTERNAL_REPLICA_CONTEXT
+    saved = serve_context._INTERNAL_REPLICA_CONTEXT, dict(vars(_State))
+    ingress = module.ReadyModel([module.MODEL], Limits(), AuthArgs())  # sets this process's _State
     serve_context._INTERNAL_REPLICA_CONTEXT = types.SimpleNamespace(servable_object=ingress)  # as in a replica
     yield module
-    serve_context._INTERNAL_REPLICA_CONTEXT = saved
+    serve_context._INTERNAL_REPLICA_CONTEXT = saved[0]
+    for name in ("limits", "metrics", "key_digests", "frontend"):
+        setattr(_State, name, saved[1][name])
 
 
 def test_fast_path_and_fastapi_answer_every_request_alike(harness):
