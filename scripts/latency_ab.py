@@ -82,6 +82,10 @@ def bench_gemm(rec: Recorder, cfg, rows_list: list[int]) -> None:
 
 
 def make_config(variant: dict, max_batch: int, buckets=None) -> EngineConfig:
+    """The engine config of a variant; a variant's own ``batch_buckets`` (e.g. ``[2]``: compile only the guided
+    one-image bucket, half the start-up of a slow compile option) wins over ``buckets``."""
+    variant = dict(variant)
+    buckets = variant.pop("batch_buckets", buckets)
     if not torch.cuda.is_available():  # a smoke run of the script's plumbing on a CPU machine (--preset dit-tiny)
         return EngineConfig(device="cpu", max_batch_size=max_batch, batch_buckets=buckets, **variant)
     return EngineConfig(device="cuda", dtype="float16", max_batch_size=max_batch, batch_buckets=buckets,
