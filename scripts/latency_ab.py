@@ -10,7 +10,10 @@
    baseline variant's, same seed.
 3. ``forward``: per-step throughput at batch 16, 64 and 256 for the baseline and the chosen variant, to show the
    large batches do not lose.
-4. ``profile``: GPU time per kernel of one bucket-2 step (torch.profiler), baseline and chosen variant.
+4. ``profile``: GPU time per kernel of one step (torch.profiler) at ``--profile-bucket`` rows (2 by default), for
+   the baseline and the chosen variant, or ``--profile-variants``.
+
+Without a GPU only ``--parts latency`` runs (``--preset dit-tiny``: a smoke run of its plumbing, in fp32).
 
 Every row goes to ``OUT/latency_ab.jsonl`` as soon as it is measured.
 """
@@ -120,7 +123,8 @@ def bench_latency(rec: Recorder, preset: str, variants: list[dict], steps: int =
             engine.stop()
         except Exception as e:  # one variant failing must not lose the others
             rec.add({"part": "latency", "model": preset, **variant, "error": repr(e)[:500]})
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def runner_for(preset: str, variant: dict, batches: list[int]) -> ModelRunner:
@@ -188,13 +192,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="JSON list of EngineConfig overrides on top of the baseline (all fast paths off)")
     parser.add_argument("--chosen", default='{"fused_adaln": true, "split_k": 4, "split_k_max_rows": 512}',
                         help="the variant the forward and profile parts compare with the baseline (the defaults)")
+    parser.add_argument("--profile-variants", default=None,
+                        help="JSON list of the variants to profile (default: the baseline and --chosen)")
+    parser.add_argument("--profile-bucket", type=int, default=2, help="the forward's rows in the profile part")
     args = parser.parse_args(argv)
     variants = [{**BASELINE, **v} for v in json.loads(args.variants)]
     chosen = {**BASELINE, **json.loads(args.chosen)}
-    rec = Recorder(args.out, {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                              "preset": args.preset}, name="latency_ab.jsonl")
-    peak = matmul_peak()
-    rec.add({"part": "peak", "fp16_tflops": round(peak / 1e12, 1)})
+    if not torch.cuda.is_available() and set(args.parts) - {"latency"}:
+        parser.error("without a CUDA GPU only --parts latency runs (the others time CUDA kernels)")
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    rec = Recorder(args.out, {"gpu": gpu, "torch": torch.__version__, "preset": args.preset}, name="latency_ab.jsonl")
+    peak = matmul_peak() if torch.cuda.is_available() else None
+    if peak is not None:
+        rec.add({"part": "peak", "fp16_tflops": round(peak / 1e12, 1)})
     cfg = get_preset(args.preset)
     if "gemm" in args.parts:
         bench_gemm(rec, cfg, [256, 512, 1024, 2048, 4096])
@@ -203,8 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     if "forward" in args.parts:
         bench_forward(rec, args.preset, [BASELINE, chosen], [16, 64, 256], peak)
     if "profile" in args.parts:
-        for variant in (BASELINE, chosen):
-            profile_step(rec, args.preset, variant)
+        profiled = [{**BASELINE, **v} for v in json.loads(args.profile_variants)] if args.profile_variants else \
+            [BASELINE, chosen]
+        for variant in profiled:
+            profile_step(rec, args.preset, variant, args.profile_bucket)
     return 0
 
 

@@ -7,6 +7,10 @@ Parts (all on by default):
   load     the engine under Poisson arrivals with mixed step counts: step-level vs request-level batching vs
            one request at a time (images/s, p50/p99 latency)
 
+Setups: diffusers-eager, diffusers-compile, ours-eager, ours-compiled-graphs; the last takes suffixes that combine,
+e.g. ours-compiled-graphs-static-autotune: -nofuse (no bias+GELU epilogue in the fc1 GEMM), -static (one graph per
+batch size instead of one with a symbolic batch size), -autotune (inductor's max_autotune GEMM search).
+
 Every result row is appended to ``OUT/bench.jsonl`` the moment it is measured, so a run cut short keeps what it
 measured. At the end: ``OUT/bench.json``, ``OUT/load.png`` (latency vs load) and a Markdown table on stdout.
 """
@@ -127,14 +131,16 @@ def bench_forward(rec: Recorder, preset: str, batches: list[int], setups: list[s
             elif setup == "ours-eager":
                 model = random_dit(preset, dtype)
                 make = lambda b: (lambda x=inputs(preset, b, dtype): model(*x))
-            else:  # ours-compiled-graphs[-nofuse|-autotune]: the engine's step (model + guidance + sampler), graphed
-                fuse = not setup.endswith("-nofuse")
+            else:  # ours-compiled-graphs[-nofuse][-static][-autotune]: the engine's step (model + guidance +
+                # sampler), graphed. -static: one graph per batch size instead of one with a symbolic batch size.
+                flags = setup.split("-")[3:]
                 # -autotune: inductor's max_autotune, which times Triton GEMM templates (with fused epilogues)
                 # against cuBLAS per shape at compile time: minutes per bucket.
-                options = {"max_autotune": True} if setup.endswith("-autotune") else None
+                options = {"max_autotune": True} if "autotune" in flags else None
                 config = EngineConfig(device="cuda", dtype="float16", max_batch_size=max(batches),
                                       batch_buckets=tuple(batches), compile=True, cuda_graphs=True,
-                                      fused_mlp_epilogue=fuse, compile_options=options)
+                                      fused_mlp_epilogue="nofuse" not in flags, compile_dynamic="static" not in flags,
+                                      compile_options=options)
                 start = time.perf_counter()
                 model = random_dit(preset, dtype)
                 runner = ModelRunner(model, config, clip_denoised=False)
@@ -188,7 +194,7 @@ def bench_latency(rec: Recorder, preset: str, setups: list[str], steps: int = 50
             else:
                 compiled = setup != "ours-eager"
                 config = EngineConfig(device="cuda", dtype="float16", max_batch_size=2, compile=compiled,
-                                      cuda_graphs=compiled)
+                                      cuda_graphs=compiled, compile_dynamic="static" not in setup.split("-")[3:])
                 engine = Engine(random_dit(preset, dtype), _bench_info(preset), config).start()
 
                 def one_image():

@@ -81,7 +81,7 @@ class ModelRunner:
             # the same _step, so each adds its own allowance (past the limit, fullgraph=True fails hard).
             name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
             setattr(torch._dynamo.config, name, getattr(torch._dynamo.config, name) + 2 * len(config.buckets))
-            self._step_fn = torch.compile(self._step, fullgraph=True, dynamic=config.compile_dynamic or None,
+            self._step_fn = torch.compile(self._step, fullgraph=True, dynamic=bool(config.compile_dynamic),
                                           options=dict(config.compile_options) if config.compile_options else None)
 
     # ---- the step ---------------------------------------------------------------------------------------------

@@ -27,7 +27,9 @@ class EngineConfig:
     max_images_per_request: int = 8
     max_inference_steps: int = 1000
     compile: bool = False  # torch.compile the step function
-    compile_dynamic: bool = True  # one compiled graph with a symbolic batch size serves every bucket
+    # True: one compiled graph with a symbolic batch size serves every bucket; False: one graph per bucket, each
+    # specialised to its row count (static shapes: longer start-up, kernels tuned for the exact sizes).
+    compile_dynamic: bool = True
     # Inductor options for that compile (torch.compile's ``options``), e.g. {"max_autotune": True}: its GEMM search
     # takes minutes per model, so it is off by default (docs/benchmarks.md has what it buys).
     compile_options: dict | None = field(default=None, hash=False)
