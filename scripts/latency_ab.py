@@ -10,7 +10,9 @@
    baseline variant's, same seed.
 3. ``forward``: per-step throughput at batch 16, 64 and 256 for the baseline and the chosen variant, to show the
    large batches do not lose.
-4. ``profile``: GPU time per kernel of one step (torch.profiler) at ``--profile-bucket`` rows (2 by default), for
+4. ``graphs``: per bucket of ``--graph-buckets``, for each of ``--variants``: the step replayed as a CUDA graph
+   against the same compiled step launched kernel by kernel, each with the GPU time summed over its kernels.
+5. ``profile``: GPU time per kernel of one step (torch.profiler) at ``--profile-bucket`` rows (2 by default), for
    the baseline and the chosen variant, or ``--profile-variants``.
 
 Without a GPU only ``--parts latency`` runs (``--preset dit-tiny``: a smoke run of its plumbing, in fp32).
@@ -33,7 +35,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dit_runtime.cli.bench import Recorder, _bench_info, cuda_time, fill_rows, matmul_peak, random_dit  # noqa: E402
+from dit_runtime.cli.bench import (Recorder, _bench_info, cuda_time, fill_rows, kernel_time, matmul_peak,  # noqa: E402
+                                   random_dit)
 from dit_runtime.engine import Engine, EngineConfig, GenerationRequest  # noqa: E402
 from dit_runtime.engine.runner import ModelRunner  # noqa: E402
 from dit_runtime.model import get_preset, split_k_linear  # noqa: E402
@@ -180,11 +183,39 @@ def profile_step(rec: Recorder, preset: str, variant: dict, bucket: int = 2) -> 
         rec.add({"part": "profile", "model": preset, **variant, "error": repr(e)[:500]})
 
 
+def bench_graphs(rec: Recorder, preset: str, variants: list[dict], buckets: list[int], peak: float) -> None:
+    """Per bucket, in one process: the step replayed as its CUDA graph against the same compiled step launched
+    kernel by kernel, and the GPU time the profiler sums over each one's kernels (the gap is idle time)."""
+    flops = forward_flops(get_preset(preset))["total"]
+    for variant in variants:
+        try:
+            runner = runner_for(preset, variant, buckets)
+            graphs = dict(runner._graphs)
+            for b in buckets:
+                fill_rows(runner, b)
+                row = {"part": "graphs", "model": preset, **variant, "bucket": b}
+                with torch.inference_mode():
+                    for mode in ("graph", "launched"):
+                        runner._graphs = graphs if mode == "graph" else {}
+                        call = lambda: runner.execute(b)  # noqa: E731
+                        seconds = cuda_time(call, iters=max(10, min(100, int(2000 / b))))
+                        kernels, count, top = kernel_time(call)
+                        row.update({f"{mode}_ms": round(seconds * 1e3, 3), f"{mode}_kernel_ms": round(kernels / 1e3, 3),
+                                    f"{mode}_kernels": count, f"{mode}_mfu": round(b / seconds * flops / peak, 4),
+                                    f"{mode}_top": top})
+                rec.add(row)
+            runner = graphs = None  # free the buffers and graphs before the next variant
+        except Exception as e:
+            rec.add({"part": "graphs", "model": preset, **variant, "error": repr(e)[:500]})
+        torch.cuda.empty_cache()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--preset", default="dit-10l")
-    parser.add_argument("--parts", nargs="+", default=["gemm", "latency", "forward", "profile"])
+    parser.add_argument("--parts", nargs="+", default=["gemm", "latency", "forward", "profile"],
+                        choices=["gemm", "latency", "forward", "graphs", "profile"])
     parser.add_argument("--variants", default='[{}, {"fused_adaln": true}, {"split_k": 4, "split_k_max_rows": 1024}, '
                         '{"fused_adaln": true, "split_k": 4, "split_k_max_rows": 1024}, '
                         '{"fused_adaln": true, "split_k": 2, "split_k_max_rows": 1024}, '
@@ -195,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-variants", default=None,
                         help="JSON list of the variants to profile (default: the baseline and --chosen)")
     parser.add_argument("--profile-bucket", type=int, default=2, help="the forward's rows in the profile part")
+    parser.add_argument("--graph-buckets", type=int, nargs="+", default=[2, 64, 256],
+                        help="the buckets the graphs part compares, for each of --variants")
     args = parser.parse_args(argv)
     variants = [{**BASELINE, **v} for v in json.loads(args.variants)]
     chosen = {**BASELINE, **json.loads(args.chosen)}
@@ -212,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_latency(rec, args.preset, variants)
     if "forward" in args.parts:
         bench_forward(rec, args.preset, [BASELINE, chosen], [16, 64, 256], peak)
+    if "graphs" in args.parts:
+        bench_graphs(rec, args.preset, variants, args.graph_buckets, peak)
     if "profile" in args.parts:
         profiled = [{**BASELINE, **v} for v in json.loads(args.profile_variants)] if args.profile_variants else \
             [BASELINE, chosen]

@@ -8,8 +8,10 @@ Parts (all on by default):
            one request at a time (images/s, p50/p99 latency)
 
 Setups: diffusers-eager, diffusers-compile, ours-eager, ours-compiled-graphs; the last takes suffixes that combine,
-e.g. ours-compiled-graphs-static-autotune: -nofuse (no bias+GELU epilogue in the fc1 GEMM), -static (one graph per
-batch size instead of one with a symbolic batch size), -autotune (inductor's max_autotune GEMM search).
+e.g. ours-compiled-graphs-dynamic-autotune: -nofuse (no bias+GELU epilogue in the fc1 GEMM), -dynamic (one compiled
+program with a symbolic batch size, instead of the default: one per batch size), -static (the default, named),
+-autotune (inductor's max_autotune GEMM search), -zeros (the
+step's slots hold zeros instead of the diffusers setups' random inputs, as dit-bench ran before session 6).
 
 Every result row is appended to ``OUT/bench.jsonl`` the moment it is measured, so a run cut short keeps what it
 measured. At the end: ``OUT/bench.json``, ``OUT/load.png`` (latency vs load) and a Markdown table on stdout.
@@ -18,6 +20,7 @@ measured. At the end: ``OUT/bench.json``, ``OUT/load.png`` (latency vs load) and
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import platform
@@ -68,6 +71,28 @@ def cuda_time(fn, iters: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+def kernel_time(fn, steps: int = 10) -> tuple[float, int, list[dict]]:
+    """GPU time per call of ``fn`` summed over the kernels the profiler saw, kernels per call, and the top ones."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    per_kernel = collections.defaultdict(lambda: [0.0, 0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[event.name][0] += event.device_time / steps
+            per_kernel[event.name][1] += 1 / steps
+    total = sum(t for t, _ in per_kernel.values())
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:8]
+    return total, round(sum(n for _, n in per_kernel.values())), [
+        {"kernel": name[:90], "us": round(t, 1), "calls": round(n)} for name, (t, n) in top]
+
+
 def matmul_peak(dtype=torch.float16, n: int = 8192) -> float:
     """Measured dense matmul rate of this GPU (FLOP/s), the MFU denominator."""
     a, b = torch.randn(n, n, device="cuda", dtype=dtype), torch.randn(n, n, device="cuda", dtype=dtype)
@@ -75,11 +100,21 @@ def matmul_peak(dtype=torch.float16, n: int = 8192) -> float:
     return 2 * n ** 3 / seconds
 
 
-def fill_rows(runner, rows: int) -> None:
-    """Lay out ``rows`` images in slots 0..rows-1, one row each, that never finish: every step does real work."""
+def fill_rows(runner, rows: int, inputs: tuple | None = None) -> None:
+    """Lay out ``rows`` images in slots 0..rows-1, one row each, that never finish: every step does real work.
+
+    ``inputs`` (x, t, y), as ``inputs()`` draws them for the diffusers setups, become the slots' latents, timesteps
+    and labels, so both models run on the same data (without it the slots hold zeros at timestep 999, label 0)."""
     for i in (0, 1, 3, 4):  # image_slot, row_image, cond_row, uncond_row
         runner.layout[i, :rows] = torch.arange(rows)
-    runner.num_steps.fill_(10 ** 6)
+    steps = 10 ** 6
+    runner.num_steps.fill_(steps)
+    if inputs is not None:
+        x, t, y = inputs
+        runner.x[:rows] = x.float()
+        runner.layout[2, :rows] = y  # row_label
+        # trailing spacing: step i of S is timestep round(T - i T / S) - 1, so t needs i = (T - 1 - t) S / T
+        runner.step_index[:rows] = (999 - t.to(torch.int64)) * (steps // 1000)
 
 
 def random_dit(preset: str, dtype) -> DiTModel:
@@ -116,7 +151,8 @@ def inputs(preset: str, batch: int, dtype):
 
 
 # ---- part 1: forward throughput -------------------------------------------------------------------------------
-def bench_forward(rec: Recorder, preset: str, batches: list[int], setups: list[str], peak: float) -> None:
+def bench_forward(rec: Recorder, preset: str, batches: list[int], setups: list[str], peak: float,
+                  profile_kernels: bool = False) -> None:
     from ..engine.runner import ModelRunner
     from ..engine.types import EngineConfig
 
@@ -131,15 +167,15 @@ def bench_forward(rec: Recorder, preset: str, batches: list[int], setups: list[s
             elif setup == "ours-eager":
                 model = random_dit(preset, dtype)
                 make = lambda b: (lambda x=inputs(preset, b, dtype): model(*x))
-            else:  # ours-compiled-graphs[-nofuse][-static][-autotune]: the engine's step (model + guidance +
-                # sampler), graphed. -static: one graph per batch size instead of one with a symbolic batch size.
+            else:  # ours-compiled-graphs[-nofuse][-dynamic][-autotune][-zeros]: the engine's step (model + guidance +
+                # sampler), graphed. -dynamic: one program with a symbolic batch size instead of one per batch size.
                 flags = setup.split("-")[3:]
                 # -autotune: inductor's max_autotune, which times Triton GEMM templates (with fused epilogues)
                 # against cuBLAS per shape at compile time: minutes per bucket.
                 options = {"max_autotune": True} if "autotune" in flags else None
                 config = EngineConfig(device="cuda", dtype="float16", max_batch_size=max(batches),
                                       batch_buckets=tuple(batches), compile=True, cuda_graphs=True,
-                                      fused_mlp_epilogue="nofuse" not in flags, compile_dynamic="static" not in flags,
+                                      fused_mlp_epilogue="nofuse" not in flags, compile_dynamic="dynamic" in flags,
                                       compile_options=options)
                 start = time.perf_counter()
                 model = random_dit(preset, dtype)
@@ -150,17 +186,22 @@ def bench_forward(rec: Recorder, preset: str, batches: list[int], setups: list[s
                          "per_bucket_s": {b: round(t, 1) for b, t in per_bucket.items()}})
                 runner.layout.zero_()
 
-                def make(b, runner=runner):
-                    fill_rows(runner, b)
+                def make(b, runner=runner, zeros="zeros" in flags):
+                    fill_rows(runner, b, None if zeros else inputs(preset, b, dtype))
                     return lambda: runner.execute(b)
             for b in batches:
                 call = make(b)
                 iters = max(5, min(100, int(2000 / b)))
                 seconds = cuda_time(call, iters=iters)
                 rate = b / seconds
-                rec.add({"part": "forward", "model": preset, "setup": setup, "batch": b,
-                         "ms_per_step": round(seconds * 1e3, 3), "image_steps_per_s": round(rate, 1),
-                         "mfu": round(rate * flops / peak, 4)})
+                row = {"part": "forward", "model": preset, "setup": setup, "batch": b,
+                       "ms_per_step": round(seconds * 1e3, 3), "image_steps_per_s": round(rate, 1),
+                       "mfu": round(rate * flops / peak, 4)}
+                if profile_kernels:  # the GPU time its kernels take, summed by the profiler (the rest is idle)
+                    kernels, count, top = kernel_time(call)
+                    row.update({"kernel_ms_per_step": round(kernels / 1e3, 3), "kernels_per_step": count,
+                                "top_kernels": top[:4]})
+                rec.add(row)
         except Exception as e:  # one setup failing must not lose the others
             rec.add({"part": "forward", "model": preset, "setup": setup, "error": repr(e)[:500]})
         torch.cuda.empty_cache()
@@ -194,7 +235,7 @@ def bench_latency(rec: Recorder, preset: str, setups: list[str], steps: int = 50
             else:
                 compiled = setup != "ours-eager"
                 config = EngineConfig(device="cuda", dtype="float16", max_batch_size=2, compile=compiled,
-                                      cuda_graphs=compiled, compile_dynamic="static" not in setup.split("-")[3:])
+                                      cuda_graphs=compiled, compile_dynamic="dynamic" in setup.split("-")[3:])
                 engine = Engine(random_dit(preset, dtype), _bench_info(preset), config).start()
 
                 def one_image():
@@ -300,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load-buckets", nargs="+", type=int, default=[4, 16, 64, 128, 256])
     p.add_argument("--load-models", nargs="+", default=["dit-10l"])
     p.add_argument("--policies", nargs="+", default=["step", "request", "single"])
+    p.add_argument("--profile-kernels", action="store_true",
+                   help="forward: also sum each setup's kernel times with torch.profiler (GPU time against idle)")
     p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -313,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
                          "command": "dit-bench " + " ".join(argv if argv is not None else sys.argv[1:])})
     for preset in args.models:
         if "forward" in args.parts:
-            bench_forward(rec, preset, args.batches, args.setups, peak)
+            bench_forward(rec, preset, args.batches, args.setups, peak, args.profile_kernels)
         if "latency" in args.parts:
             bench_latency(rec, preset, [s for s in args.setups if not s.endswith("-nofuse")])
     if "load" in args.parts:

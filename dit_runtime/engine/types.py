@@ -27,9 +27,10 @@ class EngineConfig:
     max_images_per_request: int = 8
     max_inference_steps: int = 1000
     compile: bool = False  # torch.compile the step function
-    # True: one compiled graph with a symbolic batch size serves every bucket; False: one graph per bucket, each
-    # specialised to its row count (static shapes: longer start-up, kernels tuned for the exact sizes).
-    compile_dynamic: bool = True
+    # False: one compiled program per bucket, specialised to its row count (static shapes); True: one program with
+    # a symbolic batch size serves every bucket. Static was 2.5% faster at 256 rows and the same for one image
+    # (docs/benchmarks.md, run 16), and compiles a bucket in under half the time, but compiles every bucket.
+    compile_dynamic: bool = False
     # Inductor options for that compile (torch.compile's ``options``), e.g. {"max_autotune": True}: its GEMM search
     # takes minutes per model, so it is off by default (docs/benchmarks.md has what it buys).
     compile_options: dict | None = field(default=None, hash=False)
