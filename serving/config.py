@@ -92,6 +92,9 @@ class ModelArgs(_Args):
     compile_cache_dir: str | None = None
     compile_options: dict | None = Field(None, description="inductor options for the engine's torch.compile, e.g. "
                                                            "{max_autotune: true} (minutes of GEMM search at start)")
+    compile_dynamic: bool = Field(False, description="one compiled program with a symbolic batch size for every "
+                                                     "bucket (a faster cold start) instead of one per bucket "
+                                                     "(static shapes: 2.5% more throughput at 256 rows)")
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     # Ray's router may hold at most this many requests on a replica. The default leaves room for a full batch plus
@@ -161,7 +164,8 @@ class ModelArgs(_Args):
                             max_inference_steps=limits.max_inference_steps, compile=self.compile,
                             cuda_graphs=self.cuda_graphs,
                             batch_buckets=tuple(self.batch_buckets) if self.batch_buckets else None,
-                            compile_cache_dir=self.compile_cache_dir, compile_options=self.compile_options)
+                            compile_cache_dir=self.compile_cache_dir, compile_options=self.compile_options,
+                            compile_dynamic=self.compile_dynamic)
 
     @property
     def ongoing_requests_cap(self) -> int:
