@@ -8,10 +8,11 @@ Parts (all on by default):
            one request at a time (images/s, p50/p99 latency)
 
 Setups: diffusers-eager, diffusers-compile, ours-eager, ours-compiled-graphs; the last takes suffixes that combine,
-e.g. ours-compiled-graphs-dynamic-autotune: -nofuse (no bias+GELU epilogue in the fc1 GEMM), -dynamic (one compiled
-program with a symbolic batch size, instead of the default: one per batch size), -static (the default, named),
--autotune (inductor's max_autotune GEMM search), -zeros (the
-step's slots hold zeros instead of the diffusers setups' random inputs, as dit-bench ran before session 6).
+e.g. ours-compiled-graphs-dynamic-autotune:
+  -nofuse    no bias + GELU epilogue in the fc1 GEMM
+  -dynamic   one compiled program with a symbolic batch size (the default is one per batch size; -static names it)
+  -autotune  inductor's max_autotune GEMM search (minutes per bucket)
+  -zeros     the step's slots hold zeros instead of the diffusers setups' random inputs (dit-bench before session 6)
 
 Every result row is appended to ``OUT/bench.jsonl`` the moment it is measured, so a run cut short keeps what it
 measured. At the end: ``OUT/bench.json``, ``OUT/load.png`` (latency vs load) and a Markdown table on stdout.
@@ -114,7 +115,8 @@ def fill_rows(runner, rows: int, inputs: tuple | None = None) -> None:
         runner.x[:rows] = x.float()
         runner.layout[2, :rows] = y  # row_label
         # trailing spacing: step i of S is timestep round(T - i T / S) - 1, so t needs i = (T - 1 - t) S / T
-        runner.step_index[:rows] = (999 - t.to(torch.int64)) * (steps // 1000)
+        T = runner.schedule.num_timesteps
+        runner.step_index[:rows] = (T - 1 - t.to(torch.int64)) * (steps // T)
 
 
 def random_dit(preset: str, dtype) -> DiTModel:
