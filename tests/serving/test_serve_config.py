@@ -160,3 +160,13 @@ def test_shipped_configs_bind_loopback_and_verify_checksums(config):
     assert raw["http_options"]["host"] == "127.0.0.1"
     args = raw["applications"][0]["args"]
     assert all(m.get("verify_manifest", True) for m in args["models"])
+
+
+def test_compile_settings_reach_the_engine_with_static_shapes_by_default(ckpt):
+    """The issue's static shapes (one compiled program per bucket) unless a model asks for a symbolic batch size."""
+    default, dynamic = AppArgs.parse({"models": [
+        model_args("a", ckpt), model_args("b", ckpt, compile_dynamic=True, compile_options={"max_autotune": True})]}
+    ).models
+    assert default.engine_config().compile_dynamic is False
+    config = dynamic.engine_config()
+    assert config.compile_dynamic is True and config.compile_options == {"max_autotune": True}
