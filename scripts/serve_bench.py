@@ -225,18 +225,6 @@ def ray_floor(a, out: Path, png_b64_len: int, wait_s: float) -> dict:
             await asyncio.sleep(wait_s)
             return {**answer, "waited_s": time.perf_counter() - start}
 
-    quiet_api = FastAPI()
-
-    @serve.deployment(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0},
-                      logging_config={"enable_access_log": False})
-    @serve.ingress(quiet_api)
-    class FloorDirectWaitingNoAccessLog:
-        @quiet_api.post("/v1/images/generations")
-        async def generate(self, body: dict) -> dict:
-            start = time.perf_counter()
-            await asyncio.sleep(wait_s)
-            return {**answer, "waited_s": time.perf_counter() - start}
-
     thread_api = FastAPI()
 
     @serve.deployment(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
@@ -268,7 +256,8 @@ def ray_floor(a, out: Path, png_b64_len: int, wait_s: float) -> dict:
     serve.run(FloorGateway.bind(FloorModel.bind()), name="floor", route_prefix="/floor")
     serve.run(FloorDirect.bind(), name="floor-direct", route_prefix="/floor-direct")
     serve.run(FloorDirectWaiting.bind(), name="floor-waiting", route_prefix="/floor-waiting")
-    serve.run(FloorDirectWaitingNoAccessLog.bind(), name="floor-waiting-quiet", route_prefix="/floor-waiting-quiet")
+    serve.run(FloorDirectWaiting.options(logging_config={"enable_access_log": False}).bind(),
+              name="floor-waiting-quiet", route_prefix="/floor-waiting-quiet")
     serve.run(FloorDirectThreadWaiting.bind(), name="floor-thread", route_prefix="/floor-thread")
     handle = serve.get_deployment_handle("FloorModel", app_name="floor")
     conn = http.client.HTTPConnection("127.0.0.1", a.port)
