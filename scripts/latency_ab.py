@@ -15,7 +15,8 @@
 5. ``profile``: GPU time per kernel of one step (torch.profiler) at ``--profile-bucket`` rows (2 by default), for
    the baseline and the chosen variant, or ``--profile-variants``.
 
-Without a GPU only ``--parts latency`` runs (``--preset dit-tiny``: a smoke run of its plumbing, in fp32).
+The steps that parts 3-5 time compute on dit-bench's random inputs (``--state zeros``: every slot the same image,
+as before session 6). Without a GPU only ``--parts latency`` runs (``--preset dit-tiny``: a smoke run of its plumbing, in fp32).
 
 Every row goes to ``OUT/latency_ab.jsonl`` as soon as it is measured.
 """
@@ -35,8 +36,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dit_runtime.cli.bench import (Recorder, _bench_info, cuda_time, fill_rows, kernel_time, matmul_peak,  # noqa: E402
-                                   random_dit)
+from dit_runtime.cli.bench import (Recorder, _bench_info, cuda_time, fill_rows, inputs, kernel_time,  # noqa: E402
+                                   matmul_peak, random_dit)
 from dit_runtime.engine import Engine, EngineConfig, GenerationRequest  # noqa: E402
 from dit_runtime.engine.runner import ModelRunner  # noqa: E402
 from dit_runtime.model import get_preset, split_k_linear  # noqa: E402
@@ -130,12 +131,21 @@ def bench_latency(rec: Recorder, preset: str, variants: list[dict], steps: int =
             torch.cuda.empty_cache()
 
 
+# What the timed steps compute on: dit-bench's random inputs (the default since session 6), or "zeros" (every
+# slot the same image, as runs 5-19 had it; see docs/benchmarks.md, runs 17-19).
+STATE = "inputs"
+
+
+def fill(runner: ModelRunner, preset: str, rows: int) -> None:
+    fill_rows(runner, rows, inputs(preset, rows, torch.float16) if STATE == "inputs" else None)
+
+
 def runner_for(preset: str, variant: dict, batches: list[int]) -> ModelRunner:
     runner = ModelRunner(model_for(preset), make_config(variant, max(batches), tuple(batches)),
                          clip_denoised=False)
     runner.warm_up()
     runner.layout.zero_()
-    fill_rows(runner, max(batches))
+    fill(runner, preset, max(batches))
     return runner
 
 
@@ -149,7 +159,7 @@ def bench_forward(rec: Recorder, preset: str, variants: list[dict], batches: lis
                 rec.add({"part": "forward", "model": preset, **variant, "batch": b,
                          "ms_per_step": round(seconds * 1e3, 3), "image_steps_per_s": round(b / seconds, 1),
                          "mfu": round(b / seconds * flops / peak, 4)})
-            del runner
+            runner = None  # free its buffers and graphs before the next variant
         except Exception as e:
             rec.add({"part": "forward", "model": preset, **variant, "error": repr(e)[:500]})
         torch.cuda.empty_cache()
@@ -192,7 +202,7 @@ def bench_graphs(rec: Recorder, preset: str, variants: list[dict], buckets: list
             runner = runner_for(preset, variant, buckets)
             graphs = dict(runner._graphs)
             for b in buckets:
-                fill_rows(runner, b)
+                fill(runner, preset, b)
                 row = {"part": "graphs", "model": preset, **variant, "bucket": b}
                 with torch.inference_mode():
                     for mode in ("graph", "launched"):
@@ -226,9 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-variants", default=None,
                         help="JSON list of the variants to profile (default: the baseline and --chosen)")
     parser.add_argument("--profile-bucket", type=int, default=2, help="the forward's rows in the profile part")
+    parser.add_argument("--state", choices=["inputs", "zeros"], default="inputs",
+                        help="what the timed steps of forward/graphs/profile compute on: dit-bench's random inputs, "
+                             "or zeros (every slot the same image, as before session 6)")
     parser.add_argument("--graph-buckets", type=int, nargs="+", default=[2, 64, 256],
                         help="the buckets the graphs part compares, for each of --variants")
     args = parser.parse_args(argv)
+    global STATE
+    STATE = args.state
     variants = [{**BASELINE, **v} for v in json.loads(args.variants)]
     chosen = {**BASELINE, **json.loads(args.chosen)}
     if not torch.cuda.is_available() and set(args.parts) - {"latency"}:
