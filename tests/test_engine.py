@@ -12,6 +12,7 @@ from dit_runtime.checkpoint import CheckpointInfo, default_class_names
 from dit_runtime.diffusion import SAMPLER_IDS, NoiseSchedule, counter_noise, noise_key, sampler_step, timestep_at
 from dit_runtime.engine import (DeadlineExceededError, Engine, EngineConfig, GenerationRequest, GenerationResult,
                                 InvalidRequestError, QueueFullError, RequestCancelledError, StepEvent)
+from dit_runtime.engine.runner import ModelRunner
 from dit_runtime.model import DiTModel, get_preset
 
 
@@ -362,3 +363,16 @@ def test_gpu_compiled_graphs_match_fp32_and_never_recompile(dtype):
     rel = float(np.linalg.norm(fast - ref) / np.linalg.norm(ref))
     print(f"{dtype}: relative error vs fp32 {rel:.2e}")
     assert rel < (1e-2 if dtype == "float16" else 3e-2), rel
+
+
+def test_compile_cache_dir_is_used_even_after_inductor_chose_its_default(tmp_path, monkeypatch):
+    """Importing torch._dynamo.utils makes inductor write its default cache dir into the environment; an engine's
+    compile_cache_dir must still be where its compiled graphs go (else a restart compiles everything again)."""
+    import torch._dynamo.utils  # noqa: F401
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", cache_dir())  # what inductor has set by now, restored afterwards
+    target = tmp_path / "compile-cache"
+    ModelRunner(random_model(), EngineConfig(max_batch_size=16, compile=True, compile_cache_dir=str(target)),
+                clip_denoised=False)
+    assert cache_dir() == str(target) and target.is_dir()

@@ -35,6 +35,25 @@ _LOOKAHEAD = 2
 _LAYOUT_ROWS = 5
 
 
+def use_compile_cache_dir(path: str) -> None:
+    """Point inductor's caches (FX graphs, AOTAutograd, Triton kernels) of this process at ``path``.
+
+    Inductor reads ``TORCHINDUCTOR_CACHE_DIR`` whenever it resolves a cache path, and writes its default there the
+    first time anything asks (importing ``torch._dynamo.utils`` is enough). So the variable is set outright, not
+    only when unset, and the in-memory caches that may hold paths under the old directory are cleared, as torch's
+    own ``temporary_cache_dir`` does. The setting is per process: the last engine built decides.
+    """
+    path = os.path.abspath(path)
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") == path:
+        return
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    try:
+        from torch._inductor.utils import clear_caches
+    except ImportError:  # a torch without it resolves paths afresh
+        return
+    clear_caches()
+
+
 class ModelRunner:
     """Executes step plans for one model on one device."""
 
@@ -76,7 +95,7 @@ class ModelRunner:
         self._step_fn = self._step
         if config.compile:
             if config.compile_cache_dir:
-                os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", config.compile_cache_dir)
+                use_compile_cache_dir(config.compile_cache_dir)
             # Up to one specialisation per bucket, counted per code object: every runner in this process compiles
             # the same _step, so each adds its own allowance (past the limit, fullgraph=True fails hard).
             name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
