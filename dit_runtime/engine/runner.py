@@ -49,7 +49,7 @@ def use_compile_cache_dir(path: str) -> None:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
     try:
         from torch._inductor.utils import clear_caches
-    except ImportError:  # a torch without it resolves paths afresh
+    except ImportError:  # a torch without it: the variable alone
         return
     clear_caches()
 
