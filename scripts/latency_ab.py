@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dit_runtime.cli.bench import (Recorder, _bench_info, cuda_time, fill_rows, inputs, kernel_time,  # noqa: E402
                                    matmul_peak, random_dit)
+from dit_runtime.cli.gpu_clock import GpuClock  # noqa: E402
 from dit_runtime.engine import Engine, EngineConfig, GenerationRequest  # noqa: E402
 from dit_runtime.engine.runner import ModelRunner  # noqa: E402
 from dit_runtime.model import get_preset, split_k_linear  # noqa: E402
@@ -134,6 +135,7 @@ def bench_latency(rec: Recorder, preset: str, variants: list[dict], steps: int =
 # What the timed steps compute on: dit-bench's random inputs (the default since session 6), or "zeros" (every
 # slot the same image, as runs 5-19 had it; see docs/benchmarks.md, runs 17-19).
 STATE = "inputs"
+CLOCK: GpuClock | None = None  # main() starts one: the SM clock beside each timing of the graphs part
 
 
 def fill(runner: ModelRunner, preset: str, rows: int) -> None:
@@ -208,7 +210,10 @@ def bench_graphs(rec: Recorder, preset: str, variants: list[dict], buckets: list
                     for mode in ("graph", "launched"):
                         runner._graphs = graphs if mode == "graph" else {}
                         call = lambda: runner.execute(b)  # noqa: E731
+                        t0 = time.time()
                         seconds = cuda_time(call, iters=max(10, min(100, int(2000 / b))))
+                        seen = CLOCK.window(t0, time.time()) if CLOCK else {}
+                        row.update({f"{mode}_{k}": v for k, v in seen.items()})
                         kernels, count, top = kernel_time(call)
                         row.update({f"{mode}_ms": round(seconds * 1e3, 3), f"{mode}_kernel_ms": round(kernels / 1e3, 3),
                                     f"{mode}_kernels": count, f"{mode}_mfu": round(b / seconds * flops / peak, 4),
@@ -242,8 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--graph-buckets", type=int, nargs="+", default=[2, 64, 256],
                         help="the buckets the graphs part compares, for each of --variants")
     args = parser.parse_args(argv)
-    global STATE
+    global STATE, CLOCK
     STATE = args.state
+    args.out.mkdir(parents=True, exist_ok=True)
+    CLOCK = GpuClock(args.out / "smi.csv")  # the SM clock beside each timing of the graphs part
     variants = [{**BASELINE, **v} for v in json.loads(args.variants)]
     chosen = {**BASELINE, **json.loads(args.chosen)}
     if not torch.cuda.is_available() and set(args.parts) - {"latency"}:
@@ -267,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             [BASELINE, chosen]
         for variant in profiled:
             profile_step(rec, args.preset, variant, args.profile_bucket)
+    CLOCK.close()
     return 0
 
 

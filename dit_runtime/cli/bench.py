@@ -14,6 +14,10 @@ e.g. ours-compiled-graphs-dynamic-autotune:
   -autotune  inductor's max_autotune GEMM search (minutes per bucket)
   -zeros     the step's slots hold zeros instead of the diffusers setups' random inputs (dit-bench before session 6)
 
+The forward part builds every setup first, then times them in turn, ``--rounds`` times over per batch size, so a
+clock that drifts during the run weighs on each alike. nvidia-smi samples the SM clock, power and the driver's
+clock-event reasons every 50 ms beside the run (``OUT/smi.csv``); each timed row carries what it ran at.
+
 Every result row is appended to ``OUT/bench.jsonl`` the moment it is measured, so a run cut short keeps what it
 measured. At the end: ``OUT/bench.json``, ``OUT/load.png`` (latency vs load) and a Markdown table on stdout.
 """
@@ -35,6 +39,7 @@ import torch
 
 from ..model import DiTModel, get_preset
 from ..sizing import forward_flops
+from .gpu_clock import GpuClock
 
 DIFFUSERS_NAMES = ("diffusers-eager", "diffusers-compile", "ours-eager", "ours-compiled-graphs")
 
@@ -153,64 +158,97 @@ def inputs(preset: str, batch: int, dtype):
 
 
 # ---- part 1: forward throughput -------------------------------------------------------------------------------
-def bench_forward(rec: Recorder, preset: str, batches: list[int], setups: list[str], peak: float,
-                  profile_kernels: bool = False) -> None:
+def build_setup(rec: Recorder, preset: str, setup: str, batches: list[int]):
+    """``make(batch)`` for one setup: a call that runs one forward step of that setup at that batch size."""
     from ..engine.runner import ModelRunner
     from ..engine.types import EngineConfig
 
-    flops = forward_flops(get_preset(preset))["total"]
     dtype = torch.float16
+    if setup.startswith("diffusers"):
+        model = diffusers_dit(preset, dtype)
+        fn = torch.compile(model) if setup == "diffusers-compile" else model
+        return lambda b: (lambda x=inputs(preset, b, dtype): fn(*x, return_dict=False))
+    if setup == "ours-eager":
+        model = random_dit(preset, dtype)
+        return lambda b: (lambda x=inputs(preset, b, dtype): model(*x))
+    # ours-compiled-graphs[-nofuse][-dynamic][-autotune][-zeros]: the engine's step (model + guidance + sampler),
+    # graphed. -dynamic: one program with a symbolic batch size instead of one per batch size.
+    flags = setup.split("-")[3:]
+    # -autotune: inductor's max_autotune, which times Triton GEMM templates (with fused epilogues) against cuBLAS
+    # per shape at compile time: minutes per bucket.
+    options = {"max_autotune": True} if "autotune" in flags else None
+    config = EngineConfig(device="cuda", dtype="float16", max_batch_size=max(batches), batch_buckets=tuple(batches),
+                          compile=True, cuda_graphs=True, fused_mlp_epilogue="nofuse" not in flags,
+                          compile_dynamic="dynamic" in flags, compile_options=options)
+    start = time.perf_counter()
+    runner = ModelRunner(random_dit(preset, dtype), config, clip_denoised=False)
+    per_bucket = runner.warm_up()
+    rec.add({"part": "compile", "model": preset, "setup": setup, "buckets": list(config.buckets),
+             "seconds": round(time.perf_counter() - start, 1),
+             "per_bucket_s": {b: round(t, 1) for b, t in per_bucket.items()}})
+    runner.layout.zero_()
+
+    def make(b, zeros="zeros" in flags):
+        fill_rows(runner, b, None if zeros else inputs(preset, b, dtype))
+        return lambda: runner.execute(b)
+    return make
+
+
+def bench_forward(rec: Recorder, preset: str, batches: list[int], setups: list[str], peak: float,
+                  profile_kernels: bool = False, rounds: int = 3, clock: GpuClock | None = None) -> None:
+    """Every setup is built (compiled, warmed up) first; then, batch size by batch size, the setups are timed in
+    turn, ``rounds`` times over (A B A B ...), so a clock that drifts during the run (power, heat) weighs on
+    each setup alike. A setup's figure is the median over its rounds; each round is also a row of its own, with
+    the SM clock it ran at when ``clock`` samples one."""
+    flops = forward_flops(get_preset(preset))["total"]
+    built = {}
     for setup in setups:
         try:
-            if setup.startswith("diffusers"):
-                model = diffusers_dit(preset, dtype)
-                fn = torch.compile(model) if setup == "diffusers-compile" else model
-                make = lambda b: (lambda x=inputs(preset, b, dtype): fn(*x, return_dict=False))
-            elif setup == "ours-eager":
-                model = random_dit(preset, dtype)
-                make = lambda b: (lambda x=inputs(preset, b, dtype): model(*x))
-            else:  # ours-compiled-graphs[-nofuse][-dynamic][-autotune][-zeros]: the engine's step (model + guidance +
-                # sampler), graphed. -dynamic: one program with a symbolic batch size instead of one per batch size.
-                flags = setup.split("-")[3:]
-                # -autotune: inductor's max_autotune, which times Triton GEMM templates (with fused epilogues)
-                # against cuBLAS per shape at compile time: minutes per bucket.
-                options = {"max_autotune": True} if "autotune" in flags else None
-                config = EngineConfig(device="cuda", dtype="float16", max_batch_size=max(batches),
-                                      batch_buckets=tuple(batches), compile=True, cuda_graphs=True,
-                                      fused_mlp_epilogue="nofuse" not in flags, compile_dynamic="dynamic" in flags,
-                                      compile_options=options)
-                start = time.perf_counter()
-                model = random_dit(preset, dtype)
-                runner = ModelRunner(model, config, clip_denoised=False)
-                per_bucket = runner.warm_up()
-                rec.add({"part": "compile", "model": preset, "setup": setup, "buckets": list(config.buckets),
-                         "seconds": round(time.perf_counter() - start, 1),
-                         "per_bucket_s": {b: round(t, 1) for b, t in per_bucket.items()}})
-                runner.layout.zero_()
-
-                def make(b, runner=runner, zeros="zeros" in flags):
-                    fill_rows(runner, b, None if zeros else inputs(preset, b, dtype))
-                    return lambda: runner.execute(b)
-            for b in batches:
-                call = make(b)
-                iters = max(5, min(100, int(2000 / b)))
-                seconds = cuda_time(call, iters=iters)
-                rate = b / seconds
-                row = {"part": "forward", "model": preset, "setup": setup, "batch": b,
-                       "ms_per_step": round(seconds * 1e3, 3), "image_steps_per_s": round(rate, 1),
-                       "mfu": round(rate * flops / peak, 4)}
-                if profile_kernels:  # the GPU time its kernels take, summed by the profiler (the rest is idle)
-                    kernels, count, top = kernel_time(call)
-                    row.update({"kernel_ms_per_step": round(kernels / 1e3, 3), "kernels_per_step": count,
-                                "top_kernels": top[:4]})
-                rec.add(row)
+            built[setup] = build_setup(rec, preset, setup, batches)
         except Exception as e:  # one setup failing must not lose the others
             rec.add({"part": "forward", "model": preset, "setup": setup, "error": repr(e)[:500]})
-        torch.cuda.empty_cache()
+    for b in batches:
+        calls, per_round, clocks = {}, collections.defaultdict(list), collections.defaultdict(list)
+        for setup, make in built.items():
+            try:
+                calls[setup] = make(b)
+            except Exception as e:
+                rec.add({"part": "forward", "model": preset, "setup": setup, "batch": b, "error": repr(e)[:500]})
+        iters = max(5, min(100, int(2000 / b)))
+        for r in range(rounds):
+            for setup, call in list(calls.items()):
+                try:
+                    t0 = time.time()
+                    seconds = cuda_time(call, iters=iters)
+                    seen = clock.window(t0, time.time()) if clock else {}
+                    per_round[setup].append(seconds)
+                    if "sm_mhz_median" in seen:
+                        clocks[setup].append(seen["sm_mhz_median"])
+                    rec.add({"part": "forward-round", "model": preset, "setup": setup, "batch": b, "round": r,
+                             "ms_per_step": round(seconds * 1e3, 3), **seen})
+                except Exception as e:
+                    rec.add({"part": "forward", "model": preset, "setup": setup, "batch": b, "error": repr(e)[:500]})
+                    del calls[setup]
+        for setup, call in calls.items():
+            seconds = statistics.median(per_round[setup])
+            rate = b / seconds
+            row = {"part": "forward", "model": preset, "setup": setup, "batch": b, "rounds": len(per_round[setup]),
+                   "ms_per_step": round(seconds * 1e3, 3), "ms_per_step_min": round(min(per_round[setup]) * 1e3, 3),
+                   "image_steps_per_s": round(rate, 1), "mfu": round(rate * flops / peak, 4)}
+            if clocks[setup]:  # the SM clock the rounds ran at (median of their medians)
+                row["sm_mhz_median"] = statistics.median(clocks[setup])
+            if profile_kernels:  # the GPU time its kernels take, summed by the profiler (the rest is idle)
+                kernels, count, top = kernel_time(call)
+                row.update({"kernel_ms_per_step": round(kernels / 1e3, 3), "kernels_per_step": count,
+                            "top_kernels": top[:4]})
+            rec.add(row)
+    built = calls = None
+    torch.cuda.empty_cache()
 
 
 # ---- part 2: single-image latency -----------------------------------------------------------------------------
-def bench_latency(rec: Recorder, preset: str, setups: list[str], steps: int = 50, guidance: float = 4.0) -> None:
+def bench_latency(rec: Recorder, preset: str, setups: list[str], steps: int = 50, guidance: float = 4.0,
+                  clock: GpuClock | None = None) -> None:
     from ..engine import Engine, EngineConfig, GenerationRequest
 
     dtype = torch.float16
@@ -245,13 +283,14 @@ def bench_latency(rec: Recorder, preset: str, setups: list[str], steps: int = 50
                                                     sampler="ddim", guidance_scale=guidance)).result(timeout=60)
             for _ in range(3):
                 one_image()
-            times = []
+            times, t0 = [], time.time()
             for _ in range(10):
                 start = time.perf_counter()
                 one_image()
                 times.append(time.perf_counter() - start)
             rec.add({"part": "latency", "model": preset, "setup": setup, "steps": steps, "guidance": guidance,
-                     "ms_median": round(statistics.median(times) * 1e3, 2), "ms_min": round(min(times) * 1e3, 2)})
+                     "ms_median": round(statistics.median(times) * 1e3, 2), "ms_min": round(min(times) * 1e3, 2),
+                     **(clock.window(t0, time.time()) if clock else {})})
             if not setup.startswith("diffusers"):
                 engine.stop()
         except Exception as e:
@@ -343,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load-buckets", nargs="+", type=int, default=[4, 16, 64, 128, 256])
     p.add_argument("--load-models", nargs="+", default=["dit-10l"])
     p.add_argument("--policies", nargs="+", default=["step", "request", "single"])
+    p.add_argument("--rounds", type=int, default=3,
+                   help="forward: time the setups in turn this many times over, per batch size (median of rounds)")
     p.add_argument("--profile-kernels", action="store_true",
                    help="forward: also sum each setup's kernel times with torch.profiler (GPU time against idle)")
     p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
@@ -353,18 +394,21 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     out = Path(args.out)
     peak = matmul_peak()
+    out.mkdir(parents=True, exist_ok=True)
+    clock = GpuClock(out / "smi.csv")  # the SM clock beside every timing (a no-op without nvidia-smi)
     rec = Recorder(out, {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                          "python": platform.python_version(), "fp16_matmul_peak_tflops": round(peak / 1e12, 1),
                          "command": "dit-bench " + " ".join(argv if argv is not None else sys.argv[1:])})
     for preset in args.models:
         if "forward" in args.parts:
-            bench_forward(rec, preset, args.batches, args.setups, peak, args.profile_kernels)
+            bench_forward(rec, preset, args.batches, args.setups, peak, args.profile_kernels, args.rounds, clock)
         if "latency" in args.parts:
-            bench_latency(rec, preset, [s for s in args.setups if not s.endswith("-nofuse")])
+            bench_latency(rec, preset, [s for s in args.setups if not s.endswith("-nofuse")], clock=clock)
     if "load" in args.parts:
         for preset in args.load_models:
             bench_load(rec, preset, args.rates, args.load_seconds, args.load_max_batch, args.policies,
                        tuple(args.load_buckets))
+    clock.close()
     (out / "bench.json").write_text(json.dumps(rec.rows, indent=1))
     try:
         plot_load(rec.rows, out / "load.png")
