@@ -296,7 +296,7 @@ def ray_floor(a, out: Path, png_b64_len: int, wait_s: float) -> dict:
             if i >= a.warmup:
                 waits[name].append(elapsed)
     for name in ("floor", "floor-direct", "floor-waiting", "floor-waiting-quiet", "floor-thread"):
-        serve.delete(name)
+        serve.delete(name, _blocking=False)  # blocking, each took 31 s on the GPU host (run 22)
     row = {"layout": a.layout, "requests": a.sequential, "answer_bytes": png_b64_len,
            "handle_p50_ms": 1000 * p(via_handle, 50), "handle_p95_ms": 1000 * p(via_handle, 95),
            "http_p50_ms": 1000 * p(via_http, 50), "http_p95_ms": 1000 * p(via_http, 95),
@@ -448,9 +448,31 @@ def main() -> int:
     occupancy = before  # the whole run's
     write(a.out, "occupancy.json", occupancy)
     write(a.out, "summary.json", {"overhead": decomposition, "load": rows, "occupancy": occupancy})
-    serve.shutdown()
-    ray.shutdown()
+    shut_down()
     return 0
+
+
+def shut_down(timeout_s: float = 60.0) -> None:
+    """Stop Serve and Ray, or exit anyway after ``timeout_s``: every result is written by now, and on the GPU host
+    Ray's shutdown once hung until the call's time limit killed the job (run 22)."""
+    import threading
+
+    import ray
+    from ray import serve
+
+    done = threading.Event()
+
+    def stop() -> None:
+        serve.shutdown()
+        ray.shutdown()
+        done.set()
+
+    threading.Thread(target=stop, name="shutdown", daemon=True).start()
+    if not done.wait(timeout_s):
+        log(f"Ray did not shut down within {timeout_s:.0f} s; exiting (the results are written)")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
