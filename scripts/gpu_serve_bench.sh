@@ -8,7 +8,8 @@
 #   direct ingress with HAProxy, measured on the model's own route and on the gateway's single URL.
 # LAYOUT=gateway: build_app behind Ray's Python proxy (the layout before direct ingress), for comparison.
 # PORT / METRICS_PORT let two runs share a host (one per GPU: CUDA_VISIBLE_DEVICES).
-# MAX_BATCH (64), RATES (8,32,128,256, or none), SEQUENTIAL (40) and STEPS (25) set serve_bench's arguments.
+# MAX_BATCH (64), RATES (8,32,128,256, or none), SEQUENTIAL (40) and STEPS (25) set serve_bench's arguments;
+# SERVE_BENCH_ARGS adds any others (e.g. --cpu-latency-ab).
 # CODE=DIR serves the project copy in DIR instead of this tree, for an A/B of two versions in one job (docs/benchmarks.md,
 #   "Serving: the next GPU run"); DIR/scripts must hold this tree's serve_bench.py and loadgen.py.
 # Bounded to under 10 minutes (BENCH_TIMEOUT, 560 s); see docs/serving.md ("GPU benchmark") and docs/benchmarks.md for the figures.
@@ -46,7 +47,7 @@ timeout --signal=INT "${BENCH_TIMEOUT:-560}" python3 "$CODE/scripts/serve_bench.
     --model-name dit-10l --preset dit-10l --device cuda --dtype float16 --compile --cuda-graphs \
     --max-batch-size "${MAX_BATCH:-64}" --max-queue-size 1024 --steps "${STEPS:-25}" --sequential "${SEQUENTIAL:-40}" \
     --warmup 5 --rates "${RATES:-8,32,128,256}" --duration 10 --gateway-replicas "${GATEWAYS:-1}" --layout "$LAYOUT" \
-    --port "${PORT:-8000}" --metrics-port "${METRICS_PORT:-8080}" 2>&1 | tee "$OUT/serve_bench.log" || status=$?
+    --port "${PORT:-8000}" --metrics-port "${METRICS_PORT:-8080}" ${SERVE_BENCH_ARGS:-} 2>&1 | tee "$OUT/serve_bench.log" || status=$?
 python3 -c "import ray; ray.shutdown()" 2>/dev/null || true
 echo "[gpu_serve_bench] exit status $status; results in $OUT:" >&2
 ls -l "$OUT" >&2

@@ -49,12 +49,7 @@ BASELINE = {"fused_adaln": False, "split_k": 1, "split_k_max_rows": 0}
 
 def model_for(preset: str):
     """dit-bench's random model, with the output layer drawn too, so the final latents differ between variants."""
-    model = random_dit(preset, torch.float16 if torch.cuda.is_available() else torch.float32)
-    gen = torch.Generator(device=model.pos_embed.device).manual_seed(1)
-    with torch.no_grad():
-        for layer in (model.final_layer.linear, model.final_layer.adaLN_modulation[-1]):
-            layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen, device=layer.weight.device) * 0.02)
-    return model
+    return random_dit(preset, torch.float16 if torch.cuda.is_available() else torch.float32, random_final_layer=True)
 
 
 def graph_time(fn, calls: int = 20) -> float:

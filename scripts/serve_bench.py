@@ -21,9 +21,11 @@ Every result is written to ``--out`` as soon as it exists (``*.json`` / ``loadge
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -186,11 +188,43 @@ def handle_path(a, out: Path) -> dict:
     return row
 
 
-def ray_floor(a, out: Path, png_b64_len: int, wait_s: float) -> dict:
+CPU_LATENCY = Path("/dev/cpu_dma_latency")
+
+
+@contextlib.contextmanager
+def cpu_latency_qos(us: int = 0):
+    """Hold a PM QoS request on ``/dev/cpu_dma_latency`` while inside: the kernel keeps every CPU out of idle states
+    that take longer than ``us`` to leave (what tuned's latency-performance profile does). It is a host-wide request,
+    released when the file closes."""
+    fd = os.open(CPU_LATENCY, os.O_WRONLY)
+    try:
+        os.write(fd, struct.pack("i", us))
+        yield
+    finally:
+        os.close(fd)
+
+
+def cpu_idle_states() -> dict:
+    """The host's cpuidle driver, governor and CPU 0's idle states with their exit latencies (us)."""
+    root = Path("/sys/devices/system/cpu")
+    info = {k: (root / "cpuidle" / k).read_text().strip() for k in ("current_driver", "current_governor")
+            if (root / "cpuidle" / k).exists()}
+    info["states"] = {(d / "name").read_text().strip(): int((d / "latency").read_text())
+                      for d in sorted((root / "cpu0" / "cpuidle").glob("state*"))}
+    info["pm_qos_writable"] = os.access(CPU_LATENCY, os.W_OK)
+    return info
+
+
+def ray_floor(a, out: Path, png_b64_len: int, wait_s: float, ours: str | None = None) -> dict:
     """Ray Serve's own cost for our request shape, with none of our code: HTTP -> proxy -> a FastAPI ingress ->
     a deployment handle -> a replica that returns a ready answer of the same size, and the handle hop alone. The
     one-hop floor is also measured answering after ``wait_s`` (the engine's time) instead of at once: a request that
-    waits pays more outside the replica's code than one answered at once (scripts/route_split.py)."""
+    waits pays more outside the replica's code than one answered at once (scripts/route_split.py).
+
+    ``ours`` (our model's route prefix) joins the waiting floors' alternation, request by request, so ours and the
+    floors see the same machine state. With ``--cpu-latency-ab`` every round is taken twice, without and with a
+    ``/dev/cpu_dma_latency`` request of 0 us held (rows suffixed ``_qos``): how much of the cost is CPUs waking
+    from idle states."""
     import asyncio
     import http.client
 
@@ -271,7 +305,8 @@ def ray_floor(a, out: Path, png_b64_len: int, wait_s: float) -> dict:
         text = response.read()
         elapsed = time.perf_counter() - start
         assert response.status == 200, (response.status, prefix, text[:300])
-        return elapsed - json.loads(text).get("waited_s", 0.0)
+        answer = json.loads(text)  # a floor says how long it waited on purpose; our route, its engine's time
+        return elapsed - answer.get("waited_s", answer.get("timings", {}).get("engine_seconds", 0.0))
 
     def timed(fn) -> list[float]:
         for _ in range(a.warmup):
@@ -289,19 +324,25 @@ def ray_floor(a, out: Path, png_b64_len: int, wait_s: float) -> dict:
     # The waiting floors alternate request by request, so each sees the same machine state.
     waiting_prefixes = {"waiting": "/floor-waiting", "waiting_no_access_log": "/floor-waiting-quiet",
                         "thread_waiting": "/floor-thread"}
-    waits = {name: [] for name in waiting_prefixes}
+    if ours is not None:
+        waiting_prefixes["ours"] = ours
+    idle = cpu_idle_states()
+    qos_modes = [False, True] if a.cpu_latency_ab and idle["pm_qos_writable"] else [False]
+    waits = {name + ("_qos" if qos else ""): [] for name in waiting_prefixes for qos in qos_modes}
     for i in range(a.warmup + a.sequential):
-        for name, prefix in waiting_prefixes.items():
-            elapsed = over_http(prefix)
-            if i >= a.warmup:
-                waits[name].append(elapsed)
+        for qos in qos_modes:
+            with cpu_latency_qos(0) if qos else contextlib.nullcontext():
+                for name, prefix in waiting_prefixes.items():
+                    elapsed = over_http(prefix)
+                    if i >= a.warmup:
+                        waits[name + ("_qos" if qos else "")].append(elapsed)
     for name in ("floor", "floor-direct", "floor-waiting", "floor-waiting-quiet", "floor-thread"):
         serve.delete(name, _blocking=False)  # blocking, each took 31 s on the GPU host (run 22)
     row = {"layout": a.layout, "requests": a.sequential, "answer_bytes": png_b64_len,
            "handle_p50_ms": 1000 * p(via_handle, 50), "handle_p95_ms": 1000 * p(via_handle, 95),
            "http_p50_ms": 1000 * p(via_http, 50), "http_p95_ms": 1000 * p(via_http, 95),
            "http_one_hop_p50_ms": 1000 * p(one_hop, 50), "http_one_hop_p95_ms": 1000 * p(one_hop, 95),
-           "waiting_s": wait_s,
+           "waiting_s": wait_s, "cpu_idle": idle,
            **{f"http_one_hop_{name}_p50_ms": 1000 * p(xs, 50) for name, xs in waits.items()},
            **{f"http_one_hop_{name}_p95_ms": 1000 * p(xs, 95) for name, xs in waits.items()}}
     write(out, "ray_floor.json", row)
@@ -353,6 +394,9 @@ def main() -> int:
     ap.add_argument("--layout", choices=["gateway", "direct"], default="gateway",
                     help="gateway: build_app behind Ray's proxy; direct: one app per model under direct ingress + "
                          "HAProxy, as serve_config.gpu.yaml (see the module docstring)")
+    ap.add_argument("--cpu-latency-ab", action="store_true",
+                    help="time the waiting floors and our route with and without a /dev/cpu_dma_latency request "
+                         "(needs write access to it; skipped otherwise)")
     ap.add_argument("--metrics-settle-s", type=float, default=12.0,
                     help="wait after each load phase before reading the occupancy (Ray exports metrics every ~10 s)")
     a = ap.parse_args()
@@ -416,7 +460,7 @@ def main() -> int:
             "gateway_route_overhead_pct_of_engine": 100 * via_gateway["overhead_p50_ms"] / via_gateway["engine_p50_ms"]})
     else:
         decomposition["proxy_and_gateway_p50_ms"] = http["overhead_p50_ms"] - via_handle["overhead_p50_ms"]
-    floor = ray_floor(a, a.out, alone["png_b64_len"], engine_ms / 1000)
+    floor = ray_floor(a, a.out, alone["png_b64_len"], engine_ms / 1000, fast_route if a.layout == "direct" else None)
     floor_ms = floor["http_one_hop_p50_ms"] if a.layout == "direct" else floor["http_p50_ms"]
     decomposition.update({"ray_floor_http_p50_ms": floor["http_p50_ms"],
                           "ray_floor_http_one_hop_p50_ms": floor["http_one_hop_p50_ms"],
@@ -431,6 +475,14 @@ def main() -> int:
                                                                   - floor["http_one_hop_waiting_p50_ms"])
         decomposition["stdlib_ours_over_thread_waiting_floor_p50_ms"] = (
             stdlib["overhead_p50_ms"] - floor["http_one_hop_thread_waiting_p50_ms"])
+    # The alternation above, request by request: ours (direct layout) and the waiting floors, and with
+    # --cpu-latency-ab the same again under a /dev/cpu_dma_latency request ("_qos").
+    interleaved = {k[len("http_one_hop_"):-len("_p50_ms")]: round(v, 3) for k, v in floor.items()
+                   if k.startswith("http_one_hop_") and k.endswith("_p50_ms") and k != "http_one_hop_p50_ms"}
+    decomposition["interleaved_p50_ms"] = interleaved
+    decomposition["interleaved_pct_of_engine"] = {k: round(100 * v / engine_ms, 2) for k, v in interleaved.items()
+                                                  if k.startswith("ours")}
+    decomposition["cpu_idle"] = floor["cpu_idle"]
     write(a.out, "overhead.json", decomposition)
     # One load phase per rate, with the batch occupancy of that phase alone: the difference of the histogram's
     # sum and count around it, read after Ray's metrics export has caught up (--metrics-settle-s).

@@ -13,6 +13,7 @@ e.g. ours-compiled-graphs-dynamic-autotune:
   -dynamic   one compiled program with a symbolic batch size (the default is one per batch size; -static names it)
   -autotune  inductor's max_autotune GEMM search (minutes per bucket)
   -zeros     the step's slots hold zeros instead of the diffusers setups' random inputs (dit-bench before session 6)
+  -randfinal the model's final layer is drawn at random too, as in scripts/latency_ab.py (it predicts zeros otherwise)
 
 The forward part builds every setup first, then times them in turn, ``--rounds`` times over per batch size, so a
 clock that drifts during the run weighs on each alike. nvidia-smi samples the SM clock, power and the driver's
@@ -124,12 +125,19 @@ def fill_rows(runner, rows: int, inputs: tuple | None = None) -> None:
         runner.step_index[:rows] = (T - 1 - t.to(torch.int64)) * (steps // T)
 
 
-def random_dit(preset: str, dtype) -> DiTModel:
+def random_dit(preset: str, dtype, random_final_layer: bool = False) -> DiTModel:
+    """A DiT at ``preset``'s dimensions with random blocks. Its final layer keeps adaLN-Zero's zeros (the model
+    predicts zeros), unless ``random_final_layer``: then it is drawn too, as latency_ab.py's model has it."""
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # CPU: smoke runs only
         model = DiTModel.from_config(get_preset(preset))
     for block in model.blocks:  # adaLN-Zero init is the identity; make every block do real work
         torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.02)
+    if random_final_layer:
+        gen = torch.Generator(device=model.pos_embed.device).manual_seed(1)
+        with torch.no_grad():
+            for layer in (model.final_layer.linear, model.final_layer.adaLN_modulation[-1]):
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen, device=layer.weight.device) * 0.02)
     return model.to(dtype).eval().requires_grad_(False)
 
 
@@ -171,7 +179,7 @@ def build_setup(rec: Recorder, preset: str, setup: str, batches: list[int]):
     if setup == "ours-eager":
         model = random_dit(preset, dtype)
         return lambda b: (lambda x=inputs(preset, b, dtype): model(*x))
-    # ours-compiled-graphs[-nofuse][-dynamic][-autotune][-zeros]: the engine's step (model + guidance + sampler),
+    # ours-compiled-graphs[-nofuse][-dynamic][-autotune][-zeros][-randfinal]: the engine's step (model + guidance + sampler),
     # graphed. -dynamic: one program with a symbolic batch size instead of one per batch size.
     flags = setup.split("-")[3:]
     # -autotune: inductor's max_autotune, which times Triton GEMM templates (with fused epilogues) against cuBLAS
@@ -181,7 +189,8 @@ def build_setup(rec: Recorder, preset: str, setup: str, batches: list[int]):
                           compile=True, cuda_graphs=True, fused_mlp_epilogue="nofuse" not in flags,
                           compile_dynamic="dynamic" in flags, compile_options=options)
     start = time.perf_counter()
-    runner = ModelRunner(random_dit(preset, dtype), config, clip_denoised=False)
+    runner = ModelRunner(random_dit(preset, dtype, random_final_layer="randfinal" in flags), config,
+                         clip_denoised=False)
     per_bucket = runner.warm_up()
     rec.add({"part": "compile", "model": preset, "setup": setup, "buckets": list(config.buckets),
              "seconds": round(time.perf_counter() - start, 1),
