@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from ..diffusion import DDIM
 from ..model import DiTModel, get_preset
 from ..sizing import forward_flops
 from .gpu_clock import GpuClock
@@ -111,11 +112,19 @@ def fill_rows(runner, rows: int, inputs: tuple | None = None) -> None:
     """Lay out ``rows`` images in slots 0..rows-1, one row each, that never finish: every step does real work.
 
     ``inputs`` (x, t, y), as ``inputs()`` draws them for the diffusers setups, become the slots' latents, timesteps
-    and labels, so both models run on the same data (without it the slots hold zeros at timestep 999, label 0)."""
+    and labels, so both models run on the same data (without it the slots hold zeros at timestep 999, label 0).
+
+    With a million steps a row stays at its timestep for a thousand steps, so each step's "previous" timestep is
+    its own. The rows sample with DDIM at eta 0, where such a step gives back the same latent whatever the model
+    predicts: the data stay the inputs. (Before session 7 they used DDPM, whose learned-variance term is infinite
+    there as soon as the model predicts a variance value below -1: the latents turned to NaN within steps, and a
+    GPU under its power cap clocks higher on NaN data; docs/benchmarks.md, runs 21-26.)"""
     for i in (0, 1, 3, 4):  # image_slot, row_image, cond_row, uncond_row
         runner.layout[i, :rows] = torch.arange(rows)
     steps = 10 ** 6
     runner.num_steps.fill_(steps)
+    runner.sampler[:rows] = DDIM
+    runner.eta[:rows] = 0.0
     if inputs is not None:
         x, t, y = inputs
         runner.x[:rows] = x.float()
