@@ -175,7 +175,9 @@ def sampler_step(schedule: NoiseSchedule, model_output: torch.Tensor, x: torch.T
         eps = (x - torch.sqrt(ab_t) * x0) / torch.sqrt(1 - ab_t)
 
     # DDPM (ancestral): posterior mean, and the learned variance interpolation when the model predicts one.
-    beta_t = 1 - ab_t / ab_prev
+    # 1 - ab_t / ab_prev is exactly 0 when a step repeats its timestep, and compiled code can round it a hair
+    # below 0 (a NaN in log and sqrt); the clamps change nothing for a step that moves.
+    beta_t = (1 - ab_t / ab_prev).clamp(min=1e-20)
     mean = (torch.sqrt(ab_prev) * beta_t / (1 - ab_t)) * x0 + (torch.sqrt(1 - beta_t) * (1 - ab_prev) / (1 - ab_t)) * x
     posterior_var = ((1 - ab_prev) / (1 - ab_t) * beta_t).clamp(min=1e-20)
     if learn_sigma:
@@ -186,7 +188,7 @@ def sampler_step(schedule: NoiseSchedule, model_output: torch.Tensor, x: torch.T
     x_ddpm = mean + torch.where(last, torch.zeros_like(x), torch.exp(0.5 * log_var) * noise)
 
     # DDIM: deterministic at eta = 0.
-    sigma = _bcast(eta, x) * torch.sqrt((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev))
+    sigma = _bcast(eta, x) * torch.sqrt(((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)).clamp(min=0))
     direction = torch.sqrt((1 - ab_prev - sigma ** 2).clamp(min=0)) * eps
     x_ddim = torch.sqrt(ab_prev) * x0 + direction + torch.where(last, torch.zeros_like(x), sigma * noise)
 

@@ -194,3 +194,25 @@ def test_counter_noise_is_standard_normal_and_streams_are_uncorrelated():
     assert abs(torch.corrcoef(z[:2])[0, 1]) < 4 / math.sqrt(m)
     next_counter = counter_noise(keys[:1], torch.ones(1, dtype=torch.int64), (4096,))
     assert abs(torch.corrcoef(torch.cat([z[:1], next_counter]))[0, 1]) < 4 / math.sqrt(m)
+
+
+@pytest.mark.parametrize("sampler", [DDPM, DDIM])
+def test_a_step_stays_finite_when_its_variance_rounds_below_zero(sampler):
+    """1 - alpha_bar_t / alpha_bar_prev is 0 when a step repeats its timestep (dit-bench's never-finishing rows),
+    and compiled code rounded it a hair below 0 for some rows: sqrt and log of it gave NaN latents (run 26). A
+    schedule whose alpha_bar dips there makes the same rounding happen here."""
+    import dataclasses
+
+    i, num_steps = 10, 1000
+    t, t_prev = 999 - i, 998 - i  # trailing spacing at 1000 steps
+    ab = SCHEDULE.alphas_cumprod.clone()
+    ab[t_prev] = ab[t] * (1 - 1e-6)
+    schedule = dataclasses.replace(SCHEDULE, alphas_cumprod=ab)
+    x, out = random_inputs(0, learn_sigma=True)
+    n = x.shape[0]
+    full = lambda v: torch.full((n,), v)  # noqa: E731
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    for eta in (0.0, 0.7):
+        got = sampler_step(schedule, out, x, full(i), full(num_steps), full(sampler), full(eta), torch.zeros_like(x),
+                           noise, learn_sigma=True).x
+        assert torch.isfinite(got).all(), (sampler, eta)

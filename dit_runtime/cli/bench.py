@@ -208,7 +208,9 @@ def build_setup(rec: Recorder, preset: str, setup: str, batches: list[int]):
 
     def make(b, zeros="zeros" in flags):
         fill_rows(runner, b, None if zeros else inputs(preset, b, dtype))
-        return lambda: runner.execute(b)
+        call = lambda: runner.execute(b)  # noqa: E731
+        call.latents = runner.x[:b]  # the rows' state, to check after timing that it stayed finite
+        return call
     return make
 
 
@@ -253,6 +255,8 @@ def bench_forward(rec: Recorder, preset: str, batches: list[int], setups: list[s
             row = {"part": "forward", "model": preset, "setup": setup, "batch": b, "rounds": len(per_round[setup]),
                    "ms_per_step": round(seconds * 1e3, 3), "ms_per_step_min": round(min(per_round[setup]) * 1e3, 3),
                    "image_steps_per_s": round(rate, 1), "mfu": round(rate * flops / peak, 4)}
+            if hasattr(call, "latents"):  # NaN data draw less power, and a power-capped GPU then clocks higher
+                row["finite_latent_rows"] = torch.isfinite(call.latents).flatten(1).all(1).float().mean().item()
             if clocks[setup]:  # the SM clock the rounds ran at (median of their medians)
                 row["sm_mhz_median"] = statistics.median(clocks[setup])
             if profile_kernels:  # the GPU time its kernels take, summed by the profiler (the rest is idle)
