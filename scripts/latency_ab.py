@@ -242,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--graph-buckets", type=int, nargs="+", default=[2, 64, 256],
                         help="the buckets the graphs part compares, for each of --variants")
     parser.add_argument("--tf32", action="store_true",
-                        help="set torch.backends.cuda.matmul.allow_tf32 as dit-bench does (an A/B of the two processes)")
+                        help="set torch.backends.cuda.matmul.allow_tf32 as dit-bench does (an A/B of the two "
+                             "processes)")
     args = parser.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     global STATE, CLOCK

@@ -188,8 +188,8 @@ def build_setup(rec: Recorder, preset: str, setup: str, batches: list[int]):
     if setup == "ours-eager":
         model = random_dit(preset, dtype)
         return lambda b: (lambda x=inputs(preset, b, dtype): model(*x))
-    # ours-compiled-graphs[-nofuse][-dynamic][-autotune][-zeros][-randfinal]: the engine's step (model + guidance + sampler),
-    # graphed. -dynamic: one program with a symbolic batch size instead of one per batch size.
+    # ours-compiled-graphs[-nofuse][-dynamic][-autotune][-zeros][-randfinal]: the engine's step (model + guidance +
+    # sampler), graphed. -dynamic: one program with a symbolic batch size instead of one per batch size.
     flags = setup.split("-")[3:]
     # -autotune: inductor's max_autotune, which times Triton GEMM templates (with fused epilogues) against cuBLAS
     # per shape at compile time: minutes per bucket.

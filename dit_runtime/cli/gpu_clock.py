@@ -110,6 +110,7 @@ class GpuClock:
         if self._proc is not None:
             self._proc.terminate()
             self._proc.wait(timeout=5)
+            self._thread.join(timeout=5)  # it may still be writing the last line to the csv
             self._proc = None
         if self._csv is not None:
             self._csv.close()
