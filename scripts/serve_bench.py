@@ -224,7 +224,7 @@ def ray_floor(a, out: Path, png_b64_len: int, wait_s: float, ours: str | None = 
     ``ours`` (our model's route prefix) joins the waiting floors' alternation, request by request, so ours and the
     floors see the same machine state. With ``--cpu-latency-ab`` every round is taken twice, without and with a
     ``/dev/cpu_dma_latency`` request of 0 us held (rows suffixed ``_qos``): how much of the cost is CPUs waking
-    from idle states."""
+    from idle states. Then each of these routes is timed once more back to back (``_blocks``)."""
     import asyncio
     import http.client
 
@@ -308,14 +308,16 @@ def ray_floor(a, out: Path, png_b64_len: int, wait_s: float, ours: str | None = 
         answer = json.loads(text)  # a floor says how long it waited on purpose; our route, its engine's time
         return elapsed - answer.get("waited_s", answer.get("timings", {}).get("engine_seconds", 0.0))
 
-    def timed(fn) -> list[float]:
+    def timed(fn, subtract_wait: bool = False) -> list[float]:
+        """``a.sequential`` calls back to back after ``a.warmup``: their wall times, or what ``fn`` returns (the
+        latency less the route's own wait) with ``subtract_wait``."""
         for _ in range(a.warmup):
             fn()
         times = []
         for _ in range(a.sequential):
             start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
+            result = fn()
+            times.append(result if subtract_wait else time.perf_counter() - start)
         return times
 
     via_handle = timed(lambda: handle.generate.remote({}).result())
@@ -336,6 +338,10 @@ def ray_floor(a, out: Path, png_b64_len: int, wait_s: float, ours: str | None = 
                     elapsed = over_http(prefix)
                     if i >= a.warmup:
                         waits[name + ("_qos" if qos else "")].append(elapsed)
+    # The same routes again, each in a block of its own (back to back, as loadgen times ours): on the GPU host our
+    # route cost 0.64 ms more alternating than back to back (run 24); this says whether the floors do too.
+    for name, prefix in waiting_prefixes.items():
+        waits[name + "_blocks"] = timed(lambda prefix=prefix: over_http(prefix), subtract_wait=True)
     for name in ("floor", "floor-direct", "floor-waiting", "floor-waiting-quiet", "floor-thread"):
         serve.delete(name, _blocking=False)  # blocking, each took 31 s on the GPU host (run 22)
     row = {"layout": a.layout, "requests": a.sequential, "answer_bytes": png_b64_len,
@@ -475,13 +481,13 @@ def main() -> int:
                                                                   - floor["http_one_hop_waiting_p50_ms"])
         decomposition["stdlib_ours_over_thread_waiting_floor_p50_ms"] = (
             stdlib["overhead_p50_ms"] - floor["http_one_hop_thread_waiting_p50_ms"])
-    # The alternation above, request by request: ours (direct layout) and the waiting floors, and with
-    # --cpu-latency-ab the same again under a /dev/cpu_dma_latency request ("_qos").
-    interleaved = {k[len("http_one_hop_"):-len("_p50_ms")]: round(v, 3) for k, v in floor.items()
-                   if k.startswith("http_one_hop_") and k.endswith("_p50_ms") and k != "http_one_hop_p50_ms"}
-    decomposition["interleaved_p50_ms"] = interleaved
-    decomposition["interleaved_pct_of_engine"] = {k: round(100 * v / engine_ms, 2) for k, v in interleaved.items()
-                                                  if k.startswith("ours")}
+    # Ours (direct layout) and the waiting floors: alternating request by request (plain names; "_qos" under a
+    # /dev/cpu_dma_latency request with --cpu-latency-ab), and each back to back ("_blocks").
+    waiting = {k[len("http_one_hop_"):-len("_p50_ms")]: round(v, 3) for k, v in floor.items()
+               if k.startswith("http_one_hop_") and k.endswith("_p50_ms") and k != "http_one_hop_p50_ms"}
+    decomposition["waiting_routes_p50_ms"] = waiting
+    decomposition["ours_pct_of_engine"] = {k: round(100 * v / engine_ms, 2) for k, v in waiting.items()
+                                           if k.startswith("ours")}
     decomposition["cpu_idle"] = floor["cpu_idle"]
     write(a.out, "overhead.json", decomposition)
     # One load phase per rate, with the batch occupancy of that phase alone: the difference of the histogram's
