@@ -2,7 +2,9 @@
 images a server returns: the 4-channel latent view of a random-weight 32x32x4 model (noise) and crops of the shipped
 digits sample grid (real outputs), 32x32 to 256x256, and a 256x256 photograph (scikit-learn's sample image, from the
 test extra). Each encoder is timed warm, alternating, median of 7 rounds. ``default_strategy`` is our encoder with
-zlib's default deflate strategy instead of ``Z_RLE`` (what ``encode_png`` used before), same level.
+zlib's default deflate strategy instead of ``Z_RLE`` (what ``encode_png`` used before), same level;
+``ours_one_thread`` deflates large images on one thread, as ``encode_png`` did before session 7 (from 128 KB of
+filtered data it now deflates slices on up to 4 threads at once).
 
     .venv/bin/python scripts/png_bench.py
 """
@@ -26,13 +28,18 @@ from dit_runtime.images import encode_png  # noqa: E402
 
 
 def default_strategy(image: np.ndarray) -> bytes:
-    """encode_png with zlib.compress's default strategy in place of Z_RLE."""
+    """encode_png with zlib.compress's default strategy in place of Z_RLE, on one thread."""
     saved = png.zlib.Z_RLE
     png.zlib.Z_RLE = png.zlib.Z_DEFAULT_STRATEGY
     try:
-        return encode_png(image)
+        return encode_png(image, threads=1)
     finally:
         png.zlib.Z_RLE = saved
+
+
+def one_thread(image: np.ndarray) -> bytes:
+    """encode_png deflating on one thread (what it did for every size before session 7)."""
+    return encode_png(image, threads=1)
 
 
 def pillow(image: np.ndarray) -> bytes:
@@ -63,7 +70,8 @@ def main() -> None:
     for name, image in cases.items():
         assert (np.asarray(Image.open(io.BytesIO(encode_png(image)))) == image).all()
         n = max(20, int(2e6 // image.size))
-        encoders = {"ours": encode_png, "default_strategy": default_strategy, "pillow": pillow}
+        encoders = {"ours": encode_png, "ours_one_thread": one_thread, "default_strategy": default_strategy,
+                    "pillow": pillow}
         rounds = {k: [] for k in encoders}
         for _ in range(7):
             for k, fn in encoders.items():

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from dit_runtime.cli.sample import main as sample
-from dit_runtime.images import encode_png, make_grid, save_grid, to_uint8
+from dit_runtime.images import PARALLEL_DEFLATE_BYTES, encode_png, make_grid, save_grid, to_uint8
 
 
 def test_to_uint8_maps_the_model_range_to_bytes_channels_last():
@@ -46,6 +46,19 @@ def test_png_writer_round_trips_exactly_through_pillow(channels, mode, shape):
         decoded = Image.open(io.BytesIO(encode_png(image)))
         assert decoded.mode == mode and decoded.size == (shape[1], shape[0])
         np.testing.assert_array_equal(np.asarray(decoded).reshape(image.shape), image)
+
+
+@pytest.mark.parametrize("threads", [1, 3, None])
+def test_png_writer_deflates_large_images_in_slices_that_read_back_as_one(threads):
+    """From PARALLEL_DEFLATE_BYTES on, slices of the image are deflated on several threads and joined into one
+    zlib stream; Pillow must read back every pixel, whatever the number of slices."""
+    rng = np.random.default_rng(7)
+    noise = rng.integers(0, 256, (257, 259, 3), dtype=np.uint8)  # 199 KB filtered: over the threshold
+    smooth = (np.add.outer(np.arange(257), np.arange(259 * 3)) // 5 % 256).astype(np.uint8).reshape(257, 259, 3)
+    assert noise.size + 257 >= PARALLEL_DEFLATE_BYTES
+    for image in (noise, smooth):
+        decoded = Image.open(io.BytesIO(encode_png(image, threads=threads)))
+        np.testing.assert_array_equal(np.asarray(decoded), image)
 
 
 def test_png_writer_takes_strided_views_and_refuses_what_is_not_an_image():
