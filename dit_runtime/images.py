@@ -102,7 +102,7 @@ def encode_png(image: np.ndarray, level: int = 1, threads: int | None = None) ->
     header = struct.pack(">IIBBBBB", w, h, 8, _PNG_COLOR_TYPE[c], 0, 0, 0)
     if threads is None:
         threads = min(4, os.cpu_count() or 1) if rows.nbytes >= PARALLEL_DEFLATE_BYTES else 1
-    data = _deflate(rows.tobytes(), level, max(1, min(threads, h)))
+    data = _deflate(rows.tobytes(), level, max(1, threads))
     return PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
 
 
