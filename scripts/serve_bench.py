@@ -215,6 +215,110 @@ def cpu_idle_states() -> dict:
     return info
 
 
+def ray_haproxy_config() -> Path:
+    """The HAProxy config Ray Serve wrote for this node (direct ingress)."""
+    import ray
+    from ray.serve._private.constants import RAY_SERVE_HAPROXY_CONFIG_FILE_LOC
+    folder, name = os.path.split(RAY_SERVE_HAPROXY_CONFIG_FILE_LOC)
+    return Path(folder, ray.get_runtime_context().get_node_id(), name)
+
+
+def replica_address(config: str, prefix: str) -> str:
+    """host:port of the replica that serves ``prefix`` in a Ray Serve HAProxy config."""
+    lines = [line.split() for line in config.splitlines()]
+    names = {w[1][len("is_"):] for w in lines if len(w) >= 4 and w[0] == "acl" and w[2] == "path_beg"
+             and w[3] == prefix.rstrip("/") + "/"}
+    backend = None
+    for w in lines:
+        if len(w) >= 2 and w[0] in ("backend", "frontend", "listen", "global", "defaults"):
+            backend = w[1] if w[0] == "backend" else None
+        elif backend in names and len(w) >= 3 and w[0] == "server" and "backup" not in w:
+            return w[2]
+    raise RuntimeError(f"no replica serves {prefix!r} in Ray Serve's HAProxy config")
+
+
+def haproxy_variant(config: str, port: int, busy_polling: bool = False, metrics_log: bool = True,
+                    nbthread: int | None = None) -> str:
+    """Ray Serve's HAProxy config, rewritten to run beside Ray's own HAProxy: its HTTP frontend on ``port``, without
+    the admin socket, the Prometheus frontend and the stats listener (those are Ray's). Then changed the way Ray's own
+    settings would change it: ``busy_polling`` (HAProxy's global keyword; keeps its threads spinning instead of
+    sleeping in the poller, which HAProxy documents for hosts where waking a CPU is slow, virtual machines among
+    them), ``metrics_log=False`` (``RAY_SERVE_HAPROXY_METRICS_ENABLED=0``: no log line per request to the socket Ray
+    reads its HTTP metrics from) and ``nbthread`` (``RAY_SERVE_HAPROXY_NBTHREAD``)."""
+    out, section, drop = [], None, False
+    for line in config.splitlines():
+        if line and not line[0].isspace():
+            words = line.split()
+            section = (words[0], words[1] if len(words) > 1 else None)
+            drop = section[0] == "listen" or section == ("frontend", "prometheus")
+            if not drop:
+                out.append(line)
+                if section[0] == "global" and busy_polling:
+                    out.append("    busy-polling")
+            continue
+        if drop:
+            continue
+        stripped = line.strip()
+        if section[0] == "global" and stripped.startswith("stats socket"):
+            continue
+        if section[0] == "global" and nbthread and stripped.startswith("nbthread"):
+            line = f"    nbthread {nbthread}"
+        if section[0] == "frontend" and stripped.startswith("bind "):
+            line = f"    bind 127.0.0.1:{port}"
+        if not metrics_log and (("format rfc5424" in stripped and stripped.startswith("log "))
+                                or stripped.startswith("log-format-sd")):
+            continue
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+# What each side HAProxy changes of Ray's config (haproxy_variant's arguments); all serve our replica beside Ray's.
+HAPROXY_VARIANTS = {
+    "ours_haproxy_copy": {},  # the control: should cost what Ray's own does
+    "ours_haproxy_one_thread": {"nbthread": 1},
+    "ours_haproxy_no_metrics_log": {"metrics_log": False},
+    "ours_haproxy_busy_one_thread": {"busy_polling": True, "nbthread": 1},  # one thread: one core spins, not four
+    "ours_haproxy_busy_one_thread_no_metrics_log": {"busy_polling": True, "metrics_log": False, "nbthread": 1},
+}
+
+
+# A busy-polling HAProxy spins one core from its start; on a 2-CPU machine it starves Ray's (niced) workers.
+BUSY_POLLING_MIN_CPUS = 8
+
+
+@contextlib.contextmanager
+def side_proxies(a, prefix: str):
+    """Other ways to reach our replica than Ray's HAProxy (port ``a.port``), for one alternation: straight to the
+    replica's own HTTP server (what HAProxy costs), and through HAProxy processes of our own, the same binary with
+    Ray's config changed one way each (``HAPROXY_VARIANTS``). Yields ``{name: port}``; stops them on exit."""
+    from ray.serve._private.haproxy import get_haproxy_binary
+    config = ray_haproxy_config().read_text()
+    (a.out / "haproxy_ray.cfg").write_text(config)
+    routes, procs = {"ours_replica_direct": int(replica_address(config, prefix).rsplit(":", 1)[1])}, []
+    try:
+        for i, (name, change) in enumerate(HAPROXY_VARIANTS.items()):
+            if change.get("busy_polling") and (os.cpu_count() or 1) < BUSY_POLLING_MIN_CPUS:
+                log(f"{name} left out: a spinning HAProxy would starve the other processes of this "
+                    f"{os.cpu_count()}-CPU host")
+                continue
+            port = a.port + 11 + i
+            cfg = a.out / f"haproxy_{name}.cfg"
+            cfg.write_text(haproxy_variant(config, port, **change))
+            procs.append(subprocess.Popen([get_haproxy_binary(), "-db", "-f", str(cfg)],
+                                          stdout=subprocess.DEVNULL, stderr=open(a.out / f"haproxy_{name}.log", "w")))
+            routes[name] = port
+        time.sleep(2.0)
+        for proc in procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"a side HAProxy exited at start: {proc.args} (see its log in {a.out})")
+        yield routes
+    finally:
+        for proc in procs:
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+
+
 def ray_floor(a, out: Path, png_b64_len: int, wait_s: float, ours: str | None = None) -> dict:
     """Ray Serve's own cost for our request shape, with none of our code: HTTP -> proxy -> a FastAPI ingress ->
     a deployment handle -> a replica that returns a ready answer of the same size, and the handle hop alone. The
@@ -224,7 +328,8 @@ def ray_floor(a, out: Path, png_b64_len: int, wait_s: float, ours: str | None = 
     ``ours`` (our model's route prefix) joins the waiting floors' alternation, request by request, so ours and the
     floors see the same machine state. With ``--cpu-latency-ab`` every round is taken twice, without and with a
     ``/dev/cpu_dma_latency`` request of 0 us held (rows suffixed ``_qos``): how much of the cost is CPUs waking
-    from idle states. Then each of these routes is timed once more back to back (``_blocks``)."""
+    from idle states. In the direct layout our route also joins on the other ports of ``side_proxies``.
+    Then each of these routes is timed once more back to back (``_blocks``)."""
     import asyncio
     import http.client
 
@@ -294,11 +399,13 @@ def ray_floor(a, out: Path, png_b64_len: int, wait_s: float, ours: str | None = 
               name="floor-waiting-quiet", route_prefix="/floor-waiting-quiet")
     serve.run(FloorDirectThreadWaiting.bind(), name="floor-thread", route_prefix="/floor-thread")
     handle = serve.get_deployment_handle("FloorModel", app_name="floor")
-    conn = http.client.HTTPConnection("127.0.0.1", a.port)
+    conns: dict[int, http.client.HTTPConnection] = {}  # one kept-alive connection per port
     body = json.dumps({"model": a.model_name, "prompt": "3", "n": 1, "num_inference_steps": a.steps})
 
-    def over_http(prefix: str = "/floor") -> float:
+    def over_http(prefix: str = "/floor", port: int | None = None) -> float:
         """The request's latency, less the time the route waited on purpose."""
+        port = port or a.port
+        conn = conns.get(port) or conns.setdefault(port, http.client.HTTPConnection("127.0.0.1", port))
         start = time.perf_counter()
         conn.request("POST", prefix + "/v1/images/generations", body, {"Content-Type": "application/json"})
         response = conn.getresponse()
@@ -324,24 +431,28 @@ def ray_floor(a, out: Path, png_b64_len: int, wait_s: float, ours: str | None = 
     via_http = timed(over_http)
     one_hop = timed(lambda: over_http("/floor-direct"))
     # The waiting floors alternate request by request, so each sees the same machine state.
-    waiting_prefixes = {"waiting": "/floor-waiting", "waiting_no_access_log": "/floor-waiting-quiet",
-                        "thread_waiting": "/floor-thread"}
-    if ours is not None:
-        waiting_prefixes["ours"] = ours
+    waiting_prefixes = {"waiting": ("/floor-waiting", None), "waiting_no_access_log": ("/floor-waiting-quiet", None),
+                        "thread_waiting": ("/floor-thread", None)}
     idle = cpu_idle_states()
     qos_modes = [False, True] if a.cpu_latency_ab and idle["pm_qos_writable"] else [False]
-    waits = {name + ("_qos" if qos else ""): [] for name in waiting_prefixes for qos in qos_modes}
-    for i in range(a.warmup + a.sequential):
-        for qos in qos_modes:
-            with cpu_latency_qos(0) if qos else contextlib.nullcontext():
-                for name, prefix in waiting_prefixes.items():
-                    elapsed = over_http(prefix)
-                    if i >= a.warmup:
-                        waits[name + ("_qos" if qos else "")].append(elapsed)
-    # The same routes again, each in a block of its own (back to back, as loadgen times ours): on the GPU host our
-    # route cost 0.64 ms more alternating than back to back (run 24); this says whether the floors do too.
-    for name, prefix in waiting_prefixes.items():
-        waits[name + "_blocks"] = timed(lambda prefix=prefix: over_http(prefix), subtract_wait=True)
+    sides = side_proxies(a, ours) if ours is not None and a.side_proxies else contextlib.nullcontext({})
+    with sides as ports:  # started only now: a busy-polling HAProxy spins a core from its start
+        if ours is not None:
+            waiting_prefixes["ours"] = (ours, None)
+            waiting_prefixes.update({name: (ours, port) for name, port in ports.items()})
+        waits = {name + ("_qos" if qos else ""): [] for name in waiting_prefixes for qos in qos_modes}
+        for i in range(a.warmup + a.sequential):
+            for qos in qos_modes:
+                with cpu_latency_qos(0) if qos else contextlib.nullcontext():
+                    for name, (prefix, port) in waiting_prefixes.items():
+                        elapsed = over_http(prefix, port)
+                        if i >= a.warmup:
+                            waits[name + ("_qos" if qos else "")].append(elapsed)
+        # The same routes again, each in a block of its own (back to back, as loadgen times ours): on the GPU host
+        # our route cost 0.64 ms more alternating than back to back (run 24); this says whether the floors do too.
+        for name, (prefix, port) in waiting_prefixes.items():
+            waits[name + "_blocks"] = timed(lambda prefix=prefix, port=port: over_http(prefix, port),
+                                            subtract_wait=True)
     for name in ("floor", "floor-direct", "floor-waiting", "floor-waiting-quiet", "floor-thread"):
         serve.delete(name, _blocking=False)  # blocking, each took 31 s on the GPU host (run 22)
     row = {"layout": a.layout, "requests": a.sequential, "answer_bytes": png_b64_len,
@@ -403,6 +514,9 @@ def main() -> int:
     ap.add_argument("--cpu-latency-ab", action="store_true",
                     help="time the waiting floors and our route with and without a /dev/cpu_dma_latency request "
                          "(needs write access to it; skipped otherwise)")
+    ap.add_argument("--no-side-proxies", dest="side_proxies", action="store_false",
+                    help="direct layout: leave out the alternation's other ways to our replica (straight to its HTTP "
+                         "server; a HAProxy of our own, with and without busy-polling)")
     ap.add_argument("--metrics-settle-s", type=float, default=12.0,
                     help="wait after each load phase before reading the occupancy (Ray exports metrics every ~10 s)")
     a = ap.parse_args()
