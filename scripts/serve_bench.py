@@ -279,6 +279,9 @@ HAPROXY_VARIANTS = {
     "ours_haproxy_no_metrics_log": {"metrics_log": False},
     "ours_haproxy_busy_one_thread": {"busy_polling": True, "nbthread": 1},  # one thread: one core spins, not four
     "ours_haproxy_busy_one_thread_no_metrics_log": {"busy_polling": True, "metrics_log": False, "nbthread": 1},
+    # Ray starts its workers, and so the HAProxy its proxy actor starts, at nice 15 (RAY_worker_niceness); ours run
+    # at this script's. This one runs at Ray's.
+    "ours_haproxy_copy_nice15": {"nice": 15},
 }
 
 
@@ -303,20 +306,37 @@ def side_proxies(a, prefix: str):
                 continue
             port = a.port + 11 + i
             cfg = a.out / f"haproxy_{name}.cfg"
+            change = dict(change)
+            nice = ["nice", "-n", str(change.pop("nice"))] if "nice" in change else []
             cfg.write_text(haproxy_variant(config, port, **change))
-            procs.append(subprocess.Popen([get_haproxy_binary(), "-db", "-f", str(cfg)],
+            procs.append(subprocess.Popen([*nice, get_haproxy_binary(), "-db", "-f", str(cfg)],
                                           stdout=subprocess.DEVNULL, stderr=open(a.out / f"haproxy_{name}.log", "w")))
             routes[name] = port
         time.sleep(2.0)
         for proc in procs:
             if proc.poll() is not None:
                 raise RuntimeError(f"a side HAProxy exited at start: {proc.args} (see its log in {a.out})")
+        write(a.out, "niceness.json", process_niceness())
         yield routes
     finally:
         for proc in procs:
             proc.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(5)
+
+
+def process_niceness() -> dict:
+    """The nice value of every HAProxy and Ray worker process on this host, by name (from /proc)."""
+    seen: dict[str, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            comm, rest = stat.read_text().split(" (", 1)[1].rsplit(") ", 1)
+            title = (stat.parent / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue  # the process ended
+        if "haproxy" in comm or title.startswith("ray::"):
+            seen.setdefault(title[:60] if title.startswith("ray::") else comm, []).append(int(rest.split()[16]))
+    return seen
 
 
 def ray_floor(a, out: Path, png_b64_len: int, wait_s: float, ours: str | None = None) -> dict:
