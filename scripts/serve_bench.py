@@ -298,31 +298,33 @@ def side_proxies(a, prefix: str):
     config = ray_haproxy_config().read_text()
     (a.out / "haproxy_ray.cfg").write_text(config)
     routes, procs = {"ours_replica_direct": int(replica_address(config, prefix).rsplit(":", 1)[1])}, []
-    try:
-        for i, (name, change) in enumerate(HAPROXY_VARIANTS.items()):
-            if change.get("busy_polling") and (os.cpu_count() or 1) < BUSY_POLLING_MIN_CPUS:
-                log(f"{name} left out: a spinning HAProxy would starve the other processes of this "
-                    f"{os.cpu_count()}-CPU host")
-                continue
-            port = a.port + 11 + i
-            cfg = a.out / f"haproxy_{name}.cfg"
-            change = dict(change)
-            nice = ["nice", "-n", str(change.pop("nice"))] if "nice" in change else []
-            cfg.write_text(haproxy_variant(config, port, **change))
-            procs.append(subprocess.Popen([*nice, get_haproxy_binary(), "-db", "-f", str(cfg)],
-                                          stdout=subprocess.DEVNULL, stderr=open(a.out / f"haproxy_{name}.log", "w")))
-            routes[name] = port
-        time.sleep(2.0)
-        for proc in procs:
-            if proc.poll() is not None:
-                raise RuntimeError(f"a side HAProxy exited at start: {proc.args} (see its log in {a.out})")
-        write(a.out, "niceness.json", process_niceness())
-        yield routes
-    finally:
-        for proc in procs:
-            proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(5)
+    with contextlib.ExitStack() as logs:
+        try:
+            for i, (name, change) in enumerate(HAPROXY_VARIANTS.items()):
+                if change.get("busy_polling") and (os.cpu_count() or 1) < BUSY_POLLING_MIN_CPUS:
+                    log(f"{name} left out: a spinning HAProxy would starve the other processes of this "
+                        f"{os.cpu_count()}-CPU host")
+                    continue
+                port = a.port + 11 + i
+                cfg = a.out / f"haproxy_{name}.cfg"
+                change = dict(change)
+                nice = ["nice", "-n", str(change.pop("nice"))] if "nice" in change else []
+                cfg.write_text(haproxy_variant(config, port, **change))
+                stderr = logs.enter_context(open(a.out / f"haproxy_{name}.log", "w"))
+                procs.append(subprocess.Popen([*nice, get_haproxy_binary(), "-db", "-f", str(cfg)],
+                                              stdout=subprocess.DEVNULL, stderr=stderr))
+                routes[name] = port
+            time.sleep(2.0)
+            for proc in procs:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"a side HAProxy exited at start: {proc.args} (see its log in {a.out})")
+            write(a.out, "niceness.json", process_niceness())
+            yield routes
+        finally:
+            for proc in procs:
+                proc.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(5)
 
 
 def process_niceness() -> dict:
@@ -536,7 +538,7 @@ def main() -> int:
                          "(needs write access to it; skipped otherwise)")
     ap.add_argument("--no-side-proxies", dest="side_proxies", action="store_false",
                     help="direct layout: leave out the alternation's other ways to our replica (straight to its HTTP "
-                         "server; a HAProxy of our own, with and without busy-polling)")
+                         "server; HAProxy processes of our own running copies of Ray's config, changed one way each)")
     ap.add_argument("--metrics-settle-s", type=float, default=12.0,
                     help="wait after each load phase before reading the occupancy (Ray exports metrics every ~10 s)")
     a = ap.parse_args()
