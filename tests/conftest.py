@@ -1,7 +1,8 @@
-"""Shared fixtures: small real checkpoints written to tmp_path."""
+"""Shared fixtures: small real checkpoints written to tmp_path; the run's CPU kernels in pytest's header."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,15 @@ DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "e
 # Digits-shaped (16x16 grey, 10 classes, no learned sigma) but narrow, so tests stay fast.
 TINY_PIXEL_CONFIG = DiTConfig(hidden_dim=32, num_layers=2, num_heads=2, ffn_dim=64, input_size=16, patch_size=2,
                               in_channels=1, num_classes=10, learn_sigma=False)
+
+
+def pytest_report_header(config) -> str:
+    """Which vector kernels and how many threads torch runs with, and MKL's code path if one is forced: what a
+    numerical test's exact or tolerant comparison depends on (tests/test_cpu_portability.py reads this line)."""
+    import torch
+
+    return (f"torch CPU capability: {torch.backends.cpu.get_cpu_capability()}, threads: {torch.get_num_threads()}, "
+            f"MKL_CBWR: {os.environ.get('MKL_CBWR') or 'unset'}")
 
 
 def write_random_checkpoint(path: Path, config: DiTConfig, class_names: list[str], space: str,

@@ -12,3 +12,36 @@ def randomize(model: torch.nn.Module, std: float = 0.1, seed: int = 0) -> torch.
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * std)
     return model
+
+
+def reordering_tolerance(dtype: torch.dtype, reduction_length: int, chained: int = 1) -> float:
+    """How far, relative to the size of its terms, a result may move when its sums are taken in another order.
+
+    A matrix product at another shape (another batch size) may be blocked, vectorised and threaded differently by
+    BLAS, so each of its dot products of length K may be summed in another order. Two orders of one sum of K terms
+    differ by at most (K - 1) eps sum|terms| (the recursive-summation bound, Higham 2002, eq. 4.4, taken twice with
+    u = eps / 2); ``chained`` reductions one after another add their bounds, to first order. Compare with
+    ``atol = bound * max|expected|``: the bound is relative to the terms, not to each output element.
+    """
+    return chained * (reduction_length - 1) * torch.finfo(dtype).eps
+
+
+def model_reordering_tolerance(config, dtype: torch.dtype = torch.float32, steps: int = 1) -> float:
+    """``reordering_tolerance`` of a DiT forward (``steps`` of them in sequence, as a sampling loop runs them).
+
+    Its longest reduction is the widest of: the timestep frequencies (256), the hidden and FFN widths, the attention
+    over all tokens and the patch embedding. Along its deepest path a forward chains the conditioning MLP and adaLN
+    (3 reductions), then per block qkv, scores, the weighted sum of values, proj, LayerNorm, fc1, fc2 and the next
+    LayerNorm (8), then the final LayerNorm and linear (2).
+    """
+    from dit_runtime.model import TIMESTEP_FREQ_DIM
+
+    longest = max(TIMESTEP_FREQ_DIM, config.hidden_dim, config.ffn_dim, config.num_tokens,
+                  config.in_channels * config.patch_size ** 2)
+    return reordering_tolerance(dtype, longest, chained=steps * (3 + 8 * config.num_layers + 2))
+
+
+def assert_close_across_shapes(actual: torch.Tensor, expected: torch.Tensor, bound: float) -> None:
+    """``actual`` equals ``expected`` up to a reordering bound (see ``reordering_tolerance``), on the tensor's scale."""
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=0, atol=bound * scale)

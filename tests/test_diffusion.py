@@ -12,6 +12,8 @@ from dit_runtime.diffusion import (DDIM, DDPM, DPM_SOLVER, NoiseSchedule, counte
                                    timestep_at)
 from dit_runtime.model import DiTModel
 
+pytestmark = pytest.mark.numerics  # run under every vector-kernel level by test_cpu_portability.py
+
 diffusers = pytest.importorskip("diffusers")
 
 SCHEDULE = NoiseSchedule.linear()

@@ -81,13 +81,15 @@ def test_writes_one_png_per_image_with_class_names(pixel_checkpoint, tmp_path, c
 
 
 def test_same_seed_same_images_whatever_the_batch_size(pixel_checkpoint, tmp_path):
-    """Image k's noise depends only on (seed, k), so splitting the run into batches changes nothing."""
+    """Image k's noise depends only on (seed, k), so splitting the run into batches changes nothing but rounding:
+    matrix products of other shapes may be summed in another order, which can move a pixel across a rounding
+    boundary, by one grey level at most."""
     one_batch = run(pixel_checkpoint, tmp_path / "a", "--classes", "1", "4", "-n", "2", "--seed", "3")
     batches_of_one = run(pixel_checkpoint, tmp_path / "b", "--classes", "1", "4", "-n", "2", "--seed", "3",
                          "--batch-size", "1")
     other_seed = run(pixel_checkpoint, tmp_path / "c", "--classes", "1", "4", "-n", "2", "--seed", "4")
-    assert [a.tobytes() for a in one_batch] == [b.tobytes() for b in batches_of_one]
-    assert all(a.tobytes() != c.tobytes() for a, c in zip(one_batch, other_seed))
+    assert all(np.abs(a.astype(int) - b).max() <= 1 for a, b in zip(one_batch, batches_of_one))
+    assert all(np.abs(a.astype(int) - c).max() > 1 for a, c in zip(one_batch, other_seed))
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm-solver++"])

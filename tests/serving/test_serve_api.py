@@ -84,6 +84,8 @@ def test_same_seed_same_images_other_seed_other_images(server):
 
 
 def test_same_seed_same_images_under_concurrent_batch_neighbours(server):
+    """Byte-equal PNGs: digits-s runs every forward at 16 rows (max_batch_size 16 is the CPU's one bucket), so the
+    request meets the same kernels at the same shapes alone and in the crowd (tests/test_engine.py says more)."""
     body = dict(model="digits-s", prompt="5", seed=3, num_inference_steps=8)
     alone = server.generate(**body).json()["data"][0]["b64_json"]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
