@@ -21,7 +21,7 @@ import math
 import os
 import pickle
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -30,15 +30,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .model import PRESETS, DiTConfig, DiTModel
+from .request import SamplingParams, Space, lookup_class
 
 FORMAT = "dit-serve/1"
 # Scale of Stable Diffusion's VAE latents, which DiT was trained on (latents are multiplied by it).
 LATENT_SCALE = 0.18215
 RAW_PREFIX = "raw."
-# Sampler settings for a checkpoint whose training record names none.
-FALLBACK_SAMPLING = {"sampler": "dpm-solver++", "num_inference_steps": 25, "guidance_scale": 2.0}
-
-Space = Literal["pixel", "latent"]
 
 
 class CheckpointError(ValueError):
@@ -61,27 +58,17 @@ class CheckpointInfo:
             raise ValueError(f"{len(self.class_names)} class names given for {self.config.num_classes} classes")
 
     @property
-    def default_sampling(self) -> dict:
-        """The sampler settings this checkpoint recommends (measured by dit-eval and recorded), else the fallback."""
-        chosen = dict(FALLBACK_SAMPLING)
-        chosen.update(self.training.get("default_sampling") or {})
-        if not self.config.supports_guidance:
-            chosen["guidance_scale"] = 1.0
-        return chosen
+    def default_sampling(self) -> SamplingParams:
+        """The sampler settings this checkpoint recommends (measured by dit-eval and recorded in its training
+        record), over ``SamplingParams``' own defaults; unguided for a model without a null class."""
+        recorded = self.training.get("default_sampling") or {}
+        chosen = SamplingParams(**{k: v for k, v in recorded.items()
+                                   if k in ("sampler", "num_inference_steps", "guidance_scale")})
+        return chosen if self.config.supports_guidance else replace(chosen, guidance_scale=1.0)
 
     def class_id(self, name_or_id: str | int) -> int:
         """Map a class name (case-insensitive) or a class id, as text or int, to an id."""
-        if isinstance(name_or_id, int) or (isinstance(name_or_id, str) and name_or_id.strip().isdigit()):
-            cid = int(name_or_id)
-            if 0 <= cid < self.config.num_classes:
-                return cid
-            raise ValueError(f"class id {cid} is out of range [0, {self.config.num_classes - 1}]")
-        wanted = str(name_or_id).strip().casefold()
-        for cid, name in enumerate(self.class_names):
-            if name.casefold() == wanted:
-                return cid
-        shown = ", ".join(repr(n) for n in self.class_names[:12]) + (" ..." if len(self.class_names) > 12 else "")
-        raise ValueError(f"unknown class {name_or_id!r}; this model knows {shown}")
+        return lookup_class(self.class_names, name_or_id)
 
     def to_metadata(self) -> dict[str, str]:
         return {

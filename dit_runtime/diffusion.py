@@ -14,12 +14,12 @@ from typing import Literal
 
 import torch
 
-# The paper's training schedule (DDPM/ADM "linear", as used by DiT).
-NUM_TRAIN_TIMESTEPS = 1000
+from .request import NUM_TRAIN_TIMESTEPS, SAMPLERS
+
+# The paper's training schedule (DDPM/ADM "linear", as used by DiT), over NUM_TRAIN_TIMESTEPS.
 BETA_START = 1e-4
 BETA_END = 0.02
 
-SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
 SAMPLER_IDS = {name: i for i, name in enumerate(SAMPLERS)}
 DDPM, DDIM, DPM_SOLVER = range(3)
 
@@ -86,16 +86,12 @@ def timestep_at(step_index: torch.Tensor, num_steps: torch.Tensor, num_train_tim
     return torch.where(i >= s, torch.full_like(t, -1), t)
 
 
-def check_num_steps(num_steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> None:
-    """Raise for step counts outside [1, T]."""
-    if not 1 <= num_steps <= num_train_timesteps:
-        raise ValueError(f"num_inference_steps must be in [1, {num_train_timesteps}], got {num_steps}")
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Counter-based Gaussian noise: an image's noise depends only on its own key and the step, never on the batch.
 
 _M32 = 0xFFFFFFFF
+# An image's initial noise x_T is drawn at this counter; the sampler's noise of step k at counter k.
+INITIAL_NOISE_COUNTER = -1
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:

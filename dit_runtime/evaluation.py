@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .checkpoint import CheckpointInfo
-from .cli.sample import sample
-from .diffusion import SAMPLER_IDS, check_num_steps
+from .engine import Engine, EngineConfig, GenerationRequest, RequestLimits, SamplingParams
 from .model import DiTModel
+from .request import GUIDED_ROWS_PER_IMAGE, NUM_TRAIN_TIMESTEPS
 from .train.data import digits_to_model_space, load_digit_scans, model_space_to_digits
 
 # The quality bar for a shipped digit checkpoint (issue 3).
@@ -29,7 +29,6 @@ MIN_SAMPLE_ACCURACY = 0.90
 MIN_DIVERSITY_RATIO = 0.5
 HELD_OUT_FRACTION = 0.25
 DIGITS_MODEL_SIDE = 16
-# Used when a checkpoint records no default sampling settings.
 
 
 @dataclass
@@ -77,25 +76,26 @@ def mean_pairwise_distance(features: np.ndarray) -> float:
     return float(d.sum() / (n * (n - 1)))
 
 
-@torch.no_grad()
-def sample_images(model: DiTModel, labels: torch.Tensor, *, sampler: str, num_inference_steps: int,
-                  guidance_scale: float, seed: int, clip_denoised: bool, batch_size: int = 256) -> torch.Tensor:
-    """Class-conditional samples (N, C, H, W) for ``labels`` (N,), in batches, through dit-sample's loop.
+def eval_engine(model: DiTModel, info: CheckpointInfo, samples_per_class: int, batch_size: int = 128,
+                **config) -> Engine:
+    """An engine that takes one digit's ``samples_per_class`` images as one request (guided), ``batch_size`` images
+    or that request per forward pass; ``config``: further EngineConfig fields (device, dtype, compile ...)."""
+    rows = max(batch_size, samples_per_class) * GUIDED_ROWS_PER_IMAGE
+    limits = RequestLimits(max_images_per_request=samples_per_class, max_inference_steps=NUM_TRAIN_TIMESTEPS)
+    return Engine(model, info, EngineConfig(max_batch_size=rows, max_queue_size=10 * samples_per_class,
+                                            limits=limits, **config))
 
-    Image k gets the noise stream ``noise_key(seed, k)``, the engine's convention, so a server asked for the same
-    class and seed draws the same image, whatever the batch size.
+
+def sample_images(engine: Engine, samples_per_class: int, sampling: SamplingParams) -> torch.Tensor:
+    """``samples_per_class`` images of each digit (10 x k, 1, H, W) in [-1, 1], through the engine's offline loop.
+
+    Each digit is one request of k images whose seed is the given seed plus the digit, so a server asked for that
+    digit, k images and that seed draws the same images. They are the served uint8 images, read back as [-1, 1].
     """
-    if sampler not in SAMPLER_IDS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLER_IDS)}")
-    check_num_steps(num_inference_steps)
-    if guidance_scale != 1.0 and not model.config.supports_guidance:
-        raise ValueError("this model was trained without label dropout, so guidance_scale must be 1")
-    out = []
-    for start in range(0, labels.shape[0], batch_size):
-        batch = labels[start:start + batch_size].tolist()
-        out.append(sample(model, batch, seed, num_inference_steps, sampler, guidance_scale,
-                          clip_denoised=clip_denoised, first_index=start).cpu())  # (B, C, H, W)
-    return torch.cat(out)
+    requests = [GenerationRequest((c,) * samples_per_class, replace(sampling, seed=sampling.seed + c))
+                for c in range(10)]
+    images = np.concatenate([r.images for r in engine.generate(requests)])  # (10 k, H, W, 1) uint8
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # (10 k, 1, H, W)
 
 
 def check_digit_model(info: CheckpointInfo, source: str) -> None:
@@ -135,19 +135,20 @@ class EvalResult:
                 "bar": {"accuracy": MIN_SAMPLE_ACCURACY, "diversity_ratio": MIN_DIVERSITY_RATIO}}
 
 
-def evaluate(model: DiTModel, info: CheckpointInfo, classifier: DigitClassifier, *, source: str,
-             samples_per_class: int, sampler: str, num_inference_steps: int, guidance_scale: float, seed: int = 0,
-             batch_size: int = 256) -> tuple[EvalResult, torch.Tensor]:
-    """Sample every class, classify and measure diversity; returns the result and the samples (10 x k, 1, H, W)."""
-    check_digit_model(info, source)
-    labels = torch.arange(10).repeat_interleave(samples_per_class)  # (10k,)
+def evaluate(engine: Engine, classifier: DigitClassifier, *, source: str, samples_per_class: int,
+             sampling: SamplingParams) -> tuple[EvalResult, torch.Tensor]:
+    """Sample every digit through ``engine``, classify and measure diversity; returns the result and the samples
+    (10 x k, 1, H, W). The engine's limits must admit a request of ``samples_per_class`` images."""
+    check_digit_model(engine.info, source)
+    if sampling.seed is None:
+        raise ValueError("give the sampling a seed: an evaluation must be repeatable")
     start = time.perf_counter()
-    samples = sample_images(model, labels, sampler=sampler, num_inference_steps=num_inference_steps,
-                            guidance_scale=guidance_scale, seed=seed, clip_denoised=True, batch_size=batch_size)
+    samples = sample_images(engine, samples_per_class, sampling)
     seconds = time.perf_counter() - start
+    labels = torch.arange(10).repeat_interleave(samples_per_class)  # (10k,)
     result = score_samples(samples, labels, classifier, source=source, samples_per_class=samples_per_class,
-                           sampling={"sampler": sampler, "num_inference_steps": num_inference_steps,
-                                     "guidance_scale": guidance_scale, "seed": seed})
+                           sampling={"sampler": sampling.sampler, "num_inference_steps": sampling.num_inference_steps,
+                                     "guidance_scale": sampling.guidance_scale, "seed": sampling.seed})
     result.sampling_seconds = round(seconds, 2)
     return result, samples
 

@@ -204,21 +204,6 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(y)  # (N, D)
 
 
-def split_k_linear(x: torch.Tensor, layer: nn.Linear, splits: int) -> torch.Tensor:
-    """``layer(x)`` with the reduction dimension cut into ``splits`` chunks: one batched GEMM, then a sum.
-
-    For few token rows (one guided image is 512) a GEMM with a long reduction has too few output tiles to fill the
-    GPU; splitting K multiplies the tiles. The chunks are strided views of ``x`` and the weight (no copies); the
-    partial products are summed in fp32.
-    """
-    k = x.shape[-1]
-    rows = x.reshape(-1, k)  # (M, K)
-    a = rows.view(rows.shape[0], splits, k // splits).transpose(0, 1)  # (S, M, K/S)
-    b = layer.weight.view(layer.weight.shape[0], splits, k // splits).permute(1, 2, 0)  # (S, K/S, N)
-    out = torch.bmm(a, b).sum(0, dtype=torch.float32) + layer.bias.float()  # (M, N)
-    return out.to(x.dtype).view(*x.shape[:-1], -1)
-
-
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection, through scaled_dot_product_attention."""
 
@@ -227,17 +212,12 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.qkv = nn.Linear(hidden_dim, 3 * hidden_dim)
         self.proj = nn.Linear(hidden_dim, hidden_dim)
-        # Inference only: split the output projection's reduction when the token rows are at most
-        # split_k_max_rows (see split_k_linear). Off by default; DiTModel.optimize_for_inference sets it.
-        self.split_k, self.split_k_max_rows = 1, 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t, d = x.shape
         qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads)  # (N, T, 3, H, Dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (N, H, T, Dh)
         x = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, d)  # (N, T, D)
-        if self.split_k > 1 and n * t <= self.split_k_max_rows and not torch.is_grad_enabled():
-            return split_k_linear(x, self.proj, self.split_k)
         return self.proj(x)  # (N, T, D)
 
 
@@ -248,22 +228,9 @@ class Mlp(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(hidden_dim, ffn_dim)
         self.fc2 = nn.Linear(ffn_dim, hidden_dim)
-        # Inference on CUDA may fold bias + GELU into the fc1 GEMM (cuBLASLt's epilogue, the same tanh GELU),
-        # saving a full pass over the widest activation, and split fc2's long reduction for few rows
-        # (split_k_linear). Off by default; DiTModel.optimize_for_inference turns them on.
-        self.fused_epilogue = False
-        self.split_k, self.split_k_max_rows = 1, 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        inference = not torch.is_grad_enabled()
-        if self.fused_epilogue and x.is_cuda and inference:
-            h = torch._addmm_activation(self.fc1.bias, x.reshape(-1, x.shape[-1]), self.fc1.weight.t(), use_gelu=True)
-            h = h.view(*x.shape[:-1], -1)
-        else:
-            h = F.gelu(self.fc1(x), approximate="tanh")
-        if self.split_k > 1 and h.numel() // h.shape[-1] <= self.split_k_max_rows and inference:
-            return split_k_linear(h, self.fc2, self.split_k)
-        return self.fc2(h)
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))  # (N, T, D)
 
 
 class DiTBlock(nn.Module):
@@ -277,11 +244,12 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(hidden_dim, ffn_dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_dim, 6 * hidden_dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, modulation: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (N, T, D) tokens, c: (N, D) conditioning; ``modulation`` (N, 6D), when given, is this block's
-        ``adaLN_modulation(c)`` computed beforehand (DiTModel computes every block's in one GEMM)."""
-        if modulation is None:
-            modulation = self.adaLN_modulation(c)
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """x: (N, T, D) tokens, c: (N, D) conditioning."""
+        return self.modulated(x, self.adaLN_modulation(c))
+
+    def modulated(self, x: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+        """The block given its adaLN output (N, 6D): shift, scale and gate for attention, then for the MLP."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (N, T, D)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (N, T, D)
@@ -297,9 +265,11 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_dim, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_dim, 2 * hidden_dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, modulation: torch.Tensor | None = None) -> torch.Tensor:
-        if modulation is None:
-            modulation = self.adaLN_modulation(c)
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.modulated(x, self.adaLN_modulation(c))
+
+    def modulated(self, x: torch.Tensor, modulation: torch.Tensor) -> torch.Tensor:
+        """The layer given its adaLN output (N, 2D): shift and scale."""
         shift, scale = modulation.chunk(2, dim=1)
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, p*p*C_out)
 
@@ -324,7 +294,6 @@ class DiTModel(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(hidden_dim, num_heads, ffn_dim) for _ in range(num_layers))
         self.final_layer = FinalLayer(hidden_dim, patch_size, cfg.out_channels)
         self.gradient_checkpointing = False
-        self.fused_adaln = False  # see optimize_for_inference
         if not any(p.is_meta for p in self.parameters()):
             self.initialize_weights()
 
@@ -384,12 +353,6 @@ class DiTModel(nn.Module):
         """x: (N, C, H, W) noisy input; t: (N,) per-sample timesteps; y: (N,) labels -> (N, C_out, H, W)."""
         x = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (N, T, D)
         c = self.condition(t, y).to(x.dtype)  # (N, D)
-        if self.fused_adaln and not torch.is_grad_enabled():
-            modulations = self._all_modulations(c)
-            for block, modulation in zip(self.blocks, modulations):
-                x = block(x, c, modulation)  # (N, T, D)
-            x = self.final_layer(x, c, modulations[-1])  # (N, T, p*p*C_out)
-            return self.unpatchify(x)  # (N, C_out, H, W)
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)
@@ -397,53 +360,6 @@ class DiTModel(nn.Module):
                 x = block(x, c)  # (N, T, D)
         x = self.final_layer(x, c)  # (N, T, p*p*C_out)
         return self.unpatchify(x)  # (N, C_out, H, W)
-
-    def _adaln_layers(self) -> list[nn.Linear]:
-        return [block.adaLN_modulation[-1] for block in self.blocks] + [self.final_layer.adaLN_modulation[-1]]
-
-    def _all_modulations(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Every block's (and the final layer's) adaLN modulation of c in one GEMM over the joined weights."""
-        out = F.linear(F.silu(c), self.adaln_weight, self.adaln_bias)  # (N, sum of 6D per block + 2D)
-        return out.split([layer.out_features for layer in self._adaln_layers()], dim=1)
-
-    def can_split_k(self, splits: int) -> bool:
-        """Whether ``splits`` divides both reductions that split-K cuts (attn.proj's and fc2's)."""
-        return self.config.hidden_dim % splits == 0 and self.config.ffn_dim % splits == 0
-
-    @torch.no_grad()
-    def optimize_for_inference(self, *, fused_mlp_epilogue: bool = False, fused_adaln: bool = False,
-                               split_k: int = 1, split_k_max_rows: int = 0) -> "DiTModel":
-        """Switch on inference-only fast paths (the engine's runner calls this after moving the model).
-
-        - ``fused_mlp_epilogue``: bias + GELU inside the fc1 GEMM on CUDA.
-        - ``fused_adaln``: all adaLN modulations in one GEMM. The layers' weights move into one non-persistent
-          buffer and stay visible as views of it, so ``state_dict()`` and ``load_state_dict()`` are unchanged and
-          the memory is not doubled (a later ``.to()`` copies them apart: still right, no longer shared).
-        - ``split_k`` / ``split_k_max_rows``: split the attention output projection's and fc2's reduction into
-          ``split_k`` chunks when a forward has at most ``split_k_max_rows`` token rows.
-        Training (grad enabled) ignores all of them, so the math there is untouched.
-        """
-        if not self.can_split_k(split_k):
-            raise ValueError(f"split_k must divide hidden_dim and ffn_dim ({self.config.hidden_dim}, "
-                             f"{self.config.ffn_dim}), got {split_k}")
-        for block in self.blocks:
-            block.mlp.fused_epilogue = fused_mlp_epilogue
-            for module in (block.attn, block.mlp):
-                module.split_k, module.split_k_max_rows = split_k, split_k_max_rows
-        self.fused_adaln = fused_adaln
-        if fused_adaln:
-            layers = self._adaln_layers()
-            weight = torch.cat([layer.weight for layer in layers])  # (sum of out_features, D)
-            bias = torch.cat([layer.bias for layer in layers])
-            self.register_buffer("adaln_weight", weight, persistent=False)
-            self.register_buffer("adaln_bias", bias, persistent=False)
-            start = 0
-            for layer in layers:
-                end = start + layer.out_features
-                layer.weight = nn.Parameter(weight[start:end], requires_grad=layer.weight.requires_grad)
-                layer.bias = nn.Parameter(bias[start:end], requires_grad=layer.bias.requires_grad)
-                start = end
-        return self
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                          guidance_scale: torch.Tensor) -> torch.Tensor:

@@ -11,11 +11,20 @@ from .images import to_uint8
 
 
 class LatentDecoder:
-    """Decodes a latent-space checkpoint's samples (n, 4, h, w) into uint8 images (n, 8h, 8w, 3)."""
+    """Decodes a latent-space checkpoint's samples (n, 4, h, w) into uint8 images (n, 8h, 8w, 3) (SD's VAE)."""
 
     def __init__(self, vae: torch.nn.Module, latent_scale: float):
         self.vae = vae.eval().requires_grad_(False)
         self.latent_scale = latent_scale
+
+    @property
+    def upsampling(self) -> int:
+        """Image pixels per latent pixel along a side: 2 per decoder up-block after the first (8 for SD's VAE)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def channels(self) -> int:
+        return self.vae.config.out_channels
 
     @classmethod
     def load(cls, folder: str | Path, latent_scale: float, device: str | torch.device = "cpu",

@@ -41,7 +41,7 @@ def _model_deployment(cls: type, m: ModelArgs, args: AppArgs):
 
 
 def _gateway_deployment(args: AppArgs):
-    return serve.deployment(Gateway).options(
+    return serve.deployment(serve.ingress()(Gateway)).options(
         name=GATEWAY_NAME,
         num_replicas=args.gateway.num_replicas,
         ray_actor_options={"num_cpus": args.gateway.num_cpus},
@@ -66,7 +66,7 @@ def build_model_app(args: AppArgs) -> Application:
                          f"serves exactly one model, got {len(args.models)} ({', '.join(m.name for m in args.models)})"
                          "; give each model an application of its own")
     m = args.models[0]
-    return _model_deployment(ModelIngress, m, args).bind(m, args.limits, args.auth)
+    return _model_deployment(serve.ingress()(ModelIngress), m, args).bind(m, args.limits, args.auth)
 
 
 def build_gateway_app(args: AppArgs) -> Application:

@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dit_runtime.request import MAX_GUIDANCE_SCALE, NUM_TRAIN_TIMESTEPS, RequestLimits
+
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -26,14 +28,16 @@ class _Args(BaseModel):
 
 
 class Limits(_Args):
-    """What one request may ask for; the gateway refuses the rest with a 400 naming the field and the range."""
+    """What one request may ask for; the API refuses the rest with a 400 naming the field and the range."""
 
     max_images_per_request: int = Field(8, ge=1, le=256, description="upper bound of `n`")
-    max_inference_steps: int = Field(100, ge=1, le=1000, description="upper bound of `num_inference_steps`")
-    default_inference_steps: int | None = Field(None, ge=1, le=1000,
+    max_inference_steps: int = Field(100, ge=1, le=NUM_TRAIN_TIMESTEPS,
+                                     description="upper bound of `num_inference_steps`")
+    default_inference_steps: int | None = Field(None, ge=1, le=NUM_TRAIN_TIMESTEPS,
                                                 description="steps when a request names none; default: the "
                                                             "checkpoint's measured default_sampling")
-    max_guidance_scale: float = Field(20.0, ge=1.0, le=20.0, description="upper bound of `guidance_scale` (>= 1)")
+    max_guidance_scale: float = Field(MAX_GUIDANCE_SCALE, ge=1.0, le=MAX_GUIDANCE_SCALE,
+                                      description="upper bound of `guidance_scale` (>= 1)")
     max_image_side: int = Field(512, ge=1, le=4096,
                                 description="largest `size` side in pixels; images are upscaled by whole factors")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="larger request bodies get 413")
@@ -46,6 +50,12 @@ class Limits(_Args):
             raise ValueError(f"default_inference_steps ({self.default_inference_steps}) must be <= "
                              f"max_inference_steps ({self.max_inference_steps})")
         return self
+
+    def request_limits(self) -> RequestLimits:
+        """The engine's view of these limits (the rest are the HTTP server's: body size, timeout)."""
+        return RequestLimits(max_images_per_request=self.max_images_per_request,
+                             max_inference_steps=self.max_inference_steps, max_guidance_scale=self.max_guidance_scale,
+                             max_image_side=self.max_image_side)
 
 
 class Autoscaling(_Args):
@@ -159,9 +169,8 @@ class ModelArgs(_Args):
         from dit_runtime.engine.types import EngineConfig  # imports torch: only where an engine runs
         limits = limits or Limits()
         return EngineConfig(device=self.device, dtype=self.dtype, max_batch_size=self.max_batch_size,
-                            max_queue_size=self.max_queue_size,
-                            max_images_per_request=limits.max_images_per_request,
-                            max_inference_steps=limits.max_inference_steps, compile=self.compile,
+                            max_queue_size=self.max_queue_size, limits=limits.request_limits(),
+                            default_inference_steps=limits.default_inference_steps, compile=self.compile,
                             cuda_graphs=self.cuda_graphs,
                             batch_buckets=tuple(self.batch_buckets) if self.batch_buckets else None,
                             compile_cache_dir=self.compile_cache_dir, compile_options=self.compile_options,

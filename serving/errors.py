@@ -2,9 +2,8 @@
 
 Every error the server returns is ``{"error": {"message", "type", "param", "code"}}`` with a fitting status, so the
 official ``openai`` client raises its usual exception classes (``BadRequestError``, ``NotFoundError``,
-``RateLimitError`` ...). Errors cross the Ray boundary as plain dicts (``APIError.to_dict``), never as pickled
-exceptions, so a model replica's error reaches the client unchanged. This module imports no torch: the gateway
-process stays small.
+``RateLimitError`` ...). A model replica returns its ``APIError`` as a value rather than raising it across Ray
+(backend.py), so it reaches the client unchanged. This module imports no torch: the gateway process stays small.
 """
 
 from __future__ import annotations
@@ -55,14 +54,8 @@ class APIError(Exception):
             return {}
         return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
 
-    def to_dict(self) -> dict:
-        return {"status": self.status, "message": self.message, "param": self.param, "code": self.code,
-                "retry_after": self.retry_after}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "APIError":
-        return cls(status=int(d["status"]), message=str(d["message"]), param=d.get("param"), code=d.get("code"),
-                   retry_after=d.get("retry_after"))
+    def __reduce__(self):  # pickles by its fields (Exception's own pickling would pass the message alone)
+        return type(self), (self.status, self.message, self.param, self.code, self.retry_after)
 
 
 def invalid(param: str, message: str, code: str = "invalid_value") -> APIError:

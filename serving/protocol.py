@@ -2,23 +2,18 @@
 
 The official ``openai`` client sends ``model``, ``prompt``, ``n``, ``size``, ``response_format`` and ``user``; our
 extensions (``class_label``, ``seed``, ``num_inference_steps``, ``guidance_scale``, ``sampler``, ``stream``) travel as
-extra body fields (``extra_body=...``). Static bounds live here; the per-deployment limits (n, steps, guidance, size)
-come from the config and are checked by ``check_limits``.
+extra body fields (``extra_body=...``). These schemas check types and shapes only: every bound (the ones all models
+share and a deployment's limits) is checked in one place, ``dit_runtime.request``, when the API builds the request,
+and the ranges below are its constants, shown in the schema for clients.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .config import Limits
-from .errors import invalid
-
-SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
-# Payload key (gateway -> model replica) of the request's deadline in Unix seconds; not a client field.
-DEADLINE_KEY = "deadline_unix"
+from dit_runtime.request import MAX_GUIDANCE_SCALE, MAX_SEED, NUM_TRAIN_TIMESTEPS, SAMPLERS, Sampler
 
 
 class ImageGenerationRequest(BaseModel):
@@ -31,9 +26,10 @@ class ImageGenerationRequest(BaseModel):
     model: str | None = Field(None, max_length=64, description="model id from GET /v1/models; default: the first")
     prompt: str | None = Field(None, min_length=1, max_length=1000,
                                description="a class name or class id of the model, e.g. '3' or 'seven'")
-    n: int = Field(1, ge=1, description="number of images (at most the server's limits.max_images_per_request)")
+    n: int = Field(1, description="number of images, from 1 to the model's max_images_per_request",
+                   json_schema_extra={"minimum": 1})
     size: str | None = Field(None, max_length=16,
-                             description="'WxH'; the model's resolution times a whole factor, up to the server's "
+                             description="'WxH': the model's resolution times a whole factor, up to the server's "
                                          "limits.max_image_side; default: the model's resolution")
     response_format: Literal["b64_json"] = "b64_json"
     user: str | None = Field(None, max_length=256)
@@ -41,46 +37,16 @@ class ImageGenerationRequest(BaseModel):
     # Extensions.
     class_label: int | list[int] | None = Field(None, description="class id(s) instead of a prompt: one, or one "
                                                                   "per image")
-    seed: int | None = Field(None, ge=0, lt=2 ** 63, description="same seed and request, same images")
-    num_inference_steps: int | None = Field(None, ge=1, description="denoising steps (default from the config)")
-    guidance_scale: float | None = Field(None, ge=1.0, allow_inf_nan=False,
-                                         description="classifier-free guidance; 1 disables it")
-    sampler: str | None = Field(None, max_length=32, description="ddpm, ddim or dpm-solver++")
-
-
-def check_limits(req: ImageGenerationRequest, limits: Limits) -> None:
-    """Raise a 400 naming the first field past the configured limits, with the allowed range."""
-    if req.n > limits.max_images_per_request:
-        raise invalid("n", f"n must be an integer in [1, {limits.max_images_per_request}], got {req.n}")
-    if req.num_inference_steps is not None and req.num_inference_steps > limits.max_inference_steps:
-        raise invalid("num_inference_steps", f"num_inference_steps must be an integer in "
-                                             f"[1, {limits.max_inference_steps}], got {req.num_inference_steps}")
-    if req.guidance_scale is not None and req.guidance_scale > limits.max_guidance_scale:
-        raise invalid("guidance_scale", f"guidance_scale must be a number in [1, {limits.max_guidance_scale:g}], "
-                                        f"got {req.guidance_scale:g}")
-    if req.prompt is None and req.class_label is None:
-        raise invalid("prompt", "give a prompt (a class name or id of the model) or class_label", "missing")
-    if isinstance(req.class_label, list) and len(req.class_label) not in (1, req.n):
-        raise invalid("class_label", f"class_label must be one class id or a list of n={req.n} ids, "
-                                     f"got {len(req.class_label)}")
-    if req.size is not None and req.size != "auto":
-        m = SIZE.match(req.size)
-        if not m or max(int(m[1]), int(m[2])) > limits.max_image_side:
-            raise invalid("size", f"size must be 'WxH' with sides up to {limits.max_image_side}, got {req.size!r}")
-
-
-def upscale_factor(size: str | None, height: int, width: int, max_side: int) -> int:
-    """The whole factor that turns the model's (height, width) into ``size``; 400 listing the valid sizes if none."""
-    if size is None or size == "auto":
-        return 1
-    m = SIZE.match(size)
-    w, h = (int(m[1]), int(m[2])) if m else (0, 0)
-    if w and h and w % width == 0 and h * width == w * height and w // width >= 1 and max(w, h) <= max_side:
-        return w // width
-    valid = [f"{width * k}x{height * k}" for k in range(1, max_side // max(height, width) + 1)]
-    shown = ", ".join(valid[:6] + (["...", valid[-1]] if len(valid) > 7 else valid[6:]))
-    raise invalid("size", f"size must be this model's resolution times a whole factor: one of {shown}; "
-                          f"got {size!r}")
+    seed: int | None = Field(None, description="same seed and request, same images; default: a random one",
+                             json_schema_extra={"minimum": 0, "exclusiveMaximum": MAX_SEED})
+    num_inference_steps: int | None = Field(None, description="denoising steps, up to the model's "
+                                                              "max_inference_steps; default: the model's",
+                                            json_schema_extra={"minimum": 1, "maximum": NUM_TRAIN_TIMESTEPS})
+    guidance_scale: float | None = Field(None, description="classifier-free guidance, up to the model's "
+                                                           "max_guidance_scale; 1 disables it; default: the model's",
+                                         json_schema_extra={"minimum": 1, "maximum": MAX_GUIDANCE_SCALE})
+    sampler: str | None = Field(None, max_length=32, description=f"one of {', '.join(SAMPLERS)}; default: the "
+                                                                 "model's")
 
 
 class ImageData(BaseModel):
@@ -112,6 +78,14 @@ class ProgressEvent(BaseModel):
     num_steps: int
 
 
+class SamplingDefaults(BaseModel):
+    """What a model uses for the fields a request leaves out (its checkpoint's measured settings)."""
+
+    num_inference_steps: int
+    sampler: Sampler
+    guidance_scale: float
+
+
 class ModelCard(BaseModel):
     """An entry of GET /v1/models: OpenAI's fields plus what a client needs to ask for images."""
 
@@ -128,7 +102,11 @@ class ModelCard(BaseModel):
     num_classes: int | None = None
     class_names: list[str] | None = None
     supports_guidance: bool | None = None
-    max_batch_size: int | None = None
+    max_batch_size: int | None = Field(None, description="rows of one forward pass (a guided image takes two)")
+    defaults: SamplingDefaults | None = None
+    max_images_per_request: int | None = None
+    max_inference_steps: int | None = None
+    max_guidance_scale: float | None = None
 
 
 class ModelList(BaseModel):

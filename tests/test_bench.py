@@ -1,42 +1,41 @@
-"""dit-bench's plumbing that runs without a GPU: the step's slots hold the same inputs as the diffusers setups."""
+"""The engine benchmark's plumbing that runs without a GPU: two versions of the engine side by side, and the steady
+steps of a full batch timed through the engine's public API."""
 
 from __future__ import annotations
 
-import torch
+import shutil
+import sys
+from pathlib import Path
 
-from dit_runtime.cli.bench import fill_rows, random_dit
-from dit_runtime.diffusion import timestep_at
-from dit_runtime.engine.runner import ModelRunner
-from dit_runtime.engine.types import EngineConfig
+from benchmarks.engine import BASELINE_PACKAGE, EngineSteps, engine_request, load_baseline
 
+import dit_runtime
 
-def test_fill_rows_puts_the_given_latents_timesteps_and_labels_in_the_step():
-    runner = ModelRunner(random_dit("dit-tiny", torch.float32), EngineConfig(max_batch_size=16), clip_denoised=False)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(16, 4, 8, 8, generator=g)
-    t = torch.randint(0, 1000, (16,), generator=g)
-    y = torch.randint(0, 10, (16,), generator=g)
-    fill_rows(runner, 16, (x, t, y))
-    assert torch.equal(runner.x[:16], x)
-    assert torch.equal(runner.layout[2, :16], y)
-    assert torch.equal(timestep_at(runner.step_index[:16], runner.num_steps[:16]), t)
-    runner.execute(16)  # the rows never finish: a step later they are still in flight, one step on
-    assert torch.equal(runner.step_index[:16], (999 - t) * 1000 + 1)
+REPO = Path(__file__).resolve().parents[1]
 
 
-def test_the_rows_stay_the_inputs_whatever_the_model_predicts():
-    """A row that never finishes repeats its timestep; its step must neither move the latent nor make it NaN, even
-    when the model predicts variance values far outside [-1, 1] (DDPM's learned variance is infinite there)."""
-    model = random_dit("dit-tiny", torch.float32, random_final_layer=True)
-    with torch.no_grad():
-        model.final_layer.linear.weight.mul_(100)  # predictions of size ~10
-    runner = ModelRunner(model, EngineConfig(max_batch_size=16), clip_denoised=False)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(16, 4, 8, 8, generator=g)
-    t = torch.randint(0, 1000, (16,), generator=g)
-    y = torch.randint(0, 10, (16,), generator=g)
-    fill_rows(runner, 16, (x, t, y))
-    for _ in range(20):
-        runner.execute(16)
-    assert torch.isfinite(runner.x[:16]).all()
-    torch.testing.assert_close(runner.x[:16], x, rtol=0, atol=1e-4)
+def test_another_checkout_runs_beside_this_one_and_its_steps_are_timed(tmp_path):
+    shutil.copytree(REPO / "dit_runtime", tmp_path / "dit_runtime", ignore=shutil.ignore_patterns("__pycache__"))
+    baseline = load_baseline(str(tmp_path))
+    try:
+        from baseline_dit_runtime.engine import Engine, EngineConfig
+
+        import dit_runtime.engine
+        assert Engine is not dit_runtime.engine.Engine  # its own classes, from its own files
+        assert Path(sys.modules["baseline_dit_runtime.engine.runner"].__file__).is_relative_to(tmp_path)
+        engine = Engine.random_weights("dit-tiny", EngineConfig(max_batch_size=16)).start()
+        try:
+            seconds = EngineSteps("baseline", engine, rows=4)(steps=3)
+            assert 0 < seconds < 5
+            assert engine.stats().running_requests == 0  # left idle for the next setup
+        finally:
+            engine.stop()
+    finally:
+        for name in [n for n in sys.modules if n == BASELINE_PACKAGE or n.startswith(BASELINE_PACKAGE + ".")]:
+            del sys.modules[name]
+    assert baseline.__name__ == BASELINE_PACKAGE
+
+
+def test_a_benchmark_request_is_one_unguided_image_of_the_asked_steps():
+    request = engine_request(dit_runtime, 5, seed=3, steps=1000, sampler="ddim", guidance=1.0)
+    assert request.class_ids == (5,) and request.rows == 1 and request.sampling.num_inference_steps == 1000

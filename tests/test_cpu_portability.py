@@ -17,12 +17,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 LEVELS = ("default", "avx2", "avx512")  # torch's x86 kernel levels (ATEN_CPU_CAPABILITY), lowest first
-NUMERIC_FILES = ("tests/test_model.py", "tests/test_diffusion.py", "tests/test_engine.py")
+NUMERIC_FILES = ("tests/test_model.py", "tests/test_fast_paths.py", "tests/test_diffusion.py", "tests/test_engine.py")
 
 
 def runnable_levels() -> tuple[str, ...]:

@@ -11,7 +11,7 @@ import torch
 from dit_runtime.checkpoint import CheckpointInfo, default_class_names
 from dit_runtime.diffusion import SAMPLER_IDS, NoiseSchedule, counter_noise, noise_key, sampler_step, timestep_at
 from dit_runtime.engine import (DeadlineExceededError, Engine, EngineConfig, GenerationRequest, GenerationResult,
-                                InvalidRequestError, QueueFullError, RequestCancelledError, StepEvent)
+                                InvalidRequestError, QueueFullError, RequestCancelledError, SamplingParams, StepEvent)
 from dit_runtime.engine.runner import ModelRunner
 from dit_runtime.model import DiTModel, get_preset
 from model_helpers import model_reordering_tolerance
@@ -41,22 +41,23 @@ def engine():
     eng.stop()
 
 
-def reference_sample(model: DiTModel, request: GenerationRequest, seed: int) -> np.ndarray:
+def reference_sample(model: DiTModel, request: GenerationRequest) -> np.ndarray:
     """The plain way: one request at a time, the whole batch at one step, forward_with_cfg. No engine."""
     schedule = NoiseSchedule.linear()
-    labels = torch.tensor(request.labels())
+    s = request.sampling
+    labels = torch.tensor(request.class_ids)
     n, shape = len(labels), (model.config.in_channels, model.config.input_size, model.config.input_size)
-    keys = torch.tensor([noise_key(seed, i) for i in range(n)])
+    keys = torch.tensor([noise_key(s.seed, i) for i in range(n)])
     x = counter_noise(keys, torch.full((n,), -1), shape)
     prev_x0 = torch.zeros_like(x)
-    steps = torch.full((n,), request.num_inference_steps)
+    steps = torch.full((n,), s.num_inference_steps)
     with torch.no_grad():
-        for i in range(request.num_inference_steps):
+        for i in range(s.num_inference_steps):
             step = torch.full((n,), i)
             t = timestep_at(step, steps)
-            out = model.forward_with_cfg(x, t, labels, torch.full((n,), request.guidance_scale))
-            res = sampler_step(schedule, out, x, step, steps, torch.full((n,), SAMPLER_IDS[request.sampler]),
-                               torch.full((n,), request.eta), prev_x0, counter_noise(keys, step, shape),
+            out = model.forward_with_cfg(x, t, labels, torch.full((n,), s.guidance_scale))
+            res = sampler_step(schedule, out, x, step, steps, torch.full((n,), SAMPLER_IDS[s.sampler]),
+                               torch.full((n,), s.eta), prev_x0, counter_noise(keys, step, shape),
                                learn_sigma=model.config.learn_sigma)
             x, prev_x0 = res.x, res.x0
     return x.numpy()
@@ -65,10 +66,10 @@ def reference_sample(model: DiTModel, request: GenerationRequest, seed: int) -> 
 @pytest.mark.numerics
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm-solver++"])
 def test_engine_matches_plain_per_request_sampling_loop(engine, sampler):
-    request = GenerationRequest(class_labels=[2, 7], num_images=2, seed=11, num_inference_steps=8, sampler=sampler,
-                                guidance_scale=3.0, eta=0.5)
+    request = GenerationRequest((2, 7), SamplingParams(seed=11, num_inference_steps=8, sampler=sampler,
+                                                       guidance_scale=3.0, eta=0.5))
     result = engine.submit(request).result(timeout=30)
-    expected = reference_sample(random_model(), request, seed=11)
+    expected = reference_sample(random_model(), request)
     # Not bit-equal: the reference runs 4-row matrix products, the engine a 16-row bucket, which BLAS may sum in
     # another order; 8 chained forwards bound the difference (tests/model_helpers.py). A wrong sampler, guidance or
     # noise stream moves the latents by far more.
@@ -86,23 +87,23 @@ def test_request_result_independent_of_batch_neighbours(engine):
     sits). Across buckets BLAS makes no such promise; see test_engine_matches_plain_per_request_sampling_loop.
     """
     def probe():
-        return GenerationRequest(class_labels=[3], num_images=2, seed=1234, num_inference_steps=12,
+        return GenerationRequest.of(3, n=2, seed=1234, num_inference_steps=12,
                                  sampler="dpm-solver++", guidance_scale=4.0)
 
     assert engine.config.buckets == (16,)  # the premise of exactness, above
     alone = engine.submit(probe()).result(timeout=30).latents
-    neighbours = [engine.submit(GenerationRequest(class_labels=[i % 10], num_images=1 + i % 3, seed=i,
+    neighbours = [engine.submit(GenerationRequest.of(i % 10, n=1 + i % 3, seed=i,
                                                   num_inference_steps=6 + 5 * i, sampler=["ddpm", "ddim"][i % 2],
                                                   guidance_scale=[1.0, 2.5][i % 2], eta=0.3))
                   for i in range(4)]
     time.sleep(0.05)  # let the neighbours get a few steps ahead, so the probe joins mid-flight
     busy = engine.submit(probe())
-    late = engine.submit(GenerationRequest(class_labels=[9], num_images=2, seed=5, num_inference_steps=20))
+    late = engine.submit(GenerationRequest.of(9, n=2, seed=5, num_inference_steps=20))
     in_batch = busy.result(timeout=30).latents
     for h in neighbours + [late]:
         h.result(timeout=30)
     assert np.array_equal(alone, in_batch)
-    other_seed = engine.submit(GenerationRequest(class_labels=[3], num_images=2, seed=1235,
+    other_seed = engine.submit(GenerationRequest.of(3, n=2, seed=1235,
                                                  num_inference_steps=12)).result(timeout=30).latents
     assert not np.allclose(alone, other_seed)  # the comparison above can fail: seeds do change the images
 
@@ -111,15 +112,15 @@ def test_request_result_independent_of_batch_neighbours(engine):
 def test_image_noise_depends_only_on_seed_and_index(engine):
     """Image 0 of a one-image and of a three-image request: bit for bit, as both run in 16-row forwards (see
     test_request_result_independent_of_batch_neighbours)."""
-    one = engine.submit(GenerationRequest(class_labels=[4], num_images=1, seed=99, num_inference_steps=5))
-    three = engine.submit(GenerationRequest(class_labels=[4], num_images=3, seed=99, num_inference_steps=5))
+    one = engine.submit(GenerationRequest.of(4, n=1, seed=99, num_inference_steps=5))
+    three = engine.submit(GenerationRequest.of(4, n=3, seed=99, num_inference_steps=5))
     a, b = one.result(timeout=30).latents, three.result(timeout=30).latents
     assert np.array_equal(a[0], b[0])
     assert not np.allclose(b[0], b[1])
 
 
 def test_stream_yields_every_step_then_the_images(engine):
-    events = list(engine.submit(GenerationRequest(class_labels=[1], num_images=1, seed=0, num_inference_steps=7)))
+    events = list(engine.submit(GenerationRequest.of(1, n=1, seed=0, num_inference_steps=7)))
     assert [e.step for e in events[:-1]] == list(range(1, 8))
     assert all(isinstance(e, StepEvent) and e.num_steps == 7 for e in events[:-1])
     assert isinstance(events[-1], GenerationResult) and events[-1].seed == 0
@@ -127,7 +128,7 @@ def test_stream_yields_every_step_then_the_images(engine):
 
 @pytest.mark.numerics
 def test_a_handle_without_progress_yields_only_the_same_result(engine):
-    request = GenerationRequest(class_labels=[1], num_images=1, seed=0, num_inference_steps=7)
+    request = GenerationRequest.of(1, n=1, seed=0, num_inference_steps=7)
     streamed = list(engine.submit(request))[-1]
     events = list(engine.submit(request, progress=False))
     assert len(events) == 1 and isinstance(events[0], GenerationResult)
@@ -138,7 +139,7 @@ def test_async_iteration_streams_events():
     import asyncio
 
     async def run(eng):
-        handle = eng.submit(GenerationRequest(class_labels=[1], seed=0, num_inference_steps=4))
+        handle = eng.submit(GenerationRequest.of(1, seed=0, num_inference_steps=4))
         return [e async for e in handle]
 
     with make_engine() as eng:
@@ -155,7 +156,7 @@ def test_on_finish_calls_back_once_with_the_result_or_the_error(engine):
         seen.append((threading.current_thread().name, outcome))
         done.set()
 
-    ok = engine.submit(GenerationRequest(class_labels=[1], seed=0, num_inference_steps=3), progress=False)
+    ok = engine.submit(GenerationRequest.of(1, seed=0, num_inference_steps=3), progress=False)
     ok.on_finish(record)
     result = ok.result(timeout=30)
     assert done.wait(30) and len(seen) == 1
@@ -167,15 +168,15 @@ def test_on_finish_calls_back_once_with_the_result_or_the_error(engine):
     def broken(outcome):
         raise RuntimeError("a caller's bug")
 
-    failing = engine.submit(GenerationRequest(class_labels=[1], seed=0, num_inference_steps=1000,
-                                              deadline=time.monotonic() + 0.2))
+    failing = engine.submit(GenerationRequest.of(1, seed=0, num_inference_steps=1000,
+                                              deadline=time.time() + 0.2))
     errors = []
     failing.on_finish(broken)  # logged; neither the engine nor the next callback is hurt
     failing.on_finish(errors.append)
     with pytest.raises(DeadlineExceededError):
         failing.result(timeout=30)
     assert len(errors) == 1 and isinstance(errors[0], DeadlineExceededError)
-    assert engine.submit(GenerationRequest(class_labels=[2], seed=1, num_inference_steps=2)).result(timeout=30)
+    assert engine.submit(GenerationRequest.of(2, seed=1, num_inference_steps=2)).result(timeout=30)
 
 
 @pytest.mark.numerics
@@ -183,18 +184,18 @@ def test_result_async_returns_the_images_or_raises_the_error(engine):
     import asyncio
 
     async def run():
-        ok = engine.submit(GenerationRequest(class_labels=[1], seed=0, num_inference_steps=3), progress=False)
+        ok = engine.submit(GenerationRequest.of(1, seed=0, num_inference_steps=3), progress=False)
         result = await ok.result_async()
         late = await ok.result_async()  # after the end: at once, the same result
-        failing = engine.submit(GenerationRequest(class_labels=[1], seed=0, num_inference_steps=1000,
-                                                  deadline=time.monotonic() + 0.2), progress=False)
+        failing = engine.submit(GenerationRequest.of(1, seed=0, num_inference_steps=1000,
+                                                  deadline=time.time() + 0.2), progress=False)
         with pytest.raises(DeadlineExceededError):
             await failing.result_async()
         return result, late
 
     result, late = asyncio.run(run())
     assert late is result and result.seed == 0
-    reference = engine.submit(GenerationRequest(class_labels=[1], seed=0, num_inference_steps=3)).result(timeout=30)
+    reference = engine.submit(GenerationRequest.of(1, seed=0, num_inference_steps=3)).result(timeout=30)
     assert np.array_equal(result.latents, reference.latents)
 
 
@@ -203,11 +204,11 @@ def test_one_forward_per_step_serves_requests_at_different_steps():
     eng = make_engine()
     eng.on_step = steps.append
     with eng:
-        long = eng.submit(GenerationRequest(class_labels=[0], num_images=1, seed=0, num_inference_steps=60,
+        long = eng.submit(GenerationRequest.of(0, n=1, seed=0, num_inference_steps=60,
                                             guidance_scale=1.0))
         while eng.stats().steps_done < 5:
             time.sleep(0.001)
-        short = eng.submit(GenerationRequest(class_labels=[1], num_images=2, seed=1, num_inference_steps=5,
+        short = eng.submit(GenerationRequest.of(1, n=2, seed=1, num_inference_steps=5,
                                              guidance_scale=1.0))
         short_result = short.result(timeout=30)
         assert eng.stats().running_requests == 1, "the short request must leave as soon as it is done"
@@ -223,7 +224,7 @@ def test_guided_images_take_a_null_row_in_the_same_forward():
     steps = []
     with make_engine() as eng:
         eng.on_step = steps.append
-        eng.submit(GenerationRequest(class_labels=[2], num_images=3, seed=0, num_inference_steps=3,
+        eng.submit(GenerationRequest.of(2, n=3, seed=0, num_inference_steps=3,
                                      guidance_scale=4.0)).result(timeout=30)
     assert {(s.images, s.rows) for s in steps} == {(3, 6)}
 
@@ -232,8 +233,8 @@ def test_cancel_takes_images_out_of_the_batch_within_one_step():
     steps = []
     eng = make_engine()
     eng.on_step = steps.append
-    keep = eng.submit(GenerationRequest(class_labels=[0], seed=0, num_inference_steps=400, guidance_scale=1.0))
-    drop = eng.submit(GenerationRequest(class_labels=[1], num_images=3, seed=1, num_inference_steps=400,
+    keep = eng.submit(GenerationRequest.of(0, seed=0, num_inference_steps=400, guidance_scale=1.0))
+    drop = eng.submit(GenerationRequest.of(1, n=3, seed=1, num_inference_steps=400,
                                         guidance_scale=1.0))
     with eng:  # both are queued before the loop starts, so they share the first step
         while eng.stats().steps_done < 3:
@@ -248,8 +249,8 @@ def test_cancel_takes_images_out_of_the_batch_within_one_step():
 
 
 def test_deadline_drops_the_request_with_a_clear_error(engine):
-    handle = engine.submit(GenerationRequest(class_labels=[0], seed=0, num_inference_steps=1000,
-                                             deadline=time.monotonic() + 0.2))
+    handle = engine.submit(GenerationRequest.of(0, seed=0, num_inference_steps=1000,
+                                             deadline=time.time() + 0.2))
     with pytest.raises(DeadlineExceededError, match="deadline"):
         handle.result(timeout=30)
     assert engine.stats().running_requests == 0
@@ -257,35 +258,38 @@ def test_deadline_drops_the_request_with_a_clear_error(engine):
 
 def test_queue_is_bounded_and_its_depth_visible():
     eng = make_engine(max_batch_size=4, max_queue_size=3)  # not started: nothing leaves the queue
-    eng.submit(GenerationRequest(class_labels=[0], num_images=2, seed=0))
+    eng.submit(GenerationRequest.of(0, n=2, seed=0))
     assert eng.stats().waiting_images == 2
-    eng.submit(GenerationRequest(class_labels=[0], num_images=1, seed=0))
+    eng.submit(GenerationRequest.of(0, n=1, seed=0))
     with pytest.raises(QueueFullError, match="queue is full"):
-        eng.submit(GenerationRequest(class_labels=[0], num_images=1, seed=0))
+        eng.submit(GenerationRequest.of(0, n=1, seed=0))
 
 
 def test_fifo_admission_up_to_max_batch():
     steps = []
     eng = make_engine(max_batch_size=4)
     eng.on_step = steps.append
-    first = eng.submit(GenerationRequest(class_labels=[0], num_images=2, seed=0, num_inference_steps=5))  # 4 rows
-    second = eng.submit(GenerationRequest(class_labels=[0], num_images=1, seed=0, num_inference_steps=5))
+    first = eng.submit(GenerationRequest.of(0, n=2, seed=0, num_inference_steps=5))  # 4 rows
+    second = eng.submit(GenerationRequest.of(0, n=1, seed=0, num_inference_steps=5))
     with eng:
         r1, r2 = first.result(timeout=30), second.result(timeout=30)
     assert max(s.rows for s in steps) == 4  # never more rows than the limit
     assert r2.queue_seconds > r1.queue_seconds  # the second waited for room
 
 
-@pytest.mark.parametrize("field,kwargs", [
-    ("n", {"num_images": 0}), ("n", {"num_images": 99}), ("num_inference_steps", {"num_inference_steps": 0}),
-    ("sampler", {"sampler": "euler"}), ("guidance_scale", {"guidance_scale": float("nan")}),
-    ("class_label", {"class_labels": [10]}), ("seed", {"seed": -1}), ("eta", {"eta": 2.0}),
-    ("size", {"resolution": 128}),
+@pytest.mark.parametrize("field,build", [
+    ("n", lambda: GenerationRequest.of(0, n=0)), ("n", lambda: GenerationRequest.of(0, n=99)),
+    ("num_inference_steps", lambda: GenerationRequest.of(0, num_inference_steps=0)),
+    ("sampler", lambda: GenerationRequest.of(0, sampler="euler")),
+    ("guidance_scale", lambda: GenerationRequest.of(0, guidance_scale=float("nan"))),
+    ("class_label", lambda: GenerationRequest.of(10)), ("seed", lambda: GenerationRequest.of(0, seed=-1)),
+    ("eta", lambda: GenerationRequest.of(0, eta=2.0)), ("size", lambda: GenerationRequest.of(0, upscale=100)),
 ])
-def test_invalid_requests_name_the_field(engine, field, kwargs):
-    request = GenerationRequest(**{"class_labels": [0], **kwargs})
+def test_invalid_requests_name_the_field(engine, field, build):
+    """Refused with the API's field name and its range: when the request is built (the bounds every model has) or
+    when it is submitted (this model's classes and this engine's limits)."""
     with pytest.raises(InvalidRequestError) as info:
-        engine.submit(request)
+        engine.submit(build())
     assert info.value.field == field and field.split("_")[0] in str(info.value)
 
 
@@ -294,10 +298,10 @@ def test_request_level_batching_holds_new_requests_until_the_batch_is_done():
     eng = make_engine(batching="request")
     eng.on_step = steps.append
     with eng:
-        a = eng.submit(GenerationRequest(class_labels=[0], seed=0, num_inference_steps=30, guidance_scale=1.0))
+        a = eng.submit(GenerationRequest.of(0, seed=0, num_inference_steps=30, guidance_scale=1.0))
         while eng.stats().steps_done < 2:
             time.sleep(0.001)
-        b = eng.submit(GenerationRequest(class_labels=[1], seed=1, num_inference_steps=3, guidance_scale=1.0))
+        b = eng.submit(GenerationRequest.of(1, seed=1, num_inference_steps=3, guidance_scale=1.0))
         ra, rb = a.result(timeout=30), b.result(timeout=30)
     assert max(s.images for s in steps) == 1
     assert rb.queue_seconds >= ra.denoise_seconds * 0.5
@@ -305,7 +309,7 @@ def test_request_level_batching_holds_new_requests_until_the_batch_is_done():
 
 def test_pixel_model_returns_uint8_images():
     with make_engine(space="pixel") as eng:
-        result = eng.submit(GenerationRequest(class_labels=[0], num_images=2, seed=0, num_inference_steps=3)).result(30)
+        result = eng.submit(GenerationRequest.of(0, n=2, seed=0, num_inference_steps=3)).result(30)
     assert result.images.dtype == np.uint8 and result.images.shape == (2, 8, 8, 4)
 
 
@@ -321,10 +325,10 @@ def test_failed_forward_fails_its_requests_and_the_engine_keeps_serving():
 
     eng.runner.execute = flaky
     with eng:
-        doomed = eng.submit(GenerationRequest(class_labels=[0], seed=0, num_inference_steps=5))
+        doomed = eng.submit(GenerationRequest.of(0, seed=0, num_inference_steps=5))
         with pytest.raises(Exception, match="generation failed: CUDA error"):
             doomed.result(timeout=30)
-        later = eng.submit(GenerationRequest(class_labels=[1], seed=1, num_inference_steps=5)).result(timeout=30)
+        later = eng.submit(GenerationRequest.of(1, seed=1, num_inference_steps=5)).result(timeout=30)
         eng.health()
     assert later.latents.shape == (1, 4, 8, 8)
 
@@ -337,7 +341,7 @@ def test_health_fails_when_the_loop_dies():
         raise SystemExit("simulated crash of the loop")
 
     eng.scheduler.schedule = boom
-    handle = eng.submit(GenerationRequest(class_labels=[0], seed=0, num_inference_steps=3))
+    handle = eng.submit(GenerationRequest.of(0, seed=0, num_inference_steps=3))
     with pytest.raises(Exception, match="loop died"):
         handle.result(timeout=10)
     with pytest.raises(Exception, match="loop died"):
@@ -358,7 +362,7 @@ def test_gpu_compiled_graphs_match_fp32_and_never_recompile(dtype):
     from torch._dynamo.utils import counters
 
     def requests(eng):
-        handles = [eng.submit(GenerationRequest(class_labels=[i], num_images=1 + i % 2, seed=i,
+        handles = [eng.submit(GenerationRequest.of(i, n=1 + i % 2, seed=i,
                                                 num_inference_steps=20)) for i in range(5)]
         return np.concatenate([h.result(timeout=300).latents for h in handles])
 

@@ -4,6 +4,7 @@ and the command runs end to end on a real checkpoint; shipped checkpoints meet t
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from PIL import Image
 
 from dit_runtime.checkpoint import CheckpointInfo, load_model, save_checkpoint
 from dit_runtime.cli.eval import main as dit_eval
-from dit_runtime.evaluation import (MIN_CLASSIFIER_ACCURACY, MIN_DIVERSITY_RATIO, MIN_SAMPLE_ACCURACY,
+from dit_runtime.evaluation import (MIN_CLASSIFIER_ACCURACY, MIN_DIVERSITY_RATIO, MIN_SAMPLE_ACCURACY, eval_engine,
                                     evaluate, mean_pairwise_distance, score_samples, train_digit_classifier)
 from dit_runtime.model import DiTModel, get_preset
 from dit_runtime.train.data import digits_to_model_space, load_digit_scans
@@ -64,7 +65,7 @@ def test_dit_eval_runs_on_a_small_checkpoint(tmp_path, capsys):
                           training={"default_sampling": {"sampler": "ddim", "num_inference_steps": 3,
                                                          "guidance_scale": 1.5}})
     path = save_checkpoint(tmp_path / "small.safetensors", model.state_dict(), info)
-    assert load_model(path)[1].default_sampling["sampler"] == "ddim"
+    assert load_model(path)[1].default_sampling.sampler == "ddim"
     code = dit_eval(["--checkpoint", str(path), "--samples-per-class", "3", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert out["sampling"] == {"sampler": "ddim", "num_inference_steps": 3, "guidance_scale": 1.5, "seed": 0}
@@ -99,7 +100,7 @@ def test_dit_eval_rejects_a_non_digit_checkpoint(tmp_path, capsys):
 def test_shipped_checkpoint_meets_the_bar_at_its_default_sampling(path, classifier):
     model, info = load_model(path)
     assert path.stat().st_size < 20 * 2**20
-    result, _ = evaluate(model, info, classifier, source=str(path), samples_per_class=10, seed=1,
-                         **info.default_sampling)
+    result, _ = evaluate(eval_engine(model, info, samples_per_class=10), classifier, source=str(path),
+                         samples_per_class=10, sampling=replace(info.default_sampling, seed=1))
     assert result.accuracy >= MIN_SAMPLE_ACCURACY, result.per_class_accuracy
     assert result.diversity_ratio >= MIN_DIVERSITY_RATIO

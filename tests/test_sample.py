@@ -123,4 +123,4 @@ def test_unknown_class_and_bad_counts_are_named(pixel_checkpoint, tmp_path, caps
     assert "unknown class 'eleven'; this model knows 'zero'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run(pixel_checkpoint, tmp_path, "--steps", "0")
-    assert "num_inference_steps must be in [1, 1000], got 0" in capsys.readouterr().err
+    assert "num_inference_steps must be an integer in [1, 1000], got 0" in capsys.readouterr().err

@@ -16,8 +16,9 @@ import torch
 from safetensors import safe_open
 
 from dit_runtime.checkpoint import load_model, load_state_dict, sha256_of
-from dit_runtime.evaluation import sample_images
-from dit_runtime.train.trainer import SAVE_PAUSE_S_ENV, SAVE_PAUSE_STEP_ENV, checkpoint_paths
+from dit_runtime.evaluation import eval_engine, sample_images
+from dit_runtime.request import SamplingParams
+from dit_runtime.train.trainer import checkpoint_paths
 
 REPO = Path(__file__).resolve().parents[1]
 # A digit model small enough to train 30 steps in a few seconds on one core.
@@ -29,13 +30,33 @@ TINY = ["--model.hidden_dim", "32", "--model.num_layers", "1", "--model.num_head
 STEPS = 30
 
 
-def dit_train(output_dir: Path, *extra: str, env: dict | None = None, wait: bool = True):
-    cmd = [sys.executable, "-m", "dit_runtime.train.cli", "--config", str(REPO / "train_config/digits-s.yaml"),
-           *TINY, "--trainer.max_steps", str(STEPS), "--checkpointing.output_dir", str(output_dir), *extra]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    if not wait:
-        return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=300)
+# Trains like dit-train, through the public Trainer, with a hook at the save of step 20: once the state file is
+# written under its temporary name, touch "<tmp>.paused" and wait, so the test can SIGKILL the process right there.
+PAUSING_WORKER = """
+import sys, time
+from pathlib import Path
+from dit_runtime.train.cli import parse_args
+from dit_runtime.train.config import load_config
+from dit_runtime.train.trainer import Trainer
+
+def pause(step, tmp):
+    if step == 20:
+        Path(f"{tmp}.paused").touch()
+        time.sleep(120)
+
+args, overrides = parse_args(sys.argv[1:])
+Trainer(load_config(args.config, overrides), before_state_rename=pause).run()
+"""
+
+
+def train_args(output_dir: Path, *extra: str) -> list[str]:
+    return ["--config", str(REPO / "train_config/digits-s.yaml"), *TINY, "--trainer.max_steps", str(STEPS),
+            "--checkpointing.output_dir", str(output_dir), *extra]
+
+
+def dit_train(output_dir: Path, *extra: str):
+    proc = subprocess.run([sys.executable, "-m", "dit_runtime.train.cli", *train_args(output_dir, *extra)], cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return proc
 
@@ -82,14 +103,15 @@ def test_run_writes_servable_checkpoint_with_training_record(uninterrupted: Path
                            "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    x = sample_images(model, torch.tensor([3, 3, 8, 8]), sampler="dpm-solver++", num_inference_steps=4,
-                      guidance_scale=2.0, seed=0, clip_denoised=True)
-    assert x.shape == (4, 1, 16, 16) and torch.isfinite(x).all() and x.abs().max() <= 1.0 + 1e-5
+    # And the engine serves it: every digit, two images each.
+    x = sample_images(eval_engine(model, info, samples_per_class=2), 2, SamplingParams(num_inference_steps=4, seed=0))
+    assert x.shape == (20, 1, 16, 16) and torch.isfinite(x).all() and x.abs().max() <= 1.0
 
 
 def test_kill_mid_save_keeps_previous_checkpoint_and_resume_matches_uninterrupted(uninterrupted: Path, tmp_path):
     out = tmp_path / "run"
-    proc = dit_train(out, env={SAVE_PAUSE_STEP_ENV: "20", SAVE_PAUSE_S_ENV: "120"}, wait=False)
+    proc = subprocess.Popen([sys.executable, "-c", PAUSING_WORKER, *train_args(out)], cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 240
         while not list((out / "checkpoints").glob(".*.paused")):

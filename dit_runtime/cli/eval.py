@@ -1,6 +1,10 @@
 """``dit-eval``: measure a digit checkpoint against real digits (class accuracy and diversity), draw a sample grid.
 
     dit-eval --checkpoint checkpoints/digits-s.safetensors [--samples-per-class 50] [--json]
+    dit-eval --checkpoint checkpoints/digits-m.safetensors --device cuda --dtype float16 --compile --cuda-graphs
+
+The images come from the serving engine (its offline loop), configured as the flags say, so the figures hold for
+what a server with that configuration answers.
 """
 
 from __future__ import annotations
@@ -12,9 +16,11 @@ import time
 from pathlib import Path
 
 from ..checkpoint import CheckpointError, load_model, load_state_dict, save_checkpoint
-from ..diffusion import SAMPLERS
-from ..evaluation import (MIN_CLASSIFIER_ACCURACY, MIN_DIVERSITY_RATIO, MIN_SAMPLE_ACCURACY,
-                          evaluate, save_sample_grid, train_digit_classifier)
+from ..engine import InvalidRequestError
+from ..evaluation import (MIN_CLASSIFIER_ACCURACY, MIN_DIVERSITY_RATIO, MIN_SAMPLE_ACCURACY, eval_engine, evaluate,
+                          save_sample_grid, train_digit_classifier)
+from ..request import SAMPLERS
+from . import denoising_progress
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="num_inference_steps; default: the checkpoint's recorded default")
     p.add_argument("--guidance", type=float, help="guidance_scale; default: the checkpoint's recorded default")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=250, help="images per sampling batch")
+    p.add_argument("--batch-size", type=int, default=128, help="images per forward pass (at least one digit's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="the engine's precision (half precisions need cuda)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the engine's step")
+    p.add_argument("--cuda-graphs", action="store_true", help="capture the engine's step as CUDA graphs")
     p.add_argument("--grid", help="sample-grid PNG path (default: <checkpoint stem>-samples.png beside it)")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
     p.add_argument("--record", action="store_true",
@@ -76,15 +87,16 @@ def main(argv: list[str] | None = None) -> int:
         print("dit-eval: --samples-per-class must be at least 2 (diversity needs pairs)", file=sys.stderr)
         return 2
     try:
-        model, info = load_model(args.checkpoint)
-    except CheckpointError as e:
+        model, info = load_model(args.checkpoint, device=args.device)
+        k = args.samples_per_class
+        engine = eval_engine(model, info, k, args.batch_size, device=args.device, dtype=args.dtype,
+                             compile=args.compile, cuda_graphs=args.cuda_graphs)
+        # The checkpoint's measured defaults fill in what was not given, as for a request to the server.
+        sampling = engine.spec.sampling(num_inference_steps=args.steps, sampler=args.sampler,
+                                        guidance_scale=args.guidance, seed=args.seed)
+    except (CheckpointError, InvalidRequestError, ValueError) as e:
         print(f"dit-eval: {e}", file=sys.stderr)
         return 2
-    sampling = info.default_sampling
-    for key, value in (("sampler", args.sampler), ("num_inference_steps", args.steps),
-                       ("guidance_scale", args.guidance)):
-        if value is not None:
-            sampling[key] = value
     start = time.perf_counter()
     classifier = train_digit_classifier(seed=args.seed)
     print(f"dit-eval: classifier trained on real digits in {time.perf_counter() - start:.1f}s, held-out accuracy "
@@ -94,13 +106,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dit-eval: the classifier's held-out accuracy is below {MIN_CLASSIFIER_ACCURACY:.0%}; "
               "its verdicts would not mean much", file=sys.stderr)
         return 1
+    engine.on_step = denoising_progress(10 * k * sampling.num_inference_steps)
     try:
-        result, samples = evaluate(model, info, classifier, source=args.checkpoint,
-                                   samples_per_class=args.samples_per_class, seed=args.seed,
-                                   batch_size=args.batch_size, **sampling)
+        result, samples = evaluate(engine, classifier, source=args.checkpoint, samples_per_class=k,
+                                   sampling=sampling)
     except ValueError as e:
-        print(f"dit-eval: {e}", file=sys.stderr)
+        print(f"\ndit-eval: {e}", file=sys.stderr)
         return 2
+    print(file=sys.stderr)
     ckpt_path = Path(args.checkpoint)
     grid = Path(args.grid) if args.grid else ckpt_path.with_name(f"{ckpt_path.stem}-samples.png")
     save_sample_grid(samples, rows=10, path=grid)

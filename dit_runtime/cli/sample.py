@@ -5,9 +5,9 @@ Examples::
     dit-sample checkpoints/digits.safetensors --classes 0 3 7 -n 4 --grid digits.png
     dit-sample checkpoints/dit-xl-2-256.safetensors --classes "golden retriever" --vae ./sd-vae-ft-ema --out samples/
 
-Image k of a run gets the noise stream ``noise_key(seed, k)`` (initial noise at counter -1, step j's noise at
-counter j), the serving engine's convention, so a request with the same labels, seed and settings gives the same
-images there (up to floating-point rounding).
+Each class is one request of n images to the serving engine (its offline loop, ``Engine.generate``), with the same
+seed: ``dit-sample --classes 3 -n 2 --seed 1`` draws the images the API answers ``{"prompt": "3", "n": 2,
+"seed": 1}`` with (up to the rounding of sums at other batch sizes).
 """
 
 from __future__ import annotations
@@ -21,13 +21,11 @@ import numpy as np
 import torch
 
 from ..checkpoint import CheckpointError, load_model
-from ..diffusion import (SAMPLER_IDS, SAMPLERS, NoiseSchedule, check_num_steps, counter_noise, noise_key,
-                         sampler_step, timestep_at)
-from ..images import save_grid, to_pil, to_uint8
-from ..model import DiTModel
+from . import denoising_progress
+from ..engine import Engine, EngineConfig, InvalidRequestError, RequestLimits
+from ..images import save_grid, to_pil
+from ..request import GUIDED_ROWS_PER_IMAGE, NUM_TRAIN_TIMESTEPS, SAMPLERS
 from ..vae import LatentDecoder
-
-INITIAL_NOISE_COUNTER = -1  # the engine's convention: x_T at counter -1, step j's noise at counter j
 
 
 def load_vae(folder: str | None, checkpoint: str, latent_scale: float, device: str) -> LatentDecoder:
@@ -40,35 +38,6 @@ def load_vae(folder: str | None, checkpoint: str, latent_scale: float, device: s
         return LatentDecoder.load(folder, latent_scale, device)
     except ValueError as e:
         raise SystemExit(f"dit-sample: --vae {e}") from None
-
-
-@torch.no_grad()
-def sample(model: DiTModel, labels: list[int], seed: int, num_steps: int, sampler: str, guidance_scale: float,
-           eta: float = 0.0, clip_denoised: bool = False, first_index: int = 0, progress=None) -> torch.Tensor:
-    """Denoise one batch (N images, image k of the run at ``first_index + k``) -> (N, C, H, W) samples in fp32."""
-    cfg = model.config
-    device = next(model.parameters()).device
-    n = len(labels)
-    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
-    schedule = NoiseSchedule.linear(device=device)
-    key = torch.tensor([noise_key(seed, first_index + k) for k in range(n)], dtype=torch.int64, device=device)
-    y = torch.tensor(labels, dtype=torch.int64, device=device)
-    full = lambda v, dtype=torch.int64: torch.full((n,), v, dtype=dtype, device=device)  # noqa: E731
-    num_steps_t, sampler_t = full(num_steps), full(SAMPLER_IDS[sampler])
-    eta_t, guidance_t = full(eta, torch.float32), full(guidance_scale, torch.float32)
-    guided = cfg.supports_guidance and guidance_scale != 1.0
-    x = counter_noise(key, full(INITIAL_NOISE_COUNTER), shape)  # (N, C, H, W)
-    prev_x0 = torch.zeros_like(x)
-    for step in range(num_steps):
-        i = full(step)
-        t = timestep_at(i, num_steps_t, schedule.num_timesteps)  # (N,)
-        out = model.forward_with_cfg(x, t, y, guidance_t) if guided else model(x, t, y)  # (N, C_out, H, W)
-        result = sampler_step(schedule, out, x, i, num_steps_t, sampler_t, eta_t, prev_x0,
-                              counter_noise(key, i, shape), learn_sigma=cfg.learn_sigma, clip_denoised=clip_denoised)
-        x, prev_x0 = result.x, result.x0
-        if progress:
-            progress(step + 1)
-    return x
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -90,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--upscale", type=int, default=1, help="enlarge the grid by this factor (small models)")
     parser.add_argument("--vae", help="local diffusers AutoencoderKL folder (latent-space checkpoints)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=int, default=16, help="images denoised together")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (at least -n)")
     args = parser.parse_args(argv)
     for name in ("num_images", "batch_size", "upscale"):
         if getattr(args, name) < 1:
@@ -100,43 +69,31 @@ def main(argv: list[str] | None = None) -> None:
         model, info = load_model(args.checkpoint, device=args.device)
     except CheckpointError as e:
         sys.exit(f"dit-sample: {e}")
-    defaults = info.default_sampling  # what dit-eval measured for this checkpoint
-    args.steps = defaults["num_inference_steps"] if args.steps is None else args.steps
-    args.sampler = defaults["sampler"] if args.sampler is None else args.sampler
-    args.guidance = defaults["guidance_scale"] if args.guidance is None else args.guidance
-    try:
-        check_num_steps(args.steps)
-    except ValueError as e:
+    classes = args.classes or [str(c) for c in range(min(info.config.num_classes, 10))]
+    rows = max(args.batch_size, args.num_images) * GUIDED_ROWS_PER_IMAGE
+    config = EngineConfig(device=args.device, max_batch_size=rows, max_queue_size=len(classes) * args.num_images,
+                          limits=RequestLimits(max_images_per_request=args.num_images,
+                                               max_inference_steps=NUM_TRAIN_TIMESTEPS))
+    engine = Engine(model, info, config)
+    try:  # the checkpoint's measured defaults fill in what was not given, as for a request to the server
+        requests = [engine.spec.build_request(prompt=c, n=args.num_images, num_inference_steps=args.steps,
+                                              sampler=args.sampler, guidance_scale=args.guidance, eta=args.eta,
+                                              seed=args.seed) for c in classes]
+    except InvalidRequestError as e:
         parser.error(str(e))
+    sampling = requests[0].sampling
     vae = load_vae(args.vae, args.checkpoint, info.latent_scale, args.device) if info.space == "latent" else None
-    try:
-        class_ids = ([info.class_id(c) for c in args.classes] if args.classes
-                     else list(range(min(info.config.num_classes, 10))))
-    except ValueError as e:
-        parser.error(str(e))
-    if args.guidance != 1.0 and not info.config.supports_guidance:
-        print(f"note: {args.checkpoint} was trained without label dropout; sampling unguided", file=sys.stderr)
-    labels = [c for c in class_ids for _ in range(args.num_images)]
-
-    images, done, total_steps = [], 0, len(labels) * args.steps
+    engine.on_step = denoising_progress(len(requests) * args.num_images * sampling.num_inference_steps)
     denoise_start = time.perf_counter()
-    for first in range(0, len(labels), args.batch_size):
-        batch = labels[first:first + args.batch_size]
-
-        def progress(step: int) -> None:
-            finished = done + step * len(batch)
-            print(f"\rdenoising: {finished}/{total_steps} image-steps", end="", file=sys.stderr, flush=True)
-
-        x = sample(model, batch, args.seed, args.steps, args.sampler, args.guidance, eta=args.eta,
-                   clip_denoised=info.space == "pixel", first_index=first, progress=progress)
-        done += len(batch) * args.steps
-        images.append(vae(x) if vae is not None else to_uint8(x))
+    results = engine.generate(requests)
     print(file=sys.stderr)
     denoise_seconds = time.perf_counter() - denoise_start
+    images = [r.images if r.images is not None else vae(r.latents) for r in results]
+    labels = [c for r in requests for c in r.class_ids]
 
     images = np.concatenate(images)  # (N, H, W, C)
     if args.grid:
-        rows_per_class = len(class_ids) > 1 and args.num_images > 1
+        rows_per_class = len(classes) > 1 and args.num_images > 1
         where = save_grid(images, args.grid, ncols=args.num_images if rows_per_class else None,
                           upscale=args.upscale)
     else:
@@ -147,8 +104,9 @@ def main(argv: list[str] | None = None) -> None:
             to_pil(image).save(where / f"{k:04d}_{label}_{name}.png")
     memory = (f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
               if str(args.device).startswith("cuda") else "")
-    print(f"{len(images)} images ({images.shape[2]}x{images.shape[1]}) of {len(class_ids)} classes, {args.steps} "
-          f"{args.sampler} steps, guidance {args.guidance}: {len(images) / denoise_seconds:.2f} images/s "
+    print(f"{len(images)} images ({images.shape[2]}x{images.shape[1]}) of {len(classes)} classes, "
+          f"{sampling.num_inference_steps} {sampling.sampler} steps, guidance {sampling.guidance_scale:g}: "
+          f"{len(images) / denoise_seconds:.2f} images/s "
           f"({denoise_seconds:.1f} s sampling, {time.perf_counter() - start:.1f} s total{memory}) -> {where}")
 
 

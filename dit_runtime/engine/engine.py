@@ -15,18 +15,19 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from ..checkpoint import CheckpointInfo, default_class_names, load_model
 from ..images import to_uint8
-from ..model import DiTModel, get_preset
+from ..model import DiTModel, count_parameters, get_preset
+from ..request import GenerationRequest, ModelSpec
 from .runner import ModelRunner
 from .scheduler import RequestState, Scheduler
-from .types import (EngineConfig, EngineError, EngineStats, EngineStoppedError, GenerationRequest, GenerationResult,
-                    InvalidRequestError, QueueFullError, StepEvent, StepStats, validate_request)
+from .types import (EngineConfig, EngineError, EngineStats, EngineStoppedError, GenerationResult, QueueFullError,
+                    StepEvent, StepStats)
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,6 @@ _END = object()  # marks the end of a handle's stream
 _PENDING = object()  # a handle's outcome before the request ended
 # Retry-After for a full queue: about one request's share of a drained queue, short enough to retry soon.
 QUEUE_FULL_RETRY_AFTER_S = 1.0
-# Pixels per latent pixel of the Stable Diffusion VAE that DiT's latent models use.
-LATENT_DOWNSAMPLE = 8
 
 
 class RequestHandle:
@@ -185,12 +184,13 @@ class Engine:
                  decode: Callable[[torch.Tensor], np.ndarray] | None = None):
         self.config = config
         self.info = info
+        self.spec = self._spec(model, info, config)
         clip = config.clip_denoised if config.clip_denoised is not None else info.space == "pixel"
         self.runner = ModelRunner(model, config, clip_denoised=clip)
         self.scheduler = Scheduler(config.max_batch_size, config.buckets, model.config.null_class, config.batching)
         self.on_step = on_step
         self._decode = decode if decode is not None else (to_uint8 if info.space == "pixel" else None)
-        self._handles: dict[str, RequestHandle] = {}
+        self._handles: dict[int, RequestHandle] = {}  # by id() of the request's state
         self._inbox: list[RequestState] = []
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
@@ -203,6 +203,25 @@ class Engine:
         self.warmup_seconds: dict[int, float] = self.runner.warm_up() if config.warmup else {}
 
     # ---- construction -----------------------------------------------------------------------------------------
+    @staticmethod
+    def _spec(model: DiTModel, info: CheckpointInfo, config: EngineConfig) -> ModelSpec:
+        """What this engine accepts. Its defaults are the one place defaults are resolved: the checkpoint's measured
+        sampling settings, then the config's override; a default the limits refuse fails here, at start-up."""
+        defaults = info.default_sampling
+        if config.default_inference_steps is not None:
+            defaults = replace(defaults, num_inference_steps=config.default_inference_steps)
+        cfg, limits = model.config, config.limits
+        for name, value, bound in (("num_inference_steps", defaults.num_inference_steps, limits.max_inference_steps),
+                                   ("guidance_scale", defaults.guidance_scale, limits.max_guidance_scale)):
+            if value > bound:
+                fix = " or set default_inference_steps" if name == "num_inference_steps" else ""
+                raise ValueError(f"the checkpoint's default {name} ({value:g}) is above the limit ({bound:g}): raise "
+                                 f"the limit{fix}")
+        return ModelSpec(class_names=tuple(info.class_names), resolution=cfg.input_size, channels=cfg.in_channels,
+                         space=info.space, supports_guidance=cfg.supports_guidance,
+                         parameters=count_parameters(model), max_rows=config.max_batch_size, defaults=defaults,
+                         limits=limits)
+
     @classmethod
     def from_checkpoint(cls, path, config: EngineConfig = EngineConfig(), **kwargs) -> "Engine":
         """Load a safetensors checkpoint (built on the meta device, weights assigned) and warm up."""
@@ -242,39 +261,44 @@ class Engine:
         self.stop()
 
     def submit(self, request: GenerationRequest, progress: bool = True) -> RequestHandle:
-        """Validate and queue a request; raises InvalidRequestError, QueueFullError or EngineStoppedError.
+        """Check and queue a request; raises InvalidRequestError, QueueFullError or EngineStoppedError.
 
         With ``progress=False`` the handle yields only the result: a caller that waits for the images alone is
         not woken once per step (under load that is a wake-up per request per step, on the caller's event loop).
         """
         self._raise_if_stopped()
-        cfg = self.info.config
-        validate_request(request, cfg.num_classes, self.config, cfg.supports_guidance, self.native_resolution)
-        seed = request.seed if request.seed is not None else secrets.randbits(63)
-        state = RequestState(request=request, seed=seed, labels=request.labels(), submitted_at=time.monotonic())
-        if state.rows > self.config.max_batch_size:
-            limit = self.config.max_batch_size // (2 if state.guided else 1)
-            raise InvalidRequestError("n", f"n must be at most {limit} for this model with guidance_scale "
-                                           f"{request.guidance_scale} (a guided image takes two of the "
-                                           f"{self.config.max_batch_size} rows of a forward pass), "
-                                           f"got {state.num_images}")
+        return self._enqueue(request, progress, bounded=True)
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Run ``requests`` to the end in the calling thread and return their results in order (raising the first
+        failure): the offline entry point of dit-sample, dit-eval and the benchmarks, as vLLM's ``LLM.generate``.
+        Everything given is queued at once, past ``max_queue_size``; ``on_step`` sees every step. Only for an
+        engine whose loop was not started (``start()`` gives the loop its own thread: use ``submit`` there)."""
+        if self._thread is not None:
+            raise RuntimeError("generate() runs the engine loop in the calling thread, but this engine's loop runs "
+                               "on its own thread (start() was called): use submit()")
+        self._raise_if_stopped()
+        handles = [self._enqueue(request, progress=False, bounded=False) for request in requests]
+        while self._run_once():
+            pass
+        self._deliver_pending(block=True)
+        return [handle.result(timeout=0) for handle in handles]
+
+    def _enqueue(self, request: GenerationRequest, progress: bool, bounded: bool) -> RequestHandle:
+        self.spec.check(request)
+        seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
+        state = RequestState(request=request, seed=seed, submitted_at=time.monotonic())
         with self._lock:
             waiting = self.scheduler.waiting_images + sum(s.num_images for s in self._inbox)
-            if waiting + state.num_images > self.config.max_queue_size:
+            if bounded and waiting + state.num_images > self.config.max_queue_size:
                 raise QueueFullError(f"the queue is full ({waiting} images waiting, limit "
                                      f"{self.config.max_queue_size}); retry later",
                                      retry_after=QUEUE_FULL_RETRY_AFTER_S)
             handle = RequestHandle(request.request_id, self, state, progress)
-            self._handles[request.request_id] = handle
+            self._handles[id(state)] = handle
             self._inbox.append(state)
         self._wake()
         return handle
-
-    @property
-    def native_resolution(self) -> int:
-        """Side of the generated images in pixels (latent side x 8 for latent-space models, as with the SD VAE)."""
-        cfg = self.info.config
-        return cfg.input_size * (LATENT_DOWNSAMPLE if self.info.space == "latent" else 1)
 
     def stats(self) -> EngineStats:
         with self._lock:
@@ -312,17 +336,10 @@ class Engine:
     def _loop(self) -> None:
         try:
             while not self._stopping:
-                self._deliver_pending(block=False)
-                with self._lock:
-                    inbox, self._inbox = self._inbox, []
-                for state in inbox:
-                    self.scheduler.add(state)
-                if not self.scheduler.has_work():
+                if not self._run_once():
                     self._deliver_pending(block=True)
                     self._wakeup.wait(timeout=0.05)
                     self._wakeup.clear()
-                    continue
-                self._step()
         except BaseException as e:  # the loop must never die silently
             log.exception("engine loop failed")
             self._failure = e
@@ -333,6 +350,18 @@ class Engine:
         for state, err in self.scheduler.abort_all(error):
             self._finish(state, err)
         self._deliver_pending(block=True)
+
+    def _run_once(self) -> bool:
+        """One turn of the loop: deliver what is ready, take in new requests, run a step. False when idle."""
+        self._deliver_pending(block=False)
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+        for state in inbox:
+            self.scheduler.add(state)
+        if not self.scheduler.has_work():
+            return False
+        self._step()
+        return True
 
     @torch.inference_mode()
     def _step(self) -> None:
@@ -355,9 +384,10 @@ class Engine:
             return
         finished = self.scheduler.update(plan)
         for state in plan.running:
-            handle = self._handles.get(state.request.request_id)
+            handle = self._handles.get(id(state))
             if handle is not None and handle.progress and state.admitted_at is not None:
-                handle._push(StepEvent(state.request.request_id, state.step, state.request.num_inference_steps))
+                handle._push(StepEvent(state.request.request_id, state.step,
+                                       state.request.sampling.num_inference_steps))
         for state in finished:
             self._pending.append(self._read(state))
         now = time.monotonic()
@@ -401,7 +431,7 @@ class Engine:
         self._finish(state, result)
 
     def _finish(self, state: RequestState, outcome) -> None:
-        handle = self._handles.pop(state.request.request_id, None)
+        handle = self._handles.pop(id(state), None)
         if handle is not None:
             handle._push(outcome)
             handle._push(_END)

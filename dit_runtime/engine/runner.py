@@ -3,8 +3,9 @@
 State lives on the device in slot-major buffers (one slot per image in flight, plus a scratch slot that padding
 reads and writes). One step, for a bucket of B rows, is a single function of those buffers:
 
-    gather the B image positions' state -> build the rows (conditional + null) -> one model forward ->
-    guidance -> sampler step (each image at its own step of its own schedule) -> scatter back
+    gather the B image positions' state -> build the rows (conditional + null) -> one model forward (with the
+    fast paths of fast_paths.py) -> guidance -> sampler step (each image at its own step of its own schedule) ->
+    scatter back
 
 It has static shapes per bucket, reads its per-step layout from a device buffer that changes only when requests
 join or leave, and makes no host synchronisation, so it compiles with torch.compile and captures as a CUDA graph.
@@ -19,16 +20,16 @@ from collections import deque
 
 import torch
 
-from ..diffusion import SAMPLER_IDS, NoiseSchedule, counter_noise, noise_key, sampler_step, timestep_at
-from ..model import DiTModel
+from ..diffusion import (INITIAL_NOISE_COUNTER, SAMPLER_IDS, NoiseSchedule, counter_noise, noise_key,
+                         sampler_step, timestep_at)
+from ..model import DiTModel, apply_guidance
+from .fast_paths import apply_fast_paths
 from .scheduler import Layout, RequestState
 from .types import EngineConfig
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Counter of the initial noise x_T; step k's sampler noise uses counter k.
-_INITIAL_NOISE_COUNTER = -1
 # Steps the host may enqueue ahead of the GPU.
 _LOOKAHEAD = 2
 # Rows of the packed layout buffer: image_slot, row_image, row_label, cond_row, uncond_row.
@@ -63,16 +64,7 @@ class ModelRunner:
         self.dtype = _DTYPES[config.dtype]
         self.model = model.to(self.device, self.dtype).eval().requires_grad_(False)
         self.model.pos_embed = self.model.pos_embed.float()
-        cuda = self.device.type == "cuda"
-        # Split-K only on CUDA (on the CPU a request must take the same GEMM path alone and in a full batch), and
-        # only where it divides both reductions.
-        split_k = config.split_k if cuda else 1
-        if not self.model.can_split_k(split_k):
-            log.info("split_k %d does not divide this model's reductions; not splitting", split_k)
-            split_k = 1
-        self.model.optimize_for_inference(fused_mlp_epilogue=config.fused_mlp_epilogue and cuda,
-                                          fused_adaln=config.fused_adaln, split_k=split_k,
-                                          split_k_max_rows=config.split_k_max_rows)
+        self.forward = apply_fast_paths(self.model, config.fast_paths, cuda=self.device.type == "cuda")
         cfg = model.config
         self.image_shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
         self.learn_sigma = cfg.learn_sigma
@@ -111,12 +103,9 @@ class ModelRunner:
         step = self.step_index[image_slot]
         num_steps = self.num_steps[image_slot]
         t = timestep_at(step, num_steps, self.schedule.num_timesteps, self.config.spacing)  # (B,)
-        out = self.model(x[row_image].to(self.dtype), t[row_image], row_label).float()  # (B, C_out, H, W)
-        cond, uncond = out[cond_row], out[uncond_row]  # (B, C_out, H, W): per image position
-        c = self.image_shape[0]
-        g = self.guidance[image_slot].view(-1, 1, 1, 1)
-        eps = uncond[:, :c] + g * (cond[:, :c] - uncond[:, :c])
-        model_output = torch.cat([eps, cond[:, c:]], dim=1)
+        out = self.forward(x[row_image].to(self.dtype), t[row_image], row_label).float()  # (B, C_out, H, W)
+        # Per image position: its conditional and null rows (the same row when unguided, where the scale is 1).
+        model_output = apply_guidance(out[cond_row], out[uncond_row], self.guidance[image_slot], self.image_shape[0])
         noise = counter_noise(self.key[image_slot], step, self.image_shape)
         result = sampler_step(self.schedule, model_output, x, step, num_steps, self.sampler[image_slot],
                               self.eta[image_slot], self.prev_x0[image_slot], noise, learn_sigma=self.learn_sigma,
@@ -157,21 +146,21 @@ class ModelRunner:
         """Initialise the slots of newly admitted requests: initial noise and their sampler settings."""
         slots, keys, steps, samplers, etas, guidance = [], [], [], [], [], []
         for state in states:
-            r = state.request
+            s = state.request.sampling
             for image_index, slot in enumerate(state.slots):
                 slots.append(slot)
                 keys.append(noise_key(state.seed, image_index))
-                steps.append(r.num_inference_steps)
-                samplers.append(SAMPLER_IDS[r.sampler])
-                etas.append(float(r.eta))
-                guidance.append(float(r.guidance_scale))
+                steps.append(s.num_inference_steps)
+                samplers.append(SAMPLER_IDS[s.sampler])
+                etas.append(float(s.eta))
+                guidance.append(float(s.guidance_scale))
         if not slots:
             return
         dev = self.device
         idx = torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True)
         key = torch.tensor(keys, dtype=torch.int64).to(dev, non_blocking=True)
         self.key[idx] = key
-        self.x[idx] = counter_noise(key, torch.full((len(slots),), _INITIAL_NOISE_COUNTER, device=dev),
+        self.x[idx] = counter_noise(key, torch.full((len(slots),), INITIAL_NOISE_COUNTER, device=dev),
                                     self.image_shape)
         self.prev_x0[idx] = 0.0
         self.step_index[idx] = 0

@@ -1,7 +1,7 @@
 """The scheduler: plain Python that decides which images run in the next step. No tensors here.
 
 Each step the scheduler drops cancelled and expired requests, admits waiting requests in FIFO order while their
-rows fit (a guided image takes two rows: conditional and null), and lays out the forward pass: which slot each
+rows fit (``GenerationRequest.rows``), and lays out the forward pass: which slot each
 image position reads, which rows belong to which image. The runner executes that plan; ``update`` then advances
 every running request by one step and retires the finished ones at once.
 """
@@ -13,7 +13,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .types import DeadlineExceededError, EngineError, GenerationRequest, RequestCancelledError
+from ..request import GenerationRequest
+from .types import DeadlineExceededError, EngineError, RequestCancelledError
 
 
 @dataclass
@@ -21,9 +22,8 @@ class RequestState:
     """A request's place in the engine: its slots, progress and timings."""
 
     request: GenerationRequest
-    seed: int
-    labels: list[int]
-    submitted_at: float
+    seed: int  # the request's, or the one the engine drew for it
+    submitted_at: float  # time.monotonic()
     slots: list[int] = field(default_factory=list)
     step: int = 0
     admitted_at: float | None = None
@@ -31,19 +31,15 @@ class RequestState:
 
     @property
     def num_images(self) -> int:
-        return len(self.labels)
-
-    @property
-    def guided(self) -> bool:
-        return self.request.guidance_scale != 1.0
+        return self.request.num_images
 
     @property
     def rows(self) -> int:
-        return self.num_images * (2 if self.guided else 1)
+        return self.request.rows
 
     @property
     def done(self) -> bool:
-        return self.step >= self.request.num_inference_steps
+        return self.step >= self.request.sampling.num_inference_steps
 
 
 @dataclass
@@ -110,15 +106,18 @@ class Scheduler:
 
     # ---- one step ---------------------------------------------------------------------------------------------
     def schedule(self, now: float | None = None) -> StepPlan:
-        """Drop what was cancelled or expired, admit what fits, and lay out the next forward pass."""
+        """Drop what was cancelled or expired, admit what fits, and lay out the next forward pass.
+
+        ``now`` (time.monotonic()) stamps admissions; deadlines are Unix times, read against the wall clock."""
         now = time.monotonic() if now is None else now
+        wall = time.time()
         aborted: list[tuple[RequestState, EngineError]] = []
 
         def reason(state: RequestState) -> EngineError | None:
             if state.cancelled:
                 return RequestCancelledError(f"request {state.request.request_id} was cancelled")
             deadline = state.request.deadline
-            if deadline is not None and now >= deadline:
+            if deadline is not None and wall >= deadline:
                 where = "waiting in the queue" if state.admitted_at is None else f"at step {state.step}"
                 return DeadlineExceededError(f"request {state.request.request_id} passed its deadline {where}")
             return None
@@ -170,8 +169,8 @@ class Scheduler:
         image_slot, row_image, row_label = [], [], []
         guided_images = []
         for state in self.running:
-            for slot, label in zip(state.slots, state.labels):
-                if state.guided:
+            for slot, label in zip(state.slots, state.request.class_ids):
+                if state.request.sampling.guided:
                     guided_images.append(len(image_slot))
                 image_slot.append(slot)
                 row_image.append(len(row_image))

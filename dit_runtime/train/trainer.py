@@ -20,6 +20,7 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,11 +36,6 @@ from .data import ShardedBatches, TensorDataset, load_dataset
 from .report import JsonlLog, ProgressBar, format_duration, plot_loss_curve
 
 STATE_FORMAT = "dit-serve-train-state/1"
-# Test hooks (environment): at the save of step SAVE_PAUSE_STEP, after the state file's temporary copy is written
-# and fsynced but before it is renamed, touch "<tmp>.paused" and sleep SAVE_PAUSE_S seconds, so a test can
-# SIGKILL the process mid-save at a known point.
-SAVE_PAUSE_STEP_ENV = "DIT_TRAIN_SAVE_PAUSE_STEP"
-SAVE_PAUSE_S_ENV = "DIT_TRAIN_SAVE_PAUSE_S"
 
 
 @dataclass
@@ -92,16 +88,6 @@ def hardware_description(info: DistInfo) -> str:
     return f"{info.world_size} x {name}; torch {torch.__version__}"
 
 
-def atomic_save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
-                            pause_hook: bool = False) -> None:
-    """``checkpoint.atomic_save``; with ``pause_hook`` (the kill-during-save test) it stops just before the rename."""
-    def pause(tmp: Path) -> None:
-        Path(f"{tmp}.paused").touch()
-        time.sleep(float(os.environ.get(SAVE_PAUSE_S_ENV, "60")))
-
-    ckpt.atomic_save(path, tensors, metadata, before_rename=pause if pause_hook else None)
-
-
 def checkpoint_paths(output_dir: Path, step: int) -> tuple[Path, Path]:
     """(servable, state) paths of the checkpoint at ``step``."""
     folder = output_dir / "checkpoints"
@@ -122,9 +108,13 @@ def list_checkpoint_steps(output_dir: Path) -> list[int]:
 class Trainer:
     """Trains a DiT from a TrainConfig; ``run()`` returns the final servable checkpoint's path (on rank 0)."""
 
-    def __init__(self, config: TrainConfig, resume: bool = False, command: list[str] | None = None):
+    def __init__(self, config: TrainConfig, resume: bool = False, command: list[str] | None = None,
+                 before_state_rename: Callable[[int, Path], None] | None = None):
+        """``before_state_rename(step, tmp)`` runs when a save's state file is written and fsynced under its temporary
+        name, before the rename that commits it (a test kills the process there)."""
         self.config = config
         self.command = command if command is not None else sys.argv
+        self.before_state_rename = before_state_rename
         t = config.trainer
         self.dist = setup_distributed(t.device)
         self.device = self.dist.device
@@ -355,8 +345,8 @@ class Trainer:
                     "optim_param_groups": json.dumps(optim["param_groups"]),
                     "scheduler": json.dumps(self.scheduler.state_dict()),
                     "model_config": json.dumps(self.model_config.to_dict())}
-            pause = os.environ.get(SAVE_PAUSE_STEP_ENV) == str(self.step)
-            atomic_save_safetensors(state_path, tensors, meta, pause_hook=pause)
+            hook, step = self.before_state_rename, self.step
+            ckpt.atomic_save(state_path, tensors, meta, before_rename=hook and (lambda tmp: hook(step, tmp)))
             info = ckpt.CheckpointInfo(config=self.model_config, class_names=list(self.class_names),
                                        space=self.data.space, weights="ema", training=self.training_record(wall_s))
             raw = self.model.state_dict() if self.config.checkpointing.save_raw_weights else None

@@ -9,7 +9,9 @@ import pytest
 from serve_helpers import model_args
 
 from serving import model_server
+from serving.backend import EncodedImages
 from serving.config import AppArgs
+from serving.errors import APIError
 from serving.model_server import ModelServer
 
 
@@ -22,26 +24,26 @@ def server(checkpoints):
     srv.__del__()
 
 
-def generate(server: ModelServer, **fields) -> dict:
-    payload = {"prompt": "3", "n": 1, "num_inference_steps": 4, "seed": 5, "deadline_unix": time.time() + 60, **fields}
-    return asyncio.run(server.generate(payload))
+def generate(server: ModelServer, size: str | None = None, **fields) -> EncodedImages | APIError:
+    request = server.model_spec.build_request(**{"prompt": "3", "num_inference_steps": 4, "seed": 5,
+                                                 "deadline": time.time() + 60, **fields}, size=size)
+    return asyncio.run(server.generate(request))
 
 
 @pytest.mark.parametrize("fields", [{}, {"n": 3}, {"size": "32x32"}])
 def test_an_answer_is_the_same_encoded_on_the_loop_or_in_an_encoder_thread(server, monkeypatch, fields):
-    side = server.engine.info.config.input_size
-    assert server._encodes_inline(fields.get("n", 1), 2 if "size" in fields else 1)  # the default path: the loop
-    on_loop = generate(server, **fields)["result"]
+    on_loop = generate(server, **fields)
+    request = server.model_spec.build_request(prompt="3", n=fields.get("n", 1), size=fields.get("size"))
+    assert server._encodes_inline(request)  # the default path: the loop
     monkeypatch.setattr(model_server, "INLINE_ENCODE_MAX_PIXELS", 0)  # every answer through a thread
-    assert not server._encodes_inline(1, 1)
-    in_thread = generate(server, **fields)["result"]
-    assert len(on_loop["data"]) == fields.get("n", 1) and side == 16
-    assert [d["b64_json"] for d in in_thread["data"]] == [d["b64_json"] for d in on_loop["data"]]
-    assert in_thread["seed"] == on_loop["seed"] == 5
+    assert not server._encodes_inline(request)
+    in_thread = generate(server, **fields)
+    assert len(on_loop.b64_pngs) == fields.get("n", 1) and server.model_spec.resolution == 16
+    assert in_thread.b64_pngs == on_loop.b64_pngs and in_thread.seed == on_loop.seed == 5
 
 
 def test_an_engine_error_comes_back_as_an_api_error_on_both_paths(server, monkeypatch):
     for limit in (model_server.INLINE_ENCODE_MAX_PIXELS, 0):
         monkeypatch.setattr(model_server, "INLINE_ENCODE_MAX_PIXELS", limit)
-        answer = generate(server, num_inference_steps=100, deadline_unix=time.time() + 0.01)
-        assert answer["error"]["code"] == "deadline_exceeded" and answer["error"]["status"] == 504
+        answer = generate(server, num_inference_steps=100, deadline=time.time() + 0.01)
+        assert isinstance(answer, APIError) and answer.code == "deadline_exceeded" and answer.status == 504

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # dit-train under torchrun with DDP (NCCL) on a 2-GPU host; every log and result lands in $OUT as it is written.
-#   OUT=/tmp/out bash scripts/gpu_ddp_check.sh
+#   OUT=/tmp/out bash benchmarks/gpu/ddp.sh
 # 1. train_config/dit_config.yaml (dit-10l, bf16, gradient checkpointing, accumulation 2) on 1 GPU and on 2, on a
 #    file of synthetic 32x32x4 latents (random numbers, not images: this measures speed and scaling, not quality);
 #    the steady-state samples/s of each come from its train_log.jsonl.

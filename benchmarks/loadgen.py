@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Open-loop HTTP load generator for the images API: Poisson arrivals at several rates.
 
-    python scripts/loadgen.py --url http://127.0.0.1:8000 --model digits-s --rates 2,5,10 --duration 20
+    python -m benchmarks load --url http://127.0.0.1:8000 --model digits-s --rates 2,5,10 --duration 20
 
 For each rate it sends requests with exponential inter-arrival times (open loop: a slow server does not slow the
 arrivals), then prints and appends one JSON line (``--out``) with throughput, latency p50/p95/p99, the answers by
@@ -212,6 +211,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[loadgen] results appended to {args.out}", file=sys.stderr)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

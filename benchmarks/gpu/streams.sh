@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Independent GPU jobs at once on a multi-GPU host, one job per GPU, so one device call measures several things.
-#   OUT=/tmp/out bash scripts/gpu_streams.sh 'serve=bash scripts/gpu_serve_bench.sh' 'bench=python3 -m dit_runtime.cli.bench ...'
+#   OUT=/tmp/out bash benchmarks/gpu/streams.sh 'serve=bash benchmarks/gpu/serve.sh' 'bench=python3 -m benchmarks engine ...'
 # Job k (0-based) runs as `bash -c CMD` with CUDA_VISIBLE_DEVICES=k and OUT=/tmp/streams/NAME (its own results, emptied
 # first), its output in that folder's job.log, under `timeout ${LIMIT:-540}`. Every 20 s and at the end each job's
 # folder is packed into $OUT/NAME.tgz, so a call cut short still returns what each job had measured. Exits non-zero

@@ -2,7 +2,7 @@
 # Train both shipped digit models on one CUDA GPU with dit-train (bf16 autocast, fp32 master weights) and copy the
 # checkpoints, logs and loss plots to $OUT as each finishes. Needs only torch, numpy, safetensors, pyyaml, pillow;
 # runs from the repository root without installing the package. About 2-3 minutes on an H200.
-#   OUT=/tmp/out bash scripts/gpu_train_checkpoints.sh
+#   OUT=/tmp/out bash benchmarks/gpu/train_checkpoints.sh
 # Then, on a machine with scikit-learn: copy $OUT/digits-*.safetensors into checkpoints/ and run
 #   dit-eval --checkpoint checkpoints/digits-s.safetensors   (and digits-m)
 set -euo pipefail

@@ -5,8 +5,8 @@ fp32 weights, the hybrid MSE + VB loss, AdamW, fp32 EMA update), then ``torch.cu
 samples/s. One JSON line per configuration is appended to ``$OUT/train_mem.jsonl`` as soon as it is measured.
 Needs only torch (runs from a checkout; no install):
 
-    python scripts/gpu_memory_check.py                          # dit-10l, dit-8l at 8/16/32, ckpt off/on
-    python scripts/gpu_memory_check.py --presets dit-tiny --batch-sizes 2 --device cpu   # smoke test
+    python -m benchmarks train-memory                          # dit-10l, dit-8l at 8/16/32, ckpt off/on
+    python -m benchmarks train-memory --presets dit-tiny --batch-sizes 2 --device cpu   # smoke test
 """
 
 from __future__ import annotations
@@ -22,10 +22,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dit_runtime.diffusion import NoiseSchedule, q_sample, training_losses  # noqa: E402
-from dit_runtime.model import DiTModel, get_preset  # noqa: E402
-from dit_runtime.sizing import TrainingSetup, training_memory  # noqa: E402
+from dit_runtime.diffusion import NoiseSchedule, q_sample, training_losses
+from dit_runtime.model import DiTModel, get_preset
+from dit_runtime.sizing import TrainingSetup, training_memory
 
 EMA_DECAY = 0.9999
 GIB = 2**30
@@ -91,19 +90,19 @@ def measure(preset: str, batch_size: int, checkpointing: bool, steps: int, warmu
     return record
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["dit-10l", "dit-8l"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 16, 32])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (AdamW allocates its state)")
     parser.add_argument("--device", default="cuda")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("gpu_memory_check: no CUDA device; pass --device cpu for a smoke run")
+        sys.exit("train-memory: no CUDA device; pass --device cpu for a smoke run")
     torch.backends.cuda.matmul.allow_tf32 = True
     out_path = Path(os.environ.get("OUT", ".")) / "train_mem.jsonl"
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -136,7 +135,5 @@ def main() -> None:
               f"{r['estimated_peak_bytes'] / GIB:>12.2f} {str(r['estimate_over_measured'] or '-'):>8} "
               f"{r['samples_per_s']:>10} {r['step_ms']:>8}")
     print(f"\n{len(rows)} configurations in {time.perf_counter() - started:.0f} s -> {out_path}")
+    return 0
 
-
-if __name__ == "__main__":
-    main()

@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """Bounded overload test of the images API: measure capacity, then offer ~3x that and check it is shed cleanly.
 
-    python scripts/overload.py --url http://127.0.0.1:8000 --model digits-s              # a running server
-    python scripts/overload.py --start --steps 60                                         # starts its own (tiny)
+    python -m benchmarks overload --url http://127.0.0.1:8000 --model digits-s              # a running server
+    python -m benchmarks overload --start --steps 60                                         # starts its own (tiny)
 
 1. Capacity: after one warm-up request, ``--clients`` closed-loop clients send requests back to back for
    ``--capacity-seconds``; the rate of 200 answers is the capacity.
@@ -150,7 +149,7 @@ def _start_server(port: int, steps_limit: int, checkpoint: str | None) -> None:
     import ray
     from ray import serve
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "serving"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "serving"))  # the tests' tiny models
     from serve_helpers import model_args, write_digits_checkpoint
 
     from serving.app import build_app
@@ -167,7 +166,7 @@ def _start_server(port: int, steps_limit: int, checkpoint: str | None) -> None:
         name="dit", route_prefix="/")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", default="http://127.0.0.1:8000")
     ap.add_argument("--model", default="digits-s")
@@ -181,7 +180,7 @@ def main() -> int:
     ap.add_argument("--shed-bar-ms", type=float, default=100.0)
     ap.add_argument("--start", action="store_true", help="start a local server on --url's port first")
     ap.add_argument("--checkpoint", help="with --start: serve this .safetensors file (default: tiny random weights)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     if a.start:
         _start_server(urlparse(a.url).port or 8000, max(a.steps, 100), a.checkpoint)
     body = {"model": a.model, "prompt": "3", "num_inference_steps": a.steps}
@@ -193,6 +192,3 @@ def main() -> int:
     print(json.dumps(summary))
     return 0 if summary["passed"] else 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

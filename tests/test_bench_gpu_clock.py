@@ -1,11 +1,11 @@
-"""The clock sampler that dit-bench and latency_ab.py run beside every timing: nvidia-smi's lines, read back."""
+"""The clock sampler that the engine benchmark runs beside every timing: nvidia-smi's lines, read back."""
 
 from __future__ import annotations
 
 import time
 from datetime import datetime
 
-from dit_runtime.cli.gpu_clock import GpuClock, parse_line, summarise
+from benchmarks.gpu_clock import GpuClock, parse_line, summarise
 
 
 def _line(t: float, mhz: int, watts: float, temp: int, reasons: str) -> str:

@@ -1,0 +1,11 @@
+"""Benchmarks: the harness behind every figure in docs/benchmarks.md, run from a checkout (not installed).
+
+    python -m benchmarks engine ...      the engine on a GPU against diffusers (and against another checkout)
+    python -m benchmarks serve ...       what serving adds to the engine, and the server under Poisson load
+    python -m benchmarks load ...        open-loop Poisson load on a running server (the images API over HTTP)
+    python -m benchmarks overload ...    capacity, then 3x capacity: shed cleanly, nothing fails or hangs
+    python -m benchmarks api ...         the HTTP API's own CPU time per request, in-process
+    python -m benchmarks train-memory .. training memory and speed on a GPU next to dit-verify's estimate
+
+``benchmarks/gpu/*.sh`` run them on a GPU host (the offline bundle installed first, results to $OUT).
+"""

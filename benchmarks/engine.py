@@ -1,0 +1,478 @@
+"""The engine on one GPU against diffusers' DiT at the same dimensions, on the same inputs, in one process.
+
+    python -m benchmarks engine --models dit-10l --batches 64 256 --rounds 5 --setups ours diffusers-compile
+
+Parts (``--parts``, all by default):
+  forward  image-steps/s and MFU of one denoising step at each batch size
+  latency  one guided image (a batch of 2 rows), 50 DDIM steps, end to end
+  load     the engine under Poisson arrivals with mixed step counts: step-level vs request-level batching vs one
+           request at a time (images/s, p50/p99 latency, ``OUT/load.png``)
+
+Setups (``--setups``):
+  diffusers-eager, diffusers-compile   diffusers' DiTTransformer2DModel in fp16, eager or torch.compile'd; timed
+                                       per forward with CUDA events on random inputs
+  ours-eager                           our DiTModel's forward in fp16, eager, the same way
+  ours[-nofuse][-dynamic][-autotune]   the engine (fp16, compiled, CUDA graphs, the fast paths): a full batch of
+                                       never-finishing requests, timed over its steady steps; -nofuse leaves out the
+                                       GELU epilogue, -dynamic compiles one program with a symbolic batch size,
+                                       -autotune uses inductor's max_autotune GEMM search (minutes per bucket)
+  baseline[-...]                       the same, for the dit_runtime of another checkout (``--baseline DIR``),
+                                       imported under another name: two versions of the engine, side by side
+
+Every setup is built (compiled, warmed up) first; then, batch size by batch size, the setups are timed in turn,
+``--rounds`` times over, so a clock that drifts during the run (power, heat) weighs on each alike. nvidia-smi samples
+the SM clock, power and the driver's clock-event reasons beside the run (``OUT/smi.csv``); each timed row carries
+what it ran at. Each row is appended to ``OUT/bench.jsonl`` the moment it is measured; at the end ``OUT/bench.json``
+and a Markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib.util
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dit_runtime.model import DiTModel, get_preset
+from dit_runtime.sizing import forward_flops
+
+from .gpu_clock import GpuClock
+
+DEFAULT_SETUPS = ("diffusers-eager", "diffusers-compile", "ours-eager", "ours")
+BASELINE_PACKAGE = "baseline_dit_runtime"
+
+
+class Recorder:
+    """Appends each result row to a JSONL file as soon as it exists, and keeps them for the summary."""
+
+    def __init__(self, out: Path, meta: dict, name: str = "bench.jsonl"):
+        out.mkdir(parents=True, exist_ok=True)
+        self.path = out / name
+        self.rows: list[dict] = []
+        self.add({"part": "meta", **meta})
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+
+def cuda_time(fn, iters: int, warmup: int = 3) -> float:
+    """Median seconds per call of ``fn`` over ``iters`` calls, timed with CUDA events after a warm-up."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def kernel_profile(timer: "EngineSteps", steps: int = 10) -> dict:
+    """The GPU time of one engine step summed over the kernels the profiler saw (the rest of a step is the GPU
+    idle), kernels per step, and the top kernels by time, over every step ``timer`` ran for ``steps`` timed ones."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        timer(steps)
+        torch.cuda.synchronize()
+    per_kernel = collections.defaultdict(float)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[event.name] += event.device_time
+    ran = timer.steps_run
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:8]
+    return {"kernel_ms_per_step": round(sum(per_kernel.values()) / ran / 1e3, 3), "profiled_steps": ran,
+            "top_kernels": [{"kernel": name[:90], "ms_per_step": round(t / ran / 1e3, 3)} for name, t in top]}
+
+
+def matmul_peak(dtype=torch.float16, n: int = 8192) -> float:
+    """Measured dense matmul rate of this GPU (FLOP/s), the MFU denominator."""
+    a, b = torch.randn(n, n, device="cuda", dtype=dtype), torch.randn(n, n, device="cuda", dtype=dtype)
+    return 2 * n ** 3 / cuda_time(lambda: a @ b, iters=10)
+
+
+def load_baseline(checkout: str):
+    """``checkout``'s dit_runtime package, imported as ``baseline_dit_runtime`` (its imports are relative), so two
+    versions of the engine run in one process."""
+    package = Path(checkout) / "dit_runtime"
+    spec = importlib.util.spec_from_file_location(BASELINE_PACKAGE, package / "__init__.py",
+                                                  submodule_search_locations=[str(package)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[BASELINE_PACKAGE] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def runtime(setup: str):
+    """The dit_runtime package a setup runs: this one, or the baseline checkout's."""
+    return sys.modules[BASELINE_PACKAGE] if setup.startswith("baseline") else sys.modules["dit_runtime"]
+
+
+def engine_request(package, class_id: int, seed: int, steps: int, sampler: str, guidance: float):
+    """One image's request in ``package``'s own API (a baseline from before GenerationRequest.of takes keywords)."""
+    requests = importlib.import_module(package.__name__ + ".engine")
+    if hasattr(requests.GenerationRequest, "of"):
+        return requests.GenerationRequest.of(class_id, seed=seed, num_inference_steps=steps, sampler=sampler,
+                                             guidance_scale=guidance)
+    return requests.GenerationRequest(class_labels=[class_id], num_images=1, seed=seed, num_inference_steps=steps,
+                                      sampler=sampler, guidance_scale=guidance)
+
+
+def engine_for(setup: str, preset: str, buckets: tuple[int, ...], max_queue: int = 0):
+    """A started engine of ``setup`` (ours[-flags] or baseline[-flags]) over random weights of ``preset``."""
+    package = runtime(setup)
+    engine = importlib.import_module(package.__name__ + ".engine")
+    flags = setup.split("-")[1:]
+    options = {"max_autotune": True} if "autotune" in flags else None
+    extra = {}
+    if "nofuse" in flags:
+        fast = importlib.import_module(package.__name__ + ".engine.fast_paths")
+        extra["fast_paths"] = fast.FastPaths(gelu_epilogue=False)
+    config = engine.EngineConfig(device="cuda", dtype="float16", max_batch_size=max(buckets), batch_buckets=buckets,
+                                 compile=True, cuda_graphs=True, compile_dynamic="dynamic" in flags,
+                                 compile_options=options, max_queue_size=max(max_queue, 2 * max(buckets)), **extra)
+    return engine.Engine.random_weights(preset, config).start()
+
+
+class EngineSteps:
+    """An engine's steady step time with ``rows`` never-finishing one-row requests: a full batch of real work
+    (DDIM at 1000 steps moves every latent each step). Between timings the engine is left idle, so the setups timed
+    in turn never share the GPU."""
+
+    def __init__(self, setup: str, engine, rows: int):
+        self.setup, self.engine, self.rows = setup, engine, rows
+        self.steps_run = 0  # by the last call, warm-up steps included
+
+    def __call__(self, steps: int) -> float:
+        package, engine = runtime(self.setup), self.engine
+        classes = engine.info.config.num_classes
+        handles = [engine.submit(engine_request(package, i % classes, i, 1000, "ddim", 1.0), progress=False)
+                   for i in range(self.rows)]
+        start_steps = engine.stats().steps_done
+        while engine.stats().steps_done < start_steps + 5:  # admitted, and the graphs replaying
+            time.sleep(0.001)
+        s0, t0 = engine.stats().steps_done, time.perf_counter()
+        while engine.stats().steps_done < s0 + steps:
+            time.sleep(0.0005)
+        s1, t1 = engine.stats().steps_done, time.perf_counter()
+        for h in handles:
+            h.cancel()
+        while engine.stats().running_requests or engine.stats().waiting_requests:
+            time.sleep(0.001)
+        self.steps_run = engine.stats().steps_done - start_steps
+        return (t1 - t0) / (s1 - s0)
+
+
+def random_dit(preset: str, dtype) -> DiTModel:
+    """Our DiT at ``preset``'s dimensions with random blocks (adaLN-Zero's init would make them the identity)."""
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = DiTModel.from_config(get_preset(preset))
+    for block in model.blocks:
+        torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.02)
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+def diffusers_dit(preset: str, dtype):
+    """diffusers' DiTTransformer2DModel at the same dimensions (FFN is 4 x hidden there, as in our presets)."""
+    from diffusers import DiTTransformer2DModel
+
+    cfg = get_preset(preset)
+    if cfg.ffn_dim != 4 * cfg.hidden_dim:
+        raise ValueError(f"{preset}: diffusers' DiT fixes FFN at 4 x hidden")
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(num_attention_heads=cfg.num_heads, attention_head_dim=cfg.hidden_dim // cfg.num_heads,
+                                  in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_layers=cfg.num_layers,
+                                  sample_size=cfg.input_size, patch_size=cfg.patch_size,
+                                  num_embeds_ada_norm=cfg.num_classes, norm_eps=1e-6)
+    return model.to("cuda", dtype).eval().requires_grad_(False)
+
+
+def inputs(preset: str, batch: int, dtype):
+    cfg = get_preset(preset)
+    g = torch.Generator(device="cuda").manual_seed(batch)
+    x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device="cuda", dtype=dtype, generator=g)
+    t = torch.randint(0, 1000, (batch,), device="cuda", generator=g)
+    y = torch.randint(0, cfg.num_classes, (batch,), device="cuda", generator=g)
+    return x, t, y
+
+
+# ---- part 1: forward throughput -------------------------------------------------------------------------------
+def build_setup(rec: Recorder, preset: str, setup: str, batches: list[int]):
+    """``(make, engine)``: ``make(batch)`` is a timer, whose ``timer(iters)`` is the median seconds of one step of
+    that setup at that batch; ``engine`` is the setup's started engine (None for a bare model), to stop at the end."""
+    dtype = torch.float16
+    if setup.startswith("diffusers") or setup == "ours-eager":
+        model = diffusers_dit(preset, dtype) if setup.startswith("diffusers") else random_dit(preset, dtype)
+        fn = torch.compile(model) if setup == "diffusers-compile" else model
+        kwargs = {"return_dict": False} if setup.startswith("diffusers") else {}
+
+        def make(b):
+            x = inputs(preset, b, dtype)
+            return lambda iters: cuda_time(lambda: fn(*x, **kwargs), iters=iters)
+        return make, None
+    start = time.perf_counter()
+    engine = engine_for(setup, preset, tuple(batches))
+    rec.add({"part": "compile", "model": preset, "setup": setup, "buckets": list(engine.config.buckets),
+             "seconds": round(time.perf_counter() - start, 1),
+             "per_bucket_s": {b: round(t, 1) for b, t in engine.warmup_seconds.items()}})
+    return (lambda b: EngineSteps(setup, engine, b)), engine
+
+
+def bench_forward(rec: Recorder, preset: str, batches: list[int], setups: list[str], peak: float, rounds: int,
+                  clock: GpuClock | None, profile_kernels: bool = False) -> None:
+    """Build every setup, then time them in turn at each batch size, ``rounds`` times over; a setup's figure is the
+    median of its rounds, and each round is a row of its own with the SM clock it ran at."""
+    flops = forward_flops(get_preset(preset))["total"]
+    built, engines = {}, []
+    for setup in setups:
+        try:
+            built[setup], engine = build_setup(rec, preset, setup, batches)
+            engines += [engine] if engine is not None else []
+        except Exception as e:  # one setup failing must not lose the others
+            rec.add({"part": "forward", "model": preset, "setup": setup, "error": repr(e)[:500]})
+    for b in batches:
+        timers, per_round, clocks = {}, collections.defaultdict(list), collections.defaultdict(list)
+        for setup, make in built.items():
+            try:
+                timers[setup] = make(b)
+            except Exception as e:
+                rec.add({"part": "forward", "model": preset, "setup": setup, "batch": b, "error": repr(e)[:500]})
+        iters = max(20, min(100, int(4000 / b)))
+        for r in range(rounds):
+            for setup, timer in list(timers.items()):
+                try:
+                    t0 = time.time()
+                    seconds = timer(iters)
+                    seen = clock.window(t0, time.time()) if clock else {}
+                    per_round[setup].append(seconds)
+                    if "sm_mhz_median" in seen:
+                        clocks[setup].append(seen["sm_mhz_median"])
+                    rec.add({"part": "forward-round", "model": preset, "setup": setup, "batch": b, "round": r,
+                             "ms_per_step": round(seconds * 1e3, 3), **seen})
+                except Exception as e:
+                    rec.add({"part": "forward", "model": preset, "setup": setup, "batch": b, "error": repr(e)[:500]})
+                    del timers[setup]
+        for setup in timers:
+            seconds = statistics.median(per_round[setup])
+            rate = b / seconds
+            row = {"part": "forward", "model": preset, "setup": setup, "batch": b, "rounds": len(per_round[setup]),
+                   "ms_per_step": round(seconds * 1e3, 3), "ms_per_step_min": round(min(per_round[setup]) * 1e3, 3),
+                   "image_steps_per_s": round(rate, 1), "mfu": round(rate * flops / peak, 4)}
+            if clocks[setup]:
+                row["sm_mhz_median"] = statistics.median(clocks[setup])
+            if profile_kernels and isinstance(timers[setup], EngineSteps):
+                row.update(kernel_profile(timers[setup]))
+            rec.add(row)
+    for engine in engines:
+        engine.stop()
+    torch.cuda.empty_cache()
+
+
+# ---- part 2: single-image latency -----------------------------------------------------------------------------
+def bench_latency(rec: Recorder, preset: str, setups: list[str], steps: int = 50, guidance: float = 4.0,
+                  rounds: int = 3, clock: GpuClock | None = None) -> None:
+    """One guided image of ``steps`` DDIM steps, end to end, each setup timed in turn ``rounds`` x 5 times."""
+    dtype = torch.float16
+    calls, engines = {}, []
+    for setup in setups:
+        if setup == "ours-eager":
+            continue
+        try:
+            if setup.startswith("diffusers"):
+                calls[setup] = _diffusers_one_image(preset, setup, steps, guidance, dtype)
+            else:
+                engine = engine_for(setup, preset, (2,))
+                engines.append(engine)
+                package = runtime(setup)
+
+                def one_image(engine=engine, package=package):
+                    request = engine_request(package, 1, 0, steps, "ddim", guidance)
+                    engine.submit(request, progress=False).result(timeout=60)
+                calls[setup] = one_image
+            for _ in range(3):
+                calls[setup]()
+        except Exception as e:
+            rec.add({"part": "latency", "model": preset, "setup": setup, "error": repr(e)[:500]})
+            calls.pop(setup, None)
+    times = collections.defaultdict(list)
+    t0 = time.time()
+    for _ in range(rounds):
+        for setup, call in calls.items():
+            for _ in range(5):
+                start = time.perf_counter()
+                call()
+                times[setup].append(time.perf_counter() - start)
+    seen = clock.window(t0, time.time()) if clock else {}
+    for setup, ts in times.items():
+        rec.add({"part": "latency", "model": preset, "setup": setup, "steps": steps, "guidance": guidance,
+                 "runs": len(ts), "ms_median": round(statistics.median(ts) * 1e3, 2), "ms_min": round(min(ts) * 1e3, 2),
+                 **seen})
+    for engine in engines:
+        engine.stop()
+    torch.cuda.empty_cache()
+
+
+def _diffusers_one_image(preset: str, setup: str, steps: int, guidance: float, dtype):
+    from diffusers import DDIMScheduler
+
+    cfg = get_preset(preset)
+    model = diffusers_dit(preset, dtype)
+    fn = torch.compile(model, mode="reduce-overhead") if setup == "diffusers-compile" else model
+    sched = DDIMScheduler(beta_schedule="linear", clip_sample=False, timestep_spacing="trailing")
+    sched.set_timesteps(steps)
+    y = torch.tensor([1, cfg.null_class], device="cuda")
+
+    def one_image():
+        x = torch.randn(1, cfg.in_channels, cfg.input_size, cfg.input_size, device="cuda", dtype=dtype)
+        for t in sched.timesteps:
+            out = fn(torch.cat([x, x]), t.expand(2).to("cuda"), y, return_dict=False)[0]
+            eps_c, eps_u = out[:, :cfg.in_channels].chunk(2)
+            x = sched.step(eps_u + guidance * (eps_c - eps_u), t, x).prev_sample
+        torch.cuda.synchronize()
+    return one_image
+
+
+# ---- part 3: the engine under load ----------------------------------------------------------------------------
+def bench_load(rec: Recorder, preset: str, rates: list[float], duration: float, max_batch: int,
+               policies: list[str], buckets: tuple[int, ...]) -> None:
+    from dit_runtime.engine import QueueFullError
+
+    start = time.perf_counter()
+    engine = engine_for("ours", preset, tuple(sorted(set(buckets) | {max_batch})), max_queue=4096)
+    rec.add({"part": "compile", "model": preset, "setup": "engine", "buckets": list(engine.config.buckets),
+             "seconds": round(time.perf_counter() - start, 1),
+             "per_bucket_s": {b: round(t, 1) for b, t in engine.warmup_seconds.items()}})
+    for policy in policies:
+        # The same compiled engine for every policy; the scheduler's policy is switched while the engine is idle.
+        engine.scheduler.batching = policy
+        for rate in rates:
+            rng = random.Random(int(rate * 1000))
+            handles, rejected = [], 0
+            t0 = time.monotonic()
+            next_at = t0
+            while next_at - t0 < duration:
+                delay = next_at - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                request = engine_request(sys.modules["dit_runtime"], rng.randrange(1000), rng.randrange(2 ** 31),
+                                         rng.choice([20, 50]), "ddim", 4.0)
+                try:
+                    handles.append((time.monotonic(), engine.submit(request, progress=False)))
+                except QueueFullError:
+                    rejected += 1
+                next_at += rng.expovariate(rate)
+            results = [h.result(timeout=600) for _, h in handles]
+            end = max(submitted + r.total_seconds for (submitted, _), r in zip(handles, results))
+            lat = sorted(r.total_seconds for r in results)
+            rec.add({"part": "load", "model": preset, "policy": policy, "rate": rate, "requests": len(results),
+                     "rejected": rejected, "images_per_s": round(len(results) / (end - t0), 2),
+                     "p50_s": round(_pct(lat, 50), 4), "p99_s": round(_pct(lat, 99), 4),
+                     "mean_queue_s": round(statistics.mean(r.queue_seconds for r in results), 4)})
+    engine.stop()
+    torch.cuda.empty_cache()
+
+
+def _pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    return values[min(len(values) - 1, max(0, round(p / 100 * (len(values) - 1))))]
+
+
+def plot_load(rows: list[dict], path: Path) -> None:
+    """p99 latency against offered load, one line per batching policy, drawn with Pillow."""
+    from dit_runtime.plot import line_plot
+
+    series = {}
+    for r in rows:
+        if r.get("part") == "load" and "p99_s" in r:
+            series.setdefault(f"{r['model']} {r['policy']}", []).append((r["rate"], r["p99_s"]))
+    if series:
+        line_plot(series, path, title="p99 latency vs offered load", xlabel="requests/s", ylabel="p99 latency (s)",
+                  log_y=True)
+
+
+def summary_table(rows: list[dict]) -> str:
+    lines = ["| model | setup | batch | ms/step | image-steps/s | MFU | SM MHz |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if r.get("part") == "forward" and "mfu" in r:
+            lines.append(f"| {r['model']} | {r['setup']} | {r['batch']} | {r['ms_per_step']} | "
+                         f"{r['image_steps_per_s']:,} | {r['mfu']:.1%} | {r.get('sm_mhz_median', '')} |")
+    lines += ["", "| model | setup | one image, 50 steps, guided (ms, median) |", "| --- | --- | --- |"]
+    lines += [f"| {r['model']} | {r['setup']} | {r['ms_median']} |" for r in rows
+              if r.get("part") == "latency" and "ms_median" in r]
+    lines += ["", "| model | batching | offered req/s | images/s | p50 s | p99 s | rejected |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['model']} | {r['policy']} | {r['rate']} | {r['images_per_s']} | {r['p50_s']} | {r['p99_s']} | "
+              f"{r['rejected']} |" for r in rows if r.get("part") == "load"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks engine", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["dit-10l"])
+    p.add_argument("--batches", nargs="+", type=int, default=[16, 64, 256])
+    p.add_argument("--setups", nargs="+", default=list(DEFAULT_SETUPS))
+    p.add_argument("--parts", nargs="+", default=["forward", "latency", "load"], choices=["forward", "latency", "load"])
+    p.add_argument("--baseline", help="a checkout whose dit_runtime the baseline[-...] setups run")
+    p.add_argument("--rates", nargs="+", type=float, default=[20, 40, 80, 120])
+    p.add_argument("--load-seconds", type=float, default=6.0)
+    p.add_argument("--load-max-batch", type=int, default=256)
+    p.add_argument("--load-buckets", nargs="+", type=int, default=[4, 16, 64, 128, 256])
+    p.add_argument("--policies", nargs="+", default=["step", "request", "single"])
+    p.add_argument("--rounds", type=int, default=3, help="time the setups in turn this many times over")
+    p.add_argument("--profile-kernels", action="store_true",
+                   help="forward: also sum the engine setups' kernel times per step with torch.profiler")
+    p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("the engine benchmark needs a CUDA GPU", file=sys.stderr)
+        return 2
+    if any(s.startswith("baseline") for s in args.setups):
+        if not args.baseline:
+            p.error("the baseline setups need --baseline DIR (a checkout with its own dit_runtime/)")
+        load_baseline(args.baseline)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    out = Path(args.out)
+    peak = matmul_peak()
+    out.mkdir(parents=True, exist_ok=True)
+    clock = GpuClock(out / "smi.csv")  # the SM clock beside every timing (a no-op without nvidia-smi)
+    rec = Recorder(out, {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                         "python": platform.python_version(), "fp16_matmul_peak_tflops": round(peak / 1e12, 1),
+                         "command": "python -m benchmarks engine " + " ".join(argv if argv is not None else
+                                                                             sys.argv[2:])})
+    for preset in args.models:
+        if "forward" in args.parts:
+            bench_forward(rec, preset, args.batches, args.setups, peak, args.rounds, clock, args.profile_kernels)
+        if "latency" in args.parts:
+            bench_latency(rec, preset, [s for s in args.setups if not s.endswith("-nofuse")], rounds=args.rounds,
+                          clock=clock)
+        if "load" in args.parts:
+            bench_load(rec, preset, args.rates, args.load_seconds, args.load_max_batch, args.policies,
+                       tuple(args.load_buckets))
+    clock.close()
+    (out / "bench.json").write_text(json.dumps(rec.rows, indent=1))
+    try:
+        plot_load(rec.rows, out / "load.png")
+    except Exception as e:  # the numbers matter more than the picture
+        print(f"plot failed: {e!r}", file=sys.stderr)
+    print(summary_table(rec.rows))
+    return 0

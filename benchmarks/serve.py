@@ -1,0 +1,241 @@
+"""What serving adds to the engine, and the server under Poisson load.
+
+    python -m benchmarks serve --out OUT --preset dit-10l --device cuda --dtype float16 --compile --cuda-graphs
+
+1. The engine alone, in this process: one-image requests one at a time, and what the model server's handler adds
+   around the same engine (``ModelServer.generate``: no HTTP, no Ray).
+2. The model served by Ray Serve in one of the two layouts (``--layout``):
+   - ``direct`` (serve_config.gpu.yaml, the Docker image): one application per model under Ray Serve's direct
+     ingress with HAProxy, timed on the model's own route and on the gateway's single URL;
+   - ``gateway`` (``build_app``): Ray's Python HTTP proxy -> the gateway -> a handle call -> the model.
+   One-image requests one at a time over one kept-alive connection: each answer carries the engine's own time, so
+   overhead = latency - engine time. Ray Serve's floor for the model's route is timed in the same run: a route
+   with none of our code that waits as long as the engine on another thread, then answers a body of the same size
+   (the control: what any model behind Ray Serve pays).
+3. ``benchmarks.loadgen`` at each of ``--rates`` (Poisson arrivals) on the model's route: images/s, p50/p99, shed.
+Every result is written to ``--out`` as soon as it exists; ``summary.json`` last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+def log(msg: str) -> None:
+    print(f"[serve {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def p(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))]
+
+
+def write(out: Path, name: str, row: dict) -> None:
+    (out / name).write_text(json.dumps(row, indent=2))
+    log(f"{name}: {json.dumps(row)}")
+
+
+def model_args(a) -> dict:
+    m = {"name": a.model_name, "device": a.device, "dtype": a.dtype, "compile": a.compile,
+         "cuda_graphs": a.cuda_graphs, "max_batch_size": a.max_batch_size, "max_queue_size": a.max_queue_size,
+         "num_cpus": a.num_cpus, "num_gpus": 1 if a.device == "cuda" else 0, "compile_cache_dir": a.compile_cache_dir,
+         "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
+    if a.checkpoint:
+        m["checkpoint"] = a.checkpoint
+    else:
+        m.update(preset=a.preset, allow_random_weights=True)
+    return m
+
+
+def app_args(a) -> dict:
+    return {"models": [model_args(a)], "gateway": {"num_replicas": a.gateway_replicas},
+            "limits": {"max_images_per_request": 8, "max_inference_steps": max(250, a.steps)}}
+
+
+def engine_alone(a, out: Path) -> dict:
+    """The engine's own one-image latency in this process, and what the model server's handler adds around it."""
+    from serving.config import AppArgs
+    from serving.model_server import ModelServer
+
+    args = AppArgs.parse(app_args(a))
+    t0 = time.perf_counter()
+    server = ModelServer(args.models[0], args.limits)  # loads, warms up and starts the engine
+    if server.engine is None:
+        raise RuntimeError(server.load_error)
+    log(f"engine loaded and warmed up in {time.perf_counter() - t0:.1f} s")
+
+    async def run(n: int) -> tuple[list[float], list[float]]:
+        latency, extra = [], []
+        for i in range(n):
+            request = server.model_spec.build_request(prompt="3", num_inference_steps=a.steps, seed=i,
+                                                      deadline=time.time() + 120)
+            start = time.perf_counter()
+            answer = await server.generate(request)
+            elapsed = time.perf_counter() - start
+            if not hasattr(answer, "b64_pngs"):
+                raise RuntimeError(f"request failed: {answer}")
+            latency.append(answer.engine_seconds)
+            extra.append(elapsed - answer.engine_seconds)
+        return latency, extra
+
+    asyncio.run(run(a.warmup))
+    engine, handler = asyncio.run(run(a.sequential))
+    server.__del__()  # stops the engine and the server's threads
+    row = {"requests": a.sequential, "steps": a.steps, "engine_p50_ms": 1000 * p(engine, 50),
+           "handler_overhead_p50_ms": 1000 * p(handler, 50), "handler_overhead_p95_ms": 1000 * p(handler, 95)}
+    write(out, "engine_alone.json", row)
+    return row
+
+
+def sequential(a, prefix: str, count: int) -> dict:
+    """One-image requests one at a time on one kept-alive connection: latency and overhead over the engine."""
+    conn = http.client.HTTPConnection("127.0.0.1", a.port, timeout=120)
+    body = {"model": a.model_name, "prompt": "3", "n": 1, "num_inference_steps": a.steps}
+    latency, overhead, engine = [], [], []
+    for i in range(a.warmup + count):
+        start = time.perf_counter()
+        conn.request("POST", prefix + "/v1/images/generations", json.dumps({**body, "seed": i}),
+                     {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        text = response.read()
+        elapsed = time.perf_counter() - start
+        if response.status != 200:
+            raise RuntimeError(f"{prefix or '/'}: {response.status} {text[:300]!r}")
+        answer = json.loads(text)
+        waited = answer.get("waited_s", answer.get("timings", {}).get("engine_seconds", 0.0))
+        if i >= a.warmup:
+            latency.append(elapsed)
+            engine.append(waited)
+            overhead.append(elapsed - waited)
+    conn.close()
+    return {"route": prefix or "/", "requests": count, "latency_p50_ms": 1000 * p(latency, 50),
+            "engine_p50_ms": 1000 * p(engine, 50), "overhead_p50_ms": 1000 * p(overhead, 50),
+            "overhead_p95_ms": 1000 * p(overhead, 95),
+            "overhead_pct_of_engine": 100 * p(overhead, 50) / p(engine, 50) if p(engine, 50) else None}
+
+
+def deploy_floor(wait_s: float, answer_chars: int) -> str:
+    """Ray Serve alone: a route that waits ``wait_s`` on another thread (as our engine does), then answers a body
+    of ``answer_chars`` characters of image data. Returns its route prefix."""
+    from fastapi import FastAPI
+    from ray import serve
+
+    api = FastAPI()
+    answer = {"created": 0, "data": [{"b64_json": "A" * answer_chars}]}
+
+    @serve.deployment(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
+    @serve.ingress(api)
+    class Floor:
+        @api.post("/v1/images/generations")
+        async def generate(self, body: dict) -> dict:
+            def wait() -> float:
+                start = time.perf_counter()
+                time.sleep(wait_s)
+                return time.perf_counter() - start
+            return {**answer, "waited_s": await asyncio.get_running_loop().run_in_executor(None, wait)}
+
+    serve.run(Floor.bind(), name="floor", route_prefix="/floor")
+    return "/floor"
+
+
+def loadgen(a, out: Path, rate: str, prefix: str) -> dict:
+    from benchmarks import loadgen as lg
+
+    path = out / "loadgen.jsonl"
+    lg.main(["--url", f"http://127.0.0.1:{a.port}{prefix}", "--model", a.model_name, "--steps", str(a.steps),
+             "--rates", rate, "--duration", str(a.duration), "--warmup", "0", "--out", str(path)])
+    return json.loads(path.read_text().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks serve", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--model-name", default="dit-10l")
+    ap.add_argument("--preset", default="dit-10l")
+    ap.add_argument("--checkpoint")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--cuda-graphs", action="store_true")
+    ap.add_argument("--compile-cache-dir", default="/tmp/dit-compile-cache")
+    ap.add_argument("--max-batch-size", type=int, default=64)
+    ap.add_argument("--max-queue-size", type=int, default=1024)
+    ap.add_argument("--num-cpus", type=float, default=4)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--sequential", type=int, default=100)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--rates", default="8,32,128,256", help="comma-separated req/s of the load phases, or none")
+    ap.add_argument("--duration", type=float, default=10)
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--gateway-replicas", type=int, default=1)
+    ap.add_argument("--layout", choices=["direct", "gateway"], default="direct")
+    a = ap.parse_args(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    a.compile_cache_dir = a.compile_cache_dir if a.compile else None
+
+    alone = engine_alone(a, a.out)
+    if a.layout == "direct":  # read by Ray Serve's controller when it starts
+        os.environ.update({"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"})
+    import ray
+    from ray import serve
+
+    from serving.app import build_app, build_gateway_app, build_model_app
+
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": a.port})
+    t0 = time.perf_counter()
+    if a.layout == "direct":
+        serve.run(build_model_app(app_args(a)), name=a.model_name, route_prefix=f"/models/{a.model_name}")
+        serve.run(build_gateway_app(app_args(a)), name="dit", route_prefix="/")
+    else:
+        serve.run(build_app(app_args(a)), name="dit", route_prefix="/")
+    log(f"served in {time.perf_counter() - t0:.1f} s (load, compile, graph capture)")
+    route = f"/models/{a.model_name}" if a.layout == "direct" else ""
+    ours = sequential(a, route, a.sequential)
+    write(a.out, "sequential.json", ours)
+    summary = {"layout": a.layout, "engine_alone": alone, "route": ours}
+    if a.layout == "direct":
+        summary["gateway"] = sequential(a, "", a.sequential)
+        write(a.out, "sequential_gateway.json", summary["gateway"])
+    probe = http.client.HTTPConnection("127.0.0.1", a.port, timeout=60)  # one answer's size, for the floor's body
+    probe.request("POST", route + "/v1/images/generations", json.dumps({"prompt": "3", "num_inference_steps": 1}),
+                  {"Content-Type": "application/json"})
+    answer_chars = len(json.loads(probe.getresponse().read())["data"][0]["b64_json"])
+    floor = sequential(a, deploy_floor(ours["engine_p50_ms"] / 1000, answer_chars), a.sequential)
+    summary["ray_floor"] = floor
+    summary["ours_over_floor_p50_ms"] = ours["overhead_p50_ms"] - floor["overhead_p50_ms"]
+    write(a.out, "overhead.json", {k: v for k, v in summary.items() if k != "load"})
+    summary["load"] = [loadgen(a, a.out, rate, route) for rate in ([] if a.rates == "none" else a.rates.split(","))]
+    write(a.out, "summary.json", summary)
+    shut_down()
+    return 0
+
+
+def shut_down(timeout_s: float = 60.0) -> None:
+    """Stop Serve and Ray, or exit anyway after ``timeout_s``: every result is written by now, and on a GPU host
+    Ray's shutdown has hung until the call's time limit killed the job."""
+    import ray
+    from ray import serve
+
+    done = threading.Event()
+
+    def stop() -> None:
+        serve.shutdown()
+        ray.shutdown()
+        done.set()
+
+    threading.Thread(target=stop, name="shutdown", daemon=True).start()
+    if not done.wait(timeout_s):
+        log(f"Ray did not shut down within {timeout_s:.0f} s; exiting (the results are written)")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

@@ -1,0 +1,145 @@
+"""Inference fast paths, applied from outside the model: ``model.py`` stays the paper's function.
+
+The runner calls ``apply_fast_paths(model, FastPaths(...), cuda=...)`` once on the loaded model, after moving it to
+its device and precision. It swaps modules for ones that compute the same function faster (their parameters keep
+their names, so ``state_dict()`` is unchanged) and returns ``InferenceDiT``, the forward the runner compiles:
+
+- joined adaLN: every block's adaLN modulation (and the final layer's) in one GEMM per step, over one buffer that
+  the layers' weights become views of, so no weight is stored twice;
+- GELU epilogue (CUDA): fc1's bias and tanh-GELU inside its cuBLASLt GEMM, saving a pass over the widest
+  activation;
+- split-K (CUDA): for forwards of few token rows (one guided image is 512), attn.proj's and fc2's reductions cut
+  into chunks summed in fp32, so a small GEMM has enough tiles to fill the GPU.
+
+This module is the seam for the inference-only changes still to come (FP8 linears, feature caches).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model import DiTModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FastPaths:
+    """Which fast paths the runner applies; each computes the model's function, in another summation order."""
+
+    joined_adaln: bool = True
+    gelu_epilogue: bool = True  # CUDA only
+    split_k: int = 4  # CUDA only; 1 turns it off
+    split_k_max_rows: int = 512  # token rows (batch x tokens) up to which a forward splits K
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.split_k, int) or self.split_k < 1:
+            raise ValueError(f"split_k must be a positive integer, got {self.split_k!r}")
+        if not isinstance(self.split_k_max_rows, int) or self.split_k_max_rows < 0:
+            raise ValueError(f"split_k_max_rows must be a non-negative integer, got {self.split_k_max_rows!r}")
+
+
+class SplitKLinear(nn.Module):
+    """``linear`` with its reduction cut into ``splits`` chunks for inputs of at most ``max_rows`` rows: one batched
+    GEMM over strided views of the input and the weight (no copies), then a sum in fp32."""
+
+    def __init__(self, linear: nn.Linear, splits: int, max_rows: int):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias  # the same parameters, under the same names
+        self.splits, self.max_rows = splits, max_rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = x.shape[-1]
+        rows = x.reshape(-1, k)  # (M, K)
+        if rows.shape[0] > self.max_rows:
+            return F.linear(x, self.weight, self.bias)
+        s = self.splits
+        a = rows.view(rows.shape[0], s, k // s).transpose(0, 1)  # (S, M, K/S)
+        b = self.weight.view(self.weight.shape[0], s, k // s).permute(1, 2, 0)  # (S, K/S, N)
+        out = torch.bmm(a, b).sum(0, dtype=torch.float32) + self.bias.float()  # (M, N)
+        return out.to(x.dtype).view(*x.shape[:-1], -1)
+
+
+class GeluEpilogueMlp(nn.Module):
+    """The block's MLP with fc1's bias and tanh-GELU computed inside its GEMM (cuBLASLt's epilogue)."""
+
+    def __init__(self, mlp: nn.Module):
+        super().__init__()
+        self.fc1, self.fc2 = mlp.fc1, mlp.fc2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch._addmm_activation(self.fc1.bias, x.reshape(-1, x.shape[-1]), self.fc1.weight.t(), use_gelu=True)
+        return self.fc2(h.view(*x.shape[:-1], -1))  # (N, T, D)
+
+
+class JoinedAdaLN(nn.Module):
+    """Every block's adaLN modulation and the final layer's, from c, in one GEMM over joined weights.
+
+    The layers' weights move into one buffer and stay visible as views of it, so ``state_dict()`` and
+    ``load_state_dict()`` still see them under their names and the memory is not doubled (a later ``.to()`` would
+    copy them apart: still right, no longer shared).
+    """
+
+    def __init__(self, model: DiTModel):
+        super().__init__()
+        layers = [block.adaLN_modulation[-1] for block in model.blocks] + [model.final_layer.adaLN_modulation[-1]]
+        self.sizes = [layer.out_features for layer in layers]
+        with torch.no_grad():
+            weight = torch.cat([layer.weight for layer in layers])  # (sum of out_features, D)
+            bias = torch.cat([layer.bias for layer in layers])
+        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+        start = 0
+        for layer, size in zip(layers, self.sizes):
+            layer.weight = nn.Parameter(weight[start:start + size], requires_grad=False)
+            layer.bias = nn.Parameter(bias[start:start + size], requires_grad=False)
+            start += size
+
+    def forward(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return F.linear(F.silu(c), self.weight, self.bias).split(self.sizes, dim=1)  # per layer (N, 6D) .. (N, 2D)
+
+
+class InferenceDiT(nn.Module):
+    """The forward the engine runs: ``DiTModel.forward`` with the adaLN GEMMs joined (and swapped modules inside)."""
+
+    def __init__(self, model: DiTModel, joined_adaln: bool):
+        super().__init__()
+        self.model = model
+        self.adaln = JoinedAdaLN(model) if joined_adaln else None
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x: (N, C, H, W), t: (N,), y: (N,) -> (N, C_out, H, W), as DiTModel.forward."""
+        m = self.model
+        if self.adaln is None:
+            return m(x, t, y)
+        x = m.x_embedder(x) + m.pos_embed.to(x.dtype)  # (N, T, D)
+        modulations = self.adaln(m.condition(t, y).to(x.dtype))
+        for block, modulation in zip(m.blocks, modulations):
+            x = block.modulated(x, modulation)  # (N, T, D)
+        return m.unpatchify(m.final_layer.modulated(x, modulations[-1]))  # (N, C_out, H, W)
+
+
+def apply_fast_paths(model: DiTModel, options: FastPaths, cuda: bool) -> InferenceDiT:
+    """Swap ``model``'s modules for the chosen fast paths (in place) and return the forward to run.
+
+    The CUDA-only paths are skipped elsewhere: on the CPU a request must meet the same GEMMs alone and in a full
+    batch. Split-K is skipped, with a log line, where it does not divide both reductions it cuts.
+    """
+    cfg = model.config
+    splits = options.split_k if cuda else 1
+    if splits > 1 and (cfg.hidden_dim % splits or cfg.ffn_dim % splits):
+        log.info("split_k %d does not divide hidden_dim %d and ffn_dim %d; not splitting", splits, cfg.hidden_dim,
+                 cfg.ffn_dim)
+        splits = 1
+    for block in model.blocks:
+        if cuda and options.gelu_epilogue:
+            block.mlp = GeluEpilogueMlp(block.mlp)
+        if splits > 1:
+            block.attn.proj = SplitKLinear(block.attn.proj, splits, options.split_k_max_rows)
+            block.mlp.fc2 = SplitKLinear(block.mlp.fc2, splits, options.split_k_max_rows)
+    return InferenceDiT(model, options.joined_adaln)

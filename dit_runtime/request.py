@@ -1,0 +1,275 @@
+"""One generation request, from the HTTP edge to the sampler: what it asks for, and what a model accepts.
+
+- ``SamplingParams``: how the images are denoised (steps, sampler, guidance, eta, seed), checked on construction;
+  its defaults are the ones every model falls back to.
+- ``GenerationRequest``: the job: a class id per image, its ``SamplingParams``, the output upscale and the deadline.
+  The API builds it once; the model server, the engine and the runner read it unchanged.
+- ``ModelSpec``: what a served model accepts (its classes, resolution, defaults and the deployment's limits).
+  ``build_request`` resolves a client's fields against it and ``check`` holds a request to it: every rule about a
+  request is in this module, and each error names the API field and the allowed values.
+
+No torch here: the API's processes import this module and stay small.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Literal
+
+SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
+Sampler = Literal["ddpm", "ddim", "dpm-solver++"]
+Space = Literal["pixel", "latent"]
+
+# The paper's training schedule has 1000 timesteps; a sampler takes at most one step per timestep.
+NUM_TRAIN_TIMESTEPS = 1000
+# Guidance past this saturates the images of every model we know; a deployment may allow less (limits).
+MAX_GUIDANCE_SCALE = 20.0
+# Forward rows of a guided image: its conditional and its null-class ("unconditional") row run in the same pass.
+GUIDED_ROWS_PER_IMAGE = 2
+MAX_SEED = 2 ** 63  # seeds are in [0, MAX_SEED)
+SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")  # the API's `size`: "WxH"
+
+
+class InvalidRequestError(ValueError):
+    """A request field is out of range; ``field`` names it as the API does, the message gives the allowed values."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(message)
+        self.field = field_name
+
+    def __reduce__(self):  # pickles with its field (it crosses process boundaries)
+        return type(self), (self.field, str(self))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _in_range(value, low: float, high: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and low <= value <= high
+
+
+def check_images(n, high: int) -> None:
+    if not _is_int(n) or not 1 <= n <= high:
+        raise InvalidRequestError("n", f"n must be an integer in [1, {high}], got {n!r}")
+
+
+def check_steps(steps, high: int) -> None:
+    if not _is_int(steps) or not 1 <= steps <= high:
+        raise InvalidRequestError("num_inference_steps", f"num_inference_steps must be an integer in [1, {high}], "
+                                                         f"got {steps!r}")
+
+
+def check_guidance(scale, high: float) -> None:
+    if not _in_range(scale, 1.0, high):
+        raise InvalidRequestError("guidance_scale", f"guidance_scale must be a finite number in [1, {high:g}], "
+                                                    f"got {scale!r}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How a request's images are denoised; these defaults apply where neither the checkpoint nor the config say."""
+
+    num_inference_steps: int = 25
+    sampler: Sampler = "dpm-solver++"  # DPM-Solver++(2M): good images in 20-25 steps
+    guidance_scale: float = 2.0  # classifier-free guidance; 1 runs no null rows
+    eta: float = 0.0  # DDIM's noise: 0 is deterministic
+    seed: int | None = None  # None: the engine draws one and reports it with the images
+
+    def __post_init__(self) -> None:
+        """The bounds that hold for every model; a deployment's limits (``ModelSpec.check``) may be tighter."""
+        check_steps(self.num_inference_steps, NUM_TRAIN_TIMESTEPS)
+        if self.sampler not in SAMPLERS:
+            raise InvalidRequestError("sampler", f"sampler must be one of {', '.join(SAMPLERS)}, got "
+                                                 f"{self.sampler!r}")
+        check_guidance(self.guidance_scale, MAX_GUIDANCE_SCALE)
+        if not _in_range(self.eta, 0.0, 1.0):
+            raise InvalidRequestError("eta", f"eta must be a number in [0, 1], got {self.eta!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < MAX_SEED):
+            raise InvalidRequestError("seed", f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale != 1.0
+
+    @property
+    def rows_per_image(self) -> int:
+        """Rows one image takes in a forward pass: the rule the scheduler, the limits and the API all use."""
+        return GUIDED_ROWS_PER_IMAGE if self.guided else 1
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One job: an image per class id, all denoised with one ``SamplingParams``.
+
+    Image k's noise depends only on (seed, k), so a request gives the same images alone and in any batch.
+    """
+
+    class_ids: tuple[int, ...]
+    sampling: SamplingParams = SamplingParams()
+    upscale: int = 1  # each image enlarged this many times, nearest pixel (the API's `size`)
+    deadline: float | None = None  # Unix time (time.time()) past which it is dropped with DeadlineExceededError
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "class_ids", tuple(self.class_ids))
+        if not self.class_ids:
+            raise InvalidRequestError("n", "n must be at least 1 (a class id per image), got 0")
+        if not all(_is_int(c) and c >= 0 for c in self.class_ids):
+            raise InvalidRequestError("class_label", f"class ids must be integers >= 0, got {list(self.class_ids)!r}")
+        if not _is_int(self.upscale) or self.upscale < 1:
+            raise InvalidRequestError("size", f"upscale must be a positive integer, got {self.upscale!r}")
+
+    @classmethod
+    def of(cls, class_id: int, n: int = 1, **sampling) -> "GenerationRequest":
+        """``n`` images of one class: ``GenerationRequest.of(3, n=2, seed=1, num_inference_steps=10)``; the keyword
+        arguments are ``SamplingParams`` fields, plus ``deadline``, ``upscale`` and ``request_id``."""
+        job = {k: sampling.pop(k) for k in ("deadline", "upscale", "request_id") if k in sampling}
+        return cls((class_id,) * n, SamplingParams(**sampling), **job)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.class_ids)
+
+    @property
+    def rows(self) -> int:
+        return self.num_images * self.sampling.rows_per_image
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask of a deployment (the `limits` of serve_config.yaml, and the engine's rows)."""
+
+    max_images_per_request: int = 8
+    max_inference_steps: int = NUM_TRAIN_TIMESTEPS
+    max_guidance_scale: float = MAX_GUIDANCE_SCALE
+    max_image_side: int = 512  # pixels, after upscaling
+
+    def __post_init__(self) -> None:
+        for name in ("max_images_per_request", "max_inference_steps", "max_image_side"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not self.max_inference_steps <= NUM_TRAIN_TIMESTEPS:
+            raise ValueError(f"max_inference_steps must be at most {NUM_TRAIN_TIMESTEPS} (the training timesteps), "
+                             f"got {self.max_inference_steps}")
+        if not _in_range(self.max_guidance_scale, 1.0, MAX_GUIDANCE_SCALE):
+            raise ValueError(f"max_guidance_scale must be in [1, {MAX_GUIDANCE_SCALE:g}], got "
+                             f"{self.max_guidance_scale!r}")
+
+
+def lookup_class(class_names: tuple[str, ...] | list[str], name_or_id: str | int) -> int:
+    """A class name (any case) or id, as text or int, -> its id; a ValueError says what the model knows."""
+    if isinstance(name_or_id, str) and name_or_id.strip().isdigit() and not name_or_id.strip().isascii():
+        raise ValueError(f"{name_or_id!r}: write class ids with the digits 0-9, or give a class name")
+    if _is_int(name_or_id) or (isinstance(name_or_id, str) and name_or_id.strip().isdigit()):
+        cid = int(name_or_id)
+        if 0 <= cid < len(class_names):
+            return cid
+        raise ValueError(f"class id {cid} is out of range [0, {len(class_names) - 1}]")
+    wanted = str(name_or_id).strip().casefold()
+    for cid, name in enumerate(class_names):
+        if name.casefold() == wanted:
+            return cid
+    shown = ", ".join(repr(n) for n in class_names[:12]) + (" ..." if len(class_names) > 12 else "")
+    raise ValueError(f"unknown class {name_or_id!r}; this model knows {shown}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a served model accepts: its engine builds it once; the API in front reads it (GET /v1/models)."""
+
+    class_names: tuple[str, ...]
+    resolution: int  # side of its images in pixels
+    channels: int  # of its images as the model makes them (latent channels for a latent model)
+    space: Space
+    supports_guidance: bool  # trained with label dropout, so it has a null class
+    parameters: int
+    max_rows: int  # rows of one forward pass (the engine's max_batch_size)
+    defaults: SamplingParams  # the checkpoint's measured defaults, with the config's overrides
+    limits: RequestLimits
+
+    def build_request(self, *, prompt: str | None = None, class_label: int | list[int] | None = None, n: int = 1,
+                      size: str | None = None, num_inference_steps: int | None = None, sampler: str | None = None,
+                      guidance_scale: float | None = None, eta: float | None = None, seed: int | None = None,
+                      deadline: float | None = None) -> GenerationRequest:
+        """Resolve an API request's fields (named as in the API; None: this model's default) into a checked
+        ``GenerationRequest``; raises ``InvalidRequestError`` naming the first field out of range."""
+        if prompt is None and class_label is None:
+            raise InvalidRequestError("prompt", "give a prompt (a class name or id of the model) or class_label")
+        check_images(n, self.limits.max_images_per_request)
+        param, labels = ("class_label", class_label) if class_label is not None else ("prompt", prompt)
+        labels = labels if isinstance(labels, list) else [labels]
+        if len(labels) not in (1, n):
+            raise InvalidRequestError(param, f"{param} must be one class id or a list of n={n} ids, got "
+                                             f"{len(labels)}")
+        try:
+            class_ids = [lookup_class(self.class_names, label) for label in labels]
+        except ValueError as e:
+            raise InvalidRequestError(param, f"{param}: {e}") from None
+        sampling = self.sampling(num_inference_steps=num_inference_steps, sampler=sampler,
+                                 guidance_scale=guidance_scale, eta=eta, seed=seed)
+        request = GenerationRequest(tuple(class_ids * n if len(class_ids) == 1 else class_ids), sampling,
+                                    upscale=self.upscale_for(size), deadline=deadline)
+        self.check(request)
+        return request
+
+    def sampling(self, *, num_inference_steps: int | None = None, sampler: str | None = None,
+                 guidance_scale: float | None = None, eta: float | None = None,
+                 seed: int | None = None) -> SamplingParams:
+        """``SamplingParams`` with this model's default for every field given as None: the one place where
+        defaults are resolved. Raises ``InvalidRequestError`` with this deployment's ranges."""
+        d = self.defaults
+        steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
+        guidance = d.guidance_scale if guidance_scale is None else guidance_scale
+        check_steps(steps, self.limits.max_inference_steps)  # this deployment's ranges in the message
+        check_guidance(guidance, self.limits.max_guidance_scale)
+        return SamplingParams(num_inference_steps=steps, sampler=d.sampler if sampler is None else sampler,
+                              guidance_scale=guidance, eta=d.eta if eta is None else eta, seed=seed)
+
+    def upscale_for(self, size: str | None) -> int:
+        """The whole factor that turns this model's images into ``size`` ("WxH"; None or "auto": 1)."""
+        if size is None or size == "auto":
+            return 1
+        side, max_side = self.resolution, self.limits.max_image_side
+        m = SIZE.match(size)
+        if not m or max(int(m[1]), int(m[2])) > max_side:
+            raise InvalidRequestError("size", f"size must be 'WxH' with sides up to {max_side}, got {size!r}")
+        w, h = int(m[1]), int(m[2])
+        if w == h and w % side == 0 and w >= side:
+            return w // side
+        valid = [f"{side * k}x{side * k}" for k in range(1, max_side // side + 1)]
+        shown = ", ".join(valid[:6] + (["...", valid[-1]] if len(valid) > 7 else valid[6:]))
+        raise InvalidRequestError("size", f"size must be this model's resolution times a whole factor: one of "
+                                          f"{shown}; got {size!r}")
+
+    def check(self, request: GenerationRequest) -> None:
+        """Raise ``InvalidRequestError`` when ``request`` asks for more than this model and deployment allow."""
+        limits, s = self.limits, request.sampling
+        check_images(request.num_images, limits.max_images_per_request)
+        bad = [c for c in request.class_ids if c >= len(self.class_names)]
+        if bad:
+            raise InvalidRequestError("class_label", f"class_label must be an integer in "
+                                                     f"[0, {len(self.class_names) - 1}], got {bad[0]}")
+        check_steps(s.num_inference_steps, limits.max_inference_steps)
+        check_guidance(s.guidance_scale, limits.max_guidance_scale)
+        if s.guided and not self.supports_guidance:
+            raise InvalidRequestError("guidance_scale", "this model was trained without label dropout, so it has "
+                                                        "no null class: guidance_scale must be 1")
+        if request.rows > self.max_rows:
+            raise InvalidRequestError("n", f"n={request.num_images} with guidance_scale {s.guidance_scale:g} needs "
+                                           f"{request.rows} batch rows, but this model runs at most {self.max_rows} "
+                                           f"(a guided image takes {GUIDED_ROWS_PER_IMAGE}): ask for n <= "
+                                           f"{self.max_rows // s.rows_per_image}")
+        if self.resolution * request.upscale > limits.max_image_side:
+            raise InvalidRequestError("size", f"size must be 'WxH' with sides up to {limits.max_image_side}, got "
+                                              f"upscale {request.upscale} of {self.resolution}")
+
+    @property
+    def fingerprint(self) -> str:
+        """A short digest of everything in this spec: another value means the model was redeployed differently."""
+        return hashlib.sha1(repr(self).encode()).hexdigest()[:16]

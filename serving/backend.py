@@ -1,0 +1,227 @@
+"""What the API asks of a model, and the model behind a Ray deployment handle.
+
+``ModelBackend`` is the small protocol the API (``frontend.Frontend``) depends on: a model's ``ModelSpec``, a
+``GenerationRequest`` in and ``EncodedImages`` out (or ``Progress`` per step, for a stream), its readiness. A model
+served in the API's own process implements it directly (``model_server.LocalModel``); a model in other processes is
+reached through ``RemoteModel``. Both raise ``APIError`` for every failure, so the API has one error path.
+
+Between processes the answers travel as these typed values, never as pickled exceptions: a model server returns an
+``APIError`` instead of raising it, and ``RemoteModel`` raises it here. No torch in this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from dit_runtime.request import GenerationRequest, ModelSpec
+
+from .config import model_deployment_name
+from .errors import APIError
+
+log = logging.getLogger("ray.serve")
+
+RETRY_AFTER_UNAVAILABLE_S = 2.0
+SPEC_TIMEOUT_S = 10.0
+READY_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class EncodedImages:
+    """A finished request as the API sends it: base64 PNGs, the seed used and the engine's timings."""
+
+    b64_pngs: tuple[str, ...]
+    seed: int
+    queue_seconds: float  # submit -> admission into the batch
+    denoise_seconds: float  # admission -> last step
+    engine_seconds: float  # submit -> images ready
+    spec_fingerprint: str = ""  # of the spec the answering replica serves (RemoteModel notices a redeploy by it)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A streamed request's images finished ``step`` of ``num_steps`` denoising steps."""
+
+    step: int
+    num_steps: int
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """A model's readiness (loaded, its engine loop healthy) and its load when ready."""
+
+    ready: bool
+    detail: str | None = None
+    load: dict[str, int] = field(default_factory=dict)  # running/waiting requests and images, steps done
+
+
+class ModelBackend(Protocol):
+    """A model as the API sees it; every method raises ``APIError`` (or returns, for ``ready``)."""
+
+    async def spec(self) -> ModelSpec: ...
+
+    async def generate(self, request: GenerationRequest) -> EncodedImages: ...
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[Progress | EncodedImages]: ...
+
+    async def ready(self) -> Readiness: ...
+
+
+def unavailable(model: str, why: str) -> APIError:
+    message = f"model {model!r} has no replica able to take the request right now ({why}); retry after the " \
+              "Retry-After delay"
+    return APIError(503, message[:1000], code="model_unavailable", retry_after=RETRY_AFTER_UNAVAILABLE_S)
+
+
+def raise_if_error(value):
+    """A model server's answer: the value, or its ``APIError`` raised here."""
+    if isinstance(value, APIError):
+        raise value
+    return value
+
+
+class RemoteModel:
+    """A model deployment reached through a Ray deployment handle (the gateway's way to every model).
+
+    Its spec is fetched once and kept; every answer names the fingerprint of the spec its replica serves, and when
+    that differs (the model was redeployed with other defaults or classes) the kept spec is dropped, so requests
+    built after that answer follow the new one. At most ``cap`` requests are in flight here: past it the gateway
+    refuses at once (429) rather than queueing in Ray, which keeps refusals fast and the replicas' CPU for images.
+    """
+
+    def __init__(self, name: str, cap: int, handle: DeploymentHandle | None = None):
+        """``handle``: bound in the same application; None: the model is an application of its own, looked up by
+        name when first needed (so the gateway starts whatever order Ray deploys the applications in)."""
+        self.name, self.cap = name, cap
+        self._handle = handle
+        self._spec: ModelSpec | None = None
+        self.in_flight = 0
+
+    async def _resolve(self) -> DeploymentHandle:
+        if self._handle is None:
+            deployment = model_deployment_name(self.name)
+            try:  # asks the controller whether it exists: off the event loop
+                self._handle = await asyncio.to_thread(serve.get_deployment_handle, deployment, self.name)
+            except Exception as e:
+                raise APIError(503, f"model {self.name!r} is not deployed: no application {self.name!r} with a "
+                                    f"deployment {deployment!r} ({type(e).__name__}); retry after the Retry-After "
+                                    "delay"[:1000], code="model_unavailable",
+                               retry_after=RETRY_AFTER_UNAVAILABLE_S) from None
+        return self._handle
+
+    async def spec(self) -> ModelSpec:
+        if self._spec is None:
+            handle = await self._resolve()
+            try:
+                spec = await asyncio.wait_for(handle.spec.remote(), SPEC_TIMEOUT_S)
+            except Exception as e:
+                raise await self._error(e) from None
+            self._spec = raise_if_error(spec)
+        return self._spec
+
+    def _seen(self, answer: EncodedImages) -> EncodedImages:
+        if self._spec is not None and answer.spec_fingerprint != self._spec.fingerprint:
+            self._spec = None  # redeployed: fetch the spec again for the next request
+        return answer
+
+    def _enter(self) -> None:
+        if self.in_flight >= self.cap:
+            raise APIError(429, f"model {self.name!r} is at capacity: {self.in_flight} requests in flight (limit "
+                                f"{self.cap}); retry later", code="queue_full", retry_after=1.0)
+        self.in_flight += 1
+
+    async def generate(self, request: GenerationRequest) -> EncodedImages:
+        """The model's answer; a replica that died under the request is retried once on another (safe: nothing
+        reached the client yet, and a request gives the same images again; one without a seed, other images)."""
+        handle = await self._resolve()
+        self._enter()
+        try:
+            for attempt in (1, 2):
+                try:
+                    return self._seen(raise_if_error(await handle.generate.remote(request)))
+                except RayActorError as e:
+                    if attempt == 2:
+                        raise unavailable(self.name, type(e).__name__) from None
+                    log.warning("model %r replica died during a request (%s); retrying once", self.name, e)
+                except APIError:
+                    raise
+                except Exception as e:
+                    raise await self._error(e) from None
+        finally:
+            self.in_flight -= 1
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Progress | EncodedImages]:
+        handle = await self._resolve()
+        self._enter()
+        counted, finished = True, False
+        gen = handle.options(stream=True).generate_stream.remote(request)
+        try:
+            async for item in gen:
+                if counted:  # a stream counts against the cap until its first event
+                    self.in_flight -= 1
+                    counted = False
+                item = raise_if_error(item)
+                if isinstance(item, EncodedImages):  # the last item
+                    finished = True
+                    yield self._seen(item)
+                    return
+                yield item
+            finished = True
+        except APIError:
+            finished = True  # the model's own last word
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as e:
+            raise await self._error(e) from None
+        finally:
+            if counted:
+                self.in_flight -= 1
+            if not finished:  # the client went away: stop the model's work
+                gen.cancel()
+
+    async def ready(self) -> Readiness:
+        try:
+            handle = await self._resolve()
+            return await asyncio.wait_for(handle.ready.remote(), READY_TIMEOUT_S)
+        except APIError as e:
+            return Readiness(False, e.message)
+        except Exception as e:
+            return Readiness(False, await self._why_unavailable(e))
+
+    async def _error(self, e: Exception) -> APIError:
+        """Ray's errors of a call to the model, as the API answers them."""
+        if isinstance(e, BackPressureError):
+            return APIError(503, f"model {self.name!r} is overloaded: its replicas' request queues are full; retry "
+                                 "after the Retry-After delay", code="overloaded", retry_after=1.0)
+        if isinstance(e, (RayActorError, DeploymentUnavailableError, asyncio.TimeoutError)):
+            return unavailable(self.name, await self._why_unavailable(e))
+        log.exception("request to model %r failed", self.name)
+        return APIError(500, f"model {self.name!r} failed: {type(e).__name__}: {e}"[:1000], code="internal_error")
+
+    async def _why_unavailable(self, e: Exception) -> str:
+        """Ray's account of a deployment with no running replica (e.g. its health check naming a bad file)."""
+        handle = self._handle
+        try:
+            status = await asyncio.to_thread(serve.status)
+            deployment = status.applications[handle.app_name].deployments[handle.deployment_name]
+            # Ray's message ends with the traceback of the failed constructor or health check: keep its last line.
+            lines = [line for line in str(deployment.message).splitlines() if line.strip()]
+            state = getattr(deployment.status, "value", deployment.status)
+            return f"deployment {handle.deployment_name} is {state}: {lines[-1] if lines else 'no message'}"[:1000]
+        except Exception:
+            return f"no replica of model {self.name!r} answered: {e!r}"[:500]
+
+
+def deadline_left(request: GenerationRequest, grace_s: float) -> float:
+    """Seconds until ``request``'s deadline plus ``grace_s``: how long the API waits for a model at most."""
+    return request.deadline - time.time() + grace_s
