@@ -1,7 +1,7 @@
 """What the GPU's clock was while a benchmark timed something: nvidia-smi sampled in the background.
 
 An H200 under a sustained batch-256 load can drop its SM clock from 1,980 to about 1,590 MHz within half a second
-(docs/benchmarks.md, run 18), and every kernel then runs about 20% longer. A figure without the clock it ran at
+under its power cap, and every kernel then runs about 20% longer. A figure without the clock it ran at
 cannot be compared with another run's. ``GpuClock`` runs ``nvidia-smi --query-gpu ... -lms`` next to the benchmark,
 keeps each sample with its time, and ``window(t0, t1)`` summarises the samples taken between two ``time.time()``
 readings: the SM clock, the board power, the temperature and why the driver held the clock down, if it did.

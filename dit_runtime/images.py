@@ -79,7 +79,7 @@ def encode_png(image: np.ndarray, level: int = 1, threads: int | None = None) ->
 
     Written with numpy and zlib rather than Pillow: every row gets PNG's Up filter (the byte above subtracted,
     modulo 256, vectorised over the whole image), then a deflate at ``level`` with zlib's run-length strategy
-    (``Z_RLE``, meant for PNG data). ``scripts/png_bench.py`` on our CPU, against Pillow at the same level 1: 2.8-4.3x
+    (``Z_RLE``, meant for PNG data). Measured on our CPU against Pillow at the same level 1: 2.8-4.3x
     faster; files of real outputs 6-38% smaller (a photograph, the digits), of pure noise (a random-weight model's
     latent) 12% larger, as Pillow's adaptive filter leaves noise unfiltered. Against zlib's default strategy at the
     same level: as fast on noise and at 32x32, 1.1-1.5x faster at 128x128 and 256x256, files 7-35% smaller on real
@@ -87,7 +87,7 @@ def encode_png(image: np.ndarray, level: int = 1, threads: int | None = None) ->
 
     Images of ``PARALLEL_DEFLATE_BYTES`` and more are deflated in ``threads`` slices at once (default: up to 4, as
     many as the machine has cores), which makes the file a few bytes larger: on our 2-core CPU a 256x256 photograph
-    encodes 1.73x faster (2.57 against 4.43 ms) and 256x256 digits 1.34x (``scripts/png_bench.py``).
+    encodes 1.73x faster (2.57 against 4.43 ms) and 256x256 digits 1.34x.
     """
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in _PNG_COLOR_TYPE:
         raise ValueError(f"expected a uint8 (H, W, C) image with 1-4 channels, got {image.dtype} {image.shape}")

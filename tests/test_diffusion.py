@@ -200,9 +200,9 @@ def test_counter_noise_is_standard_normal_and_streams_are_uncorrelated():
 
 @pytest.mark.parametrize("sampler", [DDPM, DDIM])
 def test_a_step_stays_finite_when_its_variance_rounds_below_zero(sampler):
-    """1 - alpha_bar_t / alpha_bar_prev is 0 when a step repeats its timestep (dit-bench's never-finishing rows),
-    and compiled code rounded it a hair below 0 for some rows: sqrt and log of it gave NaN latents (run 26). A
-    schedule whose alpha_bar dips there makes the same rounding happen here."""
+    """1 - alpha_bar_t / alpha_bar_prev is 0 when a step repeats its timestep (a step that does not move), and
+    compiled code rounded it a hair below 0 for some rows: sqrt and log of it gave NaN latents on a GPU. A schedule
+    whose alpha_bar dips there makes the same rounding happen here."""
     import dataclasses
 
     i, num_steps = 10, 1000
