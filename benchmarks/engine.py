@@ -2,20 +2,26 @@
 
     python -m benchmarks engine --models dit-10l --batches 64 256 --rounds 5 --setups ours diffusers-compile
 
-Parts (``--parts``, all by default):
-  forward  image-steps/s and MFU of one denoising step at each batch size
-  latency  one guided image (a batch of 2 rows), 50 DDIM steps, end to end
-  load     the engine under Poisson arrivals with mixed step counts: step-level vs request-level batching vs one
-           request at a time (images/s, p50/p99 latency, ``OUT/load.png``)
+Parts (``--parts``; forward, latency and load by default):
+  forward   image-steps/s and MFU of one denoising step at each batch size
+  latency   one guided image (a batch of 2 rows), 50 DDIM steps, end to end
+  load      the engine under Poisson arrivals with mixed step counts: step-level vs request-level batching vs one
+            request at a time (images/s, p50/p99 latency, ``OUT/load.png``)
+  accuracy  one forward's relative error against fp32 in fp16, bf16 and fp8, on random non-zero weights
 
 Setups (``--setups``):
   diffusers-eager, diffusers-compile   diffusers' DiTTransformer2DModel in fp16, eager or torch.compile'd; timed
                                        per forward with CUDA events on random inputs
+  diffusers-compile-torchao-fp8        the same in bf16 with torchao's float8 (dynamic per-row activations, per-row
+                                       weights) on the blocks' attention and MLP linears, compiled: the FP8 recipe
+                                       a diffusers user can build today
   ours-eager                           our DiTModel's forward in fp16, eager, the same way
-  ours[-nofuse][-dynamic][-autotune]   the engine (fp16, compiled, CUDA graphs, the fast paths): a full batch of
-                                       never-finishing requests, timed over its steady steps; -nofuse leaves out the
-                                       GELU epilogue, -dynamic compiles one program with a symbolic batch size,
-                                       -autotune uses inductor's max_autotune GEMM search (minutes per bucket)
+  ours[-fp8][-nofuse][-dynamic][-autotune]
+                                       the engine (fp16, compiled, CUDA graphs, the fast paths): a full batch of
+                                       never-finishing requests, timed over its steady steps; -fp8 runs it in
+                                       precision fp8, -nofuse leaves out the GELU epilogue, -dynamic compiles one
+                                       program with a symbolic batch size, -autotune uses inductor's max_autotune
+                                       GEMM search (minutes per bucket)
   baseline[-...]                       the same, for the dit_runtime of another checkout (``--baseline DIR``),
                                        imported under another name: two versions of the engine, side by side
 
@@ -144,7 +150,11 @@ def engine_for(setup: str, preset: str, buckets: tuple[int, ...], max_queue: int
     if "nofuse" in flags:
         fast = importlib.import_module(package.__name__ + ".engine.fast_paths")
         extra["fast_paths"] = fast.FastPaths(gelu_epilogue=False)
-    config = engine.EngineConfig(device="cuda", dtype="float16", max_batch_size=max(buckets), batch_buckets=buckets,
+    if "precision" in engine.EngineConfig.__dataclass_fields__:
+        extra["precision"] = "fp8" if "fp8" in flags else "fp16"
+    else:  # a baseline from before precision took dtype's place
+        extra["dtype"] = "float16"
+    config = engine.EngineConfig(device="cuda", max_batch_size=max(buckets), batch_buckets=buckets,
                                  compile=True, cuda_graphs=True, compile_dynamic="dynamic" in flags,
                                  compile_options=options, max_queue_size=max(max_queue, 2 * max(buckets)), **extra)
     return engine.Engine.random_weights(preset, config).start()
@@ -204,6 +214,18 @@ def diffusers_dit(preset: str, dtype):
     return model.to("cuda", dtype).eval().requires_grad_(False)
 
 
+def torchao_fp8(model):
+    """torchao's float8 on the attention and MLP linears of diffusers' blocks (the adaLN and embedder linears stay
+    16-bit, as ours do): dynamic per-row activation scales, per-row weight scales."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    def blocks_linears(module, fqn: str) -> bool:
+        return isinstance(module, torch.nn.Linear) and fqn.startswith("transformer_blocks.") and \
+            (".attn1." in fqn or ".ff." in fqn)
+    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=blocks_linears)
+    return model
+
+
 def inputs(preset: str, batch: int, dtype):
     cfg = get_preset(preset)
     g = torch.Generator(device="cuda").manual_seed(batch)
@@ -217,10 +239,12 @@ def inputs(preset: str, batch: int, dtype):
 def build_setup(rec: Recorder, preset: str, setup: str, batches: list[int]):
     """``(make, engine)``: ``make(batch)`` is a timer, whose ``timer(iters)`` is the median seconds of one step of
     that setup at that batch; ``engine`` is the setup's started engine (None for a bare model), to stop at the end."""
-    dtype = torch.float16
+    dtype = torch.bfloat16 if setup.endswith("fp8") else torch.float16
     if setup.startswith("diffusers") or setup == "ours-eager":
         model = diffusers_dit(preset, dtype) if setup.startswith("diffusers") else random_dit(preset, dtype)
-        fn = torch.compile(model) if setup == "diffusers-compile" else model
+        if setup.endswith("torchao-fp8"):
+            model = torchao_fp8(model)
+        fn = torch.compile(model) if setup.startswith("diffusers-compile") else model
         kwargs = {"return_dict": False} if setup.startswith("diffusers") else {}
 
         def make(b):
@@ -282,6 +306,35 @@ def bench_forward(rec: Recorder, preset: str, batches: list[int], setups: list[s
             rec.add(row)
     for engine in engines:
         engine.stop()
+    torch.cuda.empty_cache()
+
+
+# ---- accuracy ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def bench_accuracy(rec: Recorder, preset: str, batch: int = 16) -> None:
+    """One forward's relative L2 error against fp32, per precision, through the engine's forward (fast paths and
+    all), with every weight drawn at random (a trained model's adaLN-Zero layers are not zero either)."""
+    import copy
+
+    from dit_runtime.engine.fast_paths import FastPaths, apply_fast_paths
+    from dit_runtime.engine.runner import COMPUTE_DTYPES
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        reference = DiTModel.from_config(get_preset(preset)).eval()
+    for p in reference.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    x, t, y = inputs(preset, batch, torch.float32)
+    expected = apply_fast_paths(copy.deepcopy(reference), FastPaths(), cuda=True)(x, t, y).float()
+    for precision in ("fp16", "bf16", "fp8"):
+        dtype = COMPUTE_DTYPES[precision]
+        model = copy.deepcopy(reference).to(dtype)
+        model.pos_embed = model.pos_embed.float()
+        forward = apply_fast_paths(model, FastPaths(), cuda=True, fp8=precision == "fp8")
+        out = forward(x.to(dtype), t, y).float()
+        rec.add({"part": "accuracy", "model": preset, "precision": precision, "batch": batch,
+                 "relative_error": round(((out - expected).norm() / expected.norm()).item(), 5)})
+        del model, forward
     torch.cuda.empty_cache()
 
 
@@ -431,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", default=["dit-10l"])
     p.add_argument("--batches", nargs="+", type=int, default=[16, 64, 256])
     p.add_argument("--setups", nargs="+", default=list(DEFAULT_SETUPS))
-    p.add_argument("--parts", nargs="+", default=["forward", "latency", "load"], choices=["forward", "latency", "load"])
+    p.add_argument("--parts", nargs="+", default=["forward", "latency", "load"],
+                   choices=["forward", "latency", "load", "accuracy"])
     p.add_argument("--baseline", help="a checkout whose dit_runtime the baseline[-...] setups run")
     p.add_argument("--rates", nargs="+", type=float, default=[20, 40, 80, 120])
     p.add_argument("--load-seconds", type=float, default=6.0)
@@ -460,6 +514,8 @@ def main(argv: list[str] | None = None) -> int:
                          "command": "python -m benchmarks engine " + " ".join(argv if argv is not None else
                                                                              sys.argv[2:])})
     for preset in args.models:
+        if "accuracy" in args.parts:
+            bench_accuracy(rec, preset)
         if "forward" in args.parts:
             bench_forward(rec, preset, args.batches, args.setups, peak, args.rounds, clock, args.profile_kernels)
         if "latency" in args.parts:

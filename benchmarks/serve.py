@@ -1,6 +1,6 @@
 """What serving adds to the engine, and the server under Poisson load.
 
-    python -m benchmarks serve --out OUT --preset dit-10l --device cuda --dtype float16 --compile --cuda-graphs
+    python -m benchmarks serve --out OUT --preset dit-10l --device cuda --precision fp16 --compile --cuda-graphs
 
 1. The engine alone, in this process: one-image requests one at a time, and what the model server's handler adds
    around the same engine (``ModelServer.generate``: no HTTP, no Ray).
@@ -44,10 +44,10 @@ def write(out: Path, name: str, row: dict) -> None:
 
 
 def model_args(a) -> dict:
-    m = {"name": a.model_name, "device": a.device, "dtype": a.dtype, "compile": a.compile,
+    m = {"name": a.model_name, "device": a.device, "precision": a.precision, "compile": a.compile,
          "cuda_graphs": a.cuda_graphs, "max_batch_size": a.max_batch_size, "max_queue_size": a.max_queue_size,
          "num_cpus": a.num_cpus, "num_gpus": 1 if a.device == "cuda" else 0, "compile_cache_dir": a.compile_cache_dir,
-         "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
+         "autoscaling": {"min_replicas": 1, "max_replicas": 1}, "batch_buckets": a.batch_buckets}
     if a.checkpoint:
         m["checkpoint"] = a.checkpoint
     else:
@@ -163,11 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="dit-10l")
     ap.add_argument("--checkpoint")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16", "fp8"])
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--cuda-graphs", action="store_true")
     ap.add_argument("--compile-cache-dir", default="/tmp/dit-compile-cache")
     ap.add_argument("--max-batch-size", type=int, default=64)
+    ap.add_argument("--batch-buckets", type=int, nargs="+", help="rows the forwards are padded to (default: powers of "
+                                                                 "two up to --max-batch-size; fewer compile faster)")
     ap.add_argument("--max-queue-size", type=int, default=1024)
     ap.add_argument("--num-cpus", type=float, default=4)
     ap.add_argument("--steps", type=int, default=25)

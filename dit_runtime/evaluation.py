@@ -79,7 +79,7 @@ def mean_pairwise_distance(features: np.ndarray) -> float:
 def eval_engine(model: DiTModel, info: CheckpointInfo, samples_per_class: int, batch_size: int = 128,
                 **config) -> Engine:
     """An engine that takes one digit's ``samples_per_class`` images as one request (guided), ``batch_size`` images
-    or that request per forward pass; ``config``: further EngineConfig fields (device, dtype, compile ...)."""
+    or that request per forward pass; ``config``: further EngineConfig fields (device, precision, compile ...)."""
     rows = max(batch_size, samples_per_class) * GUIDED_ROWS_PER_IMAGE
     limits = RequestLimits(max_images_per_request=samples_per_class, max_inference_steps=NUM_TRAIN_TIMESTEPS)
     return Engine(model, info, EngineConfig(max_batch_size=rows, max_queue_size=10 * samples_per_class,

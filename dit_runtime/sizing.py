@@ -12,7 +12,7 @@ import torch
 
 from .model import TIMESTEP_FREQ_DIM, DiTConfig, DiTModel, count_parameters
 
-BYTES_PER_PARAM = {"float32": 4, "float16": 2, "bfloat16": 2}
+BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "bf16": 2}
 # What the first model card claimed. The dimensions do not give these numbers; kept to report them as wrong.
 MODEL_CARD_CLAIMS = {"dit-10l": 390_000_000, "dit-8l": 320_000_000, "dit-6l": 250_000_000,
                      "dit-legacy-30l": 150_000_000}
@@ -40,6 +40,19 @@ def parameter_breakdown(config: DiTConfig) -> dict[str, int]:
         "total": count_parameters(model),
         "pos_embed_buffer": model.pos_embed.numel(),
     }
+
+
+def weight_bytes(config: DiTConfig) -> dict[str, int]:
+    """Weight memory in each engine precision; fp8 as the engine holds it (fast_paths.apply_fast_paths, applied on
+    the meta device): the quantized weights in one byte each with an fp32 scale per output row, the rest in bf16."""
+    from .engine.fast_paths import FastPaths, Fp8Linear, apply_fast_paths
+
+    out = {precision: n * count_parameters(build_on_meta(config)) for precision, n in BYTES_PER_PARAM.items()}
+    fp8 = apply_fast_paths(build_on_meta(config).to(torch.bfloat16), FastPaths(joined_adaln=False), cuda=False,
+                           fp8=True).model
+    quantized = [t for m in fp8.modules() if isinstance(m, Fp8Linear) for t in (m.weight, m.weight_scale)]
+    out["fp8"] = sum(t.numel() * t.element_size() for t in [*fp8.parameters(), *quantized])
+    return out
 
 
 def forward_flops(config: DiTConfig) -> dict[str, int]:
@@ -113,7 +126,7 @@ def size_report(name: str, config: DiTConfig, batch_size: int = 32) -> dict:
         "config": config.to_dict(),
         "parameters": params["total"],
         "breakdown": params,
-        "weight_bytes": {dtype: n * params["total"] for dtype, n in BYTES_PER_PARAM.items()},
+        "weight_bytes": weight_bytes(config),
         "flops_per_image": forward_flops(config),
         "training_memory": {
             "batch_size_per_gpu": batch_size,

@@ -93,7 +93,9 @@ class ModelArgs(_Args):
     vae: str | None = Field(None, description="local diffusers AutoencoderKL folder that decodes a latent-space "
                                               "checkpoint's samples into images (required for those)")
     device: Literal["cpu", "cuda"] = "cpu"
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    precision: Literal["fp32", "fp16", "bf16", "fp8"] = Field(
+        "fp32", description="fp32 on the CPU; fp16 or bf16 on a GPU; fp8: FP8 GEMMs in the blocks (Ada, Hopper or "
+                            "newer), bf16 elsewhere")
     compile: bool = False
     cuda_graphs: bool = False
     max_batch_size: int = Field(32, ge=1, description="rows per forward pass (a guided image takes two)")
@@ -122,6 +124,13 @@ class ModelArgs(_Args):
     # How long a replica that is being replaced (redeploy, downscale) may finish its requests; default: the
     # request deadline plus a margin, so a redeploy never cuts a request that could still succeed.
     graceful_shutdown_timeout_s: float | None = Field(None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, values):
+        if isinstance(values, dict) and "dtype" in values:
+            raise ValueError(f"`dtype` is now `precision`: fp32, fp16, bf16 or fp8 (got dtype {values['dtype']!r})")
+        return values
 
     @field_validator("name")
     @classmethod
@@ -161,14 +170,14 @@ class ModelArgs(_Args):
         if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_batch_size // 2:
             raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) below max_batch_size / 2 "
                              f"({self.max_batch_size // 2}) would keep the engine's batch from filling")
-        self.engine_config()  # the engine's own checks (dtype vs device, buckets ...), reported here
+        self.engine_config()  # the engine's own checks (precision vs device, buckets ...), reported here
         return self
 
     def engine_config(self, limits: Limits | None = None):
         """The engine's config for this model; ``limits`` caps what one request may ask for."""
         from dit_runtime.engine.types import EngineConfig  # imports torch: only where an engine runs
         limits = limits or Limits()
-        return EngineConfig(device=self.device, dtype=self.dtype, max_batch_size=self.max_batch_size,
+        return EngineConfig(device=self.device, precision=self.precision, max_batch_size=self.max_batch_size,
                             max_queue_size=self.max_queue_size, limits=limits.request_limits(),
                             default_inference_steps=limits.default_inference_steps, compile=self.compile,
                             cuda_graphs=self.cuda_graphs,

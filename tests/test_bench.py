@@ -3,6 +3,7 @@ steps of a full batch timed through the engine's public API."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -39,3 +40,18 @@ def test_another_checkout_runs_beside_this_one_and_its_steps_are_timed(tmp_path)
 def test_a_benchmark_request_is_one_unguided_image_of_the_asked_steps():
     request = engine_request(dit_runtime, 5, seed=3, steps=1000, sampler="ddim", guidance=1.0)
     assert request.class_ids == (5,) and request.rows == 1 and request.sampling.num_inference_steps == 1000
+
+
+def test_serving_runs_plot_side_by_side(tmp_path):
+    from PIL import Image
+
+    from benchmarks.plots import main as plot
+
+    for name, images in (("fp16", 141.2), ("fp8", 159.4)):
+        (tmp_path / name).mkdir()
+        load = [{"offered_rps": r, "images_per_s": min(r, images), "p99_ms": 200.0 * r / images} for r in (96, 160)]
+        (tmp_path / name / "summary.json").write_text(json.dumps({"load": load}))
+    out = tmp_path / "load.png"
+    assert plot([str(tmp_path / "fp16" / "summary.json"), str(tmp_path / "fp8" / "summary.json"), "--out",
+                 str(out)]) == 0
+    assert Image.open(out).size == Image.open(tmp_path / "load-throughput.png").size == (860, 500)

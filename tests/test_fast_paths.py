@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dit_runtime.engine.fast_paths import FastPaths, SplitKLinear, apply_fast_paths
+from dit_runtime.engine.fast_paths import (E4M3_MAX, FastPaths, Fp8Linear, SplitKLinear, apply_fast_paths,
+                                           check_fp8_support, quantize_rows)
 from dit_runtime.model import DiTModel, get_preset
 from model_helpers import assert_close_across_shapes, model_reordering_tolerance, randomize
 
@@ -60,3 +61,73 @@ def test_cpu_skips_the_cuda_only_paths_and_split_k_that_does_not_divide():
     not_dividing = tiny_model()
     apply_fast_paths(not_dividing, FastPaths(gelu_epilogue=False, split_k=7), cuda=True)  # 7 divides neither 32 nor 64
     assert type(not_dividing.blocks[0].attn.proj) is torch.nn.Linear
+
+
+def test_rows_quantize_to_e4m3_with_their_own_scale():
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0)) * torch.tensor([1e-3, 1, 10, 1e3, 0]).view(5, 1)
+    q, scale = quantize_rows(x)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (5, 1)
+    assert torch.equal(q.float().abs().amax(dim=1)[:4], torch.full((4,), E4M3_MAX))  # each row fills the range
+    assert torch.equal(q[4].float(), torch.zeros(64))  # an all-zero row stays zero, no division by zero
+    # e4m3 keeps 3 mantissa bits: every value within half a step (2^-4 relative) of its row's scale grid
+    rel = ((q.float() * scale - x).abs() / x.abs().amax(dim=1, keepdim=True).clamp(min=1e-30))[:4]
+    assert rel.max() <= 2 ** -4 * 1.001, rel.max()
+
+
+@torch.no_grad()
+def test_an_fp8_linear_computes_the_linear_to_e4m3_precision():
+    """Each product's two factors are rounded to e4m3, 2^-4 relative at most. On a sum of random-sign terms the
+    roundings' errors and the sum itself both grow as sqrt(K), so the output's relative L2 error stays near the
+    per-term one: sqrt(2/3) 2^-4 for two uniform roundings, under 2^-4."""
+    gen = torch.Generator().manual_seed(1)
+    linear = torch.nn.Linear(256, 96)
+    linear.weight.copy_(torch.randn(96, 256, generator=gen) * 0.05)
+    linear.bias.copy_(torch.randn(96, generator=gen))
+    linear = linear.to(torch.bfloat16)
+    x = torch.randn(64, 256, generator=gen).to(torch.bfloat16)
+    expected = torch.nn.functional.linear(x.float(), linear.weight.float(), linear.bias.float())
+    fp8 = Fp8Linear(linear)
+    assert fp8.weight.dtype == torch.float8_e4m3fn and fp8.weight_scale.shape == (1, 96)
+    out = fp8(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (64, 96)
+    rel = ((out.float() - expected).norm() / expected.norm()).item()
+    assert rel < 2 ** -4, rel
+    assert rel > 2 ** -8  # coarser than one bf16 rounding: it really did compute in e4m3
+
+
+def test_fp8_is_refused_where_it_cannot_run_saying_what_to_use():
+    with pytest.raises(ValueError, match="use fp32 on the CPU"):
+        check_fp8_support(torch.device("cpu"))
+
+
+@torch.no_grad()
+def test_the_fp8_mlp_computes_the_mlp_to_e4m3_precision():
+    model = tiny_model()
+    mlp = model.blocks[0].mlp.to(torch.bfloat16)
+    x = torch.randn(4, 16, 32, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    expected = mlp.float()(x.float())
+    out = apply_fast_paths(model.to(torch.bfloat16), FastPaths(), cuda=False, fp8=True).model.blocks[0].mlp(x)
+    rel = ((out.float() - expected).norm() / expected.norm()).item()
+    assert rel < 2 * 2 ** -4, rel  # two FP8 GEMMs in a row, each within one e4m3 rounding (see above)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_fused_gelu_quantization_kernel_matches_the_torch_ops():
+    """The Triton kernel against quantize_rows(gelu(x)) in torch: the same row scales up to the bf16 rounding the
+    torch ops apply to GELU's output (2^-8), and every value on the same or the next point of the e4m3 grid (the
+    two round slightly different inputs): one step is at most 2^-3 of the value, so of the row's amax."""
+    from dit_runtime.engine.fast_paths import gelu_quantize_rows
+    from dit_runtime.engine.kernels import gelu_quant_rows
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(300, 4096, device="cuda", generator=gen) * torch.logspace(-3, 3, 300, device="cuda")[:, None]
+    x[7] = 0  # an all-zero row quantizes to zeros
+    x = x.to(torch.bfloat16)
+    q, scale = gelu_quant_rows(x)
+    ref_q, ref_scale = gelu_quantize_rows(x)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (300, 1)
+    torch.testing.assert_close(scale, ref_scale, rtol=2 ** -8, atol=0)
+    amax = (ref_q.float() * ref_scale).abs().amax(dim=1, keepdim=True).clamp(min=1e-30)
+    assert ((q.float() * scale - ref_q.float() * ref_scale).abs() / amax).max() <= 2 ** -3
+    assert torch.equal(q[7].float(), torch.zeros(4096, device="cuda"))

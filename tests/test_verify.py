@@ -32,8 +32,15 @@ def test_json_lists_every_preset_with_the_modules_exact_parameter_count(capsys):
         assert report["parameters"] == sum(p.numel() for p in module.parameters()), name
         b = report["breakdown"]
         assert b["embeddings"] + config.num_layers * b["per_block"] + b["final_layer"] == report["parameters"]
-        assert report["weight_bytes"] == {"float32": 4 * report["parameters"], "float16": 2 * report["parameters"],
-                                          "bfloat16": 2 * report["parameters"]}
+        weights = report["weight_bytes"]
+        assert {k: weights[k] for k in ("fp32", "fp16", "bf16")} == {"fp32": 4 * report["parameters"],
+                                                                    "fp16": 2 * report["parameters"],
+                                                                    "bf16": 2 * report["parameters"]}
+        # fp8: the blocks' attention and MLP weights (4d^2 + 2d*ffn per block) at one byte plus an fp32 scale per
+        # output row (qkv 3d, proj d, fc1 ffn, fc2 d), the rest in bf16.
+        d, f, L = config.hidden_dim, config.ffn_dim, config.num_layers
+        fp8_params = L * (4 * d * d + 2 * d * f)
+        assert weights["fp8"] == fp8_params + 4 * L * (5 * d + f) + 2 * (report["parameters"] - fp8_params)
 
 
 def test_true_sizes_of_our_presets_and_the_old_cards_errors(capsys):

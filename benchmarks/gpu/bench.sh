@@ -8,6 +8,6 @@ if [ -f .bundle/install.sh ] && ! python3 -c "import diffusers" 2>/dev/null; the
   bash .bundle/install.sh /tmp/site && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.used --format=csv | tee "$OUT/gpu.txt"
-python3 -m pytest -q -s -m gpu tests/test_engine.py -p no:logging -p no:cacheprovider 2>&1 | grep -v DEBUG | tail -40 >> "$OUT/gpu.txt"
+python3 -m pytest -q -s -m gpu tests/test_engine.py tests/test_fast_paths.py -p no:logging -p no:cacheprovider 2>&1 | grep -v DEBUG | tail -40 >> "$OUT/gpu.txt"
 tail -8 "$OUT/gpu.txt"
 python3 -m benchmarks engine --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v '^{"part": "meta"'

@@ -4,8 +4,9 @@
 # Serves dit-10l (random weights, fp16, compiled, CUDA graphs) as the Docker image does (direct ingress with HAProxy,
 # Ray Serve's throughput switches) and runs `python -m benchmarks serve`: the engine alone, what serving adds at one
 # image per request on the model's route and the gateway's, Ray Serve's own floor beside it, and Poisson load.
-# LAYOUT (direct), MAX_BATCH (64), RATES (8,32,128,256 or none), SEQUENTIAL (100), STEPS (25) and GATEWAYS (4) set
-# its arguments; PORT lets two runs share a host. Bounded to under 10 minutes (BENCH_TIMEOUT, 560 s).
+# LAYOUT (direct), PRECISION (fp16, or fp8), MAX_BATCH (64), BUCKETS (powers of two), RATES (8,32,128,256 or
+# none), SEQUENTIAL (100), STEPS (25) and GATEWAYS (4) set its arguments; PORT lets two runs share a host. Bounded
+# to under 10 minutes (BENCH_TIMEOUT, 560 s).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-out/serve}
@@ -19,9 +20,10 @@ export RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=1 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv" || true
 status=0
 timeout --signal=INT "${BENCH_TIMEOUT:-560}" python3 -m benchmarks serve --out "$OUT" --model-name dit-10l \
-    --preset dit-10l --device cuda --dtype float16 --compile --cuda-graphs --max-batch-size "${MAX_BATCH:-64}" \
+    --preset dit-10l --device cuda --precision "${PRECISION:-fp16}" --compile --cuda-graphs --max-batch-size "${MAX_BATCH:-64}" \
     --steps "${STEPS:-25}" --sequential "${SEQUENTIAL:-100}" --rates "${RATES:-8,32,128,256}" \
     --gateway-replicas "${GATEWAYS:-4}" --layout "${LAYOUT:-direct}" --port "${PORT:-8000}" \
+    ${BUCKETS:+--batch-buckets $BUCKETS} \
     2>&1 | tee "$OUT/serve.log" || status=$?
 echo "[serve.sh] exit status $status; results in $OUT:" >&2
 ls -l "$OUT" >&2

@@ -1,7 +1,7 @@
 """``dit-eval``: measure a digit checkpoint against real digits (class accuracy and diversity), draw a sample grid.
 
     dit-eval --checkpoint checkpoints/digits-s.safetensors [--samples-per-class 50] [--json]
-    dit-eval --checkpoint checkpoints/digits-m.safetensors --device cuda --dtype float16 --compile --cuda-graphs
+    dit-eval --checkpoint checkpoints/digits-m.safetensors --device cuda --precision fp8 --compile --cuda-graphs
 
 The images come from the serving engine (its offline loop), configured as the flags say, so the figures hold for
 what a server with that configuration answers.
@@ -34,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=128, help="images per forward pass (at least one digit's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                   help="the engine's precision (half precisions need cuda)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "fp8"],
+                   help="the engine's precision (all but fp32 need cuda; fp8 a GPU with FP8 tensor cores)")
     p.add_argument("--compile", action="store_true", help="torch.compile the engine's step")
     p.add_argument("--cuda-graphs", action="store_true", help="capture the engine's step as CUDA graphs")
     p.add_argument("--grid", help="sample-grid PNG path (default: <checkpoint stem>-samples.png beside it)")
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, info = load_model(args.checkpoint, device=args.device)
         k = args.samples_per_class
-        engine = eval_engine(model, info, k, args.batch_size, device=args.device, dtype=args.dtype,
+        engine = eval_engine(model, info, k, args.batch_size, device=args.device, precision=args.precision,
                              compile=args.compile, cuda_graphs=args.cuda_graphs)
         # The checkpoint's measured defaults fill in what was not given, as for a request to the server.
         sampling = engine.spec.sampling(num_inference_steps=args.steps, sampler=args.sampler,

@@ -23,13 +23,14 @@ import torch
 from ..diffusion import (INITIAL_NOISE_COUNTER, SAMPLER_IDS, NoiseSchedule, counter_noise, noise_key,
                          sampler_step, timestep_at)
 from ..model import DiTModel, apply_guidance
-from .fast_paths import apply_fast_paths
+from .fast_paths import apply_fast_paths, check_fp8_support
 from .scheduler import Layout, RequestState
 from .types import EngineConfig
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The dtype of weights and activations for each precision (fp8: bf16 around the FP8 GEMMs).
+COMPUTE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
 # Steps the host may enqueue ahead of the GPU.
 _LOOKAHEAD = 2
 # Rows of the packed layout buffer: image_slot, row_image, row_label, cond_row, uncond_row.
@@ -61,10 +62,13 @@ class ModelRunner:
     def __init__(self, model: DiTModel, config: EngineConfig, clip_denoised: bool):
         self.config = config
         self.device = torch.device(config.device)
-        self.dtype = _DTYPES[config.dtype]
+        self.dtype = COMPUTE_DTYPES[config.precision]
+        fp8 = config.precision == "fp8"
+        if fp8:
+            check_fp8_support(self.device)  # before any memory is moved
         self.model = model.to(self.device, self.dtype).eval().requires_grad_(False)
         self.model.pos_embed = self.model.pos_embed.float()
-        self.forward = apply_fast_paths(self.model, config.fast_paths, cuda=self.device.type == "cuda")
+        self.forward = apply_fast_paths(self.model, config.fast_paths, cuda=self.device.type == "cuda", fp8=fp8)
         cfg = model.config
         self.image_shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
         self.learn_sigma = cfg.learn_sigma

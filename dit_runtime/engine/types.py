@@ -16,7 +16,9 @@ from ..diffusion import Spacing
 from ..request import RequestLimits
 from .fast_paths import FastPaths
 
-Precision = Literal["float32", "float16", "bfloat16"]
+# fp32 on the CPU; fp16 or bf16 on a GPU; fp8: bf16 activations with FP8 GEMMs in the blocks (fast_paths.Fp8Linear).
+Precision = Literal["fp32", "fp16", "bf16", "fp8"]
+PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 # Smallest forward batch (rows) on the CPU; see EngineConfig.buckets.
 CPU_MIN_BUCKET = 16
 
@@ -26,7 +28,7 @@ class EngineConfig:
     """How an engine runs its model. Validated at construction; errors name the field."""
 
     device: str = "cpu"
-    dtype: Precision = "float32"  # fp16/bf16 on the GPU; fp32 on the CPU
+    precision: Precision = "fp32"
     max_batch_size: int = 32  # rows per forward pass; a guided image takes two (conditional + null)
     max_queue_size: int = 256  # images waiting for admission; past it submit() raises QueueFullError
     limits: RequestLimits = RequestLimits()  # what one request may ask for
@@ -51,8 +53,10 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.dtype not in ("float32", "float16", "bfloat16"):
-            problems.append(f"dtype must be one of float32, float16, bfloat16, got {self.dtype!r}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        elif self.precision != "fp32" and not str(self.device).startswith("cuda"):
+            problems.append(f"precision {self.precision} is for an NVIDIA GPU; use fp32 on {self.device}")
         for name in ("max_batch_size", "max_queue_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -62,8 +66,6 @@ class EngineConfig:
                             f"{self.limits.max_inference_steps}], got {self.default_inference_steps!r}")
         if self.cuda_graphs and not str(self.device).startswith("cuda"):
             problems.append("cuda_graphs needs device 'cuda'")
-        if self.dtype != "float32" and not str(self.device).startswith("cuda"):
-            problems.append(f"dtype {self.dtype} is for the GPU; use float32 on {self.device}")
         if self.batching not in ("step", "request", "single"):
             problems.append(f"batching must be one of step, request, single, got {self.batching!r}")
         if self.batch_buckets is not None:

@@ -62,7 +62,7 @@ def test_gpu_config_deploys_the_three_sizes_on_gpus_in_fp16_with_cuda_graphs():
     for app, name in zip(model_apps, names):
         assert app["import_path"] == "serving.app:build_model_app" and app["route_prefix"] == f"/models/{name}"
         [m] = app["args"]["models"]
-        assert m["name"] == name and m["device"] == "cuda" and m["num_gpus"] > 0 and m["dtype"] == "float16"
+        assert m["name"] == name and m["device"] == "cuda" and m["num_gpus"] > 0 and m["precision"] == "fp16"
         assert m["compile"] and m["cuda_graphs"] and m["checkpoint"] and not m.get("allow_random_weights")
     assert gateway["import_path"] == "serving.app:build_gateway_app" and gateway["route_prefix"] == "/"
     assert gateway["args"]["models"] == [a["args"]["models"][0] for a in model_apps]
@@ -97,9 +97,11 @@ def test_random_weights_need_the_explicit_flag():
 
 @pytest.mark.parametrize("change, field", [
     ({"max_batch_size": 0}, "models[0].max_batch_size"),
-    ({"dtype": "float8"}, "models[0].dtype"),
+    ({"precision": "float8"}, "models[0].precision"),
     ({"cuda_graphs": True}, "cuda_graphs needs device 'cuda'"),
-    ({"dtype": "float16"}, "dtype float16 is for the GPU"),
+    ({"precision": "fp16"}, "precision fp16 is for an NVIDIA GPU"),
+    ({"precision": "fp8"}, "precision fp8 is for an NVIDIA GPU; use fp32 on cpu"),
+    ({"dtype": "float16"}, "`dtype` is now `precision`"),
     ({"device": "cuda"}, "num_gpus > 0"),
     ({"name": "bad/name"}, "models[0].name"),
     ({"max_ongoing_requests": 2}, "would keep the engine's batch from filling"),
