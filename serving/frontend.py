@@ -41,7 +41,7 @@ from .config import AuthArgs, Limits
 from .errors import ERROR_TYPES, APIError, invalid
 from .metrics import GatewayMetrics
 from .protocol import (ErrorResponse, ImageData, ImageGenerationRequest, ImagesResponse, ModelCard, ModelList,
-                       SamplingDefaults, Timings)
+                       ProgressEvent, SamplingDefaults, Timings)
 
 log = logging.getLogger("ray.serve")
 
@@ -309,8 +309,8 @@ class Frontend:
         try:
             while True:
                 if isinstance(item, Progress):
-                    yield _sse("image_generation.progress", {"type": "image_generation.progress",
-                                                             "step": item.step, "num_steps": item.num_steps})
+                    event = ProgressEvent(step=item.step, num_steps=item.num_steps)
+                    yield _sse(event.type, event.model_dump())
                 else:
                     yield _sse("image_generation.completed", {"type": "image_generation.completed",
                                                               **self._images_response(item, None).model_dump()})

@@ -70,7 +70,7 @@ def test_engine_matches_plain_per_request_sampling_loop(engine, sampler):
                                                        guidance_scale=3.0, eta=0.5))
     result = engine.submit(request).result(timeout=30)
     expected = reference_sample(random_model(), request)
-    # Not bit-equal: the reference runs 4-row matrix products, the engine a 16-row bucket, which BLAS may sum in
+    # Not bit-equal: the reference multiplies 4-row matrices, the engine a 16-row bucket, which BLAS may sum in
     # another order; 8 chained forwards bound the difference (tests/model_helpers.py). A wrong sampler, guidance or
     # noise stream moves the latents by far more.
     rel = np.linalg.norm(result.latents - expected) / np.linalg.norm(expected)
