@@ -6,7 +6,7 @@ import importlib
 import sys
 
 TOOLS = {"engine": "engine", "serve": "serve", "load": "loadgen", "overload": "overload", "api": "api",
-         "train-memory": "train_memory", "plot": "plots"}
+         "train-memory": "train_memory", "plot": "plots", "cache-quality": "cache_quality"}
 
 
 def main() -> int:

@@ -4,9 +4,10 @@
 
 Parts (``--parts``; forward, latency and load by default):
   forward   image-steps/s and MFU of one denoising step at each batch size
-  latency   one guided image (a batch of 2 rows), 50 DDIM steps, end to end
+  latency   one guided image (a batch of 2 rows), 50 DDIM steps, end to end, at each ``--caches`` preset
   load      the engine under Poisson arrivals with mixed step counts: step-level vs request-level batching vs one
-            request at a time (images/s, p50/p99 latency, ``OUT/load.png``)
+            request at a time, and each ``--load-caches`` mix of feature-cache presets ("half": every other
+            request balanced, the rest off) (images/s, p50/p99 latency per preset, ``OUT/load.png``)
   accuracy  one forward's relative error against fp32 in fp16, bf16 and fp8, on random non-zero weights
 
 Setups (``--setups``):
@@ -16,10 +17,11 @@ Setups (``--setups``):
                                        weights) on the blocks' attention and MLP linears, compiled: the FP8 recipe
                                        a diffusers user can build today
   ours-eager                           our DiTModel's forward in fp16, eager, the same way
-  ours[-fp8][-nofuse][-dynamic][-autotune]
+  ours[-fp8][-nofuse][-nocache][-dynamic][-autotune]
                                        the engine (fp16, compiled, CUDA graphs, the fast paths): a full batch of
                                        never-finishing requests, timed over its steady steps; -fp8 runs it in
-                                       precision fp8, -nofuse leaves out the GELU epilogue, -dynamic compiles one
+                                       precision fp8, -nofuse leaves out the GELU epilogue, -nocache keeps no
+                                       feature cache (one step function instead of three), -dynamic compiles one
                                        program with a symbolic batch size, -autotune uses inductor's max_autotune
                                        GEMM search (minutes per bucket)
   baseline[-...]                       the same, for the dit_runtime of another checkout (``--baseline DIR``),
@@ -130,12 +132,15 @@ def runtime(setup: str):
     return sys.modules[BASELINE_PACKAGE] if setup.startswith("baseline") else sys.modules["dit_runtime"]
 
 
-def engine_request(package, class_id: int, seed: int, steps: int, sampler: str, guidance: float):
-    """One image's request in ``package``'s own API (a baseline from before GenerationRequest.of takes keywords)."""
+def engine_request(package, class_id: int, seed: int, steps: int, sampler: str, guidance: float,
+                   cache: str = "off"):
+    """One image's request in ``package``'s own API (a baseline from before GenerationRequest.of takes keywords;
+    one from before feature caching takes no ``cache``)."""
     requests = importlib.import_module(package.__name__ + ".engine")
     if hasattr(requests.GenerationRequest, "of"):
+        extra = {"cache": cache} if cache != "off" else {}
         return requests.GenerationRequest.of(class_id, seed=seed, num_inference_steps=steps, sampler=sampler,
-                                             guidance_scale=guidance)
+                                             guidance_scale=guidance, **extra)
     return requests.GenerationRequest(class_labels=[class_id], num_images=1, seed=seed, num_inference_steps=steps,
                                       sampler=sampler, guidance_scale=guidance)
 
@@ -150,6 +155,8 @@ def engine_for(setup: str, preset: str, buckets: tuple[int, ...], max_queue: int
     if "nofuse" in flags:
         fast = importlib.import_module(package.__name__ + ".engine.fast_paths")
         extra["fast_paths"] = fast.FastPaths(gelu_epilogue=False)
+    if "nocache" in flags:
+        extra["feature_cache_rows"] = 0
     if "precision" in engine.EngineConfig.__dataclass_fields__:
         extra["precision"] = "fp8" if "fp8" in flags else "fp16"
     else:  # a baseline from before precision took dtype's place
@@ -340,8 +347,9 @@ def bench_accuracy(rec: Recorder, preset: str, batch: int = 16) -> None:
 
 # ---- part 2: single-image latency -----------------------------------------------------------------------------
 def bench_latency(rec: Recorder, preset: str, setups: list[str], steps: int = 50, guidance: float = 4.0,
-                  rounds: int = 3, clock: GpuClock | None = None) -> None:
-    """One guided image of ``steps`` DDIM steps, end to end, each setup timed in turn ``rounds`` x 5 times."""
+                  rounds: int = 3, clock: GpuClock | None = None, caches: tuple[str, ...] = ("off",)) -> None:
+    """One guided image of ``steps`` DDIM steps, end to end, each setup (and each of the engine's ``caches``
+    presets) timed in turn ``rounds`` x 5 times."""
     dtype = torch.float16
     calls, engines = {}, []
     for setup in setups:
@@ -349,21 +357,23 @@ def bench_latency(rec: Recorder, preset: str, setups: list[str], steps: int = 50
             continue
         try:
             if setup.startswith("diffusers"):
-                calls[setup] = _diffusers_one_image(preset, setup, steps, guidance, dtype)
+                calls[(setup, "off")] = _diffusers_one_image(preset, setup, steps, guidance, dtype)
             else:
                 engine = engine_for(setup, preset, (2,))
                 engines.append(engine)
                 package = runtime(setup)
-
-                def one_image(engine=engine, package=package):
-                    request = engine_request(package, 1, 0, steps, "ddim", guidance)
-                    engine.submit(request, progress=False).result(timeout=60)
-                calls[setup] = one_image
-            for _ in range(3):
-                calls[setup]()
+                for cache in caches if "nocache" not in setup else ("off",):
+                    def one_image(engine=engine, package=package, cache=cache):
+                        request = engine_request(package, 1, 0, steps, "ddim", guidance, cache)
+                        engine.submit(request, progress=False).result(timeout=60)
+                    calls[(setup, cache)] = one_image
+            for key in [k for k in calls if k[0] == setup]:
+                for _ in range(3):
+                    calls[key]()
         except Exception as e:
             rec.add({"part": "latency", "model": preset, "setup": setup, "error": repr(e)[:500]})
-            calls.pop(setup, None)
+            for key in [k for k in calls if k[0] == setup]:
+                calls.pop(key)
     times = collections.defaultdict(list)
     t0 = time.time()
     for _ in range(rounds):
@@ -373,8 +383,9 @@ def bench_latency(rec: Recorder, preset: str, setups: list[str], steps: int = 50
                 call()
                 times[setup].append(time.perf_counter() - start)
     seen = clock.window(t0, time.time()) if clock else {}
-    for setup, ts in times.items():
-        rec.add({"part": "latency", "model": preset, "setup": setup, "steps": steps, "guidance": guidance,
+    for (setup, cache), ts in times.items():
+        rec.add({"part": "latency", "model": preset, "setup": setup, "cache": cache, "steps": steps,
+                 "guidance": guidance,
                  "runs": len(ts), "ms_median": round(statistics.median(ts) * 1e3, 2), "ms_min": round(min(ts) * 1e3, 2),
                  **seen})
     for engine in engines:
@@ -404,7 +415,9 @@ def _diffusers_one_image(preset: str, setup: str, steps: int, guidance: float, d
 
 # ---- part 3: the engine under load ----------------------------------------------------------------------------
 def bench_load(rec: Recorder, preset: str, rates: list[float], duration: float, max_batch: int,
-               policies: list[str], buckets: tuple[int, ...]) -> None:
+               policies: list[str], buckets: tuple[int, ...], caches: tuple[str, ...] = ("off",)) -> None:
+    """Poisson arrivals of one-image guided DDIM requests of 20 or 50 steps, per batching policy and cache mix (a
+    preset for every request, or "half": every other one balanced): images/s and latency, per preset in the mix."""
     from dit_runtime.engine import QueueFullError
 
     start = time.perf_counter()
@@ -415,29 +428,38 @@ def bench_load(rec: Recorder, preset: str, rates: list[float], duration: float, 
     for policy in policies:
         # The same compiled engine for every policy; the scheduler's policy is switched while the engine is idle.
         engine.scheduler.batching = policy
-        for rate in rates:
-            rng = random.Random(int(rate * 1000))
-            handles, rejected = [], 0
-            t0 = time.monotonic()
-            next_at = t0
-            while next_at - t0 < duration:
-                delay = next_at - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                request = engine_request(sys.modules["dit_runtime"], rng.randrange(1000), rng.randrange(2 ** 31),
-                                         rng.choice([20, 50]), "ddim", 4.0)
-                try:
-                    handles.append((time.monotonic(), engine.submit(request, progress=False)))
-                except QueueFullError:
-                    rejected += 1
-                next_at += rng.expovariate(rate)
-            results = [h.result(timeout=600) for _, h in handles]
-            end = max(submitted + r.total_seconds for (submitted, _), r in zip(handles, results))
-            lat = sorted(r.total_seconds for r in results)
-            rec.add({"part": "load", "model": preset, "policy": policy, "rate": rate, "requests": len(results),
-                     "rejected": rejected, "images_per_s": round(len(results) / (end - t0), 2),
-                     "p50_s": round(_pct(lat, 50), 4), "p99_s": round(_pct(lat, 99), 4),
-                     "mean_queue_s": round(statistics.mean(r.queue_seconds for r in results), 4)})
+        for mix in caches:
+            presets = ("balanced", "off") if mix == "half" else (mix,)
+            for rate in rates:
+                rng = random.Random(int(rate * 1000))
+                handles, rejected = [], 0
+                t0 = time.monotonic()
+                next_at = t0
+                while next_at - t0 < duration:
+                    delay = next_at - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                    cache = presets[len(handles) % len(presets)]
+                    request = engine_request(sys.modules["dit_runtime"], rng.randrange(1000), rng.randrange(2 ** 31),
+                                             rng.choice([20, 50]), "ddim", 4.0, cache)
+                    try:
+                        handles.append((time.monotonic(), cache, engine.submit(request, progress=False)))
+                    except QueueFullError:
+                        rejected += 1
+                    next_at += rng.expovariate(rate)
+                results = [h.result(timeout=600) for _, _, h in handles]
+                end = max(submitted + r.total_seconds for (submitted, _, _), r in zip(handles, results))
+                lat = sorted(r.total_seconds for r in results)
+                row = {"part": "load", "model": preset, "policy": policy, "cache": mix, "rate": rate,
+                       "requests": len(results), "rejected": rejected,
+                       "images_per_s": round(len(results) / (end - t0), 2), "p50_s": round(_pct(lat, 50), 4),
+                       "p99_s": round(_pct(lat, 99), 4),
+                       "mean_queue_s": round(statistics.mean(r.queue_seconds for r in results), 4)}
+                if len(presets) > 1:
+                    for name in presets:
+                        mine = sorted(r.total_seconds for (_, c, _), r in zip(handles, results) if c == name)
+                        row[f"p50_s_{name}"], row[f"p99_s_{name}"] = round(_pct(mine, 50), 4), round(_pct(mine, 99), 4)
+                rec.add(row)
     engine.stop()
     torch.cuda.empty_cache()
 
@@ -455,7 +477,8 @@ def plot_load(rows: list[dict], path: Path) -> None:
     series = {}
     for r in rows:
         if r.get("part") == "load" and "p99_s" in r:
-            series.setdefault(f"{r['model']} {r['policy']}", []).append((r["rate"], r["p99_s"]))
+            series.setdefault(f"{r['model']} {r['policy']} cache {r.get('cache', 'off')}", []).append(
+                (r["rate"], r["p99_s"]))
     if series:
         line_plot(series, path, title="p99 latency vs offered load", xlabel="requests/s", ylabel="p99 latency (s)",
                   log_y=True)
@@ -468,13 +491,13 @@ def summary_table(rows: list[dict]) -> str:
         if r.get("part") == "forward" and "mfu" in r:
             lines.append(f"| {r['model']} | {r['setup']} | {r['batch']} | {r['ms_per_step']} | "
                          f"{r['image_steps_per_s']:,} | {r['mfu']:.1%} | {r.get('sm_mhz_median', '')} |")
-    lines += ["", "| model | setup | one image, 50 steps, guided (ms, median) |", "| --- | --- | --- |"]
-    lines += [f"| {r['model']} | {r['setup']} | {r['ms_median']} |" for r in rows
+    lines += ["", "| model | setup | cache | one image, 50 steps, guided (ms, median) |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r['model']} | {r['setup']} | {r.get('cache', 'off')} | {r['ms_median']} |" for r in rows
               if r.get("part") == "latency" and "ms_median" in r]
-    lines += ["", "| model | batching | offered req/s | images/s | p50 s | p99 s | rejected |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['model']} | {r['policy']} | {r['rate']} | {r['images_per_s']} | {r['p50_s']} | {r['p99_s']} | "
-              f"{r['rejected']} |" for r in rows if r.get("part") == "load"]
+    lines += ["", "| model | batching | cache | offered req/s | images/s | p50 s | p99 s | rejected |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['model']} | {r['policy']} | {r.get('cache', 'off')} | {r['rate']} | {r['images_per_s']} | "
+              f"{r['p50_s']} | {r['p99_s']} | {r['rejected']} |" for r in rows if r.get("part") == "load"]
     return "\n".join(lines)
 
 
@@ -492,6 +515,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load-max-batch", type=int, default=256)
     p.add_argument("--load-buckets", nargs="+", type=int, default=[4, 16, 64, 128, 256])
     p.add_argument("--policies", nargs="+", default=["step", "request", "single"])
+    p.add_argument("--caches", nargs="+", default=["off"], help="latency: the feature-cache presets to time")
+    p.add_argument("--load-caches", nargs="+", default=["off"],
+                   help="load: cache presets (or 'half': every other request balanced) to drive the engine with")
     p.add_argument("--rounds", type=int, default=3, help="time the setups in turn this many times over")
     p.add_argument("--profile-kernels", action="store_true",
                    help="forward: also sum the engine setups' kernel times per step with torch.profiler")
@@ -520,10 +546,10 @@ def main(argv: list[str] | None = None) -> int:
             bench_forward(rec, preset, args.batches, args.setups, peak, args.rounds, clock, args.profile_kernels)
         if "latency" in args.parts:
             bench_latency(rec, preset, [s for s in args.setups if not s.endswith("-nofuse")], rounds=args.rounds,
-                          clock=clock)
+                          clock=clock, caches=tuple(args.caches))
         if "load" in args.parts:
             bench_load(rec, preset, args.rates, args.load_seconds, args.load_max_batch, args.policies,
-                       tuple(args.load_buckets))
+                       tuple(args.load_buckets), tuple(args.load_caches))
     clock.close()
     (out / "bench.json").write_text(json.dumps(rec.rows, indent=1))
     try:

@@ -148,7 +148,9 @@ def evaluate(engine: Engine, classifier: DigitClassifier, *, source: str, sample
     labels = torch.arange(10).repeat_interleave(samples_per_class)  # (10k,)
     result = score_samples(samples, labels, classifier, source=source, samples_per_class=samples_per_class,
                            sampling={"sampler": sampling.sampler, "num_inference_steps": sampling.num_inference_steps,
-                                     "guidance_scale": sampling.guidance_scale, "seed": sampling.seed})
+                                     "guidance_scale": sampling.guidance_scale, "seed": sampling.seed,
+                                     "cache": sampling.cache,
+                                     "full_steps": sampling.cache_policy.full_steps(sampling.num_inference_steps)})
     result.sampling_seconds = round(seconds, 2)
     return result, samples
 

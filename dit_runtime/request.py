@@ -1,7 +1,9 @@
 """One generation request, from the HTTP edge to the sampler: what it asks for, and what a model accepts.
 
-- ``SamplingParams``: how the images are denoised (steps, sampler, guidance, eta, seed), checked on construction;
-  its defaults are the ones every model falls back to.
+- ``SamplingParams``: how the images are denoised (steps, sampler, guidance, eta, feature cache, seed), checked on
+  construction; its defaults are the ones every model falls back to.
+- ``CachePolicy``: which denoising steps run the model's blocks for an image, and how the others forecast them
+  (named presets in ``CACHE_POLICIES``; ``full_step`` is the rule the scheduler and the runner share).
 - ``GenerationRequest``: the job: a class id per image, its ``SamplingParams``, the output upscale and the deadline.
   The API builds it once; the model server, the engine and the runner read it unchanged.
 - ``ModelSpec``: what a served model accepts (its classes, resolution, defaults and the deployment's limits).
@@ -72,6 +74,66 @@ def check_guidance(scale, high: float) -> None:
 
 
 @dataclass(frozen=True)
+class CachePolicy:
+    """Feature caching for one image: which steps run the DiT's blocks, and how the steps between forecast them.
+
+    Between a warm-up and the last steps, only every ``interval``-th step runs the blocks ("full"); the others skip
+    them and forecast the blocks' residual (their output minus their input) from the full steps by a Taylor
+    expansion in the step index: order 0 reuses the last residual (FORA), order 1 extrapolates it linearly from
+    the last two full steps (TaylorSeer). The embedders and the final layer run at every step, at the step's own
+    timestep. The schedule depends only on the step index, so the scheduler knows before a step which rows run
+    the blocks and packs them into a smaller forward, with no read-back from the GPU.
+    """
+
+    interval: int = 1  # a full step every `interval` steps; 1: every step is full (no caching)
+    order: int = 0  # Taylor order of the forecast, 0..MAX_CACHE_ORDER
+    warmup_fraction: float = 0.0  # the first ceil(fraction x steps) steps are full (at least order + 1)
+    final_full_steps: int = 1  # the last steps are full: they set the details a forecast would blur
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.interval) or self.interval < 1:
+            raise ValueError(f"interval must be a positive integer, got {self.interval!r}")
+        if not _is_int(self.order) or not 0 <= self.order <= MAX_CACHE_ORDER:
+            raise ValueError(f"order must be an integer in [0, {MAX_CACHE_ORDER}], got {self.order!r}")
+        if not _in_range(self.warmup_fraction, 0.0, 1.0):
+            raise ValueError(f"warmup_fraction must be in [0, 1], got {self.warmup_fraction!r}")
+        if not _is_int(self.final_full_steps) or self.final_full_steps < 0:
+            raise ValueError(f"final_full_steps must be a non-negative integer, got {self.final_full_steps!r}")
+
+    @property
+    def caches(self) -> bool:
+        return self.interval > 1
+
+    def schedule(self, num_steps: int) -> tuple[int, int, int]:
+        """``(interval, warmup, cooldown)`` for ``full_step``: steps before ``warmup`` and from ``cooldown`` on
+        are full. Step 0 is always full, so a request's first step writes its cache before anything reads it."""
+        warmup = max(1, self.order + 1, math.ceil(self.warmup_fraction * num_steps))
+        return self.interval, warmup, num_steps - self.final_full_steps
+
+    def is_full(self, step: int, num_steps: int) -> bool:
+        return bool(full_step(step, *self.schedule(num_steps)))
+
+    def full_steps(self, num_steps: int) -> int:
+        """How many of ``num_steps`` steps run the blocks."""
+        return sum(self.is_full(step, num_steps) for step in range(num_steps))
+
+
+def full_step(step, interval, warmup, cooldown):
+    """Whether ``step`` runs the blocks: the one rule, for ints (the scheduler) and int tensors (the runner)."""
+    return (step < warmup) | (step >= cooldown) | ((step - warmup) % interval == 0)
+
+
+# Highest Taylor order a policy may use; the runner keeps this many difference terms per cached row.
+MAX_CACHE_ORDER = 1
+# The API's `cache` presets, measured on the shipped checkpoints (docs/benchmarks.md, "Feature caching").
+CACHE_POLICIES: dict[str, CachePolicy] = {
+    "off": CachePolicy(),
+    "balanced": CachePolicy(interval=2, order=1, warmup_fraction=0.1, final_full_steps=1),
+    "fast": CachePolicy(interval=3, order=1, warmup_fraction=0.1, final_full_steps=1),
+}
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How a request's images are denoised; these defaults apply where neither the checkpoint nor the config say."""
 
@@ -79,6 +141,7 @@ class SamplingParams:
     sampler: Sampler = "dpm-solver++"  # DPM-Solver++(2M): good images in 20-25 steps
     guidance_scale: float = 2.0  # classifier-free guidance; 1 runs no null rows
     eta: float = 0.0  # DDIM's noise: 0 is deterministic
+    cache: str = "off"  # a CACHE_POLICIES preset: how many steps skip the blocks
     seed: int | None = None  # None: the engine draws one and reports it with the images
 
     def __post_init__(self) -> None:
@@ -90,12 +153,19 @@ class SamplingParams:
         check_guidance(self.guidance_scale, MAX_GUIDANCE_SCALE)
         if not _in_range(self.eta, 0.0, 1.0):
             raise InvalidRequestError("eta", f"eta must be a number in [0, 1], got {self.eta!r}")
+        if self.cache not in CACHE_POLICIES:
+            raise InvalidRequestError("cache", f"cache must be one of {', '.join(CACHE_POLICIES)}, got "
+                                               f"{self.cache!r}")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < MAX_SEED):
             raise InvalidRequestError("seed", f"seed must be an integer in [0, 2**63), got {self.seed!r}")
 
     @property
     def guided(self) -> bool:
         return self.guidance_scale != 1.0
+
+    @property
+    def cache_policy(self) -> CachePolicy:
+        return CACHE_POLICIES[self.cache]
 
     @property
     def rows_per_image(self) -> int:
@@ -192,11 +262,12 @@ class ModelSpec:
     max_rows: int  # rows of one forward pass (the engine's max_batch_size)
     defaults: SamplingParams  # the checkpoint's measured defaults, with the config's overrides
     limits: RequestLimits
+    max_cache_rows: int = 0  # rows of the deployment's feature cache: 0 runs only cache "off"
 
     def build_request(self, *, prompt: str | None = None, class_label: int | list[int] | None = None, n: int = 1,
                       size: str | None = None, num_inference_steps: int | None = None, sampler: str | None = None,
-                      guidance_scale: float | None = None, eta: float | None = None, seed: int | None = None,
-                      deadline: float | None = None) -> GenerationRequest:
+                      guidance_scale: float | None = None, eta: float | None = None, cache: str | None = None,
+                      seed: int | None = None, deadline: float | None = None) -> GenerationRequest:
         """Resolve an API request's fields (named as in the API; None: this model's default) into a checked
         ``GenerationRequest``; raises ``InvalidRequestError`` naming the first field out of range."""
         if prompt is None and class_label is None:
@@ -212,14 +283,14 @@ class ModelSpec:
         except ValueError as e:
             raise InvalidRequestError(param, f"{param}: {e}") from None
         sampling = self.sampling(num_inference_steps=num_inference_steps, sampler=sampler,
-                                 guidance_scale=guidance_scale, eta=eta, seed=seed)
+                                 guidance_scale=guidance_scale, eta=eta, cache=cache, seed=seed)
         request = GenerationRequest(tuple(class_ids * n if len(class_ids) == 1 else class_ids), sampling,
                                     upscale=self.upscale_for(size), deadline=deadline)
         self.check(request)
         return request
 
     def sampling(self, *, num_inference_steps: int | None = None, sampler: str | None = None,
-                 guidance_scale: float | None = None, eta: float | None = None,
+                 guidance_scale: float | None = None, eta: float | None = None, cache: str | None = None,
                  seed: int | None = None) -> SamplingParams:
         """``SamplingParams`` with this model's default for every field given as None: the one place where
         defaults are resolved. Raises ``InvalidRequestError`` with this deployment's ranges."""
@@ -229,7 +300,8 @@ class ModelSpec:
         check_steps(steps, self.limits.max_inference_steps)  # this deployment's ranges in the message
         check_guidance(guidance, self.limits.max_guidance_scale)
         return SamplingParams(num_inference_steps=steps, sampler=d.sampler if sampler is None else sampler,
-                              guidance_scale=guidance, eta=d.eta if eta is None else eta, seed=seed)
+                              guidance_scale=guidance, eta=d.eta if eta is None else eta,
+                              cache=d.cache if cache is None else cache, seed=seed)
 
     def upscale_for(self, size: str | None) -> int:
         """The whole factor that turns this model's images into ``size`` ("WxH"; None or "auto": 1)."""
@@ -260,6 +332,11 @@ class ModelSpec:
         if s.guided and not self.supports_guidance:
             raise InvalidRequestError("guidance_scale", "this model was trained without label dropout, so it has "
                                                         "no null class: guidance_scale must be 1")
+        if s.cache_policy.caches and request.rows > self.max_cache_rows:
+            why = ("this deployment keeps no feature cache (feature_cache_rows: 0)" if not self.max_cache_rows else
+                   f"n={request.num_images} needs {request.rows} rows of the feature cache, which holds "
+                   f"{self.max_cache_rows}")
+            raise InvalidRequestError("cache", f"cache must be one of {', '.join(self.cache_policies)} here: {why}")
         if request.rows > self.max_rows:
             raise InvalidRequestError("n", f"n={request.num_images} with guidance_scale {s.guidance_scale:g} needs "
                                            f"{request.rows} batch rows, but this model runs at most {self.max_rows} "
@@ -268,6 +345,11 @@ class ModelSpec:
         if self.resolution * request.upscale > limits.max_image_side:
             raise InvalidRequestError("size", f"size must be 'WxH' with sides up to {limits.max_image_side}, got "
                                               f"upscale {request.upscale} of {self.resolution}")
+
+    @property
+    def cache_policies(self) -> tuple[str, ...]:
+        """The `cache` presets this deployment runs."""
+        return tuple(CACHE_POLICIES) if self.max_cache_rows else ("off",)
 
     @property
     def fingerprint(self) -> str:

@@ -101,6 +101,11 @@ class ModelArgs(_Args):
     max_batch_size: int = Field(32, ge=1, description="rows per forward pass (a guided image takes two)")
     max_queue_size: int = Field(256, ge=1, description="images waiting for a batch slot; past it, 429")
     batch_buckets: list[int] | None = None
+    default_cache: str = Field("off", description="the `cache` preset of a request that names none: off, "
+                                                  "balanced or fast (docs/benchmarks.md has their quality and speed)")
+    feature_cache_rows: int | None = Field(None, ge=0, description="image rows whose feature cache the replica "
+                                                                   "holds at once; default: max_batch_size; 0: none "
+                                                                   "(requests may then ask only for cache off)")
     compile_cache_dir: str | None = None
     compile_options: dict | None = Field(None, description="inductor options for the engine's torch.compile, e.g. "
                                                            "{max_autotune: true} (minutes of GEMM search at start)")
@@ -183,7 +188,8 @@ class ModelArgs(_Args):
                             cuda_graphs=self.cuda_graphs,
                             batch_buckets=tuple(self.batch_buckets) if self.batch_buckets else None,
                             compile_cache_dir=self.compile_cache_dir, compile_options=self.compile_options,
-                            compile_dynamic=self.compile_dynamic)
+                            compile_dynamic=self.compile_dynamic, default_cache=self.default_cache,
+                            feature_cache_rows=self.feature_cache_rows)
 
     @property
     def ongoing_requests_cap(self) -> int:

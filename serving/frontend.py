@@ -252,7 +252,8 @@ class Frontend:
                 request = spec.build_request(prompt=body.prompt, class_label=body.class_label, n=body.n,
                                              size=body.size, num_inference_steps=body.num_inference_steps,
                                              sampler=body.sampler, guidance_scale=body.guidance_scale,
-                                             seed=body.seed, deadline=time.time() + self.limits.request_timeout_s)
+                                             cache=body.cache, seed=body.seed,
+                                             deadline=time.time() + self.limits.request_timeout_s)
             except InvalidRequestError as e:
                 raise invalid(e.field, str(e)) from None
             if body.stream:
@@ -351,10 +352,11 @@ class Frontend:
                          class_names=list(spec.class_names), supports_guidance=spec.supports_guidance,
                          parameters=spec.parameters, max_batch_size=spec.max_rows,
                          defaults=SamplingDefaults(num_inference_steps=d.num_inference_steps, sampler=d.sampler,
-                                                   guidance_scale=d.guidance_scale),
+                                                   guidance_scale=d.guidance_scale, cache=d.cache),
                          max_images_per_request=limits.max_images_per_request,
                          max_inference_steps=limits.max_inference_steps,
-                         max_guidance_scale=limits.max_guidance_scale)
+                         max_guidance_scale=limits.max_guidance_scale,
+                         cache_policies=list(spec.cache_policies))
 
     async def healthz(self) -> dict:
         return {"status": "ok"}

@@ -1,6 +1,7 @@
 """Prometheus metrics through Ray's metrics pipeline (``ray.serve.metrics``).
 
-Names carry a ``dit_`` prefix and base units (seconds, ratios); our labels are ``model`` and ``status`` only. Ray adds
+Names carry a ``dit_`` prefix and base units (seconds, ratios); our labels are ``model``, ``status``, and on the
+feature cache's counter ``cache`` (the preset) and ``blocks`` (computed or skipped). Ray adds
 ``ray_`` in front of every custom metric name (``dit_request_latency_seconds`` is scraped as
 ``ray_dit_request_latency_seconds_bucket``) and its own process tags (``application``, ``deployment``, ``replica``,
 ``SessionName``, ``NodeAddress`` ...), and exports them on each node's metrics export port next to the
@@ -49,14 +50,23 @@ class EngineMetrics:
         self.images = Counter("dit_images_generated_total", "Images generated", tag_keys=("model",))
         self.running = Gauge("dit_requests_running", "Requests in the engine's batch", tag_keys=("model",))
         self.waiting = Gauge("dit_requests_waiting", "Requests waiting for a batch slot", tag_keys=("model",))
+        # Rows x steps by the request's `cache` preset and whether the blocks ran or were forecast: the share
+        # skipped is blocks="skipped" over both.
+        self.block_rows = Counter("dit_block_row_steps_total", "Image rows per step that ran the DiT's blocks "
+                                  "(blocks=computed) or forecast them from the feature cache (blocks=skipped)",
+                                  tag_keys=("model", "cache", "blocks"))
         for metric in (self.queue_wait, self.denoise, self.step, self.occupancy, self.images, self.running,
-                       self.waiting):
+                       self.waiting, self.block_rows):
             metric.set_default_tags({"model": model})  # a fresh dict: Ray adds its own tags to it
 
     def on_step(self, stats) -> None:
         """The engine's per-step observer (runs on the engine thread): ``stats`` is a StepStats."""
         self.step.observe(stats.duration_seconds)
         self.occupancy.observe(stats.rows / self.max_batch_size)
+        for cache, computed, skipped in stats.rows_by_cache:
+            for blocks, rows in (("computed", computed), ("skipped", skipped)):
+                if rows:
+                    self.block_rows.inc(rows, tags={"cache": cache, "blocks": blocks})
         self.set_load(stats.running_requests, stats.waiting_requests)
 
     def on_result(self, result) -> None:

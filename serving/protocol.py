@@ -1,7 +1,8 @@
 """HTTP schemas: OpenAI's images API (``POST /v1/images/generations``) plus our extension fields.
 
 The official ``openai`` client sends ``model``, ``prompt``, ``n``, ``size``, ``response_format`` and ``user``; our
-extensions (``class_label``, ``seed``, ``num_inference_steps``, ``guidance_scale``, ``sampler``, ``stream``) travel as
+extensions (``class_label``, ``seed``, ``num_inference_steps``, ``guidance_scale``, ``sampler``, ``cache``,
+``stream``) travel as
 extra body fields (``extra_body=...``). These schemas check types and shapes only: every bound (the ones all models
 share and a deployment's limits) is checked in one place, ``dit_runtime.request``, when the API builds the request,
 and the ranges below are its constants, shown in the schema for clients.
@@ -13,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dit_runtime.request import MAX_GUIDANCE_SCALE, MAX_SEED, NUM_TRAIN_TIMESTEPS, SAMPLERS, Sampler
+from dit_runtime.request import CACHE_POLICIES, MAX_GUIDANCE_SCALE, MAX_SEED, NUM_TRAIN_TIMESTEPS, SAMPLERS, Sampler
 
 
 class ImageGenerationRequest(BaseModel):
@@ -47,6 +48,10 @@ class ImageGenerationRequest(BaseModel):
                                          json_schema_extra={"minimum": 1, "maximum": MAX_GUIDANCE_SCALE})
     sampler: str | None = Field(None, max_length=32, description=f"one of {', '.join(SAMPLERS)}; default: the "
                                                                  "model's")
+    cache: str | None = Field(None, max_length=32,
+                              description=f"feature caching: one of {', '.join(CACHE_POLICIES)} (the model card's "
+                                          "cache_policies); the steps between full ones forecast the blocks' output "
+                                          "instead of computing it; default: the model's")
 
 
 class ImageData(BaseModel):
@@ -84,6 +89,7 @@ class SamplingDefaults(BaseModel):
     num_inference_steps: int
     sampler: Sampler
     guidance_scale: float
+    cache: str
 
 
 class ModelCard(BaseModel):
@@ -107,6 +113,7 @@ class ModelCard(BaseModel):
     max_images_per_request: int | None = None
     max_inference_steps: int | None = None
     max_guidance_scale: float | None = None
+    cache_policies: list[str] | None = Field(None, description="the `cache` presets this deployment runs")
 
 
 class ModelList(BaseModel):

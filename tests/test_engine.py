@@ -14,6 +14,7 @@ from dit_runtime.engine import (DeadlineExceededError, Engine, EngineConfig, Gen
                                 InvalidRequestError, QueueFullError, RequestCancelledError, SamplingParams, StepEvent)
 from dit_runtime.engine.runner import ModelRunner
 from dit_runtime.model import DiTModel, get_preset
+from dit_runtime.request import CACHE_POLICIES
 from model_helpers import model_reordering_tolerance
 
 
@@ -317,11 +318,11 @@ def test_failed_forward_fails_its_requests_and_the_engine_keeps_serving():
     eng = make_engine()
     real_execute, calls = eng.runner.execute, []
 
-    def flaky(bucket):
+    def flaky(bucket, compute):
         calls.append(bucket)
         if len(calls) == 2:
             raise RuntimeError("CUDA error: an illegal memory access (simulated)")
-        real_execute(bucket)
+        real_execute(bucket, compute)
 
     eng.runner.execute = flaky
     with eng:
@@ -351,20 +352,24 @@ def test_health_fails_when_the_loop_dies():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("precision", ["fp16", "bf16", "fp8"])
-def test_gpu_compiled_graphs_match_fp32_and_never_recompile(precision):
+@pytest.mark.parametrize("cache_rows", [None, 0])
+def test_gpu_compiled_graphs_match_fp32_and_never_recompile(precision, cache_rows):
     """Half precision + torch.compile + CUDA graphs against fp32 eager on the same requests.
 
     Bound: relative L2 error of the final samples under 1% (fp16) / 3% (bf16) / 10% (fp8). One rounding of a
     unit value costs 2^-11 (fp16), 2^-8 (bf16) or 2^-4 (e4m3, with bf16 around the GEMMs); 20 sampler steps of a
     2-layer model accumulate a few hundred such roundings, with partial cancellation (a GEMM averages its inputs'
     roundings over K terms), so errors of 1e-3 (fp16), 1e-2 (bf16) and a few 1e-2 (fp8) are expected and anything
-    near 1 would mean a wrong kernel.
+    near 1 would mean a wrong kernel. With a feature cache (``cache_rows`` None) the requests mix its presets: the
+    step's three compiled parts against the same schedule in fp32.
     """
     from torch._dynamo.utils import counters
 
+    presets = list(CACHE_POLICIES) if cache_rows is None else ["off"]
+
     def requests(eng):
-        handles = [eng.submit(GenerationRequest.of(i, n=1 + i % 2, seed=i,
-                                                num_inference_steps=20)) for i in range(5)]
+        handles = [eng.submit(GenerationRequest.of(i, n=1 + i % 2, seed=i, num_inference_steps=20,
+                                                   cache=presets[i % len(presets)])) for i in range(5)]
         return np.concatenate([h.result(timeout=300).latents for h in handles])
 
     def engine(config):
@@ -372,15 +377,16 @@ def test_gpu_compiled_graphs_match_fp32_and_never_recompile(precision):
         info = CheckpointInfo(config=model.config, class_names=default_class_names(10), space="latent")
         return Engine(model, info, config).start()
 
-    ref_engine = engine(EngineConfig(device="cuda", precision="fp32", max_batch_size=8))
+    ref_engine = engine(EngineConfig(device="cuda", precision="fp32", max_batch_size=8))  # with a feature cache
     ref = requests(ref_engine)
     ref_engine.stop()
     fast_engine = engine(EngineConfig(device="cuda", precision=precision, max_batch_size=8, compile=True,
-                                      cuda_graphs=True))
+                                      cuda_graphs=True, feature_cache_rows=cache_rows))
     compiled_after_warmup = sum(counters["stats"].values()), dict(counters["frames"])
     fast = requests(fast_engine)
     fast_engine.stop()
-    assert set(fast_engine.runner._graphs) == set(fast_engine.config.buckets)
+    runner = fast_engine.runner
+    assert set(runner._graphs) == {(part, b) for part in runner.parts for b in fast_engine.config.buckets}
     assert (sum(counters["stats"].values()), dict(counters["frames"])) == compiled_after_warmup, \
         "torch.compile recompiled after warm-up"
     rel = float(np.linalg.norm(fast - ref) / np.linalg.norm(ref))

@@ -68,7 +68,8 @@ def test_dit_eval_runs_on_a_small_checkpoint(tmp_path, capsys):
     assert load_model(path)[1].default_sampling.sampler == "ddim"
     code = dit_eval(["--checkpoint", str(path), "--samples-per-class", "3", "--json"])
     out = json.loads(capsys.readouterr().out)
-    assert out["sampling"] == {"sampler": "ddim", "num_inference_steps": 3, "guidance_scale": 1.5, "seed": 0}
+    assert out["sampling"] == {"sampler": "ddim", "num_inference_steps": 3, "guidance_scale": 1.5, "seed": 0,
+                               "cache": "off", "full_steps": 3}
     assert out["samples_per_class"] == 3 and len(out["per_class_accuracy"]) == 10
     assert out["classifier_held_out_accuracy"] >= MIN_CLASSIFIER_ACCURACY
     assert out["real_diversity"] > 0

@@ -43,6 +43,20 @@ def test_fast_paths_compute_the_same_function_and_keep_the_checkpoint_layout():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("joined_adaln", [True, False])
+def test_embed_blocks_head_compose_to_the_forward(joined_adaln):
+    """The three parts a feature-cached step runs apart are the forward: the blocks' adaLN and the final layer's
+    become GEMMs of their own, so equal up to the reordering bound."""
+    model = tiny_model()
+    x, t, y = tiny_inputs(model)
+    reference = model(x, t, y)
+    fast = apply_fast_paths(model, FastPaths(joined_adaln=joined_adaln), cuda=False)
+    tokens, c = fast.embed(x, t, y)
+    assert_close_across_shapes(fast.head(fast.blocks(tokens, c), c), reference,
+                               model_reordering_tolerance(model.config))
+
+
+@torch.no_grad()
 def test_loading_weights_after_joining_adaln_reaches_the_joined_gemm():
     model = tiny_model()
     fast = apply_fast_paths(model, FastPaths(), cuda=False)

@@ -2,6 +2,7 @@
 
     dit-eval --checkpoint checkpoints/digits-s.safetensors [--samples-per-class 50] [--json]
     dit-eval --checkpoint checkpoints/digits-m.safetensors --device cuda --precision fp8 --compile --cuda-graphs
+    dit-eval --checkpoint checkpoints/digits-s.safetensors --cache balanced
 
 The images come from the serving engine (its offline loop), configured as the flags say, so the figures hold for
 what a server with that configuration answers.
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from ..checkpoint import CheckpointError, load_model, load_state_dict, save_checkpoint
 from ..engine import InvalidRequestError
+from ..request import CACHE_POLICIES
 from ..evaluation import (MIN_CLASSIFIER_ACCURACY, MIN_DIVERSITY_RATIO, MIN_SAMPLE_ACCURACY, eval_engine, evaluate,
                           save_sample_grid, train_digit_classifier)
 from ..request import SAMPLERS
@@ -31,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=SAMPLERS, help="default: the checkpoint's recorded default")
     p.add_argument("--steps", type=int, help="num_inference_steps; default: the checkpoint's recorded default")
     p.add_argument("--guidance", type=float, help="guidance_scale; default: the checkpoint's recorded default")
+    p.add_argument("--cache", choices=list(CACHE_POLICIES), default="off",
+                   help="feature-caching preset (default off): the steps between full ones forecast the blocks")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=128, help="images per forward pass (at least one digit's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -50,8 +54,10 @@ def format_table(result) -> str:
     d = result.to_dict()
     lines = [f"checkpoint: {result.checkpoint}",
              f"sampling: {result.sampling['sampler']}, {result.sampling['num_inference_steps']} steps, guidance "
-             f"{result.sampling['guidance_scale']:g}, seed {result.sampling['seed']}; "
-             f"{result.samples_per_class} samples per class in {result.sampling_seconds:.1f}s",
+             f"{result.sampling['guidance_scale']:g}, seed {result.sampling['seed']}, cache "
+             f"{result.sampling['cache']} (blocks run at {result.sampling['full_steps']} of "
+             f"{result.sampling['num_inference_steps']} steps); {result.samples_per_class} samples per class in "
+             f"{result.sampling_seconds:.1f}s",
              f"classifier (RBF SVM on real digits): held-out accuracy {result.classifier_held_out_accuracy:.1%}",
              "",
              "class  accuracy  diversity  real diversity",
@@ -93,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                              compile=args.compile, cuda_graphs=args.cuda_graphs)
         # The checkpoint's measured defaults fill in what was not given, as for a request to the server.
         sampling = engine.spec.sampling(num_inference_steps=args.steps, sampler=args.sampler,
-                                        guidance_scale=args.guidance, seed=args.seed)
+                                        guidance_scale=args.guidance, cache=args.cache, seed=args.seed)
     except (CheckpointError, InvalidRequestError, ValueError) as e:
         print(f"dit-eval: {e}", file=sys.stderr)
         return 2

@@ -187,7 +187,8 @@ class Engine:
         self.spec = self._spec(model, info, config)
         clip = config.clip_denoised if config.clip_denoised is not None else info.space == "pixel"
         self.runner = ModelRunner(model, config, clip_denoised=clip)
-        self.scheduler = Scheduler(config.max_batch_size, config.buckets, model.config.null_class, config.batching)
+        self.scheduler = Scheduler(config.max_batch_size, config.buckets, model.config.null_class, config.batching,
+                                   cache_rows=config.cache_rows)
         self.on_step = on_step
         self._decode = decode if decode is not None else (to_uint8 if info.space == "pixel" else None)
         self._handles: dict[int, RequestHandle] = {}  # by id() of the request's state
@@ -210,6 +211,7 @@ class Engine:
         defaults = info.default_sampling
         if config.default_inference_steps is not None:
             defaults = replace(defaults, num_inference_steps=config.default_inference_steps)
+        defaults = replace(defaults, cache=config.default_cache)
         cfg, limits = model.config, config.limits
         for name, value, bound in (("num_inference_steps", defaults.num_inference_steps, limits.max_inference_steps),
                                    ("guidance_scale", defaults.guidance_scale, limits.max_guidance_scale)):
@@ -220,7 +222,7 @@ class Engine:
         return ModelSpec(class_names=tuple(info.class_names), resolution=cfg.input_size, channels=cfg.in_channels,
                          space=info.space, supports_guidance=cfg.supports_guidance,
                          parameters=count_parameters(model), max_rows=config.max_batch_size, defaults=defaults,
-                         limits=limits)
+                         limits=limits, max_cache_rows=config.cache_rows)
 
     @classmethod
     def from_checkpoint(cls, path, config: EngineConfig = EngineConfig(), **kwargs) -> "Engine":
@@ -376,7 +378,7 @@ class Engine:
         if plan.layout_changed:
             self.runner.set_layout(plan.layout)
         try:
-            self.runner.execute(plan.layout.bucket)
+            self.runner.execute(plan.layout.bucket, plan.compute_bucket)
         except Exception as e:  # a failed forward fails the requests in it, not the engine or the queue
             log.exception("engine step failed")
             for state, err in self.scheduler.abort_running(EngineError(f"generation failed: {e}")):
@@ -395,7 +397,9 @@ class Engine:
         self._steps_done += 1
         if self.on_step is not None:
             self.on_step(StepStats(duration_seconds=now - start, rows=plan.layout.rows, bucket=plan.layout.bucket,
-                                   images=plan.layout.images, running_requests=len(self.scheduler.running),
+                                   images=plan.layout.images, compute_rows=plan.compute_rows,
+                                   compute_bucket=plan.compute_bucket, rows_by_cache=plan.rows_by_cache,
+                                   running_requests=len(self.scheduler.running),
                                    waiting_requests=len(self.scheduler.waiting),
                                    waiting_images=self.scheduler.waiting_images))
 

@@ -15,7 +15,7 @@ their names, so ``state_dict()`` is unchanged) and returns ``InferenceDiT``, the
   embedders, the adaLN modulation and the final layer stay in bf16. Under torch.compile the row's amax and its
   quantization fuse into the kernel that produces the row (LayerNorm + modulate, GELU, attention's output).
 
-This module is the seam for the inference-only changes still to come (feature caches).
+Feature caching (feature_cache.py) runs ``InferenceDiT``'s three parts apart, the blocks over the rows that need them.
 """
 
 from __future__ import annotations
@@ -181,17 +181,24 @@ class JoinedAdaLN(nn.Module):
             layer.bias = nn.Parameter(bias[start:start + size], requires_grad=False)
             start += size
 
-    def forward(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return F.linear(F.silu(c), self.weight, self.bias).split(self.sizes, dim=1)  # per layer (N, 6D) .. (N, 2D)
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        """(N, D) -> every layer's adaLN output side by side (N, 6D per block + 2D for the final layer)."""
+        return F.linear(F.silu(c), self.weight, self.bias)
 
 
 class InferenceDiT(nn.Module):
-    """The forward the engine runs: ``DiTModel.forward`` with the adaLN GEMMs joined (and swapped modules inside)."""
+    """The forward the engine runs: ``DiTModel.forward`` with the adaLN GEMMs joined (and swapped modules inside).
+
+    ``embed``, ``blocks`` and ``head`` are the same function in three parts, for a step whose rows do not all run the
+    blocks (feature caching): ``head(blocks(*embed(x, t, y)), c)`` with ``c`` the conditioning ``embed`` returned.
+    The blocks' adaLN runs in ``blocks``, so a row that skips the blocks skips their modulation too.
+    """
 
     def __init__(self, model: DiTModel, joined_adaln: bool):
         super().__init__()
         self.model = model
         self.adaln = JoinedAdaLN(model) if joined_adaln else None
+        self.sizes = [block.adaLN_modulation[-1].out_features for block in model.blocks]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x: (N, C, H, W), t: (N,), y: (N,) -> (N, C_out, H, W), as DiTModel.forward."""
@@ -199,10 +206,32 @@ class InferenceDiT(nn.Module):
         if self.adaln is None:
             return m(x, t, y)
         x = m.x_embedder(x) + m.pos_embed.to(x.dtype)  # (N, T, D)
-        modulations = self.adaln(m.condition(t, y).to(x.dtype))
+        modulations = self.adaln(m.condition(t, y).to(x.dtype)).split(self.adaln.sizes, dim=1)
         for block, modulation in zip(m.blocks, modulations):
             x = block.modulated(x, modulation)  # (N, T, D)
         return m.unpatchify(m.final_layer.modulated(x, modulations[-1]))  # (N, C_out, H, W)
+
+    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The work before the blocks: tokens (N, T, D) and the conditioning c (N, D)."""
+        m = self.model
+        return m.x_embedder(x) + m.pos_embed.to(x.dtype), m.condition(t, y).to(x.dtype)
+
+    def blocks(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Tokens (N, T, D) through every block, modulated by c (N, D) -> (N, T, D)."""
+        blocks = self.model.blocks
+        if self.adaln is None:
+            modulations = [block.adaLN_modulation(c) for block in blocks]
+        else:  # the blocks' rows of the joined weight, in one GEMM
+            width = sum(self.sizes)
+            modulations = F.linear(F.silu(c), self.adaln.weight[:width], self.adaln.bias[:width]).split(self.sizes, 1)
+        for block, modulation in zip(blocks, modulations):
+            h = block.modulated(h, modulation)
+        return h
+
+    def head(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The blocks' output (N, T, D) through the final layer, modulated by c (N, D) -> (N, C_out, H, W)."""
+        final = self.model.final_layer
+        return self.model.unpatchify(final.modulated(h, final.adaLN_modulation(c)))
 
 
 def apply_fast_paths(model: DiTModel, options: FastPaths, cuda: bool, fp8: bool = False) -> InferenceDiT:

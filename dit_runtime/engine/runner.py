@@ -9,12 +9,18 @@ reads and writes). One step, for a bucket of B rows, is a single function of tho
 
 It has static shapes per bucket, reads its per-step layout from a device buffer that changes only when requests
 join or leave, and makes no host synchronisation, so it compiles with torch.compile and captures as a CUDA graph.
+
+With a feature cache (feature_cache.py) a step is three such functions: ``_embed`` (bucket B: tokens, adaLN, which
+rows run the blocks), ``_blocks`` (bucket C: the rows that do, gathered, through the blocks; their cache entries
+updated) and ``_head`` (bucket B: the other rows' forecast, the final layer, guidance and the sampler step). The
+scheduler picks C from the same rule the device applies (``request.full_step``), so nothing is read back.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections import deque
 
@@ -23,7 +29,9 @@ import torch
 from ..diffusion import (INITIAL_NOISE_COUNTER, SAMPLER_IDS, NoiseSchedule, counter_noise, noise_key,
                          sampler_step, timestep_at)
 from ..model import DiTModel, apply_guidance
+from ..request import full_step
 from .fast_paths import apply_fast_paths, check_fp8_support
+from .feature_cache import FeatureCache
 from .scheduler import Layout, RequestState
 from .types import EngineConfig
 
@@ -33,8 +41,8 @@ log = logging.getLogger(__name__)
 COMPUTE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
 # Steps the host may enqueue ahead of the GPU.
 _LOOKAHEAD = 2
-# Rows of the packed layout buffer: image_slot, row_image, row_label, cond_row, uncond_row.
-_LAYOUT_ROWS = 5
+# Rows of the packed layout buffer: image_slot, row_image, row_label, cond_row, uncond_row, row_cache, row_real.
+_LAYOUT_ROWS = 7
 
 
 def use_compile_cache_dir(path: str) -> None:
@@ -54,6 +62,18 @@ def use_compile_cache_dir(path: str) -> None:
     except ImportError:  # a torch without it: the variable alone
         return
     clear_caches()
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes a new allocation can take on ``device``: the GPU's free memory, or the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:  # MemAvailable: what the kernel can hand out without swapping
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):  # not Linux: no bound known here
+        return sys.maxsize
 
 
 class ModelRunner:
@@ -87,8 +107,11 @@ class ModelRunner:
         self.key = torch.zeros(n, 2, dtype=torch.int64, device=dev)
         self.layout = torch.zeros(_LAYOUT_ROWS, max(config.buckets), dtype=torch.int64, device=dev)
         self._in_flight: deque[torch.cuda.Event] = deque()
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._step_fn = self._step
+        self._graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}
+        self.cache = None
+        if config.cache_rows:
+            self._init_cache(config.cache_rows, max(config.buckets))
+        self._fns = {"step": self._step, "embed": self._embed, "blocks": self._blocks, "head": self._head}
         if config.compile:
             if config.compile_cache_dir:
                 use_compile_cache_dir(config.compile_cache_dir)
@@ -96,18 +119,56 @@ class ModelRunner:
             # the same _step, so each adds its own allowance (past the limit, fullgraph=True fails hard).
             name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
             setattr(torch._dynamo.config, name, getattr(torch._dynamo.config, name) + 2 * len(config.buckets))
-            self._step_fn = torch.compile(self._step, fullgraph=True, dynamic=bool(config.compile_dynamic),
-                                          options=dict(config.compile_options) if config.compile_options else None)
+            options = dict(config.compile_options) if config.compile_options else None
+            self._fns = {name: torch.compile(fn, fullgraph=True, dynamic=bool(config.compile_dynamic),
+                                             options=options) for name, fn in self._fns.items()}
+
+    def _init_cache(self, rows: int, max_bucket: int) -> None:
+        """The feature cache's pool and the buffers that carry a step between its three parts."""
+        cfg, dev = self.model.config, self.device
+        n = self.config.max_batch_size + 1
+        per_row = FeatureCache.bytes_per_row(cfg.num_tokens, cfg.hidden_dim, self.dtype)
+        # The pool (+ its scratch entry) and the two token buffers between the step's parts.
+        needed = (rows + 1) * per_row + 2 * (max_bucket + 1) * cfg.num_tokens * cfg.hidden_dim * self.model.pos_embed \
+            .new_empty((), dtype=self.dtype).element_size()
+        free = free_memory(dev)
+        if needed > free:
+            raise ValueError(f"feature_cache_rows {rows} needs {needed / 2**30:.2f} GiB ({per_row / 2**20:.2f} MiB per "
+                             f"cached row, plus the step's token buffers), but {dev} has {free / 2**30:.2f} GiB "
+                             "free: lower feature_cache_rows (0 turns the cache off) or max_batch_size")
+        log.info("feature cache: %d rows x %.2f MiB = %.1f MiB", rows, per_row / 2**20, rows * per_row / 2**20)
+        self.cache = FeatureCache(rows, cfg.num_tokens, cfg.hidden_dim, self.dtype, dev)
+        # Per slot: the image's cache schedule (request.full_step's arguments) and Taylor order; off by default.
+        self.cache_interval = torch.ones(n, dtype=torch.int64, device=dev)
+        self.cache_warmup = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.cache_cooldown = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.cache_order = torch.zeros(n, dtype=torch.int64, device=dev)
+        tokens = (max_bucket + 1, cfg.num_tokens, cfg.hidden_dim)  # + a row that discarded writes go to
+        self.tokens_in = torch.zeros(tokens, dtype=self.dtype, device=dev)
+        self.tokens_out = torch.zeros(tokens, dtype=self.dtype, device=dev)
+        self.condition = torch.zeros(max_bucket, cfg.hidden_dim, dtype=self.dtype, device=dev)
+        self.row_full = torch.zeros(max_bucket, dtype=torch.bool, device=dev)
+        self.row_step = torch.zeros(max_bucket, dtype=torch.int64, device=dev)
 
     # ---- the step ---------------------------------------------------------------------------------------------
     def _step(self, bucket: int) -> None:
         """One denoising step for ``bucket`` image positions and ``bucket`` rows, in place on the state buffers."""
-        image_slot, row_image, row_label, cond_row, uncond_row = self.layout[:, :bucket].unbind(0)  # (B,) each
+        image_slot, row_image, row_label = self.layout[:3, :bucket].unbind(0)  # (B,) each
         x = self.x[image_slot]  # (B, C, H, W) fp32
+        t = self._timesteps(image_slot)
+        out = self.forward(x[row_image].to(self.dtype), t[row_image], row_label)  # (B, C_out, H, W)
+        self._denoise(bucket, x, out)
+
+    def _timesteps(self, image_slot: torch.Tensor) -> torch.Tensor:
+        return timestep_at(self.step_index[image_slot], self.num_steps[image_slot], self.schedule.num_timesteps,
+                           self.config.spacing)  # (B,)
+
+    def _denoise(self, bucket: int, x: torch.Tensor, out: torch.Tensor) -> None:
+        """Guidance and the sampler step for the image positions, given the rows' model output ``out``."""
+        image_slot, _, _, cond_row, uncond_row = self.layout[:5, :bucket].unbind(0)
         step = self.step_index[image_slot]
         num_steps = self.num_steps[image_slot]
-        t = timestep_at(step, num_steps, self.schedule.num_timesteps, self.config.spacing)  # (B,)
-        out = self.forward(x[row_image].to(self.dtype), t[row_image], row_label).float()  # (B, C_out, H, W)
+        out = out.float()
         # Per image position: its conditional and null rows (the same row when unguided, where the scale is 1).
         model_output = apply_guidance(out[cond_row], out[uncond_row], self.guidance[image_slot], self.image_shape[0])
         noise = counter_noise(self.key[image_slot], step, self.image_shape)
@@ -118,8 +179,51 @@ class ModelRunner:
         self.prev_x0[image_slot] = result.x0
         self.step_index[image_slot] = step + 1
 
-    def execute(self, bucket: int) -> None:
-        """Run one step on the current layout (asynchronous on the GPU).
+    # ---- the step in three parts, with the feature cache --------------------------------------------------------
+    def _embed(self, bucket: int) -> None:
+        """Tokens and conditioning of the B rows, and which of them run the blocks this step."""
+        image_slot, row_image, row_label = self.layout[:3, :bucket].unbind(0)
+        row_real = self.layout[6, :bucket].bool()
+        x = self.x[image_slot]
+        t = self._timesteps(image_slot)
+        tokens, c = self.forward.embed(x[row_image].to(self.dtype), t[row_image], row_label)
+        self.tokens_in[:bucket] = tokens
+        self.condition[:bucket] = c
+        slot = image_slot[row_image]  # (B,) each row's image slot
+        step = self.step_index[slot]
+        full = full_step(step, self.cache_interval[slot], self.cache_warmup[slot], self.cache_cooldown[slot])
+        self.row_full.zero_()
+        self.row_full[:bucket] = full & row_real
+        self.row_step[:bucket] = step
+
+    def _blocks(self, compute: int) -> None:
+        """The rows that run the blocks, packed into ``compute`` rows; their outputs and cache entries written."""
+        full = self.row_full  # (B_max,)
+        rows = full.shape[0]
+        # Compact the full rows' indices to the front: row i goes to place cumsum - 1; the rest to a spare place.
+        place = torch.where(full, full.cumsum(0) - 1, compute)
+        index = torch.zeros(compute + 1, dtype=torch.int64, device=full.device)
+        index = index.scatter(0, place, torch.arange(rows, device=full.device))[:compute]  # (C,)
+        real = torch.arange(compute, device=full.device) < full.sum()  # (C,) places beyond the count are padding
+        tokens = self.tokens_in[index]  # (C, T, D)
+        out = self.forward.blocks(tokens, self.condition[index])  # (C, T, D)
+        self.tokens_out[torch.where(real, index, rows)] = out
+        entry = torch.where(real, self.layout[5][index], self.cache.scratch)  # (C,)
+        self.cache.update(entry, out - tokens, self.row_step[index])
+
+    def _head(self, bucket: int) -> None:
+        """The final layer over the B rows: computed blocks' output where a row ran them, its forecast elsewhere."""
+        image_slot, row_image = self.layout[:2, :bucket].unbind(0)
+        entry = self.layout[5, :bucket]
+        tokens = self.tokens_in[:bucket]
+        forecast = tokens + self.cache.forecast(entry, self.row_step[:bucket], self.cache_order[image_slot[row_image]])
+        hidden = torch.where(self.row_full[:bucket].view(-1, 1, 1), self.tokens_out[:bucket], forecast)
+        out = self.forward.head(hidden, self.condition[:bucket])  # (B, C_out, H, W)
+        self._denoise(bucket, self.x[image_slot], out)
+
+    def execute(self, bucket: int, compute: int | None = None) -> None:
+        """Run one step on the current layout (asynchronous on the GPU); with a feature cache, ``compute`` is the
+        bucket of the rows that run the blocks (0: none does).
 
         The host may run at most ``_LOOKAHEAD`` steps ahead of the GPU: enough to keep it fed, few enough that
         progress events and step timings describe work that has actually been done. Waiting on an old step's
@@ -127,30 +231,46 @@ class ModelRunner:
         """
         if self._in_flight and len(self._in_flight) >= _LOOKAHEAD:
             self._in_flight.popleft().synchronize()
-        graph = self._graphs.get(bucket)
-        if graph is not None:
-            graph.replay()
+        if self.cache is None:
+            self._run("step", bucket)
         else:
-            self._step_fn(bucket)
+            self._run("embed", bucket)
+            if compute:
+                self._run("blocks", compute)
+            self._run("head", bucket)
         if self.device.type == "cuda":
             done = torch.cuda.Event()
             done.record()
             self._in_flight.append(done)
+
+    def _run(self, part: str, bucket: int) -> None:
+        graph = self._graphs.get((part, bucket))
+        if graph is not None:
+            graph.replay()
+        else:
+            self._fns[part](bucket)
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The functions one step runs, each compiled and captured per bucket."""
+        return ("step",) if self.cache is None else ("embed", "blocks", "head")
 
     # ---- plan bookkeeping -------------------------------------------------------------------------------------
     def set_layout(self, layout: Layout) -> None:
         """Upload the rows/images layout; called only when requests joined or left."""
         host = torch.zeros_like(self.layout, device="cpu", pin_memory=self.device.type == "cuda")
         for i, values in enumerate((layout.image_slot, layout.row_image, layout.row_label, layout.cond_row,
-                                    layout.uncond_row)):
+                                    layout.uncond_row, layout.row_cache)):
             host[i, :layout.bucket] = torch.tensor(values, dtype=torch.int64)
+        host[6, :layout.rows] = 1  # row_real: the rows before the padding
         self.layout.copy_(host, non_blocking=True)
 
     def admit(self, states: list[RequestState]) -> None:
         """Initialise the slots of newly admitted requests: initial noise and their sampler settings."""
-        slots, keys, steps, samplers, etas, guidance = [], [], [], [], [], []
+        slots, keys, steps, samplers, etas, guidance, schedules = [], [], [], [], [], [], []
         for state in states:
             s = state.request.sampling
+            schedule = (*s.cache_policy.schedule(s.num_inference_steps), s.cache_policy.order)
             for image_index, slot in enumerate(state.slots):
                 slots.append(slot)
                 keys.append(noise_key(state.seed, image_index))
@@ -158,6 +278,7 @@ class ModelRunner:
                 samplers.append(SAMPLER_IDS[s.sampler])
                 etas.append(float(s.eta))
                 guidance.append(float(s.guidance_scale))
+                schedules.append(schedule)
         if not slots:
             return
         dev = self.device
@@ -172,6 +293,10 @@ class ModelRunner:
         self.sampler[idx] = torch.tensor(samplers, dtype=torch.int64).to(dev, non_blocking=True)
         self.eta[idx] = torch.tensor(etas).to(dev, non_blocking=True)
         self.guidance[idx] = torch.tensor(guidance).to(dev, non_blocking=True)
+        if self.cache is not None:
+            values = torch.tensor(schedules, dtype=torch.int64).to(dev, non_blocking=True)  # (images, 4)
+            for i, buffer in enumerate((self.cache_interval, self.cache_warmup, self.cache_cooldown, self.cache_order)):
+                buffer[idx] = values[:, i]
 
     def read_samples(self, slots: list[int]) -> torch.Tensor:
         """Copy the finished samples of ``slots`` to the host (non-blocking on the GPU; wait on an event)."""
@@ -186,17 +311,20 @@ class ModelRunner:
     # ---- start-up ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def warm_up(self) -> dict[int, float]:
-        """Compile (and capture) every bucket once, on scratch state; returns seconds per bucket."""
+        """Compile (and capture) every bucket of every part once, on scratch state; returns seconds per bucket."""
         timings = {}
         saved = [t.clone() for t in self._state_tensors()]
         for bucket in self.config.buckets:
             start = time.perf_counter()
             self.layout.zero_()
             self.layout[0, :bucket] = self.config.max_batch_size  # every position on the scratch slot
+            if self.cache is not None:
+                self.layout[5] = self.cache.scratch
             self.num_steps.fill_(1)
-            self._step_fn(bucket)
-            if self.config.cuda_graphs:
-                self._capture(bucket)
+            for part in self.parts:
+                self._fns[part](bucket)
+                if self.config.cuda_graphs:
+                    self._capture(part, bucket)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             timings[bucket] = time.perf_counter() - start
@@ -205,17 +333,18 @@ class ModelRunner:
             tensor.copy_(value)
         return timings
 
-    def _capture(self, bucket: int) -> None:
+    def _capture(self, part: str, bucket: int) -> None:
+        fn = self._fns[part]
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):  # let the allocator and autotuning settle before capture
-                self._step_fn(bucket)
+                fn(bucket)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool()):
-            self._step_fn(bucket)
-        self._graphs[bucket] = graph
+            fn(bucket)
+        self._graphs[(part, bucket)] = graph
 
     def _pool(self):
         if not hasattr(self, "_graph_pool"):

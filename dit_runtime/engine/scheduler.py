@@ -1,9 +1,11 @@
 """The scheduler: plain Python that decides which images run in the next step. No tensors here.
 
 Each step the scheduler drops cancelled and expired requests, admits waiting requests in FIFO order while their
-rows fit (``GenerationRequest.rows``), and lays out the forward pass: which slot each
-image position reads, which rows belong to which image. The runner executes that plan; ``update`` then advances
-every running request by one step and retires the finished ones at once.
+rows fit (``GenerationRequest.rows``; a caching request also needs its rows of the feature cache's pool), and lays
+out the forward pass: which slot each image position reads, which rows belong to which image, which cache entry
+each row owns, and how many rows run the blocks this step (``CachePolicy``'s rule, the one the runner applies on
+the device). The runner executes that plan; ``update`` then advances every running request by one step and
+retires the finished ones at once, returning their slots and cache entries.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class RequestState:
     seed: int  # the request's, or the one the engine drew for it
     submitted_at: float  # time.monotonic()
     slots: list[int] = field(default_factory=list)
+    cache_entries: list[int] = field(default_factory=list)  # one per row while it holds feature-cache rows
     step: int = 0
     admitted_at: float | None = None
     cancelled: bool = False
@@ -41,6 +44,16 @@ class RequestState:
     def done(self) -> bool:
         return self.step >= self.request.sampling.num_inference_steps
 
+    @property
+    def caches(self) -> bool:
+        return self.request.sampling.cache_policy.caches
+
+    @property
+    def full_step(self) -> bool:
+        """Whether this request's rows run the blocks at its current step."""
+        s = self.request.sampling
+        return s.cache_policy.is_full(self.step, s.num_inference_steps)
+
 
 @dataclass
 class Layout:
@@ -48,7 +61,8 @@ class Layout:
 
     image_slot[i]: state slot of image position i (``dummy_slot`` for padding); row_image[r]: image position that
     row r reads; row_label[r]: its class label (the null class for guidance rows and padding);
-    cond_row[i] / uncond_row[i]: the rows holding image i's conditional and null outputs (equal when unguided).
+    cond_row[i] / uncond_row[i]: the rows holding image i's conditional and null outputs (equal when unguided);
+    row_cache[r]: the feature-cache entry row r owns (the pool's scratch entry for rows without one, and padding).
     """
 
     bucket: int
@@ -59,6 +73,7 @@ class Layout:
     row_label: list[int]
     cond_row: list[int]
     uncond_row: list[int]
+    row_cache: list[int]
 
 
 @dataclass
@@ -70,13 +85,16 @@ class StepPlan:
     aborted: list[tuple[RequestState, EngineError]]  # left the engine without finishing
     layout: Layout | None  # None when nothing runs
     layout_changed: bool
+    compute_rows: int = 0  # real rows that run the blocks this step
+    compute_bucket: int = 0  # those rows after padding (0: none)
+    rows_by_cache: tuple[tuple[str, int, int], ...] = ()  # per `cache` preset: (preset, computed, skipped) rows
 
 
 class Scheduler:
     """FIFO admission into a fixed number of rows, with a bounded waiting queue."""
 
     def __init__(self, max_rows: int, buckets: tuple[int, ...], null_class: int,
-                 batching: Literal["step", "request", "single"] = "step"):
+                 batching: Literal["step", "request", "single"] = "step", cache_rows: int = 0):
         self.max_rows = max_rows
         self.buckets = buckets
         self.null_class = null_class
@@ -86,6 +104,9 @@ class Scheduler:
         self.waiting: deque[RequestState] = deque()
         self.running: list[RequestState] = []
         self._free_slots = list(range(self.num_slots - 1, -1, -1))  # pop() gives the lowest slot
+        self.cache_rows = cache_rows
+        self.cache_scratch = cache_rows  # the entry of rows without a cache, and of padding
+        self._free_entries = list(range(cache_rows - 1, -1, -1))
         self._layout: Layout | None = None
         self._changed = True
 
@@ -138,8 +159,14 @@ class Scheduler:
             self._changed = True
         if self._changed:
             self._layout = self._make_layout() if self.running else None
+        by_cache: dict[str, list[int]] = {}  # preset -> [rows that run the blocks, rows that forecast them]
+        for state in self.running:
+            by_cache.setdefault(state.request.sampling.cache, [0, 0])[0 if state.full_step else 1] += state.rows
+        compute = sum(computed for computed, _ in by_cache.values())
         plan = StepPlan(admitted=admitted, running=list(self.running), aborted=aborted, layout=self._layout,
-                        layout_changed=self._changed)
+                        layout_changed=self._changed, compute_rows=compute,
+                        compute_bucket=next(b for b in self.buckets if b >= compute) if compute else 0,
+                        rows_by_cache=tuple((name, c, f) for name, (c, f) in sorted(by_cache.items())))
         self._changed = False
         return plan
 
@@ -152,10 +179,13 @@ class Scheduler:
             head = self.waiting[0]
             if self.batching == "single" and (self.running or admitted):
                 break
-            if rows + head.rows > self.max_rows or head.num_images > len(self._free_slots):
+            entries = head.rows if head.caches else 0
+            if rows + head.rows > self.max_rows or head.num_images > len(self._free_slots) \
+                    or entries > len(self._free_entries):
                 break  # FIFO: nothing overtakes the head of the queue
             self.waiting.popleft()
             head.slots = [self._free_slots.pop() for _ in range(head.num_images)]
+            head.cache_entries = [self._free_entries.pop() for _ in range(entries)]
             head.admitted_at = now
             rows += head.rows
             self.running.append(head)
@@ -166,27 +196,32 @@ class Scheduler:
         images = self.running_images
         rows = sum(s.rows for s in self.running)
         bucket = next(b for b in self.buckets if b >= rows)
-        image_slot, row_image, row_label = [], [], []
-        guided_images = []
+        image_slot, row_image, row_label, row_cache = [], [], [], []
+        guided_images = []  # (image position, its null row's cache entry)
         for state in self.running:
-            for slot, label in zip(state.slots, state.request.class_ids):
+            entries = state.cache_entries or [self.cache_scratch] * state.rows
+            n = state.num_images
+            for k, (slot, label) in enumerate(zip(state.slots, state.request.class_ids)):
                 if state.request.sampling.guided:
-                    guided_images.append(len(image_slot))
+                    guided_images.append((len(image_slot), entries[n + k]))
                 image_slot.append(slot)
                 row_image.append(len(row_image))
                 row_label.append(label)
+                row_cache.append(entries[k])
         cond_row = list(range(images))
         uncond_row = list(range(images))
-        for i in guided_images:  # null rows follow the conditional ones
+        for i, entry in guided_images:  # null rows follow the conditional ones
             uncond_row[i] = len(row_image)
             row_image.append(i)
             row_label.append(self.null_class)
+            row_cache.append(entry)
         pad_images, pad_rows = bucket - images, bucket - rows
         return Layout(bucket=bucket, rows=rows, images=images,
                       image_slot=image_slot + [self.dummy_slot] * pad_images,
                       row_image=row_image + [0] * pad_rows,
                       row_label=row_label + [self.null_class] * pad_rows,
-                      cond_row=cond_row + [0] * pad_images, uncond_row=uncond_row + [0] * pad_images)
+                      cond_row=cond_row + [0] * pad_images, uncond_row=uncond_row + [0] * pad_images,
+                      row_cache=row_cache + [self.cache_scratch] * pad_rows)
 
     def update(self, plan: StepPlan) -> list[RequestState]:
         """Advance every request that ran by one step; return (and release) the finished ones."""
@@ -204,9 +239,17 @@ class Scheduler:
         return finished
 
     def _release(self, state: RequestState) -> None:
-        """Return a request's slots to the pool; ``state.slots`` still names them so its output can be read."""
+        """Return a request's slots and cache entries to their pools; ``state.slots`` still names its slots so its
+        output can be read."""
         self._free_slots.extend(state.slots)
         self._free_slots.sort(reverse=True)
+        self._free_entries.extend(state.cache_entries)
+        self._free_entries.sort(reverse=True)
+        state.cache_entries = []
+
+    @property
+    def free_cache_rows(self) -> int:
+        return len(self._free_entries)
 
     def abort_running(self, error: EngineError) -> list[tuple[RequestState, EngineError]]:
         """Remove the running requests (their step failed); the waiting ones stay queued."""

@@ -13,7 +13,7 @@ from typing import Literal
 import numpy as np
 
 from ..diffusion import Spacing
-from ..request import RequestLimits
+from ..request import CACHE_POLICIES, RequestLimits
 from .fast_paths import FastPaths
 
 # fp32 on the CPU; fp16 or bf16 on a GPU; fp8: bf16 activations with FP8 GEMMs in the blocks (fast_paths.Fp8Linear).
@@ -33,6 +33,7 @@ class EngineConfig:
     max_queue_size: int = 256  # images waiting for admission; past it submit() raises QueueFullError
     limits: RequestLimits = RequestLimits()  # what one request may ask for
     default_inference_steps: int | None = None  # overrides the checkpoint's measured default when set
+    default_cache: str = "off"  # the `cache` preset of a request that names none (request.CACHE_POLICIES)
     compile: bool = False  # torch.compile the step function
     # False: one compiled program per bucket, specialised to its row count (static shapes); True: one program with
     # a symbolic batch size serves every bucket. Static was 2.5% faster at 256 rows and the same for one image
@@ -44,6 +45,10 @@ class EngineConfig:
     fast_paths: FastPaths = FastPaths()  # joined adaLN; on CUDA also the GELU epilogue and split-K (fast_paths.py)
     cuda_graphs: bool = False  # capture each bucket's step as a CUDA graph (needs device=cuda)
     batch_buckets: tuple[int, ...] | None = None  # row counts forwards are padded to; default powers of two
+    # Image rows whose feature cache (a request's `cache` other than "off") the engine holds at once, each
+    # FeatureCache.bytes_per_row of device memory; None: every row of a full batch. A caching request waits while
+    # the rows are taken. 0: no feature cache; a step is then one function, and requests must ask for cache "off".
+    feature_cache_rows: int | None = None
     spacing: Spacing = "trailing"
     clip_denoised: bool | None = None  # clip x0 to [-1, 1]; default: on for pixel-space models
     compile_cache_dir: str | None = None  # inductor/FX cache, so a restart does not recompile
@@ -64,10 +69,18 @@ class EngineConfig:
                 1 <= self.default_inference_steps <= self.limits.max_inference_steps:
             problems.append(f"default_inference_steps must be in [1, limits.max_inference_steps = "
                             f"{self.limits.max_inference_steps}], got {self.default_inference_steps!r}")
+        if self.default_cache not in CACHE_POLICIES:
+            problems.append(f"default_cache must be one of {', '.join(CACHE_POLICIES)}, got {self.default_cache!r}")
+        elif CACHE_POLICIES[self.default_cache].caches and self.cache_rows == 0:
+            problems.append(f"default_cache {self.default_cache} needs a feature cache, but feature_cache_rows is 0")
         if self.cuda_graphs and not str(self.device).startswith("cuda"):
             problems.append("cuda_graphs needs device 'cuda'")
         if self.batching not in ("step", "request", "single"):
             problems.append(f"batching must be one of step, request, single, got {self.batching!r}")
+        rows = self.feature_cache_rows
+        if rows is not None and (not isinstance(rows, int) or not 0 <= rows <= self.max_batch_size):
+            problems.append(f"feature_cache_rows must be an integer in [0, max_batch_size = {self.max_batch_size}], "
+                            f"got {self.feature_cache_rows!r}")
         if self.batch_buckets is not None:
             if not self.batch_buckets or any(b < 1 for b in self.batch_buckets):
                 problems.append(f"batch_buckets must be positive row counts, got {self.batch_buckets!r}")
@@ -76,6 +89,11 @@ class EngineConfig:
                                 f"({self.max_batch_size})")
         if problems:
             raise ValueError("invalid engine config: " + "; ".join(problems))
+
+    @property
+    def cache_rows(self) -> int:
+        """Rows of the feature cache's pool (0: none)."""
+        return self.max_batch_size if self.feature_cache_rows is None else self.feature_cache_rows
 
     @property
     def buckets(self) -> tuple[int, ...]:
@@ -141,6 +159,9 @@ class StepStats:
     rows: int  # real rows in the forward (images + null rows)
     bucket: int  # rows after padding
     images: int  # images that advanced one step
+    compute_rows: int  # real rows that ran the blocks (the others forecast them from their feature cache)
+    compute_bucket: int  # those rows after padding (0: the blocks did not run)
+    rows_by_cache: tuple[tuple[str, int, int], ...]  # per `cache` preset in the step: (preset, computed, skipped)
     running_requests: int
     waiting_requests: int
     waiting_images: int

@@ -24,7 +24,7 @@ SPEC = ModelSpec(class_names=("zero", "one", "two", "three"), resolution=16, cha
                  supports_guidance=True, parameters=1000, max_rows=8,
                  defaults=SamplingParams(num_inference_steps=7, sampler="ddim", guidance_scale=3.0),
                  limits=RequestLimits(max_images_per_request=4, max_inference_steps=50, max_guidance_scale=10.0,
-                                      max_image_side=64))
+                                      max_image_side=64), max_cache_rows=4)
 
 
 class FakeModel:
@@ -81,6 +81,12 @@ def test_a_request_reaches_the_model_once_resolved_against_its_spec(api, model):
     assert started + Limits().request_timeout_s <= request.deadline <= time.time() + Limits().request_timeout_s
 
 
+def test_the_cache_preset_travels_with_the_request(api, model):
+    r = call(api, "POST", "/v1/images/generations", json={"prompt": "1", "n": 2, "cache": "fast"})
+    assert r.status_code == 200, r.text
+    assert model.requests[0].sampling.cache == "fast"
+
+
 @pytest.mark.parametrize("body, param, needle", [
     ({"prompt": "3", "n": 5}, "n", "[1, 4]"),
     ({"prompt": "3", "num_inference_steps": 51}, "num_inference_steps", "[1, 50]"),
@@ -90,6 +96,8 @@ def test_a_request_reaches_the_model_once_resolved_against_its_spec(api, model):
     ({"prompt": "3", "size": "48x32"}, "size", "16x16, 32x32, 48x48, 64x64"),
     ({"prompt": "3", "sead": 1}, "sead", "unknown field"),
     ({"prompt": "3", "n": "two"}, "n", "valid integer"),
+    ({"prompt": "3", "cache": "turbo"}, "cache", "off, balanced, fast"),
+    ({"prompt": "3", "n": 3, "cache": "balanced"}, "cache", "6 rows of the feature cache, which holds 4"),
 ])
 def test_bad_fields_are_refused_before_the_model_is_asked(api, model, body, param, needle):
     r = call(api, "POST", "/v1/images/generations", json=body)
@@ -148,7 +156,8 @@ def test_two_apis_in_one_process_keep_their_own_limits_and_keys(model, monkeypat
 def test_models_and_readiness_come_from_the_spec(api):
     card = call(api, "GET", "/v1/models/fake").json()
     assert card["status"] == "ready" and card["class_names"][3] == "three" and card["resolution"] == [16, 16]
-    assert card["defaults"] == {"num_inference_steps": 7, "sampler": "ddim", "guidance_scale": 3.0}
+    assert card["defaults"] == {"num_inference_steps": 7, "sampler": "ddim", "guidance_scale": 3.0, "cache": "off"}
+    assert card["cache_policies"] == ["off", "balanced", "fast"]
     assert card["max_images_per_request"] == 4
     assert call(api, "GET", "/readyz").json() == {"status": "ready", "models": {
         "fake": {"ready": True, "detail": None, "load": {"running_requests": 0}}}}
