@@ -130,20 +130,6 @@ def test_app_builder_refuses_a_bad_config_naming_the_field():
         build_app(raw)
 
 
-def test_kuberay_manifest_embeds_the_gpu_config():
-    """deploy/rayservice.yaml's serveConfigV2 is serve_config.gpu.yaml's app, checkpoints baked in at /app."""
-    manifest = yaml.safe_load((ROOT / "deploy" / "rayservice.yaml").read_text())
-    assert manifest["kind"] == "RayService" and manifest["apiVersion"] == "ray.io/v1"
-    embedded = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"]
-    shipped = yaml.safe_load((ROOT / "serve_config.gpu.yaml").read_text())["applications"]
-    for app in shipped:
-        app["args"]["models"] = [{**m, "checkpoint": "/app/" + m["checkpoint"], "vae": "/app/" + m["vae"]}
-                                 for m in app["args"]["models"]]
-    assert embedded == shipped
-    head = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]
-    assert head["metrics-export-port"] == "8080"
-
-
 def test_only_safetensors_checkpoints_are_accepted(tmp_path):
     pickle = tmp_path / "model.pt"
     pickle.write_bytes(b"not opened")
