@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, TaskCancelledError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
@@ -33,6 +33,12 @@ log = logging.getLogger("ray.serve")
 RETRY_AFTER_UNAVAILABLE_S = 2.0
 SPEC_TIMEOUT_S = 10.0
 READY_TIMEOUT_S = 5.0
+# While requests wait for a model, how often the gateway asks Serve whether any replica of it still runs. Ray's
+# router holds a request until some replica takes it, however long that is (e.g. while the model's node is lost and
+# no other node has room); without a replica, a waiting request is answered 503 with Retry-After instead.
+REPLICA_CHECK_PERIOD_S = 1.0
+# Replica states that can still answer a request already sent to them (STOPPING: drains its requests).
+ANSWERING_STATES = ("RUNNING", "STOPPING")
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,9 @@ class RemoteModel:
         self._handle = handle
         self._spec: ModelSpec | None = None
         self.in_flight = 0
+        self._waiting: set = set()  # responses not yet answered, watched by _watch_replicas
+        self._released: set = set()  # of those, the ones cancelled because no replica ran
+        self._watcher: asyncio.Task | None = None
 
     async def _resolve(self) -> DeploymentHandle:
         if self._handle is None:
@@ -147,7 +156,7 @@ class RemoteModel:
         try:
             for attempt in (1, 2):
                 try:
-                    return self._seen(raise_if_error(await handle.generate.remote(request)))
+                    return self._seen(raise_if_error(await self._answer(handle.generate.remote(request))))
                 except RayActorError as e:
                     if attempt == 2:
                         raise unavailable(self.name, type(e).__name__) from None
@@ -165,7 +174,8 @@ class RemoteModel:
         counted, finished = True, False
         gen = handle.options(stream=True).generate_stream.remote(request)
         try:
-            async for item in gen:
+            first = await self._answer(gen.__anext__(), gen)  # until a replica answers, it may have none
+            async for item in _prepend(first, gen):
                 if counted:  # a stream counts against the cap until its first event
                     self.in_flight -= 1
                     counted = False
@@ -181,6 +191,8 @@ class RemoteModel:
             raise
         except (asyncio.CancelledError, GeneratorExit):
             raise
+        except StopAsyncIteration:
+            raise unavailable(self.name, "the model's stream ended without an answer") from None
         except Exception as e:
             raise await self._error(e) from None
         finally:
@@ -188,6 +200,50 @@ class RemoteModel:
                 self.in_flight -= 1
             if not finished:  # the client went away: stop the model's work
                 gen.cancel()
+
+    async def _answer(self, awaitable, response=None):
+        """``await awaitable`` (the call's ``response`` or its first item), raising the 503 of ``unavailable`` if
+        the model has no replica left to answer it while it waits."""
+        response = awaitable if response is None else response
+        self._waiting.add(response)
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_replicas())
+        try:
+            return await awaitable
+        except (asyncio.CancelledError, TaskCancelledError):  # before or after Ray assigned it to a replica
+            task = asyncio.current_task()
+            if response in self._released and (task is None or not task.cancelling()):  # not the client's going
+                raise unavailable(self.name, "no replica of its deployment is running") from None
+            raise
+        finally:
+            self._waiting.discard(response)
+            self._released.discard(response)
+
+    async def _watch_replicas(self) -> None:
+        """While requests wait, ask Serve every ``REPLICA_CHECK_PERIOD_S`` whether a replica of the model runs; when
+        none does, cancel the waiting calls (``_answer`` turns them into 503s). Ray's router would hold them until
+        a replica starts, which after a lost node may be never, or past every deadline."""
+        while self._waiting:
+            await asyncio.sleep(REPLICA_CHECK_PERIOD_S)
+            if not self._waiting or self._handle is None:
+                continue
+            try:
+                deployment = await self._deployment_status()
+            except Exception:
+                continue  # Serve could not say: leave the requests to their deadline
+            states = deployment.replica_states
+            if not any(states.get(s, 0) for s in ANSWERING_STATES):
+                log.warning("model %r has no running replica (%s); answering %d waiting request(s) with 503",
+                            self.name, dict(states), len(self._waiting))
+                for response in list(self._waiting):
+                    self._released.add(response)
+                    response.cancel()
+
+    async def _deployment_status(self):
+        """Serve's status of the model's deployment (asks the controller, off the event loop)."""
+        handle = self._handle
+        status = await asyncio.to_thread(serve.status)
+        return status.applications[handle.app_name].deployments[handle.deployment_name]
 
     async def ready(self) -> Readiness:
         try:
@@ -212,14 +268,19 @@ class RemoteModel:
         """Ray's account of a deployment with no running replica (e.g. its health check naming a bad file)."""
         handle = self._handle
         try:
-            status = await asyncio.to_thread(serve.status)
-            deployment = status.applications[handle.app_name].deployments[handle.deployment_name]
+            deployment = await self._deployment_status()
             # Ray's message ends with the traceback of the failed constructor or health check: keep its last line.
             lines = [line for line in str(deployment.message).splitlines() if line.strip()]
             state = getattr(deployment.status, "value", deployment.status)
             return f"deployment {handle.deployment_name} is {state}: {lines[-1] if lines else 'no message'}"[:1000]
         except Exception:
             return f"no replica of model {self.name!r} answered: {e!r}"[:500]
+
+
+async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
+    yield first
+    async for item in rest:
+        yield item
 
 
 def deadline_left(request: GenerationRequest, grace_s: float) -> float:
