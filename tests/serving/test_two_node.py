@@ -231,10 +231,12 @@ def test_worker_lost_under_load_every_request_is_answered_and_replicas_come_back
     slowest = max(a.seconds for a in answers)
     assert slowest < DEADLINE_S / 4, f"a request took {slowest:.1f} s (deadline {DEADLINE_S} s)"
     head = head_node_id(cluster)
-    replicas = placement(cluster)
-    for model in MODELS:
-        assert {state for state, _ in replicas[f"model-{model}"]} == {"RUNNING"}, replicas
-        assert head not in {node for _, node in replicas[f"model-{model}"]}, replicas
+
+    def models_back_on_the_worker() -> bool:  # digits-m may still be loading when digits-s answers again
+        replicas = placement(cluster)
+        return all({state for state, _ in replicas[f"model-{m}"]} == {"RUNNING"} and
+                   head not in {node for _, node in replicas[f"model-{m}"]} for m in MODELS)
+    cluster._wait(models_back_on_the_worker, 60, f"every model replica RUNNING on the worker: {placement(cluster)}")
     assert generate(cluster.worker_proxy_port).status_code == 200  # the new worker's proxy serves too
     during = [a for a in answers if lost <= a.sent < restarted]
     figure(f"two_node_{how}", requests=len(answers), answered_200=sum(a.status == 200 for a in answers),
