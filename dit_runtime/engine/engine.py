@@ -188,7 +188,7 @@ class Engine:
         clip = config.clip_denoised if config.clip_denoised is not None else info.space == "pixel"
         self.runner = ModelRunner(model, config, clip_denoised=clip)
         self.scheduler = Scheduler(config.max_batch_size, config.buckets, model.config.null_class, config.batching,
-                                   cache_rows=config.cache_rows)
+                                   cache_rows=config.cache_rows, compute_buckets=config.compute_buckets)
         self.on_step = on_step
         self._decode = decode if decode is not None else (to_uint8 if info.space == "pixel" else None)
         self._handles: dict[int, RequestHandle] = {}  # by id() of the request's state
@@ -378,7 +378,8 @@ class Engine:
         if plan.layout_changed:
             self.runner.set_layout(plan.layout)
         try:
-            self.runner.execute(plan.layout.bucket, plan.compute_bucket)
+            self.runner.execute(plan.layout.bucket, plan.compute_bucket, plan.updated_bucket,
+                                forecast=plan.compute_rows < plan.layout.rows)
         except Exception as e:  # a failed forward fails the requests in it, not the engine or the queue
             log.exception("engine step failed")
             for state, err in self.scheduler.abort_running(EngineError(f"generation failed: {e}")):

@@ -111,7 +111,8 @@ class ModelRunner:
         self.cache = None
         if config.cache_rows:
             self._init_cache(config.cache_rows, max(config.buckets))
-        self._fns = {"step": self._step, "embed": self._embed, "blocks": self._blocks, "head": self._head}
+        self._fns = {"step": self._step, "embed": self._embed, "blocks": self._blocks, "update": self._update,
+                     "head": self._head, "head-full": self._head_full}
         if config.compile:
             if config.compile_cache_dir:
                 use_compile_cache_dir(config.compile_cache_dir)
@@ -149,6 +150,7 @@ class ModelRunner:
         self.condition = torch.zeros(max_bucket, cfg.hidden_dim, dtype=self.dtype, device=dev)
         self.row_full = torch.zeros(max_bucket, dtype=torch.bool, device=dev)
         self.row_step = torch.zeros(max_bucket, dtype=torch.int64, device=dev)
+        self.compute_index = torch.zeros(max_bucket, dtype=torch.int64, device=dev)  # packed place -> row
 
     # ---- the step ---------------------------------------------------------------------------------------------
     def _step(self, bucket: int) -> None:
@@ -197,33 +199,51 @@ class ModelRunner:
         self.row_step[:bucket] = step
 
     def _blocks(self, compute: int) -> None:
-        """The rows that run the blocks, packed into ``compute`` rows; their outputs and cache entries written."""
+        """The rows that run the blocks, packed into ``compute`` rows: rows with a cache entry first (so the cache
+        update reads a prefix of them), then the rest; their outputs go to ``tokens_out`` at their own rows."""
         full = self.row_full  # (B_max,)
         rows = full.shape[0]
-        # Compact the full rows' indices to the front: row i goes to place cumsum - 1; the rest to a spare place.
-        place = torch.where(full, full.cumsum(0) - 1, compute)
+        cached = full & (self.layout[5] != self.cache.scratch)
+        uncached = full & ~cached
+        # Place of each full row in the packed forward: the cached ones from 0, the others after them; the rest
+        # go to a spare place past the end.
+        place = torch.where(cached, cached.cumsum(0) - 1, torch.where(uncached, cached.sum() + uncached.cumsum(0) - 1,
+                                                                       compute))
         index = torch.zeros(compute + 1, dtype=torch.int64, device=full.device)
         index = index.scatter(0, place, torch.arange(rows, device=full.device))[:compute]  # (C,)
         real = torch.arange(compute, device=full.device) < full.sum()  # (C,) places beyond the count are padding
-        tokens = self.tokens_in[index]  # (C, T, D)
-        out = self.forward.blocks(tokens, self.condition[index])  # (C, T, D)
-        self.tokens_out[torch.where(real, index, rows)] = out
-        entry = torch.where(real, self.layout[5][index], self.cache.scratch)  # (C,)
-        self.cache.update(entry, out - tokens, self.row_step[index])
+        self.compute_index[:compute] = torch.where(real, index, rows)
+        out = self.forward.blocks(self.tokens_in[index], self.condition[index])  # (C, T, D)
+        self.tokens_out[self.compute_index[:compute]] = out
 
-    def _head(self, bucket: int) -> None:
-        """The final layer over the B rows: computed blocks' output where a row ran them, its forecast elsewhere."""
+    def _update(self, updated: int) -> None:
+        """The cache entries of the first ``updated`` packed rows (the full rows that have one, and padding)."""
+        index = self.compute_index[:updated]  # (U,) rows; padding places hold the spare row
+        has_entry = index < self.row_full.shape[0]
+        rows = torch.where(has_entry, index, 0)
+        entry = torch.where(has_entry, self.layout[5][rows], self.cache.scratch)  # padding and uncached: scratch
+        self.cache.update(entry, self.tokens_out[index] - self.tokens_in[index], self.row_step[rows])
+
+    def _head(self, bucket: int, forecast: bool = True) -> None:
+        """The final layer over the B rows: the blocks' output where a row ran them, its forecast elsewhere."""
         image_slot, row_image = self.layout[:2, :bucket].unbind(0)
-        entry = self.layout[5, :bucket]
-        tokens = self.tokens_in[:bucket]
-        forecast = tokens + self.cache.forecast(entry, self.row_step[:bucket], self.cache_order[image_slot[row_image]])
-        hidden = torch.where(self.row_full[:bucket].view(-1, 1, 1), self.tokens_out[:bucket], forecast)
+        hidden = self.tokens_out[:bucket]
+        if forecast:
+            entry = self.layout[5, :bucket]
+            order = self.cache_order[image_slot[row_image]]
+            predicted = self.tokens_in[:bucket] + self.cache.forecast(entry, self.row_step[:bucket], order)
+            hidden = torch.where(self.row_full[:bucket].view(-1, 1, 1), hidden, predicted)
         out = self.forward.head(hidden, self.condition[:bucket])  # (B, C_out, H, W)
         self._denoise(bucket, self.x[image_slot], out)
 
-    def execute(self, bucket: int, compute: int | None = None) -> None:
-        """Run one step on the current layout (asynchronous on the GPU); with a feature cache, ``compute`` is the
-        bucket of the rows that run the blocks (0: none does).
+    def _head_full(self, bucket: int) -> None:
+        """``_head`` for a step where every row ran the blocks."""
+        self._head(bucket, forecast=False)
+
+    def execute(self, bucket: int, compute: int = 0, updated: int = 0, forecast: bool = False) -> None:
+        """Run one step on the current layout (asynchronous on the GPU). With a feature cache: ``compute`` is the
+        bucket of the rows that run the blocks (0: none does), ``updated`` that of those with a cache entry (0:
+        none), ``forecast`` whether any row forecasts the blocks.
 
         The host may run at most ``_LOOKAHEAD`` steps ahead of the GPU: enough to keep it fed, few enough that
         progress events and step timings describe work that has actually been done. Waiting on an old step's
@@ -237,7 +257,9 @@ class ModelRunner:
             self._run("embed", bucket)
             if compute:
                 self._run("blocks", compute)
-            self._run("head", bucket)
+            if updated:
+                self._run("update", updated)
+            self._run("head" if forecast else "head-full", bucket)
         if self.device.type == "cuda":
             done = torch.cuda.Event()
             done.record()
@@ -251,9 +273,12 @@ class ModelRunner:
             self._fns[part](bucket)
 
     @property
-    def parts(self) -> tuple[str, ...]:
-        """The functions one step runs, each compiled and captured per bucket."""
-        return ("step",) if self.cache is None else ("embed", "blocks", "head")
+    def parts(self) -> dict[str, tuple[int, ...]]:
+        """The functions a step may run, each compiled and captured per bucket of its own."""
+        buckets, compute = self.config.buckets, self.config.compute_buckets
+        if self.cache is None:
+            return {"step": buckets}
+        return {"embed": buckets, "blocks": compute, "update": compute, "head": buckets, "head-full": buckets}
 
     # ---- plan bookkeeping -------------------------------------------------------------------------------------
     def set_layout(self, layout: Layout) -> None:
@@ -314,17 +339,18 @@ class ModelRunner:
         """Compile (and capture) every bucket of every part once, on scratch state; returns seconds per bucket."""
         timings = {}
         saved = [t.clone() for t in self._state_tensors()]
-        for bucket in self.config.buckets:
+        for bucket in self.config.compute_buckets:
             start = time.perf_counter()
             self.layout.zero_()
             self.layout[0, :bucket] = self.config.max_batch_size  # every position on the scratch slot
             if self.cache is not None:
                 self.layout[5] = self.cache.scratch
             self.num_steps.fill_(1)
-            for part in self.parts:
-                self._fns[part](bucket)
-                if self.config.cuda_graphs:
-                    self._capture(part, bucket)
+            for part, buckets in self.parts.items():
+                if bucket in buckets:
+                    self._fns[part](bucket)
+                    if self.config.cuda_graphs:
+                        self._capture(part, bucket)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             timings[bucket] = time.perf_counter() - start

@@ -87,6 +87,7 @@ class StepPlan:
     layout_changed: bool
     compute_rows: int = 0  # real rows that run the blocks this step
     compute_bucket: int = 0  # those rows after padding (0: none)
+    updated_bucket: int = 0  # the full rows that have a feature-cache entry, after padding (0: none)
     rows_by_cache: tuple[tuple[str, int, int], ...] = ()  # per `cache` preset: (preset, computed, skipped) rows
 
 
@@ -94,8 +95,10 @@ class Scheduler:
     """FIFO admission into a fixed number of rows, with a bounded waiting queue."""
 
     def __init__(self, max_rows: int, buckets: tuple[int, ...], null_class: int,
-                 batching: Literal["step", "request", "single"] = "step", cache_rows: int = 0):
+                 batching: Literal["step", "request", "single"] = "step", cache_rows: int = 0,
+                 compute_buckets: tuple[int, ...] | None = None):
         self.max_rows = max_rows
+        self.compute_buckets = compute_buckets or buckets
         self.buckets = buckets
         self.null_class = null_class
         self.batching = batching
@@ -160,15 +163,21 @@ class Scheduler:
         if self._changed:
             self._layout = self._make_layout() if self.running else None
         by_cache: dict[str, list[int]] = {}  # preset -> [rows that run the blocks, rows that forecast them]
+        updated = 0  # full rows with a cache entry: their entries are written this step
         for state in self.running:
-            by_cache.setdefault(state.request.sampling.cache, [0, 0])[0 if state.full_step else 1] += state.rows
+            full = state.full_step
+            by_cache.setdefault(state.request.sampling.cache, [0, 0])[0 if full else 1] += state.rows
+            updated += state.rows if full and state.cache_entries else 0
         compute = sum(computed for computed, _ in by_cache.values())
         plan = StepPlan(admitted=admitted, running=list(self.running), aborted=aborted, layout=self._layout,
                         layout_changed=self._changed, compute_rows=compute,
-                        compute_bucket=next(b for b in self.buckets if b >= compute) if compute else 0,
+                        compute_bucket=self._compute_bucket(compute), updated_bucket=self._compute_bucket(updated),
                         rows_by_cache=tuple((name, c, f) for name, (c, f) in sorted(by_cache.items())))
         self._changed = False
         return plan
+
+    def _compute_bucket(self, rows: int) -> int:
+        return next(b for b in self.compute_buckets if b >= rows) if rows else 0
 
     def _admit(self, now: float) -> list[RequestState]:
         if self.batching == "request" and self.running:
