@@ -36,6 +36,8 @@ class Outcome:
     status: int  # HTTP status; 0 = client timeout, -1 = connection error
     seconds: float
     shed_ok: bool = True  # a shed answer carried Retry-After and OpenAI's error shape
+    queue_seconds: float | None = None  # an accepted answer's timings: waiting for a batch slot in the engine
+    denoise_seconds: float | None = None  # and its own denoising
 
 
 @dataclass
@@ -44,6 +46,8 @@ class Report:
     offered_rps: float
     outcomes: list[Outcome] = field(default_factory=list)
     wall_seconds: float = 0.0
+    service_seconds: float = 0.0  # median latency at capacity (closed loop): one request's service time
+    service_p99_seconds: float = 0.0  # and its 99th percentile
 
     def summary(self, shed_bar_ms: float = 100.0) -> dict:
         accepted = [o.seconds for o in self.outcomes if o.status == 200]
@@ -52,10 +56,16 @@ class Report:
         failed = len(self.outcomes) - len(accepted) - len(shed) - timed_out
         shed_p99 = percentile(shed, 99)
         return {
-            "capacity_rps": round(self.capacity_rps, 2), "offered_rps": round(self.offered_rps, 2),
+            "capacity_rps": round(self.capacity_rps, 2), "service_ms": _ms(self.service_seconds),
+            "service_p99_ms": _ms(self.service_p99_seconds),
+            "offered_rps": round(self.offered_rps, 2),
             "sent": len(self.outcomes), "accepted": len(accepted), "shed": len(shed), "failed": failed,
             "timed_out": timed_out, "accepted_rps": round(len(accepted) / self.wall_seconds, 2),
             "accepted_p50_ms": _ms(percentile(accepted, 50)), "accepted_p99_ms": _ms(percentile(accepted, 99)),
+            "accepted_queue_p99_ms": _ms(percentile([o.queue_seconds for o in self.outcomes
+                                                     if o.status == 200 and o.queue_seconds is not None], 99)),
+            "accepted_denoise_p50_ms": _ms(percentile([o.denoise_seconds for o in self.outcomes
+                                                       if o.status == 200 and o.denoise_seconds is not None], 50)),
             "shed_p50_ms": _ms(percentile(shed, 50)), "shed_p99_ms": _ms(percentile(shed, 99)),
             "shed_max_ms": _ms(max(shed) if shed else None), "wall_seconds": round(self.wall_seconds, 2),
             "passed": failed == 0 and timed_out == 0 and (shed_p99 is None or 1000 * shed_p99 < shed_bar_ms),
@@ -90,13 +100,19 @@ async def _one(http: httpx.AsyncClient, body: dict, timeout: float) -> Outcome:
     except httpx.HTTPError:
         return Outcome(-1, time.perf_counter() - started)
     seconds = time.perf_counter() - started
+    if r.status_code == 200:
+        timings = r.json().get("timings", {})
+        return Outcome(200, seconds, queue_seconds=timings.get("queue_seconds"),
+                       denoise_seconds=timings.get("denoise_seconds"))
     return Outcome(r.status_code, seconds, shed_ok=r.status_code not in SHED or _is_clean_shed(r))
 
 
 async def measure_capacity(http: httpx.AsyncClient, body: dict, clients: int, seconds: float,
-                           timeout: float) -> float:
-    """Requests/s answered 200 by ``clients`` closed-loop clients (each sends its next request on an answer)."""
-    done = 0
+                           timeout: float) -> tuple[float, float, float]:
+    """Requests/s answered 200 by ``clients`` closed-loop clients (each sends its next request on an answer), and
+    the median and 99th percentile of their latency: one request's service time on a batch that many clients keep
+    full, with no queue."""
+    done, latencies = 0, []
     stop = time.perf_counter() + seconds
 
     async def client(k: int) -> None:
@@ -104,11 +120,13 @@ async def measure_capacity(http: httpx.AsyncClient, body: dict, clients: int, se
         while time.perf_counter() < stop:
             o = await _one(http, {**body, "seed": k}, timeout)
             done += o.status == 200
+            if o.status == 200:
+                latencies.append(o.seconds)
             if o.status in SHED:
                 await asyncio.sleep(0.01)  # closed loop: back off a little rather than spin on 429s
     started = time.perf_counter()
     await asyncio.gather(*(client(k) for k in range(clients)))
-    return done / (time.perf_counter() - started)
+    return done / (time.perf_counter() - started), percentile(latencies, 50) or 0.0, percentile(latencies, 99) or 0.0
 
 
 async def overload(url: str, body: dict, factor: float = 3.0, seconds: float = 10.0, max_requests: int = 2000,
@@ -121,7 +139,7 @@ async def overload(url: str, body: dict, factor: float = 3.0, seconds: float = 1
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=200)
     async with httpx.AsyncClient(base_url=url, limits=limits) as http:
         await _one(http, body, timeout)  # warm-up (first-request costs), not counted
-        capacity = await measure_capacity(http, body, clients, capacity_seconds, timeout)
+        capacity, service, service_p99 = await measure_capacity(http, body, clients, capacity_seconds, timeout)
         if capacity <= 0:
             raise SystemExit("no request succeeded while measuring capacity: is the server up and the model right?")
         rate = factor * capacity
@@ -136,7 +154,7 @@ async def overload(url: str, body: dict, factor: float = 3.0, seconds: float = 1
             tasks.append(asyncio.create_task(_one(http, {**body, "seed": len(tasks)}, timeout)))
             next_at += rng.expovariate(rate)
         outcomes = await asyncio.gather(*tasks)
-        return Report(capacity, rate, list(outcomes), time.perf_counter() - started)
+        return Report(capacity, rate, list(outcomes), time.perf_counter() - started, service, service_p99)
 
 
 def _start_server(port: int, steps_limit: int, checkpoint: str | None) -> None:

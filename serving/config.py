@@ -64,7 +64,12 @@ class Autoscaling(_Args):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     initial_replicas: int | None = Field(None, ge=0)
-    # Default: half the engine's batch rows, i.e. the number of guided one-image requests that fill one batch.
+    # What the replica count follows: the engines' estimated wait for a new request (serving.autoscaling, the
+    # default), or Ray's own count of requests in flight per replica against target_ongoing_requests.
+    signal: Literal["queue_wait", "ongoing_requests"] = "queue_wait"
+    # queue_wait: the wait aimed at; default half the model's max_queue_wait_s, so it grows before it sheds.
+    target_queue_wait_s: float | None = Field(None, gt=0)
+    # ongoing_requests: default half the engine's batch rows, the guided one-image requests that fill one batch.
     target_ongoing_requests: float | None = Field(None, gt=0)
     upscale_delay_s: float = Field(10.0, ge=0)
     downscale_delay_s: float = Field(60.0, ge=0)
@@ -99,7 +104,11 @@ class ModelArgs(_Args):
     compile: bool = False
     cuda_graphs: bool = False
     max_batch_size: int = Field(32, ge=1, description="rows per forward pass (a guided image takes two)")
-    max_queue_size: int = Field(256, ge=1, description="images waiting for a batch slot; past it, 429")
+    max_queue_wait_s: float = Field(2.0, gt=0, description="a request whose estimated wait for a batch slot passes "
+                                                           "this (or its deadline) is refused at once with 429 and "
+                                                           "a Retry-After from the estimate "
+                                                           "(EngineConfig.max_queue_wait_s)")
+    max_queue_size: int = Field(256, ge=1, description="images waiting for a batch slot, a memory guard; past it, 429")
     batch_buckets: list[int] | None = None
     default_cache: str = Field("off", description="the `cache` preset of a request that names none: off, "
                                                   "balanced or fast (docs/benchmarks.md has their quality and speed)")
@@ -183,7 +192,8 @@ class ModelArgs(_Args):
         from dit_runtime.engine.types import EngineConfig  # imports torch: only where an engine runs
         limits = limits or Limits()
         return EngineConfig(device=self.device, precision=self.precision, max_batch_size=self.max_batch_size,
-                            max_queue_size=self.max_queue_size, limits=limits.request_limits(),
+                            max_queue_size=self.max_queue_size, max_queue_wait_s=self.max_queue_wait_s,
+                            limits=limits.request_limits(),
                             default_inference_steps=limits.default_inference_steps, compile=self.compile,
                             cuda_graphs=self.cuda_graphs,
                             batch_buckets=tuple(self.batch_buckets) if self.batch_buckets else None,
@@ -197,8 +207,12 @@ class ModelArgs(_Args):
 
     def ray_autoscaling_config(self) -> dict:
         a = self.autoscaling
-        out = a.model_dump(exclude_none=True)
+        out = a.model_dump(exclude_none=True, exclude={"signal", "target_queue_wait_s"})
         out["target_ongoing_requests"] = a.target_ongoing_requests or max(1, self.max_batch_size // 2)
+        if a.signal == "queue_wait":
+            target = a.target_queue_wait_s or self.max_queue_wait_s / 2
+            out["policy"] = {"policy_function": "serving.autoscaling:QueueWaitPolicy",
+                             "policy_kwargs": {"target_queue_wait_s": target}}
         return out
 
 

@@ -50,13 +50,16 @@ class EngineMetrics:
         self.images = Counter("dit_images_generated_total", "Images generated", tag_keys=("model",))
         self.running = Gauge("dit_requests_running", "Requests in the engine's batch", tag_keys=("model",))
         self.waiting = Gauge("dit_requests_waiting", "Requests waiting for a batch slot", tag_keys=("model",))
+        self.wait_estimate = Gauge("dit_queue_wait_estimate_seconds", "The engine's estimated wait for a batch slot "
+                                   "of a one-image request queued now (admission refuses past max_queue_wait_s)",
+                                   tag_keys=("model",))
         # Rows x steps by the request's `cache` preset and whether the blocks ran or were forecast: the share
         # skipped is blocks="skipped" over both.
         self.block_rows = Counter("dit_block_row_steps_total", "Image rows per step that ran the DiT's blocks "
                                   "(blocks=computed) or forecast them from the feature cache (blocks=skipped)",
                                   tag_keys=("model", "cache", "blocks"))
         for metric in (self.queue_wait, self.denoise, self.step, self.occupancy, self.images, self.running,
-                       self.waiting, self.block_rows):
+                       self.waiting, self.block_rows, self.wait_estimate):
             metric.set_default_tags({"model": model})  # a fresh dict: Ray adds its own tags to it
 
     def on_step(self, stats) -> None:
@@ -68,6 +71,7 @@ class EngineMetrics:
                 if rows:
                     self.block_rows.inc(rows, tags={"cache": cache, "blocks": blocks})
         self.set_load(stats.running_requests, stats.waiting_requests)
+        self.wait_estimate.set(stats.estimated_wait_seconds)
 
     def on_result(self, result) -> None:
         """Record a finished request (a GenerationResult)."""

@@ -31,6 +31,7 @@ from dit_runtime.engine.engine import settle_threadsafe
 from dit_runtime.images import encode_png
 from dit_runtime.vae import LatentDecoder
 
+from .autoscaling import OCCUPANCY, QUEUE_WAIT
 from .backend import EncodedImages, Progress, Readiness, raise_if_error
 from .config import AuthArgs, Limits, ModelArgs
 from .errors import APIError, invalid
@@ -127,7 +128,16 @@ class ModelServer:
         return Readiness(True, None, {"running_requests": stats.running_requests,
                                       "running_images": stats.running_images,
                                       "waiting_requests": stats.waiting_requests,
-                                      "waiting_images": stats.waiting_images, "steps_done": stats.steps_done})
+                                      "waiting_images": stats.waiting_images, "steps_done": stats.steps_done,
+                                      "estimated_wait_s": round(stats.estimated_wait_seconds, 4)})
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What ``autoscaling.QueueWaitPolicy`` scales on (Ray Serve calls this on each replica and averages it):
+        the engine's estimated wait for a new one-image request, and the share of its batch rows in use."""
+        if self.engine is None:
+            return {}
+        stats = self.engine.stats()
+        return {QUEUE_WAIT: stats.estimated_wait_seconds, OCCUPANCY: stats.running_rows / stats.max_batch_size}
 
     def replica_pid(self) -> int:
         """This replica's process id (not routed over HTTP; fault-injection tests kill it)."""
@@ -298,7 +308,7 @@ class LocalModel:
 
 class ModelIngress(ModelServer):
     """One model serving the HTTP API from its own replicas: the request goes from Ray's HTTP ingress straight to
-    the engine in this process. Its queue bound (``max_queue_size``) is the admission control: past it, 429."""
+    the engine in this process, whose admission by time (``max_queue_wait_s``) answers 429 past the bound."""
 
     def __init__(self, args: ModelArgs, limits: Limits, auth: AuthArgs):
         self.frontend = Frontend({args.name: LocalModel(self)}, limits, auth)  # a bad key file fails before loading

@@ -35,6 +35,12 @@ _END = object()  # marks the end of a handle's stream
 _PENDING = object()  # a handle's outcome before the request ended
 # Retry-After for a full queue: about one request's share of a drained queue, short enough to retry soon.
 QUEUE_FULL_RETRY_AFTER_S = 1.0
+# Weight of the newest busy step in the step-time average the wait estimate converts steps with.
+STEP_TIME_SMOOTHING = 0.1
+# Mean deviations of the step time added to its mean when a wait is estimated.
+STEP_TIME_DEVIATIONS = 2.0
+# How often (seconds) the engine refreshes the wait estimate it reports to observers.
+WAIT_ESTIMATE_PERIOD_S = 0.25
 
 
 class RequestHandle:
@@ -202,6 +208,12 @@ class Engine:
         self._steps_done = 0
         self._pending: list[_Pending] = []
         self.warmup_seconds: dict[int, float] = self.runner.warm_up() if config.warmup else {}
+        # Seconds of a step of a busy batch (at least half its rows in use): what turns a wait in steps into one in
+        # seconds. Measured on the largest bucket at warm-up, then averaged over the busy steps that run.
+        self.busy_step_seconds: float | None = self.runner.full_step_seconds if config.warmup else None
+        self._wait_estimate = (0.0, 0.0)  # (time.monotonic() when estimated, seconds)
+        self._last_busy = False
+        self._busy_step_deviation = 0.0
 
     # ---- construction -----------------------------------------------------------------------------------------
     @staticmethod
@@ -291,16 +303,48 @@ class Engine:
         seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
         state = RequestState(request=request, seed=seed, submitted_at=time.monotonic())
         with self._lock:
-            waiting = self.scheduler.waiting_images + sum(s.num_images for s in self._inbox)
-            if bounded and waiting + state.num_images > self.config.max_queue_size:
-                raise QueueFullError(f"the queue is full ({waiting} images waiting, limit "
-                                     f"{self.config.max_queue_size}); retry later",
-                                     retry_after=QUEUE_FULL_RETRY_AFTER_S)
+            if bounded:
+                self._admit_by_time(state)
             handle = RequestHandle(request.request_id, self, state, progress)
             self._handles[id(state)] = handle
             self._inbox.append(state)
         self._wake()
         return handle
+
+    def _admit_by_time(self, state: RequestState) -> None:
+        """Raise QueueFullError when ``state`` would wait for a batch slot past ``max_queue_wait_s`` or past its own
+        deadline, or would overfill the queue's memory guard. Called under the lock."""
+        waiting = list(self.scheduler.waiting) + self._inbox
+        images = sum(s.num_images for s in waiting)
+        if images + state.num_images > self.config.max_queue_size:
+            raise QueueFullError(f"the queue is full ({images} images waiting, limit {self.config.max_queue_size}); "
+                                 "retry later", retry_after=QUEUE_FULL_RETRY_AFTER_S)
+        wait = self.estimated_wait(state.rows, waiting)
+        bound = self.config.max_queue_wait_s
+        if wait > bound:
+            raise QueueFullError(f"busy: a request now would wait about {wait:.1f} s for a batch slot, past this "
+                                 f"model's max_queue_wait_s of {bound:g} s; retry after the Retry-After delay",
+                                 retry_after=wait - bound)
+        deadline = state.request.deadline
+        if deadline is not None and time.time() + wait > deadline:
+            raise QueueFullError(f"busy: a request now would wait about {wait:.1f} s for a batch slot, past its "
+                                 "deadline; retry after the Retry-After delay", retry_after=wait)
+
+    def estimated_wait(self, rows: int, waiting: list[RequestState] | None = None) -> float:
+        """Seconds a request of ``rows`` rows queued now would wait for admission: the FIFO admission of the requests
+        ahead replayed step by step (``Scheduler.steps_until_admitted``), times the busy step time (a high estimate
+        of it: the mean plus two mean deviations)."""
+        if self.busy_step_seconds is None:
+            return 0.0
+        if waiting is None:
+            with self._lock:
+                waiting = list(self.scheduler.waiting) + self._inbox
+        steps = self.scheduler.steps_until_admitted(rows, list(self.scheduler.running), waiting)
+        # Admitted at the schedule after the step that frees its rows: one step more than the replay counts. Each
+        # step at its mean time plus two mean deviations, so that a burst of slow steps (a busy host) does not
+        # carry the requests admitted just under the bound past it.
+        step = self.busy_step_seconds + STEP_TIME_DEVIATIONS * self._busy_step_deviation
+        return (steps + 1) * step if steps else 0.0
 
     def stats(self) -> EngineStats:
         with self._lock:
@@ -309,9 +353,11 @@ class Engine:
         running = list(self.scheduler.running)
         since = None if self._last_step_at is None else time.monotonic() - self._last_step_at
         return EngineStats(running_requests=len(running), running_images=sum(s.num_images for s in running),
+                           running_rows=sum(s.rows for s in running),
                            waiting_requests=len(waiting), waiting_images=sum(s.num_images for s in waiting),
                            max_batch_size=self.config.max_batch_size, max_queue_size=self.config.max_queue_size,
-                           steps_done=self._steps_done, seconds_since_last_step=since)
+                           steps_done=self._steps_done, seconds_since_last_step=since,
+                           estimated_wait_seconds=self.estimated_wait(self.spec.defaults.rows_per_image, waiting))
 
     def health(self) -> None:
         """Raise EngineStoppedError when the loop died, was stopped, or made no step for ``stall_timeout`` s."""
@@ -394,15 +440,31 @@ class Engine:
         for state in finished:
             self._pending.append(self._read(state))
         now = time.monotonic()
+        busy = 2 * plan.layout.rows >= self.config.max_batch_size  # what a queued request waits behind
+        if busy:
+            # Step to step when the last one was busy too: the loop's own work between steps (delivering results,
+            # admitting) and what else holds this process's GIL (the replica's HTTP work) are part of a wait.
+            seconds = now - (self._last_step_at if self._last_busy and self._last_step_at is not None else start)
+            if self.busy_step_seconds is None:
+                self.busy_step_seconds = seconds
+            else:  # the mean and the mean deviation, as TCP times its round trips (Jacobson 1988)
+                self._busy_step_deviation += STEP_TIME_SMOOTHING * (abs(seconds - self.busy_step_seconds)
+                                                                    - self._busy_step_deviation)
+                self.busy_step_seconds += STEP_TIME_SMOOTHING * (seconds - self.busy_step_seconds)
+        self._last_busy = busy
         self._last_step_at = now
         self._steps_done += 1
         if self.on_step is not None:
+            estimated_at, wait = self._wait_estimate
+            if now - estimated_at >= WAIT_ESTIMATE_PERIOD_S:
+                wait = self.estimated_wait(self.spec.defaults.rows_per_image)
+                self._wait_estimate = (now, wait)
             self.on_step(StepStats(duration_seconds=now - start, rows=plan.layout.rows, bucket=plan.layout.bucket,
                                    images=plan.layout.images, compute_rows=plan.compute_rows,
                                    compute_bucket=plan.compute_bucket, rows_by_cache=plan.rows_by_cache,
                                    running_requests=len(self.scheduler.running),
                                    waiting_requests=len(self.scheduler.waiting),
-                                   waiting_images=self.scheduler.waiting_images))
+                                   waiting_images=self.scheduler.waiting_images, estimated_wait_seconds=wait))
 
     def _read(self, state: RequestState) -> _Pending:
         samples = self.runner.read_samples(state.slots)

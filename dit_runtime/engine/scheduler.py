@@ -10,6 +10,7 @@ retires the finished ones at once, returning their slots and cache entries.
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -127,6 +128,25 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def steps_until_admitted(self, rows: int, running: list[RequestState], waiting: list[RequestState]) -> int:
+        """Engine steps before a request of ``rows`` rows, queued now behind ``waiting``, would be admitted while
+        ``running`` run: FIFO admission replayed over the running requests' remaining steps and the waiting ones'
+        step counts (cancellations and deadlines not foreseen). Takes snapshots, so other threads may call it."""
+        free = self.max_rows - sum(s.rows for s in running)
+        done_at = [(s.request.sampling.num_inference_steps - s.step, s.rows) for s in running]  # (step, rows)
+        heapq.heapify(done_at)
+        now = 0
+        for need, steps in [(s.rows, s.request.sampling.num_inference_steps) for s in waiting] + [(rows, 0)]:
+            if self.batching != "step" and done_at:  # the other policies admit into an emptied batch
+                now = max(now, max(step for step, _ in done_at))
+                free, done_at = self.max_rows, []
+            while free < need and done_at:
+                step, freed = heapq.heappop(done_at)
+                now, free = max(now, step), free + freed
+            free -= need
+            heapq.heappush(done_at, (now + steps, need))
+        return now
 
     # ---- one step ---------------------------------------------------------------------------------------------
     def schedule(self, now: float | None = None) -> StepPlan:

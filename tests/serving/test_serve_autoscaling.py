@@ -1,5 +1,6 @@
 """Autoscaling on the CPU: under sustained load a model deployment grows past its minimum, and shrinks back to it
-once the load stops (short delays; replica counts read from serve.status())."""
+once the load stops (short delays; replica counts read from serve.status()). The signal is the default one, the
+engines' estimated wait and batch occupancy (serving.autoscaling.QueueWaitPolicy)."""
 
 from __future__ import annotations
 
@@ -29,9 +30,11 @@ def server(checkpoints):
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        autoscaling = {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 2, "upscale_delay_s": 0.5,
+        autoscaling = {"min_replicas": 1, "max_replicas": 3, "target_queue_wait_s": 0.1, "upscale_delay_s": 0.5,
                        "downscale_delay_s": 3, "look_back_period_s": 1.5}
-        serve.run(build_app({"models": [model_args(MODEL, checkpoints["digits-s"], autoscaling=autoscaling)]}),
+        # Every request is served (no admission refusals): the test is about the replica count.
+        serve.run(build_app({"models": [model_args(MODEL, checkpoints["digits-s"], autoscaling=autoscaling,
+                                                   max_queue_wait_s=60.0)]}),
                   name="dit", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
         serve.shutdown()
@@ -55,7 +58,7 @@ def test_deployment_scales_up_under_load_and_back_down_after(server):
                 r = http.post("/v1/images/generations", json={"model": MODEL, "prompt": "3", "num_inference_steps": 40})
                 codes.append(r.status_code)
 
-    threads = [threading.Thread(target=client) for _ in range(10)]  # 10 in flight vs a target of 2 per replica
+    threads = [threading.Thread(target=client) for _ in range(10)]  # 10 in flight: 8 fill the batch, 2 wait
     for t in threads:
         t.start()
     try:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ray.serve.config import AutoscalingConfig
 
 from serving.config import AppArgs
 from serve_helpers import model_args, write_digits_checkpoint
@@ -51,6 +52,10 @@ def test_shipped_configs_validate_once_their_checkpoints_exist(config, ckpt, tmp
             # Ray's router must never hold fewer requests than fill the engine's batch.
             assert m.ongoing_requests_cap >= m.max_batch_size
             assert m.ray_autoscaling_config()["target_ongoing_requests"] <= m.ongoing_requests_cap
+            # Ray Serve accepts the autoscaling config, and it scales on the engines' wait estimate.
+            ray_config = AutoscalingConfig(**m.ray_autoscaling_config())
+            assert ray_config.policy.policy_function == "serving.autoscaling:QueueWaitPolicy"
+            assert ray_config.policy.policy_kwargs == {"target_queue_wait_s": m.max_queue_wait_s / 2}
 
 
 def test_gpu_config_deploys_the_three_sizes_on_gpus_in_fp16_with_cuda_graphs():
