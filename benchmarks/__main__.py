@@ -6,7 +6,8 @@ import importlib
 import sys
 
 TOOLS = {"engine": "engine", "serve": "serve", "load": "loadgen", "overload": "overload", "api": "api",
-         "train-memory": "train_memory", "plot": "plots", "cache-quality": "cache_quality"}
+         "train-memory": "train_memory", "plot": "plots", "cache-quality": "cache_quality",
+         "scale": "scale"}
 
 
 def main() -> int:

@@ -1,0 +1,220 @@
+"""Scale-out under overload, in one run: one replica at 3x its capacity, the autoscaler's second replica, and what
+each phase carried.
+
+    python -m benchmarks scale --out OUT --preset dit-10l --device cuda --compile --cuda-graphs    # 2 GPUs
+
+1. Serves one model on its own route (``build_model_app``, Ray's HTTP proxy), one GPU per replica, autoscaling 1 -> 2
+   on the engines' wait estimate (``serving.autoscaling.QueueWaitPolicy``), admission by time (``--max-queue-wait``).
+   The first replica's start (load, compile, graph capture) is timed.
+2. One replica's capacity: ``--clients`` closed-loop clients for ``--capacity-seconds``; their median latency is one
+   request's service time on a busy batch.
+3. Poisson arrivals at ``--factor`` x that capacity for ``--seconds``, every answer kept with its send time, while
+   ``serve.status()`` is sampled every 0.5 s.
+
+The run splits into phases by the replica counts: one replica; the second starting (from the scale decision, when it
+first appears, to RUNNING: its start with the compile cache the first one wrote); two replicas. Per phase: offered and
+accepted images/s, accepted p50/p99, the share refused (429/503 with Retry-After). The one-replica phase is checked
+against the bound admission promises: accepted p99 <= max_queue_wait_s + the service time's p99 (+10%). Writes
+OUT/scale.json, OUT/timeline.jsonl (one row per second) and OUT/scale.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+from .loadgen import one, percentile
+from .serve import log, shut_down
+
+APP = "scale"
+
+
+def model_args(a) -> dict:
+    m = {"name": a.model_name, "device": a.device, "precision": a.precision, "compile": a.compile,
+         "cuda_graphs": a.cuda_graphs, "max_batch_size": a.max_batch_size, "max_queue_size": a.max_queue_size,
+         "max_queue_wait_s": a.max_queue_wait, "num_cpus": a.num_cpus, "num_gpus": 1 if a.device == "cuda" else 0,
+         "compile_cache_dir": a.compile_cache_dir if a.compile else None, "batch_buckets": a.batch_buckets,
+         "feature_cache_rows": a.feature_cache_rows,
+         "autoscaling": {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": a.upscale_delay,
+                         "downscale_delay_s": 600, "look_back_period_s": a.look_back}}
+    if a.checkpoint:
+        m["checkpoint"] = a.checkpoint
+    else:
+        m.update(preset=a.preset, allow_random_weights=True)
+    return m
+
+
+def replicas() -> dict[str, int]:
+    from ray import serve
+
+    from serving.config import model_deployment_name
+
+    app = serve.status().applications.get(APP)
+    if app is None:
+        return {}
+    deployment = next((d for name, d in app.deployments.items() if name.startswith(model_deployment_name(""))), None)
+    return dict(deployment.replica_states) if deployment else {}
+
+
+async def drive(url: str, body: dict, rate: float, seconds: float, timeout: float) -> tuple[list, list]:
+    """Open-loop Poisson arrivals; returns (send time, Sample) per request and the replica samples (time, states)."""
+    import aiohttp
+
+    rng = random.Random(0)
+    sent, timeline = [], []
+    stop = asyncio.Event()
+
+    async def watch():
+        while not stop.is_set():
+            timeline.append((time.perf_counter(), await asyncio.to_thread(replicas)))
+            await asyncio.sleep(0.5)
+
+    async def timed(session, at, payload):
+        return at, await one(session, url, payload, timeout)
+
+    watcher = asyncio.create_task(watch())
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        start = next_at = time.perf_counter()
+        tasks = []
+        while next_at - start < seconds:
+            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+            tasks.append(asyncio.create_task(timed(session, next_at, {**body, "seed": rng.randrange(2 ** 31)})))
+            next_at += rng.expovariate(rate)
+        sent = await asyncio.gather(*tasks)
+    stop.set()
+    await watcher
+    return sent, timeline
+
+
+async def capacity(url: str, body: dict, clients: int, seconds: float,
+                   timeout: float) -> tuple[float, float, float]:
+    """Requests/s answered 200 by closed-loop clients, and the median and 99th percentile of their latency."""
+    import aiohttp
+
+    latencies = []
+    stop = time.perf_counter() + seconds
+    async with aiohttp.ClientSession() as session:
+        async def client(k: int):
+            while time.perf_counter() < stop:
+                s = await one(session, url, {**body, "seed": k}, timeout)
+                if s.status == 200:
+                    latencies.append(s.latency)
+                else:
+                    await asyncio.sleep(0.01)
+        start = time.perf_counter()
+        await asyncio.gather(*(client(k) for k in range(clients)))
+    return (len(latencies) / (time.perf_counter() - start), percentile(latencies, 50) or 0.0,
+            percentile(latencies, 99) or 0.0)
+
+
+def phase(sent: list, start: float, end: float) -> dict:
+    mine = [s for at, s in sent if start <= at < end]
+    accepted = [s.latency for s in mine if s.status == 200]
+    refused = sum(s.status in (429, 503) for s in mine)
+    seconds = max(end - start, 1e-9)
+    return {"seconds": round(seconds, 1), "offered_rps": round(len(mine) / seconds, 1),
+            "accepted_images_per_s": round(sum(s.images for s in mine if s.status == 200) / seconds, 1),
+            "accepted_p50_s": round(percentile(accepted, 50) or 0, 3),
+            "accepted_p99_s": round(percentile(accepted, 99) or 0, 3),
+            "refused_share": round(refused / len(mine), 3) if mine else None,
+            "failed": len(mine) - len(accepted) - refused}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks scale", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--model-name", default="dit-10l")
+    ap.add_argument("--preset", default="dit-10l")
+    ap.add_argument("--checkpoint")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--precision", default="fp16")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--cuda-graphs", action="store_true")
+    ap.add_argument("--compile-cache-dir", default="/tmp/dit-compile-cache")
+    ap.add_argument("--max-batch-size", type=int, default=64)
+    ap.add_argument("--batch-buckets", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--feature-cache-rows", type=int, default=0, help="0 (default): one step function, a quicker "
+                                                                      "compile; the admission does not depend on it")
+    ap.add_argument("--max-queue-size", type=int, default=4096, help="the memory guard, far from binding")
+    ap.add_argument("--max-queue-wait", type=float, default=1.0)
+    ap.add_argument("--num-cpus", type=float, default=4)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--clients", type=int, default=32, help="closed-loop clients measuring capacity (a batch full)")
+    ap.add_argument("--capacity-seconds", type=float, default=8)
+    ap.add_argument("--factor", type=float, default=3.0)
+    ap.add_argument("--seconds", type=float, default=75)
+    ap.add_argument("--upscale-delay", type=float, default=5)
+    ap.add_argument("--look-back", type=float, default=5)
+    ap.add_argument("--timeout", type=float, default=60)
+    ap.add_argument("--port", type=int, default=8000)
+    a = ap.parse_args(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    # Replicas report their load every second instead of every 10 s (read when Ray starts).
+    os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
+    os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
+    import ray
+    from ray import serve
+
+    from serving.app import build_model_app
+
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": a.port})
+    t0 = time.perf_counter()
+    serve.run(build_model_app({"models": [model_args(a)],
+                               "limits": {"max_images_per_request": 8, "max_inference_steps": max(250, a.steps)}}),
+              name=APP, route_prefix=f"/models/{a.model_name}")
+    first_start = time.perf_counter() - t0
+    log(f"one replica serving in {first_start:.1f} s (load, compile, graph capture)")
+    url = f"http://127.0.0.1:{a.port}/models/{a.model_name}/v1/images/generations"
+    body = {"prompt": "3", "num_inference_steps": a.steps}
+    cap, service, service_p99 = asyncio.run(capacity(url, body, a.clients, a.capacity_seconds, a.timeout))
+    log(f"one replica: {cap:.1f} req/s, service time {service * 1e3:.0f} ms; now {a.factor:g}x for {a.seconds:g} s")
+    sent, timeline = asyncio.run(drive(url, body, a.factor * cap, a.seconds, a.timeout))
+    start, end = sent[0][0], sent[-1][0]
+    decided = next((t for t, s in timeline if sum(s.values()) >= 2), None)
+    serving = next((t for t, s in timeline if s.get("RUNNING", 0) >= 2), None)
+    one_replica = phase(sent, start, decided or end)
+    bound = 1.1 * (a.max_queue_wait + service_p99)  # at p99: the wait bound and the service time's p99
+    result = {
+        "command": "python -m benchmarks scale " + " ".join(argv if argv is not None else sys.argv[2:]),
+        "first_replica_start_s": round(first_start, 1), "capacity_rps": round(cap, 1),
+        "service_s": round(service, 3), "service_p99_s": round(service_p99, 3), "offered_rps": round(a.factor * cap, 1), "max_queue_wait_s": a.max_queue_wait,
+        "scale_decision_after_s": round(decided - start, 1) if decided else None,
+        "second_replica_start_s": round(serving - decided, 1) if decided and serving else None,
+        "one_replica": one_replica,
+        "second_starting": phase(sent, decided, serving or end) if decided else None,
+        "two_replicas": phase(sent, serving, end) if serving else None,
+        "bound_s": round(bound, 3), "one_replica_p99_within_bound": one_replica["accepted_p99_s"] <= bound,
+    }
+    if result["two_replicas"] and one_replica["accepted_images_per_s"]:
+        result["scale_out_ratio"] = round(result["two_replicas"]["accepted_images_per_s"]
+                                          / one_replica["accepted_images_per_s"], 3)
+    (a.out / "scale.json").write_text(json.dumps(result, indent=1))
+    log(json.dumps(result))
+    with open(a.out / "timeline.jsonl", "w") as f:  # per second: answers by send time, replicas at that time
+        for second in range(int(end - start) + 1):
+            lo = start + second
+            row = phase(sent, lo, lo + 1)
+            states = [s for t, s in timeline if t <= lo + 1]
+            f.write(json.dumps({"t": second, **row, "replicas": states[-1] if states else {}}) + "\n")
+    plot(a.out)
+    shut_down()
+    return 0
+
+
+def plot(out: Path) -> None:
+    from dit_runtime.plot import line_plot
+
+    rows = [json.loads(line) for line in (out / "timeline.jsonl").read_text().splitlines()]
+    series = {"accepted images/s": [(r["t"], r["accepted_images_per_s"]) for r in rows],
+              "refused req/s": [(r["t"], round(r["offered_rps"] * (r["refused_share"] or 0), 1)) for r in rows],
+              "replicas running x 100": [(r["t"], 100 * r["replicas"].get("RUNNING", 0)) for r in rows]}
+    line_plot(series, out / "scale.png", title="one replica at 3x its capacity, then two", xlabel="seconds",
+              ylabel="per second")
