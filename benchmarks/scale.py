@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": "python -m benchmarks scale " + " ".join(argv if argv is not None else sys.argv[2:]),
         "first_replica_start_s": round(first_start, 1), "capacity_rps": round(cap, 1),
-        "service_s": round(service, 3), "service_p99_s": round(service_p99, 3), "offered_rps": round(a.factor * cap, 1), "max_queue_wait_s": a.max_queue_wait,
+        "service_s": round(service, 3), "service_p99_s": round(service_p99, 3),
+        "offered_rps": round(a.factor * cap, 1), "max_queue_wait_s": a.max_queue_wait,
         "scale_decision_after_s": round(decided - start, 1) if decided else None,
         "second_replica_start_s": round(serving - decided, 1) if decided and serving else None,
         "one_replica": one_replica,
