@@ -3,7 +3,8 @@ each phase carried.
 
     python -m benchmarks scale --out OUT --preset dit-10l --device cuda --compile --cuda-graphs    # 2 GPUs
 
-1. Serves one model on its own route (``build_model_app``, Ray's HTTP proxy), one GPU per replica, autoscaling 1 -> 2
+1. Serves one model on its own route (``build_model_app``, direct ingress behind HAProxy as serve_config.gpu.yaml
+   does, or Ray's Python proxy), one GPU per replica, autoscaling 1 -> 2
    on the engines' wait estimate (``serving.autoscaling.QueueWaitPolicy``), admission by time (``--max-queue-wait``).
    The first replica's start (load, compile, graph capture) is timed.
 2. One replica's capacity: ``--clients`` closed-loop clients for ``--capacity-seconds``; their median latency is one
@@ -154,11 +155,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--look-back", type=float, default=5)
     ap.add_argument("--timeout", type=float, default=60)
     ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--layout", choices=["direct", "proxy"], default="direct",
+                    help="direct: Ray Serve's direct ingress behind HAProxy (the GPU config); proxy: Ray's Python "
+                         "proxy, which at 3x a GPU replica's capacity queues requests before any engine sees them")
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     # Replicas report their load every second instead of every 10 s (read when Ray starts).
     os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
     os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
+    if a.layout == "direct":  # as serve_config.gpu.yaml and the Docker image run: HAProxy to each replica's server
+        os.environ.update({"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"})
     import ray
     from ray import serve
 
