@@ -117,13 +117,16 @@ async def capacity(url: str, body: dict, clients: int, seconds: float,
 def phase(sent: list, start: float, end: float) -> dict:
     mine = [s for at, s in sent if start <= at < end]
     accepted = [s.latency for s in mine if s.status == 200]
-    refused = sum(s.status in (429, 503) for s in mine)
+    refusals = [s.latency for s in mine if s.status in (429, 503)]
+    refused = len(refusals)
     seconds = max(end - start, 1e-9)
     return {"seconds": round(seconds, 1), "offered_rps": round(len(mine) / seconds, 1),
             "accepted_images_per_s": round(sum(s.images for s in mine if s.status == 200) / seconds, 1),
             "accepted_p50_s": round(percentile(accepted, 50) or 0, 3),
             "accepted_p99_s": round(percentile(accepted, 99) or 0, 3),
             "refused_share": round(refused / len(mine), 3) if mine else None,
+            "refused_p50_ms": round(1e3 * (percentile(refusals, 50) or 0), 1),
+            "refused_p99_ms": round(1e3 * (percentile(refusals, 99) or 0), 1),
             "failed": len(mine) - len(accepted) - refused}
 
 
