@@ -55,6 +55,13 @@ def weight_bytes(config: DiTConfig) -> dict[str, int]:
     return out
 
 
+def feature_cache_bytes_per_row(config: DiTConfig) -> int:
+    """Device memory one image row with a feature cache holds in a 16-bit engine (engine.feature_cache)."""
+    from .engine.feature_cache import FeatureCache
+
+    return FeatureCache.bytes_per_row(config.num_tokens, config.hidden_dim, torch.float16)
+
+
 def forward_flops(config: DiTConfig) -> dict[str, int]:
     """FLOPs of one forward pass for one image, counting matmuls only (one multiply-add = 2 FLOPs).
 
@@ -127,6 +134,7 @@ def size_report(name: str, config: DiTConfig, batch_size: int = 32) -> dict:
         "parameters": params["total"],
         "breakdown": params,
         "weight_bytes": weight_bytes(config),
+        "feature_cache_bytes_per_row": feature_cache_bytes_per_row(config),
         "flops_per_image": forward_flops(config),
         "training_memory": {
             "batch_size_per_gpu": batch_size,

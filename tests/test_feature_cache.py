@@ -190,6 +190,14 @@ def test_the_default_preset_comes_from_the_config():
     assert engine.spec.sampling().cache == "fast" and engine.spec.sampling(cache="off").cache == "off"
 
 
+def test_the_pool_holds_what_dit_verify_reports_per_row():
+    engine = make_engine()
+    cache, cfg = engine.runner.cache, engine.runner.model.config
+    held = cache.terms.numel() * cache.terms.element_size() + cache.last_full.numel() * 8
+    per_row = FeatureCache.bytes_per_row(cfg.num_tokens, cfg.hidden_dim, torch.float32)
+    assert held == (engine.config.cache_rows + 1) * per_row  # the pool and its scratch entry
+
+
 def test_engine_refuses_a_feature_cache_that_does_not_fit_in_memory():
     config = DiTConfig(hidden_dim=256, num_layers=1, num_heads=1, ffn_dim=4, input_size=512, patch_size=2,
                        in_channels=1, num_classes=2, learn_sigma=False)

@@ -41,6 +41,8 @@ def test_json_lists_every_preset_with_the_modules_exact_parameter_count(capsys):
         d, f, L = config.hidden_dim, config.ffn_dim, config.num_layers
         fp8_params = L * (4 * d * d + 2 * d * f)
         assert weights["fp8"] == fp8_params + 4 * L * (5 * d + f) + 2 * (report["parameters"] - fp8_params)
+        # A cached row: two Taylor terms of the blocks' residual (tokens x width, 16-bit) and its last full step.
+        assert report["feature_cache_bytes_per_row"] == 2 * config.num_tokens * d * 2 + 8
 
 
 def test_true_sizes_of_our_presets_and_the_old_cards_errors(capsys):

@@ -52,19 +52,21 @@ def _human(n: float, unit: str = "") -> str:
 
 
 def _gib(n: int) -> str:
+    if n < 2**20:
+        return f"{n / 2**10:.0f} KiB"
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 def print_table(reports: list[dict]) -> None:
     batch = reports[0]["training_memory"]["batch_size_per_gpu"]
-    header = ["model", "params", "embed", "per block", "final", "fp32", "fp16/bf16", "fp8", "GFLOPs/img",
+    header = ["model", "params", "embed", "per block", "final", "fp32", "fp16/bf16", "fp8", "cache/row", "GFLOPs/img",
               f"train/GPU b={batch}", "+ckpt"]
     rows = []
     for r in reports:
         b, mem = r["breakdown"], r["training_memory"]
         rows.append([r["name"], f"{r['parameters']:,}", _human(b["embeddings"]), _human(b["per_block"]),
                      _human(b["final_layer"]), _gib(r["weight_bytes"]["fp32"]), _gib(r["weight_bytes"]["bf16"]),
-                     _gib(r["weight_bytes"]["fp8"]),
+                     _gib(r["weight_bytes"]["fp8"]), _gib(r["feature_cache_bytes_per_row"]),
                      f"{r['flops_per_image']['total'] / 1e9:.1f}", _gib(mem["without_checkpointing"]["peak"]),
                      _gib(mem["with_checkpointing"]["peak"])])
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
@@ -76,7 +78,8 @@ def print_table(reports: list[dict]) -> None:
         for r in claims:
             print(f"  {r['name']}: card said {_human(r['model_card_claim'])}, true count {_human(r['parameters'])}")
     print("\nGFLOPs: matmuls only, 2 per multiply-add (the paper's 'Gflops' are multiply-adds, half of these). "
-          "Training memory: bf16 autocast, fp32 weights/grads, AdamW, fp32 EMA; see docs/model-sizes.md.")
+          "Training memory: bf16 autocast, fp32 weights/grads, AdamW, fp32 EMA; see docs/model-sizes.md. cache/row: "
+          "the feature cache of one image row in fp16/bf16 (serve config feature_cache_rows).")
 
 
 def main(argv: list[str] | None = None) -> None:

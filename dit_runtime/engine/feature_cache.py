@@ -27,7 +27,6 @@ class FeatureCache:
     """Taylor terms of the block stack's residual, per cache row: ``terms[k][row]`` is the k-th difference per step."""
 
     def __init__(self, rows: int, tokens: int, hidden_dim: int, dtype: torch.dtype, device: torch.device):
-        self.rows = rows
         self.scratch = rows  # the entry rows without a cache, and padding, write to
         self.terms = torch.zeros(MAX_CACHE_ORDER + 1, rows + 1, tokens, hidden_dim, dtype=dtype, device=device)
         self.last_full = torch.zeros(rows + 1, dtype=torch.int64, device=device)
@@ -36,10 +35,6 @@ class FeatureCache:
     def bytes_per_row(tokens: int, hidden_dim: int, dtype: torch.dtype) -> int:
         """Device memory one cached image row holds: its Taylor terms and its last full step."""
         return (MAX_CACHE_ORDER + 1) * tokens * hidden_dim * torch.empty((), dtype=dtype).element_size() + 8
-
-    @property
-    def nbytes(self) -> int:
-        return self.terms.numel() * self.terms.element_size() + self.last_full.numel() * 8
 
     def update(self, entry: torch.Tensor, residual: torch.Tensor, step: torch.Tensor) -> None:
         """After a full step: ``residual`` (M, T, D) of the rows whose cache entries are ``entry`` (M,), at ``step``

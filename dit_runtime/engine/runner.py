@@ -10,10 +10,11 @@ reads and writes). One step, for a bucket of B rows, is a single function of tho
 It has static shapes per bucket, reads its per-step layout from a device buffer that changes only when requests
 join or leave, and makes no host synchronisation, so it compiles with torch.compile and captures as a CUDA graph.
 
-With a feature cache (feature_cache.py) a step is three such functions: ``_embed`` (bucket B: tokens, adaLN, which
-rows run the blocks), ``_blocks`` (bucket C: the rows that do, gathered, through the blocks; their cache entries
-updated) and ``_head`` (bucket B: the other rows' forecast, the final layer, guidance and the sampler step). The
-scheduler picks C from the same rule the device applies (``request.full_step``), so nothing is read back.
+With a feature cache (feature_cache.py) a step is up to four such functions: ``_embed`` (bucket B: tokens,
+conditioning, which rows run the blocks), ``_blocks`` (bucket C: the rows that do, gathered, through the blocks),
+``_update`` (bucket U: the cache entries of those that cache) and ``_head`` (bucket B: the other rows' forecast, the
+final layer, guidance and the sampler step). The scheduler picks C and U from the same rule the device applies
+(``request.full_step``), so nothing is read back.
 """
 
 from __future__ import annotations
@@ -130,8 +131,8 @@ class ModelRunner:
         n = self.config.max_batch_size + 1
         per_row = FeatureCache.bytes_per_row(cfg.num_tokens, cfg.hidden_dim, self.dtype)
         # The pool (+ its scratch entry) and the two token buffers between the step's parts.
-        needed = (rows + 1) * per_row + 2 * (max_bucket + 1) * cfg.num_tokens * cfg.hidden_dim * self.model.pos_embed \
-            .new_empty((), dtype=self.dtype).element_size()
+        element = torch.empty((), dtype=self.dtype).element_size()
+        needed = (rows + 1) * per_row + 2 * (max_bucket + 1) * cfg.num_tokens * cfg.hidden_dim * element
         free = free_memory(dev)
         if needed > free:
             raise ValueError(f"feature_cache_rows {rows} needs {needed / 2**30:.2f} GiB ({per_row / 2**20:.2f} MiB per "
@@ -336,7 +337,8 @@ class ModelRunner:
     # ---- start-up ---------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def warm_up(self) -> dict[int, float]:
-        """Compile (and capture) every bucket of every part once, on scratch state; returns seconds per bucket."""
+        """Compile (and capture) every bucket of every part once, on scratch state; returns seconds per bucket (the
+        compute buckets included)."""
         timings = {}
         saved = [t.clone() for t in self._state_tensors()]
         for bucket in self.config.compute_buckets:

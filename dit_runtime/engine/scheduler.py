@@ -108,7 +108,6 @@ class Scheduler:
         self.waiting: deque[RequestState] = deque()
         self.running: list[RequestState] = []
         self._free_slots = list(range(self.num_slots - 1, -1, -1))  # pop() gives the lowest slot
-        self.cache_rows = cache_rows
         self.cache_scratch = cache_rows  # the entry of rows without a cache, and of padding
         self._free_entries = list(range(cache_rows - 1, -1, -1))
         self._layout: Layout | None = None
