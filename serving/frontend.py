@@ -2,7 +2,8 @@
 
 Routes: ``POST /v1/images/generations`` (OpenAI's images API; ``stream: true`` for server-sent events),
 ``GET /v1/models`` and ``/v1/models/{model}``, ``GET /healthz`` (liveness: this process answers), ``GET /readyz``
-(readiness: every model loaded and its engine loop healthy), ``GET /openapi.json``. With API keys configured
+(readiness: every model loaded and its engine loop healthy), ``GET /openapi.json``, and ``GET /``, the playground
+page (static/playground.html: a browser client of the public API, nothing else). With API keys configured
 (``auth``), the ``/v1`` routes need ``Authorization: Bearer <key>``. No torch here: the gateway process stays small.
 
 The gateway (every model, through deployment handles) and a model serving its own route (in-process) are the same
@@ -25,6 +26,7 @@ import json
 import logging
 import os
 import time
+from importlib import resources
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -49,10 +51,16 @@ UNKNOWN_MODEL = "unknown"  # metrics label of requests for no configured model (
 # The API stops waiting for a model this long after the request's deadline, in case it cannot answer at all (the
 # engine itself answers 504 at the deadline; this only bounds a hung engine or an unreachable replica).
 DEADLINE_GRACE_S = 5.0
-PROTECTED_PREFIX = "/v1/"  # what API keys guard; /healthz, /readyz and /openapi.json stay open
+PROTECTED_PREFIX = "/v1/"  # what API keys guard; /, /healthz, /readyz and /openapi.json stay open
 GENERATIONS_ROUTE = "/v1/images/generations"
 ERROR_STATUSES = (400, 401, 404, 413, 415, 429, 503, 504)
 ERROR_RESPONSES = {s: {"model": ErrorResponse} for s in ERROR_STATUSES}
+PLAYGROUND_PAGE = "static/playground.html"  # package data of `serving`
+# The page runs its own inline code and talks to this origin only: hosts may have no internet, and a browser then
+# refuses anything the page would fetch from elsewhere.
+PLAYGROUND_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
+                      "style-src 'unsafe-inline'; img-src data:; connect-src 'self'; base-uri 'none'; "
+                      "form-action 'none'; frame-ancestors 'none'", "Cache-Control": "no-cache"}
 
 
 def load_api_keys(auth: AuthArgs) -> list[str]:
@@ -209,6 +217,7 @@ class Frontend:
         self.limits = limits
         self.api_keys = load_api_keys(auth)  # a missing key file fails here, before any model loads
         self.metrics = GatewayMetrics()
+        self.playground_html = resources.files(__package__).joinpath(PLAYGROUND_PAGE).read_bytes()
         log.info("API: %s", f"{len(self.api_keys)} API key(s) guard {PROTECTED_PREFIX}" if self.api_keys else
                  "no API keys configured, the API is open")
 
@@ -228,6 +237,7 @@ class Frontend:
         api.get("/healthz", summary="Liveness: this process answers")(self.healthz)
         api.get("/readyz", summary="Readiness: every model loaded and its engine healthy (503 otherwise)")(
             self.readyz)
+        api.get("/", include_in_schema=False)(self.playground)
         return api
 
     # ---- POST /v1/images/generations --------------------------------------------------------------------------
@@ -357,6 +367,10 @@ class Frontend:
                          max_inference_steps=limits.max_inference_steps,
                          max_guidance_scale=limits.max_guidance_scale,
                          cache_policies=list(spec.cache_policies))
+
+    async def playground(self) -> Response:
+        """The playground page: open like /healthz (it asks for an API key itself when /v1 needs one)."""
+        return Response(self.playground_html, media_type="text/html; charset=utf-8", headers=PLAYGROUND_HEADERS)
 
     async def healthz(self) -> dict:
         return {"status": "ok"}
