@@ -6,11 +6,15 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum
 .PHONY: setup sysdeps serve serve-metrics test clean
 setup: $(STAMP)
 
-# Debian's prometheus server, which the metrics test scrapes the running app with; nothing when already on PATH.
+# Debian's prometheus server, which the metrics test scrapes the running app with, and Debian's chromium with its
+# chromedriver, which the playground test drives headless (no browser download at run time); each installed only
+# when missing.
+SYSDEPS := prometheus:prometheus chromium:chromium chromedriver:chromium-driver
 sysdeps:
-	@command -v prometheus >/dev/null 2>&1 || { \
+	@missing=$$(for d in $(SYSDEPS); do command -v $${d%%:*} >/dev/null 2>&1 || echo $${d#*:}; done); \
+	[ -z "$$missing" ] || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends prometheus; }
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $$missing; }
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
