@@ -31,24 +31,17 @@ import time
 from pathlib import Path
 
 from .loadgen import one, percentile
-from .serve import log, shut_down
+from .serve import add_model_arguments, log, shut_down
+from .serve import model_args as serve_model_args
 
 APP = "scale"
 
 
 def model_args(a) -> dict:
-    m = {"name": a.model_name, "device": a.device, "precision": a.precision, "compile": a.compile,
-         "cuda_graphs": a.cuda_graphs, "max_batch_size": a.max_batch_size, "max_queue_size": a.max_queue_size,
-         "max_queue_wait_s": a.max_queue_wait, "num_cpus": a.num_cpus, "num_gpus": 1 if a.device == "cuda" else 0,
-         "compile_cache_dir": a.compile_cache_dir if a.compile else None, "batch_buckets": a.batch_buckets,
-         "feature_cache_rows": a.feature_cache_rows,
-         "autoscaling": {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": a.upscale_delay,
-                         "downscale_delay_s": 600, "look_back_period_s": a.look_back}}
-    if a.checkpoint:
-        m["checkpoint"] = a.checkpoint
-    else:
-        m.update(preset=a.preset, allow_random_weights=True)
-    return m
+    """``benchmarks.serve``'s model entry, with admission by time and autoscaling 1 -> 2."""
+    return {**serve_model_args(a), "max_queue_wait_s": a.max_queue_wait, "feature_cache_rows": a.feature_cache_rows,
+            "autoscaling": {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": a.upscale_delay,
+                            "downscale_delay_s": 600, "look_back_period_s": a.look_back}}
 
 
 def replicas() -> dict[str, int]:
@@ -133,16 +126,7 @@ def phase(sent: list, start: float, end: float) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks scale", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--model-name", default="dit-10l")
-    ap.add_argument("--preset", default="dit-10l")
-    ap.add_argument("--checkpoint")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--precision", default="fp16")
-    ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--cuda-graphs", action="store_true")
-    ap.add_argument("--compile-cache-dir", default="/tmp/dit-compile-cache")
-    ap.add_argument("--max-batch-size", type=int, default=64)
+    add_model_arguments(ap)
     ap.add_argument("--batch-buckets", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--feature-cache-rows", type=int, default=0, help="0 (default): one step function, a quicker "
                                                                       "compile; the admission does not depend on it")
@@ -163,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                          "proxy, which at 3x a GPU replica's capacity queues requests before any engine sees them")
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
+    a.compile_cache_dir = a.compile_cache_dir if a.compile else None
     # Replicas report their load every second instead of every 10 s (read when Ray starts).
     os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
     os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")

@@ -155,9 +155,8 @@ def loadgen(a, out: Path, rate: str, prefix: str) -> dict:
     return json.loads(path.read_text().splitlines()[-1])
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks serve", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_arguments(ap: argparse.ArgumentParser) -> None:
+    """The served model's options, shared with ``benchmarks.scale`` (``model_args`` reads them)."""
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--model-name", default="dit-10l")
     ap.add_argument("--preset", default="dit-10l")
@@ -168,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cuda-graphs", action="store_true")
     ap.add_argument("--compile-cache-dir", default="/tmp/dit-compile-cache")
     ap.add_argument("--max-batch-size", type=int, default=64)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks serve", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(ap)
     ap.add_argument("--batch-buckets", type=int, nargs="+", help="rows the forwards are padded to (default: powers of "
                                                                  "two up to --max-batch-size; fewer compile faster)")
     ap.add_argument("--max-queue-size", type=int, default=1024)
