@@ -36,7 +36,11 @@ READY_TIMEOUT_S = 5.0
 # While requests wait for a model, how often the gateway asks Serve whether any replica of it still runs. Ray's
 # router holds a request until some replica takes it, however long that is (e.g. while the model's node is lost and
 # no other node has room); without a replica, a waiting request is answered 503 with Retry-After instead.
-REPLICA_CHECK_PERIOD_S = 1.0
+# Each check is a serve.status() of every application, in the gateway's process, and under overload requests always
+# wait: checked every second, the gateway's refusals in the full test suite reached p99 116-118 ms (its bar is 100 ms)
+# in two runs of three, a cost this is suspected of (not shown). Every 5 s still answers a lost node's requests
+# within a small share of their deadline.
+REPLICA_CHECK_PERIOD_S = 5.0
 # Replica states that can still answer a request already sent to them (STOPPING: drains its requests).
 ANSWERING_STATES = ("RUNNING", "STOPPING")
 
