@@ -321,7 +321,7 @@ class Engine:
                                  "retry later", retry_after=QUEUE_FULL_RETRY_AFTER_S)
         wait = self.estimated_wait(state.rows, waiting)
         bound = self.config.max_queue_wait_s
-        if wait > bound:
+        if bound is not None and wait > bound:
             raise QueueFullError(f"busy: a request now would wait about {wait:.1f} s for a batch slot, past this "
                                  f"model's max_queue_wait_s of {bound:g} s; retry after the Retry-After delay",
                                  retry_after=wait - bound)

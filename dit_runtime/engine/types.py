@@ -31,11 +31,11 @@ class EngineConfig:
     precision: Precision = "fp32"
     max_batch_size: int = 32  # rows per forward pass; a guided image takes two (conditional + null)
     # Admission by time: submit() refuses (QueueFullError, with a Retry-After from the estimate) a request whose
-    # estimated wait for a batch slot passes this, or whose estimated finish passes its own deadline. The wait is
-    # replayed from the queue ahead and the measured step time (Engine.estimated_wait). 2 s is a few times one
-    # request's own denoising on a full batch (0.6 s for dit-10l's 25 guided steps at 128 rows on an H200): a burst
-    # is absorbed, a sustained overload is refused at once instead of queued for as long as the queue is deep.
-    max_queue_wait_s: float = 2.0
+    # estimated wait for a batch slot passes this many seconds, or whose estimated finish passes its own deadline. The
+    # wait is replayed from the queue ahead and the measured step time (Engine.estimated_wait). None: no bound, a
+    # script's burst of submits all queue (the deadline check still applies). A server sets it: serving/config.py
+    # has the default a replica runs with and why.
+    max_queue_wait_s: float | None = None
     max_queue_size: int = 256  # images waiting for admission: a memory guard; past it submit() raises QueueFullError
     limits: RequestLimits = RequestLimits()  # what one request may ask for
     default_inference_steps: int | None = None  # overrides the checkpoint's measured default when set
@@ -68,8 +68,10 @@ class EngineConfig:
             problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         elif self.precision != "fp32" and not str(self.device).startswith("cuda"):
             problems.append(f"precision {self.precision} is for an NVIDIA GPU; use fp32 on {self.device}")
-        if not isinstance(self.max_queue_wait_s, (int, float)) or not self.max_queue_wait_s > 0:
-            problems.append(f"max_queue_wait_s must be a positive number of seconds, got {self.max_queue_wait_s!r}")
+        if self.max_queue_wait_s is not None and (not isinstance(self.max_queue_wait_s, (int, float))
+                                                  or not self.max_queue_wait_s > 0):
+            problems.append(f"max_queue_wait_s must be a positive number of seconds or None, "
+                            f"got {self.max_queue_wait_s!r}")
         for name in ("max_batch_size", "max_queue_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
