@@ -94,14 +94,19 @@ def assert_openai_error(r: httpx.Response, status: int | tuple[int, ...]) -> dic
 
 # ---- overload ---------------------------------------------------------------------------------------------------
 def test_three_times_capacity_is_shed_fast_and_every_accepted_request_finishes(cluster):
-    """digits-q holds one guided image in its batch and one waiting: 3x its capacity must be mostly shed."""
+    """digits-q holds one guided image in its batch and one waiting: 3x its capacity must be mostly shed, and the
+    refusals come at once: p99 under 100 ms. Over a handful of refusals a p99 is their maximum, and about one answer
+    in 200 of Ray's proxy on two shared cores is slow whatever the handler does (an empty 429 from a bare FastAPI
+    deployment beside this one: p50 27 ms, p99 67 ms, max 109 ms; ours p50 26 ms, p99 90 ms), so the overload lasts
+    35 s: 50 refusals or more, and their p99 is not one slow answer. Not more requests a second instead: at 20 a
+    second the two cores' Ray proxy and replicas answer a 429 at p99 140 ms."""
     body = {"model": "digits-q", "prompt": "3", "num_inference_steps": 60}
-    report = overload.asyncio.run(overload.overload(cluster.base, body, factor=3.0, seconds=4.0, max_requests=400,
+    report = overload.asyncio.run(overload.overload(cluster.base, body, factor=3.0, seconds=35.0, max_requests=1000,
                                                     clients=4, capacity_seconds=3.0, timeout=30.0))
     s = report.summary()
     figure("overload", **s)
     assert s["failed"] == 0 and s["timed_out"] == 0, s
-    assert s["accepted"] > 0 and s["shed"] > 0, s
+    assert s["accepted"] > 0 and s["shed"] >= 50, s  # enough refusals for their p99 to be one
     assert s["shed_p99_ms"] < 100, s  # the bar: refused at once
 
 
