@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--look-back", type=float, default=5)
     ap.add_argument("--timeout", type=float, default=60)
     ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--metrics-port", type=int, default=9999, help="Ray's metrics export port: the replicas' "
+                    "start phases (dit_replica_startup_seconds) are read from it at the end")
     ap.add_argument("--layout", choices=["direct", "proxy"], default="direct",
                     help="direct: Ray Serve's direct ingress behind HAProxy (the GPU config); proxy: Ray's Python "
                          "proxy, which at 3x a GPU replica's capacity queues requests before any engine sees them")
@@ -158,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from serving.app import build_model_app
 
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, _metrics_export_port=a.metrics_port,
+             _system_config={"metrics_report_interval_ms": 1000})
     serve.start(http_options={"host": "127.0.0.1", "port": a.port})
     t0 = time.perf_counter()
     serve.run(build_model_app({"models": [model_args(a)],
@@ -188,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         "two_replicas": phase(sent, serving, end) if serving else None,
         "bound_s": round(bound, 3), "one_replica_p99_within_bound": one_replica["accepted_p99_s"] <= bound,
     }
+    result["replica_startup_s"] = replica_startups(a.metrics_port)
     if result["two_replicas"] and one_replica["accepted_images_per_s"]:
         result["scale_out_ratio"] = round(result["two_replicas"]["accepted_images_per_s"]
                                           / one_replica["accepted_images_per_s"], 3)
@@ -202,6 +206,25 @@ def main(argv: list[str] | None = None) -> int:
     plot(a.out)
     shut_down()
     return 0
+
+
+def replica_startups(port: int) -> dict[str, dict[str, float]]:
+    """Each replica's start by phase (the gauge dit_replica_startup_seconds, serving.backend.StartupTimes), read
+    from Ray's metrics export: where a warm replica's seconds from the scale decision to serving went."""
+    import re
+    import urllib.request
+
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    except OSError as e:
+        log(f"no replica start phases: the metrics port {port} did not answer ({e})")
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    for name, labels, value in re.findall(r"^(\w+)\{(.*)\}\s+(\S+)$", text, re.MULTILINE):
+        if name == "ray_dit_replica_startup_seconds":
+            tags = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+            out.setdefault(tags.get("replica", "?"), {})[tags["phase"]] = round(float(value), 2)
+    return out
 
 
 def plot(out: Path) -> None:

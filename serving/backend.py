@@ -66,12 +66,35 @@ class Progress:
 
 
 @dataclass(frozen=True)
+class StartupTimes:
+    """Where a model replica's start went, in seconds: what to shorten for a faster scale-out."""
+
+    # From the replica's process start to its ModelServer's __init__ (Linux; None elsewhere): Ray starting the
+    # worker, unpickling the deployment and importing torch and this package, and any time the worker sat idle in
+    # Ray's pool before the replica was placed on it.
+    before_init: float | None
+    verify: float  # hashing the checkpoint against its manifest
+    load: float  # reading the weights onto the device, building the engine
+    compile: float  # the warm-up's first call of each compiled part per bucket (a compile, or a compile-cache load)
+    capture: float  # CUDA graph captures
+    decoder: float  # the VAE of a latent model
+    total: float  # __init__, every phase above but the first
+
+    def phases(self) -> dict[str, float]:
+        """The phases that were measured, by name (as the gauge's ``phase`` label and /readyz write them)."""
+        return {name: round(getattr(self, name), 3) for name in ("before_init", "verify", "load", "compile",
+                                                                  "capture", "decoder", "total")
+                if getattr(self, name) is not None}
+
+
+@dataclass(frozen=True)
 class Readiness:
     """A model's readiness (loaded, its engine loop healthy) and its load when ready."""
 
     ready: bool
     detail: str | None = None
     load: dict[str, int] = field(default_factory=dict)  # running/waiting requests and images, steps done
+    startup: StartupTimes | None = None  # of the replica that answered
 
 
 class ModelBackend(Protocol):

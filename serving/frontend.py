@@ -377,7 +377,8 @@ class Frontend:
 
     async def readyz(self) -> JSONResponse:
         answers = await asyncio.gather(*(self.backends[n].ready() for n in self.model_names))
-        models = {n: {"ready": a.ready, "detail": a.detail, **({"load": a.load} if a.ready else {})}
+        models = {n: {"ready": a.ready, "detail": a.detail, **({"load": a.load} if a.ready else {}),
+                      **({"startup_s": a.startup.phases()} if a.startup is not None else {})}
                   for n, a in zip(self.model_names, answers)}
         ok = all(a.ready for a in answers)
         return JSONResponse({"status": "ready" if ok else "not_ready", "models": models},

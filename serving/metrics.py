@@ -58,9 +58,18 @@ class EngineMetrics:
         self.block_rows = Counter("dit_block_row_steps_total", "Image rows per step that ran the DiT's blocks "
                                   "(blocks=computed) or forecast them from the feature cache (blocks=skipped)",
                                   tag_keys=("model", "cache", "blocks"))
+        self.startup = Gauge("dit_replica_startup_seconds", "Where this replica's start went: before_init (Ray's "
+                             "worker start and imports), verify, load, compile, capture, decoder, and total (all "
+                             "but before_init)", tag_keys=("model", "phase"))
         for metric in (self.queue_wait, self.denoise, self.step, self.occupancy, self.images, self.running,
-                       self.waiting, self.block_rows, self.wait_estimate):
+                       self.waiting, self.block_rows, self.wait_estimate, self.startup):
             metric.set_default_tags({"model": model})  # a fresh dict: Ray adds its own tags to it
+
+    def record_startup(self, startup) -> None:
+        """This replica's start, by phase (a StartupTimes). Set again every second or so (ModelServer's refresher):
+        Ray's export drops a gauge series not set for about half a minute."""
+        for phase, seconds in startup.phases().items():
+            self.startup.set(seconds, tags={"phase": phase})
 
     def on_step(self, stats) -> None:
         """The engine's per-step observer (runs on the engine thread): ``stats`` is a StepStats."""

@@ -32,7 +32,7 @@ from dit_runtime.images import encode_png
 from dit_runtime.vae import LatentDecoder
 
 from .autoscaling import OCCUPANCY, QUEUE_WAIT
-from .backend import EncodedImages, Progress, Readiness, raise_if_error
+from .backend import EncodedImages, Progress, Readiness, StartupTimes, raise_if_error
 from .config import AuthArgs, Limits, ModelArgs
 from .errors import APIError, invalid
 from .frontend import Frontend
@@ -50,10 +50,23 @@ ENCODE_THREADS = 4
 INLINE_ENCODE_MAX_PIXELS = 64 * 64
 
 
+def process_age_seconds() -> float | None:
+    """Seconds since this process started, from Linux's /proc; None elsewhere."""
+    try:
+        with open("/proc/self/stat") as f:
+            started_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, in clock ticks
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - started_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class ModelServer:
     """One model size behind one Ray Serve deployment (wrapped with ``serve.deployment`` in ``app``)."""
 
     def __init__(self, args: ModelArgs, limits: Limits):
+        before_init = process_age_seconds()
         self.name = args.name
         self.args = args
         self.limits = limits
@@ -64,16 +77,20 @@ class ModelServer:
         self._stopped = threading.Event()
         self._encoder = ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="dit-encode")
         self.metrics = EngineMetrics(args.name, args.max_batch_size)
+        self.startup: StartupTimes | None = None
         source = args.checkpoint or f"random weights of preset {args.preset!r}"
         started = time.perf_counter()
         try:
             config = args.engine_config(limits)
+            verified = started
             if args.checkpoint is not None:
                 if args.verify_manifest:
                     verify_checkpoint(args.checkpoint)  # before a byte of it is parsed
+                verified = time.perf_counter()
                 self.engine = Engine.from_checkpoint(args.checkpoint, config, on_step=self.metrics.on_step)
             else:
                 self.engine = Engine.random_weights(args.preset, config, on_step=self.metrics.on_step)
+            built = time.perf_counter()
             self.decoder = self._decoder(args, self.engine.info)
             spec = self.engine.spec
             if self.decoder is not None:  # the API answers decoded images: their side and channels
@@ -85,7 +102,14 @@ class ModelServer:
             self.load_error = f"model {self.name!r} failed to load from {source}: {e}"
             log.error(self.load_error)
             return
-        log.info("model %r loaded from %s in %.1f s", self.name, source, time.perf_counter() - started)
+        runner, done = self.engine.runner, time.perf_counter()
+        self.startup = StartupTimes(before_init=before_init, verify=verified - started,
+                                    load=built - verified - runner.compile_seconds - runner.capture_seconds,
+                                    compile=runner.compile_seconds, capture=runner.capture_seconds,
+                                    decoder=done - built, total=done - started)
+        self.metrics.record_startup(self.startup)
+        log.info("model %r loaded from %s in %.1f s (%s)", self.name, source, self.startup.total,
+                 ", ".join(f"{k} {v:.1f} s" for k, v in self.startup.phases().items()))
         threading.Thread(target=self._refresh_load, name="dit-load-gauges", daemon=True).start()
 
     @staticmethod
@@ -125,7 +149,7 @@ class ModelServer:
         except Exception as e:
             return Readiness(False, str(e))
         stats = self.engine.stats()
-        return Readiness(True, None, {"running_requests": stats.running_requests,
+        return Readiness(True, None, startup=self.startup, load={"running_requests": stats.running_requests,
                                       "running_images": stats.running_images,
                                       "waiting_requests": stats.waiting_requests,
                                       "waiting_images": stats.waiting_images, "steps_done": stats.steps_done,
@@ -265,10 +289,12 @@ class ModelServer:
         return APIError(500, f"model {self.name!r} failed to generate: {exc}", code="engine_error")
 
     def _refresh_load(self) -> None:
-        """Keep the running/waiting gauges true while no steps run (the per-step observer only fires when busy)."""
+        """Keep the running/waiting gauges true while no steps run (the per-step observer only fires when busy),
+        and the start's gauges exported."""
         while not self._stopped.wait(LOAD_REFRESH_S):
             stats = self.engine.stats()
             self.metrics.set_load(stats.running_requests, stats.waiting_requests)
+            self.metrics.record_startup(self.startup)
 
 
 def encode_pngs(images: np.ndarray, scale: int = 1) -> list[str]:

@@ -109,6 +109,7 @@ class ModelRunner:
         self.layout = torch.zeros(_LAYOUT_ROWS, max(config.buckets), dtype=torch.int64, device=dev)
         self._in_flight: deque[torch.cuda.Event] = deque()
         self._graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}
+        self.compile_seconds = self.capture_seconds = 0.0  # of the warm-up (warm_up)
         self.cache = None
         if config.cache_rows:
             self._init_cache(config.cache_rows, max(config.buckets))
@@ -340,6 +341,7 @@ class ModelRunner:
         """Compile (and capture) every bucket of every part once, on scratch state; returns seconds per bucket (the
         compute buckets included)."""
         timings = {}
+        self.compile_seconds = self.capture_seconds = 0.0  # first calls (compiles), and CUDA graph captures
         saved = [t.clone() for t in self._state_tensors()]
         for bucket in self.config.compute_buckets:
             start = time.perf_counter()
@@ -350,9 +352,9 @@ class ModelRunner:
             self.num_steps.fill_(1)
             for part, buckets in self.parts.items():
                 if bucket in buckets:
-                    self._fns[part](bucket)
+                    self.compile_seconds += self._timed(self._fns[part], bucket)
                     if self.config.cuda_graphs:
-                        self._capture(part, bucket)
+                        self.capture_seconds += self._timed(self._capture, part, bucket)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             timings[bucket] = time.perf_counter() - start
@@ -369,6 +371,14 @@ class ModelRunner:
         for tensor, value in zip(self._state_tensors(), saved):
             tensor.copy_(value)
         return timings
+
+    def _timed(self, fn, *args) -> float:
+        """Seconds ``fn(*args)`` took, its GPU work included."""
+        start = time.perf_counter()
+        fn(*args)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
 
     def _capture(self, part: str, bucket: int) -> None:
         fn = self._fns[part]

@@ -47,3 +47,17 @@ def test_an_engine_error_comes_back_as_an_api_error_on_both_paths(server, monkey
         monkeypatch.setattr(model_server, "INLINE_ENCODE_MAX_PIXELS", limit)
         answer = generate(server, num_inference_steps=100, deadline=time.time() + 0.01)
         assert isinstance(answer, APIError) and answer.code == "deadline_exceeded" and answer.status == 504
+
+
+def test_the_replica_reports_where_its_start_went(server):
+    """What /readyz and the gauge dit_replica_startup_seconds show: the phases of this replica's start."""
+    startup = server.startup
+    phases = startup.phases()
+    assert set(phases) == {"before_init", "verify", "load", "compile", "capture", "decoder", "total"}  # on Linux
+    assert all(seconds >= 0 for seconds in phases.values()), phases
+    assert startup.capture == 0  # no CUDA graphs on the CPU
+    # The compile phase is the warm-up's first call of each part, within the warm-up's time per bucket.
+    assert 0 < startup.compile <= sum(server.engine.warmup_seconds.values())
+    # This process (pytest's) started before the server did, and has run longer than the server's start.
+    assert 0 < startup.before_init < model_server.process_age_seconds() - startup.total
+    assert asyncio.run(server.ready()).startup is startup

@@ -207,6 +207,8 @@ def test_health_readiness_openapi_and_unknown_routes(server):
     assert server.http.get("/healthz").json() == {"status": "ok"}
     ready = server.http.get("/readyz")
     assert ready.status_code == 200 and all(m["ready"] for m in ready.json()["models"].values())
+    # Where the answering replica's start went, by phase (StartupTimes).
+    assert all({"verify", "load", "compile", "total"} <= set(m["startup_s"]) for m in ready.json()["models"].values())
     spec = server.http.get("/openapi.json").json()
     assert {"/v1/images/generations", "/v1/models", "/healthz", "/readyz"} <= set(spec["paths"])
     missing = server.http.get("/v2/nothing")
@@ -252,6 +254,8 @@ scrape_configs:
         images = _query(prom_port, 'sum(ray_dit_images_generated_total{model="digits-s"})')
         steps = _query(prom_port, 'sum(ray_dit_step_seconds_count{model="digits-s"})')
         assert images is not None and images >= 20 and steps is not None and steps >= 4 * 20 / 16
+        compile_s = _query(prom_port, 'max(ray_dit_replica_startup_seconds{model="digits-s", phase="compile"})')
+        assert compile_s is not None and compile_s > 0
         # Every series the shipped Grafana dashboard plots exists (ours and Ray Serve's own, side by side).
         dashboard = json.loads((ROOT / "monitoring" / "grafana-dashboard.json").read_text())
         exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
