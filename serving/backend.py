@@ -74,7 +74,7 @@ class StartupTimes:
     # Ray's pool before the replica was placed on it.
     before_init: float | None
     verify: float  # hashing the checkpoint against its manifest
-    load: float  # reading the weights onto the device, building the engine
+    load: float  # reading the weights onto the device and the rest of the engine's start (warm-up aside)
     compile: float  # the warm-up's first call of each compiled part per bucket (a compile, or a compile-cache load)
     capture: float  # CUDA graph captures
     decoder: float  # the VAE of a latent model

@@ -149,11 +149,10 @@ class ModelServer:
         except Exception as e:
             return Readiness(False, str(e))
         stats = self.engine.stats()
-        return Readiness(True, None, startup=self.startup, load={"running_requests": stats.running_requests,
-                                      "running_images": stats.running_images,
-                                      "waiting_requests": stats.waiting_requests,
-                                      "waiting_images": stats.waiting_images, "steps_done": stats.steps_done,
-                                      "estimated_wait_s": round(stats.estimated_wait_seconds, 4)})
+        load = {"running_requests": stats.running_requests, "running_images": stats.running_images,
+                "waiting_requests": stats.waiting_requests, "waiting_images": stats.waiting_images,
+                "steps_done": stats.steps_done, "estimated_wait_s": round(stats.estimated_wait_seconds, 4)}
+        return Readiness(True, None, load, startup=self.startup)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """What ``autoscaling.QueueWaitPolicy`` scales on (Ray Serve calls this on each replica and averages it):
