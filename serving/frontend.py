@@ -36,7 +36,7 @@ from pydantic import ValidationError
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dit_runtime.request import InvalidRequestError, ModelSpec
+from dit_runtime.request import SAMPLERS, InvalidRequestError, ModelSpec
 
 from .backend import EncodedImages, ModelBackend, Progress, deadline_left
 from .config import AuthArgs, Limits
@@ -366,7 +366,7 @@ class Frontend:
                          max_images_per_request=limits.max_images_per_request,
                          max_inference_steps=limits.max_inference_steps,
                          max_guidance_scale=limits.max_guidance_scale,
-                         cache_policies=list(spec.cache_policies))
+                         cache_policies=list(spec.cache_policies), samplers=list(SAMPLERS))
 
     async def playground(self) -> Response:
         """The playground page: open like /healthz (it asks for an API key itself when /v1 needs one)."""

@@ -114,6 +114,7 @@ class ModelCard(BaseModel):
     max_inference_steps: int | None = None
     max_guidance_scale: float | None = None
     cache_policies: list[str] | None = Field(None, description="the `cache` presets this deployment runs")
+    samplers: list[str] | None = Field(None, description="the `sampler` values this deployment runs")
 
 
 class ModelList(BaseModel):

@@ -158,6 +158,7 @@ def test_models_and_readiness_come_from_the_spec(api):
     assert card["status"] == "ready" and card["class_names"][3] == "three" and card["resolution"] == [16, 16]
     assert card["defaults"] == {"num_inference_steps": 7, "sampler": "ddim", "guidance_scale": 3.0, "cache": "off"}
     assert card["cache_policies"] == ["off", "balanced", "fast"]
+    assert card["samplers"] == ["ddpm", "ddim", "dpm-solver++"]
     assert card["max_images_per_request"] == 4
     assert call(api, "GET", "/readyz").json() == {"status": "ready", "models": {
         "fake": {"ready": True, "detail": None, "load": {"running_requests": 0}}}}

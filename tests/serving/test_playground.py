@@ -129,6 +129,9 @@ def test_digit_generated_from_the_keyboard_streams_to_the_end_and_is_the_apis_im
     progress = browser.find_element(By.ID, "progress")
     assert progress.get_attribute("max") == "25" and progress.get_attribute("value") == "25"  # the last event came
     sent = json.loads(browser.find_element(By.CSS_SELECTOR, "#current .request-body").get_attribute("textContent"))
+    card = httpx.get(base + "/v1/models/digits-s", timeout=10).json()
+    offered = [o.get_attribute("value") for o in browser.find_elements(By.CSS_SELECTOR, "#sampler option")]
+    assert offered == card["samplers"] and sent["sampler"] == card["defaults"]["sampler"]  # from the card
     assert {k: sent[k] for k in ("model", "prompt", "n", "num_inference_steps", "seed")} == \
         {"model": "digits-s", "prompt": "3", "n": 4, "num_inference_steps": 25, "seed": 7}
     api = httpx.post(base + "/v1/images/generations", json=sent, timeout=60).json()
