@@ -263,6 +263,7 @@ class ModelSpec:
     defaults: SamplingParams  # the checkpoint's measured defaults, with the config's overrides
     limits: RequestLimits
     max_cache_rows: int = 0  # rows of the deployment's feature cache: 0 runs only cache "off"
+    precision: str = "fp32"  # what the engine computes in (EngineConfig.precision)
 
     def build_request(self, *, prompt: str | None = None, class_label: int | list[int] | None = None, n: int = 1,
                       size: str | None = None, num_inference_steps: int | None = None, sampler: str | None = None,

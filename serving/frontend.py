@@ -366,7 +366,8 @@ class Frontend:
                          max_images_per_request=limits.max_images_per_request,
                          max_inference_steps=limits.max_inference_steps,
                          max_guidance_scale=limits.max_guidance_scale,
-                         cache_policies=list(spec.cache_policies), samplers=list(SAMPLERS))
+                         cache_policies=list(spec.cache_policies), samplers=list(SAMPLERS),
+                         precision=spec.precision)
 
     async def playground(self) -> Response:
         """The playground page: open like /healthz (it asks for an API key itself when /v1 needs one)."""

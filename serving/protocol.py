@@ -115,6 +115,7 @@ class ModelCard(BaseModel):
     max_guidance_scale: float | None = None
     cache_policies: list[str] | None = Field(None, description="the `cache` presets this deployment runs")
     samplers: list[str] | None = Field(None, description="the `sampler` values this deployment runs")
+    precision: str | None = Field(None, description="what the deployment computes in: fp32, fp16, bf16 or fp8")
 
 
 class ModelList(BaseModel):

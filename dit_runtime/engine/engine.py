@@ -234,7 +234,7 @@ class Engine:
         return ModelSpec(class_names=tuple(info.class_names), resolution=cfg.input_size, channels=cfg.in_channels,
                          space=info.space, supports_guidance=cfg.supports_guidance,
                          parameters=count_parameters(model), max_rows=config.max_batch_size, defaults=defaults,
-                         limits=limits, max_cache_rows=config.cache_rows)
+                         limits=limits, max_cache_rows=config.cache_rows, precision=config.precision)
 
     @classmethod
     def from_checkpoint(cls, path, config: EngineConfig = EngineConfig(), **kwargs) -> "Engine":

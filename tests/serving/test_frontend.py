@@ -24,7 +24,7 @@ SPEC = ModelSpec(class_names=("zero", "one", "two", "three"), resolution=16, cha
                  supports_guidance=True, parameters=1000, max_rows=8,
                  defaults=SamplingParams(num_inference_steps=7, sampler="ddim", guidance_scale=3.0),
                  limits=RequestLimits(max_images_per_request=4, max_inference_steps=50, max_guidance_scale=10.0,
-                                      max_image_side=64), max_cache_rows=4)
+                                      max_image_side=64), max_cache_rows=4, precision="bf16")
 
 
 class FakeModel:
@@ -158,7 +158,7 @@ def test_models_and_readiness_come_from_the_spec(api):
     assert card["status"] == "ready" and card["class_names"][3] == "three" and card["resolution"] == [16, 16]
     assert card["defaults"] == {"num_inference_steps": 7, "sampler": "ddim", "guidance_scale": 3.0, "cache": "off"}
     assert card["cache_policies"] == ["off", "balanced", "fast"]
-    assert card["samplers"] == ["ddpm", "ddim", "dpm-solver++"]
+    assert card["samplers"] == ["ddpm", "ddim", "dpm-solver++"] and card["precision"] == "bf16"
     assert card["max_images_per_request"] == 4
     assert call(api, "GET", "/readyz").json() == {"status": "ready", "models": {
         "fake": {"ready": True, "detail": None, "load": {"running_requests": 0}}}}

@@ -197,6 +197,7 @@ def test_models_list_describes_each_model(server):
     card = data[0]
     assert card["status"] == "ready" and card["resolution"] == [16, 16] and card["channels"] == 1
     assert card["space"] == "pixel" and card["class_names"][3] == "three" and card["parameters"] > 0
+    assert card["precision"] == "fp32" and card["samplers"] == ["ddpm", "ddim", "dpm-solver++"]  # a CPU deployment
     assert server.http.get("/v1/models/digits-m").json()["id"] == "digits-m"
     assert server.http.get("/v1/models/nope").status_code == 404
     client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused")
