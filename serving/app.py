@@ -44,7 +44,8 @@ def _gateway_deployment(args: AppArgs):
     return serve.deployment(serve.ingress()(Gateway)).options(
         name=GATEWAY_NAME,
         num_replicas=args.gateway.num_replicas,
-        ray_actor_options={"num_cpus": args.gateway.num_cpus},
+        ray_actor_options={"num_cpus": args.gateway.num_cpus,
+                           **({"resources": args.gateway.resources} if args.gateway.resources else {})},
         max_ongoing_requests=args.gateway.max_ongoing_requests,
         graceful_shutdown_timeout_s=args.limits.request_timeout_s + GRACE_S,
     )

@@ -224,6 +224,20 @@ class GatewayArgs(_Args):
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.1, ge=0)
     max_ongoing_requests: int = Field(2000, ge=1)
+    resources: dict[str, float] = Field(default_factory=dict, description="Ray custom resources each gateway replica "
+                                        "takes: only nodes started with them (`ray start --resources`) hold a "
+                                        "gateway, e.g. the head, so that losing a worker leaves the API up")
+
+    @field_validator("resources")
+    @classmethod
+    def _resources_ok(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, amount in v.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory") or not name:
+                raise ValueError(f"{name!r} is not a custom resource: use num_cpus for CPUs; resources names what "
+                                 "`ray start --resources` gave a node")
+            if not amount > 0:
+                raise ValueError(f"resource {name!r} must be a positive amount, got {amount!r}")
+        return v
 
 
 class AuthArgs(_Args):

@@ -144,6 +144,10 @@ class RayNode:
             time.sleep(0.1)
 
 
+# A custom resource only the head has: a gateway that takes it (gateway.resources) runs there.
+GATEWAY_RESOURCE = "dit-gateway"
+
+
 class TwoNodeCluster:
     """A head that takes no replicas (``--num-cpus 0``: the controller, a proxy, the dashboard) and a worker node
     with the CPUs, joined with ``ray start --address``; each with ports of its own. The worker's Serve proxy binds
@@ -160,6 +164,7 @@ class TwoNodeCluster:
         self.head_ports, self.worker_ports = NodePorts.pick(21000), NodePorts.pick(21200)
         common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
         self.head = RayNode("head", ["--head", f"--port={self.gcs_port}", "--num-cpus=0",
+                                     "--resources=" + json.dumps({GATEWAY_RESOURCE: 1}),
                                      "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
                                      f"--ray-client-server-port={self.client_port}", f"--temp-dir={self.temp_dir}",
                                      "--system-config=" + json.dumps({"metrics_report_interval_ms": 1000}),

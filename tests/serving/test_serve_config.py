@@ -163,3 +163,15 @@ def test_compile_settings_reach_the_engine_with_static_shapes_by_default(ckpt):
     assert default.engine_config().compile_dynamic is False
     config = dynamic.engine_config()
     assert config.compile_dynamic is True and config.compile_options == {"max_autotune": True}
+
+
+def test_gateway_resources_pin_it_and_bad_ones_name_the_field(ckpt):
+    from serving.app import _gateway_deployment
+
+    args = AppArgs.parse({"models": [model_args("d", ckpt)], "gateway": {"resources": {"dit-gateway": 0.01}}})
+    options = _gateway_deployment(args).ray_actor_options
+    assert options["resources"] == {"dit-gateway": 0.01} and options["num_cpus"] == args.gateway.num_cpus
+    assert "resources" not in _gateway_deployment(AppArgs.parse({"models": [model_args("d", ckpt)]})).ray_actor_options
+    for bad, needle in (({"CPU": 1}, "use num_cpus"), ({"head": 0}, "positive amount")):
+        message = error_of({"models": [model_args("d", ckpt)], "gateway": {"resources": bad}})
+        assert "gateway.resources" in message and needle in message, message

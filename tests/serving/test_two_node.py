@@ -4,9 +4,10 @@ node lost under load.
 The head takes no replicas (``--num-cpus 0``); the worker node, joined with ``ray start --address``, has the CPUs.
 Every node runs a Serve proxy; two on one host need two ports, so the worker's binds
 ``RAY_SERVE_WORKER_PROXY_HTTP_PORT`` (Ray Serve 2.60 reads it on non-head nodes). The config is the shipped one with
-the test's port, absolute checkpoint paths and the gateway at ``num_cpus: 0``, deployed while the head is the only
-node: the gateway (it only routes) stays on the head and reaches the model replicas on the worker across nodes, so
-that losing the worker leaves a gateway to answer 503. Figures print as ``FIGURE`` lines (docs/serving.md)."""
+the test's port, absolute checkpoint paths and the gateway at ``num_cpus: 0`` taking a custom resource only the head
+has (``gateway.resources``): the gateway (it only routes) runs on the head whatever node joins first and reaches the
+model replicas on the worker across nodes, so that losing the worker leaves a gateway to answer 503. Figures print
+as ``FIGURE`` lines (docs/serving.md)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import httpx
 import pytest
 import yaml
 from PIL import Image
-from ray_nodes import TwoNodeCluster
+from ray_nodes import GATEWAY_RESOURCE, TwoNodeCluster
 from serve_helpers import free_port
 
 pytest.importorskip("ray")
@@ -45,6 +46,7 @@ def two_node_config(cluster: TwoNodeCluster) -> Path:
     config["http_options"]["port"] = cluster.head_proxy_port
     args = config["applications"][0]["args"]
     args["gateway"]["num_cpus"] = 0
+    args["gateway"]["resources"] = {GATEWAY_RESOURCE: 1}  # only the head has it
     for m in args["models"]:
         m["checkpoint"] = str(ROOT / m["checkpoint"])
     path = cluster.temp_dir / "serve_config.yaml"
