@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 from ray import serve
@@ -37,9 +37,8 @@ READY_TIMEOUT_S = 5.0
 # router holds a request until some replica takes it, however long that is (e.g. while the model's node is lost and
 # no other node has room); without a replica, a waiting request is answered 503 with Retry-After instead.
 # Each check is a serve.status() of every application, in the gateway's process, and under overload requests always
-# wait: checked every second, the gateway's refusals in the full test suite reached p99 116-118 ms (its bar is 100 ms)
-# in two runs of three, a cost this is suspected of (not shown). Every 5 s still answers a lost node's requests
-# within a small share of their deadline.
+# wait; every 5 s keeps that work small and still answers a lost node's requests within a small share of their
+# deadline. (Slow refusals in the test suite were Ray's proxy, not this: docs/reliability.md, "Overload at 3x capacity".)
 REPLICA_CHECK_PERIOD_S = 5.0
 # Replica states that can still answer a request already sent to them (STOPPING: drains its requests).
 ANSWERING_STATES = ("RUNNING", "STOPPING")
@@ -82,9 +81,7 @@ class StartupTimes:
 
     def phases(self) -> dict[str, float]:
         """The phases that were measured, by name (as the gauge's ``phase`` label and /readyz write them)."""
-        return {name: round(getattr(self, name), 3) for name in ("before_init", "verify", "load", "compile",
-                                                                  "capture", "decoder", "total")
-                if getattr(self, name) is not None}
+        return {f.name: round(getattr(self, f.name), 3) for f in fields(self) if getattr(self, f.name) is not None}
 
 
 @dataclass(frozen=True)

@@ -362,12 +362,8 @@ class ModelRunner:
         # One more step of the largest bucket, every row running the blocks, timed: the engine's first estimate of
         # a busy step (admission by time converts waits in steps with it).
         bucket = self.config.buckets[-1]
-        start = time.perf_counter()
-        self.execute(bucket, compute=bucket, updated=bucket)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        self.full_step_seconds = self._timed(self.execute, bucket, bucket, bucket)
         self._in_flight.clear()
-        self.full_step_seconds = time.perf_counter() - start
         for tensor, value in zip(self._state_tensors(), saved):
             tensor.copy_(value)
         return timings
