@@ -30,8 +30,10 @@ serve-metrics: setup
 	$(VENV)/bin/ray start --head --metrics-export-port=8080 --disable-usage-stats
 	$(VENV)/bin/serve run serve_config.yaml
 
+# PYTHONFAULTHANDLER: a crash in native code (Ray's core worker, torch), at the interpreter's exit included, prints
+# every thread's Python stack instead of only "Segmentation fault".
 test: setup sysdeps
-	$(PY) -m pytest -q tests
+	PYTHONFAULTHANDLER=1 $(PY) -m pytest -q tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

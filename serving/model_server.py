@@ -162,10 +162,6 @@ class ModelServer:
         stats = self.engine.stats()
         return {QUEUE_WAIT: stats.estimated_wait_seconds, OCCUPANCY: stats.running_rows / stats.max_batch_size}
 
-    def replica_pid(self) -> int:
-        """This replica's process id (not routed over HTTP; fault-injection tests kill it)."""
-        return os.getpid()
-
     async def generate(self, request: GenerationRequest) -> EncodedImages | APIError:
         """The request's images, encoded (or the APIError it failed with).
 

@@ -17,12 +17,13 @@ import numpy as np
 import openai
 import pytest
 from PIL import Image
-from serve_helpers import SLOW_DIGITS, free_port, model_args, write_digits_checkpoint
+import psutil
+from serve_helpers import SLOW_DIGITS, free_port, model_args, replica_pids, write_digits_checkpoint
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
-from serving.app import build_gateway_app, build_model_app  # noqa: E402
+from serving.app import build_gateway_app, build_model_app, model_deployment_name  # noqa: E402
 
 LIMITS = {"max_images_per_request": 4, "max_inference_steps": 60, "max_body_bytes": 4096,
           "default_inference_steps": 8}
@@ -65,8 +66,7 @@ def base(checkpoints, tmp_path_factory):
 def replica_url(model: str) -> str:
     """The HTTP server of the model's (one) replica itself, behind HAProxy: Ray gives each direct-ingress replica a
     port of its own in 30000-30999 (its defaults)."""
-    import psutil
-    pid = serve.get_deployment_handle(f"model-{model}", app_name=model).replica_pid.remote().result()
+    (pid,) = replica_pids(model, model_deployment_name(model))
     own = [c.laddr.port for c in psutil.net_connections("tcp")
            if c.status == psutil.CONN_LISTEN and c.pid == pid and 30000 <= c.laddr.port < 31000]
     assert len(own) == 1, own
@@ -80,7 +80,6 @@ def decode(b64: str) -> np.ndarray:
 def test_no_python_proxy_runs_haproxy_does(base):
     """The layout under test really is direct ingress: the process that listens on Serve's HTTP port is HAProxy
     (Ray's Python proxy only manages it), and the model replicas listen on ports of their own."""
-    import psutil
     port = int(base.rsplit(":", 1)[1])
     listeners = {c.laddr.port: c.pid for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
     assert psutil.Process(listeners[port]).name() == "haproxy"
