@@ -3,6 +3,7 @@ its deadline), with a Retry-After from the estimate; the estimate replays FIFO a
 
 from __future__ import annotations
 
+import random
 import time
 from types import SimpleNamespace
 
@@ -30,6 +31,36 @@ def test_the_wait_replays_fifo_admission_over_the_work_ahead():
     assert scheduler.steps_until_admitted(2, [a, b], [c]) == 8  # c takes b's rows at 3 and frees them at 8
     assert scheduler.steps_until_admitted(2, [a], []) == 0  # room now
     assert scheduler.steps_until_admitted(8, [a, b], []) == 10  # the whole batch: after both
+
+
+def test_the_engine_keeps_its_replay_true_as_requests_queue_steps_run_and_requests_leave():
+    """The engine replays the queue once per step and extends that replay by each request queued (not a replay per
+    request): after every submit and every step its estimate equals a replay of the batch and queue from scratch."""
+    engine = make_engine(max_batch_size=8, max_queue_size=1000)
+    rng = random.Random(0)
+    deepest = 0
+
+    def from_scratch(rows: int) -> int:
+        waiting = list(engine.scheduler.waiting) + engine._inbox
+        return engine.scheduler.steps_until_admitted(rows, list(engine.scheduler.running), waiting)
+
+    handles = []
+    for turn in range(40):
+        for _ in range(rng.randrange(3)):
+            request = GenerationRequest.of(rng.randrange(10), n=rng.choice([1, 2]), seed=turn,
+                                           num_inference_steps=rng.randrange(2, 9),
+                                           guidance_scale=rng.choice([1.0, 4.0]))
+            handles.append(engine.submit(request, progress=False))
+            for rows in (1, 2, 4):
+                assert engine._queue_replay().wait(rows) == from_scratch(rows)
+        if turn % 7 == 3 and handles:
+            rng.choice(handles).cancel()  # dropped at the next step: the replay is rebuilt then
+        deepest = max(deepest, len(engine.scheduler.waiting) + len(engine._inbox))
+        engine._run_once()
+        for rows in (1, 2, 4, 8):
+            assert engine._queue_replay().wait(rows) == from_scratch(rows)
+        assert engine.scheduler.waiting_images == sum(s.num_images for s in engine.scheduler.waiting)  # the guard's
+    assert deepest >= 5  # a queue built up behind a full batch
 
 
 def test_a_request_that_would_wait_past_the_bound_is_refused_with_the_estimated_retry_after():

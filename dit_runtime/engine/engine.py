@@ -25,7 +25,7 @@ from ..images import to_uint8
 from ..model import DiTModel, count_parameters, get_preset
 from ..request import GenerationRequest, ModelSpec
 from .runner import ModelRunner
-from .scheduler import RequestState, Scheduler
+from .scheduler import AdmissionReplay, RequestState, Scheduler
 from .types import (EngineConfig, EngineError, EngineStats, EngineStoppedError, GenerationResult, QueueFullError,
                     StepEvent, StepStats)
 
@@ -212,6 +212,7 @@ class Engine:
         # seconds. Measured on the largest bucket at warm-up, then averaged over the busy steps that run.
         self.busy_step_seconds: float | None = self.runner.full_step_seconds if config.warmup else None
         self._wait_estimate = (0.0, 0.0)  # (time.monotonic() when estimated, seconds)
+        self._replay: AdmissionReplay | None = None  # of the batch and queue until the next step (_queue_replay)
         self._last_busy = False
         self._busy_step_deviation = 0.0
 
@@ -308,18 +309,19 @@ class Engine:
             handle = RequestHandle(request.request_id, self, state, progress)
             self._handles[id(state)] = handle
             self._inbox.append(state)
+            if self._replay is not None:
+                self._replay.admit(state.rows, request.sampling.num_inference_steps)
         self._wake()
         return handle
 
     def _admit_by_time(self, state: RequestState) -> None:
         """Raise QueueFullError when ``state`` would wait for a batch slot past ``max_queue_wait_s`` or past its own
         deadline, or would overfill the queue's memory guard. Called under the lock."""
-        waiting = list(self.scheduler.waiting) + self._inbox
-        images = sum(s.num_images for s in waiting)
+        images = self.scheduler.waiting_images + sum(s.num_images for s in self._inbox)
         if images + state.num_images > self.config.max_queue_size:
             raise QueueFullError(f"the queue is full ({images} images waiting, limit {self.config.max_queue_size}); "
                                  "retry later", retry_after=QUEUE_FULL_RETRY_AFTER_S)
-        wait = self.estimated_wait(state.rows, waiting)
+        wait = self._wait_seconds(self._queue_replay().wait(state.rows))
         bound = self.config.max_queue_wait_s
         if bound is not None and wait > bound:
             raise QueueFullError(f"busy: a request now would wait about {wait:.1f} s for a batch slot, past this "
@@ -330,21 +332,31 @@ class Engine:
             raise QueueFullError(f"busy: a request now would wait about {wait:.1f} s for a batch slot, past its "
                                  "deadline; retry after the Retry-After delay", retry_after=wait)
 
-    def estimated_wait(self, rows: int, waiting: list[RequestState] | None = None) -> float:
+    def estimated_wait(self, rows: int) -> float:
         """Seconds a request of ``rows`` rows queued now would wait for admission: the FIFO admission of the requests
-        ahead replayed step by step (``Scheduler.steps_until_admitted``), times the busy step time (a high estimate
-        of it: the mean plus two mean deviations)."""
-        if self.busy_step_seconds is None:
+        ahead replayed step by step (``AdmissionReplay``), times the busy step time (a high estimate of it: the mean
+        plus two mean deviations)."""
+        with self._lock:
+            steps = self._queue_replay().wait(rows)
+        return self._wait_seconds(steps)
+
+    def _queue_replay(self) -> AdmissionReplay:
+        """The admission replay of the batch and the queue as they stand: built once per engine step and extended
+        by each request queued until the next (``_enqueue``), so an estimate does not replay the whole queue.
+        Called under the lock."""
+        if self._replay is None:
+            self._replay = self.scheduler.replay(list(self.scheduler.running),
+                                                 list(self.scheduler.waiting) + self._inbox)
+        return self._replay
+
+    def _wait_seconds(self, steps: int) -> float:
+        if self.busy_step_seconds is None or not steps:
             return 0.0
-        if waiting is None:
-            with self._lock:
-                waiting = list(self.scheduler.waiting) + self._inbox
-        steps = self.scheduler.steps_until_admitted(rows, list(self.scheduler.running), waiting)
         # Admitted at the schedule after the step that frees its rows: one step more than the replay counts. Each
         # step at its mean time plus two mean deviations, so that a burst of slow steps (a busy host) does not
         # carry the requests admitted just under the bound past it.
         step = self.busy_step_seconds + STEP_TIME_DEVIATIONS * self._busy_step_deviation
-        return (steps + 1) * step if steps else 0.0
+        return (steps + 1) * step
 
     def stats(self) -> EngineStats:
         with self._lock:
@@ -357,7 +369,7 @@ class Engine:
                            waiting_requests=len(waiting), waiting_images=sum(s.num_images for s in waiting),
                            max_batch_size=self.config.max_batch_size, max_queue_size=self.config.max_queue_size,
                            steps_done=self._steps_done, seconds_since_last_step=since,
-                           estimated_wait_seconds=self.estimated_wait(self.spec.defaults.rows_per_image, waiting))
+                           estimated_wait_seconds=self.estimated_wait(self.spec.defaults.rows_per_image))
 
     def health(self) -> None:
         """Raise EngineStoppedError when the loop died, was stopped, or made no step for ``stall_timeout`` s."""
@@ -402,13 +414,15 @@ class Engine:
     def _run_once(self) -> bool:
         """One turn of the loop: deliver what is ready, take in new requests, run a step. False when idle."""
         self._deliver_pending(block=False)
-        with self._lock:
-            inbox, self._inbox = self._inbox, []
-        for state in inbox:
-            self.scheduler.add(state)
+        with self._lock:  # the queue's order unchanged: the admission replay stays true
+            for state in self._inbox:
+                self.scheduler.add(state)
+            self._inbox = []
         if not self.scheduler.has_work():
             return False
         self._step()
+        with self._lock:  # admitted, advanced, finished or dropped: replayed afresh when next asked
+            self._replay = None
         return True
 
     @torch.inference_mode()

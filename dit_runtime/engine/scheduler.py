@@ -13,7 +13,7 @@ from __future__ import annotations
 import heapq
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from ..request import GenerationRequest
@@ -92,6 +92,36 @@ class StepPlan:
     rows_by_cache: tuple[tuple[str, int, int], ...] = ()  # per `cache` preset: (preset, computed, skipped) rows
 
 
+@dataclass
+class AdmissionReplay:
+    """The batch's rows as FIFO admission will hand them out, in steps from now: the running requests give theirs
+    back when their remaining steps are done, and each queued request takes its rows at the first step they are free
+    and holds them for its step count. Extended one request at a time, so a new request's wait costs a few heap
+    operations, not a replay of the whole queue (0.47 ms in Python behind 270 queued requests)."""
+
+    max_rows: int
+    batching: str  # the scheduler's policy: "step" admits into a running batch, the others into an emptied one
+    free: int  # rows free at step ``now``, once the requests replayed so far are in
+    done_at: list[tuple[int, int]]  # a heap of (step, rows it gives back)
+    now: int = 0  # the step the last request replayed is admitted at
+
+    def admit(self, rows: int, steps: int) -> int:
+        """Replay a request of ``rows`` rows and ``steps`` steps queued behind the rest; the step it is admitted at."""
+        if self.batching != "step" and self.done_at:
+            self.now = max(self.now, max(step for step, _ in self.done_at))
+            self.free, self.done_at = self.max_rows, []
+        while self.free < rows and self.done_at:
+            step, freed = heapq.heappop(self.done_at)
+            self.now, self.free = max(self.now, step), self.free + freed
+        self.free -= rows
+        heapq.heappush(self.done_at, (self.now + steps, rows))
+        return self.now
+
+    def wait(self, rows: int) -> int:
+        """The step a request of ``rows`` rows queued now would be admitted at; this replay stays as it was."""
+        return replace(self, done_at=list(self.done_at)).admit(rows, 0)
+
+
 class Scheduler:
     """FIFO admission into a fixed number of rows, with a bounded waiting queue."""
 
@@ -106,6 +136,7 @@ class Scheduler:
         self.num_slots = max_rows  # an image takes at least one row
         self.dummy_slot = max_rows  # padding positions read and write this scratch slot
         self.waiting: deque[RequestState] = deque()
+        self._waiting_images = 0  # kept with the queue: the engine's memory guard reads it at every submit
         self.running: list[RequestState] = []
         self._free_slots = list(range(self.num_slots - 1, -1, -1))  # pop() gives the lowest slot
         self.cache_scratch = cache_rows  # the entry of rows without a cache, and of padding
@@ -116,10 +147,11 @@ class Scheduler:
     # ---- queue ------------------------------------------------------------------------------------------------
     def add(self, state: RequestState) -> None:
         self.waiting.append(state)
+        self._waiting_images += state.num_images
 
     @property
     def waiting_images(self) -> int:
-        return sum(s.num_images for s in self.waiting)
+        return self._waiting_images
 
     @property
     def running_images(self) -> int:
@@ -128,24 +160,21 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def replay(self, running: list[RequestState], waiting: list[RequestState]) -> AdmissionReplay:
+        """FIFO admission replayed over ``running``'s remaining steps and ``waiting``'s step counts, in order (see
+        ``AdmissionReplay``). Reads snapshots, so other threads may call it."""
+        done_at = [(s.request.sampling.num_inference_steps - s.step, s.rows) for s in running]
+        heapq.heapify(done_at)
+        replay = AdmissionReplay(max_rows=self.max_rows, batching=self.batching,
+                                 free=self.max_rows - sum(rows for _, rows in done_at), done_at=done_at)
+        for s in waiting:
+            replay.admit(s.rows, s.request.sampling.num_inference_steps)
+        return replay
+
     def steps_until_admitted(self, rows: int, running: list[RequestState], waiting: list[RequestState]) -> int:
         """Engine steps before a request of ``rows`` rows, queued now behind ``waiting``, would be admitted while
-        ``running`` run: FIFO admission replayed over the running requests' remaining steps and the waiting ones'
-        step counts (cancellations and deadlines not foreseen). Takes snapshots, so other threads may call it."""
-        free = self.max_rows - sum(s.rows for s in running)
-        done_at = [(s.request.sampling.num_inference_steps - s.step, s.rows) for s in running]  # (step, rows)
-        heapq.heapify(done_at)
-        now = 0
-        for need, steps in [(s.rows, s.request.sampling.num_inference_steps) for s in waiting] + [(rows, 0)]:
-            if self.batching != "step" and done_at:  # the other policies admit into an emptied batch
-                now = max(now, max(step for step, _ in done_at))
-                free, done_at = self.max_rows, []
-            while free < need and done_at:
-                step, freed = heapq.heappop(done_at)
-                now, free = max(now, step), free + freed
-            free -= need
-            heapq.heappush(done_at, (now + steps, need))
-        return now
+        ``running`` run (cancellations and deadlines not foreseen)."""
+        return self.replay(running, waiting).wait(rows)
 
     # ---- one step ---------------------------------------------------------------------------------------------
     def schedule(self, now: float | None = None) -> StepPlan:
@@ -175,6 +204,7 @@ class Scheduler:
                     aborted.append((state, err))
                     self._release(state)
             setattr(self, queue_name, deque(kept) if queue_name == "waiting" else kept)
+        self._waiting_images = sum(s.num_images for s in self.waiting)
 
         admitted = self._admit(now)
         if admitted or aborted:
@@ -212,6 +242,7 @@ class Scheduler:
                     or entries > len(self._free_entries):
                 break  # FIFO: nothing overtakes the head of the queue
             self.waiting.popleft()
+            self._waiting_images -= head.num_images
             head.slots = [self._free_slots.pop() for _ in range(head.num_images)]
             head.cache_entries = [self._free_entries.pop() for _ in range(entries)]
             head.admitted_at = now
@@ -292,4 +323,5 @@ class Scheduler:
         """Remove every request (engine shutdown or failure)."""
         out = self.abort_running(error) + [(s, error) for s in self.waiting]
         self.waiting = deque()
+        self._waiting_images = 0
         return out
