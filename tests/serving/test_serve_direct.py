@@ -15,9 +15,9 @@ import time
 import httpx
 import numpy as np
 import openai
+import psutil
 import pytest
 from PIL import Image
-import psutil
 from serve_helpers import SLOW_DIGITS, free_port, model_args, replica_pids, write_digits_checkpoint
 
 ray = pytest.importorskip("ray")

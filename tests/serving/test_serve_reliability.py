@@ -106,8 +106,8 @@ def refused_at_once(s: dict) -> None:
 
 
 def test_three_times_capacity_is_shed_fast_and_every_accepted_request_finishes(cluster):
-    """digits-q holds one guided image in its batch and one waiting: 3x its capacity must be mostly shed, and the
-    refusals come at once (see refused_at_once). 35 s of overload: 45-65 refusals on two cores, 20 at least."""
+    """digits-q holds one guided image in its batch and one waiting: of 3x its capacity a good part is shed, and
+    the refusals come at once (see refused_at_once). 35 s of overload: 45-65 refusals on two cores, 20 at least."""
     body = {"model": "digits-q", "prompt": "3", "num_inference_steps": 60}
     report = overload.asyncio.run(overload.overload(cluster.base, body, factor=3.0, seconds=35.0, max_requests=1000,
                                                     clients=4, capacity_seconds=3.0, timeout=30.0))
