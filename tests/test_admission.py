@@ -27,10 +27,10 @@ def test_the_wait_replays_fifo_admission_over_the_work_ahead():
     scheduler = Scheduler(max_rows=8, buckets=(8,), null_class=10)
     a, b = state(2, 2, steps=12, done=2), state(2, 2, steps=5, done=2)  # 4 rows each: 10 and 3 steps left
     c = state(2, 2, steps=5)  # waits for b's rows, then holds them 5 steps
-    assert scheduler.steps_until_admitted(2, [a, b], []) == 3  # b's rows free after 3 steps
-    assert scheduler.steps_until_admitted(2, [a, b], [c]) == 8  # c takes b's rows at 3 and frees them at 8
-    assert scheduler.steps_until_admitted(2, [a], []) == 0  # room now
-    assert scheduler.steps_until_admitted(8, [a, b], []) == 10  # the whole batch: after both
+    assert scheduler.replay([a, b], []).wait(2) == 3  # b's rows free after 3 steps
+    assert scheduler.replay([a, b], [c]).wait(2) == 8  # c takes b's rows at 3 and frees them at 8
+    assert scheduler.replay([a], []).wait(2) == 0  # room now
+    assert scheduler.replay([a, b], []).wait(8) == 10  # the whole batch: after both
 
 
 def test_the_engine_keeps_its_replay_true_as_requests_queue_steps_run_and_requests_leave():
@@ -42,7 +42,7 @@ def test_the_engine_keeps_its_replay_true_as_requests_queue_steps_run_and_reques
 
     def from_scratch(rows: int) -> int:
         waiting = list(engine.scheduler.waiting) + engine._inbox
-        return engine.scheduler.steps_until_admitted(rows, list(engine.scheduler.running), waiting)
+        return engine.scheduler.replay(list(engine.scheduler.running), waiting).wait(rows)
 
     handles = []
     for turn in range(40):

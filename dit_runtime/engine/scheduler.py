@@ -162,7 +162,8 @@ class Scheduler:
 
     def replay(self, running: list[RequestState], waiting: list[RequestState]) -> AdmissionReplay:
         """FIFO admission replayed over ``running``'s remaining steps and ``waiting``'s step counts, in order (see
-        ``AdmissionReplay``). Reads snapshots, so other threads may call it."""
+        ``AdmissionReplay``; cancellations and deadlines not foreseen). Reads snapshots, so other threads may call
+        it."""
         done_at = [(s.request.sampling.num_inference_steps - s.step, s.rows) for s in running]
         heapq.heapify(done_at)
         replay = AdmissionReplay(max_rows=self.max_rows, batching=self.batching,
@@ -170,11 +171,6 @@ class Scheduler:
         for s in waiting:
             replay.admit(s.rows, s.request.sampling.num_inference_steps)
         return replay
-
-    def steps_until_admitted(self, rows: int, running: list[RequestState], waiting: list[RequestState]) -> int:
-        """Engine steps before a request of ``rows`` rows, queued now behind ``waiting``, would be admitted while
-        ``running`` run (cancellations and deadlines not foreseen)."""
-        return self.replay(running, waiting).wait(rows)
 
     # ---- one step ---------------------------------------------------------------------------------------------
     def schedule(self, now: float | None = None) -> StepPlan:
