@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import http.client
 import json
 import random
@@ -40,6 +41,43 @@ class Run:
     offered_rate: float | None
     samples: list[Sample] = field(default_factory=list)
     wall_seconds: float = 0.0
+
+
+class ClientPauses:
+    """The load generator's own stop-the-world pauses while it measures (CPython's cyclic collector), since every
+    latency it reports includes them. Entering collects and freezes the heap it has so far (imports, Ray, torch when
+    the process also drives a cluster: a full collection of that walks ~300k objects, 250 ms on two cores), so a
+    collection during the measurement walks only what the measurement allocated; each collection is recorded."""
+
+    def __init__(self, freeze: bool = True):
+        self.freeze = freeze  # False: the heap as it is (the control)
+        self.pauses: list[tuple[float, int, float]] = []  # (perf_counter at its end, generation, seconds)
+        self._started = 0.0
+
+    def __enter__(self) -> "ClientPauses":
+        if self.freeze:
+            gc.collect()
+            gc.freeze()
+        gc.callbacks.append(self._on_gc)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._on_gc)
+        if self.freeze:
+            gc.unfreeze()
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            now = time.perf_counter()
+            self.pauses.append((now, info["generation"], now - self._started))
+
+    def summary(self, start: float = float("-inf"), end: float = float("inf")) -> dict:
+        """Collections that ended in [start, end): how many, the longest and the sum, in ms."""
+        mine = [seconds for at, _, seconds in self.pauses if start <= at < end]
+        return {"client_gc_pauses": len(mine), "client_gc_max_ms": round(1e3 * max(mine, default=0.0), 1),
+                "client_gc_total_ms": round(1e3 * sum(mine), 1)}
 
 
 def percentile(values: list[float], q: float) -> float | None:

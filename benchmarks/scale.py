@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from .loadgen import one, percentile
+from .loadgen import ClientPauses, one, percentile
 from .serve import add_model_arguments, log, shut_down
 from .serve import model_args as serve_model_args
 
@@ -40,7 +40,7 @@ APP = "scale"
 def model_args(a) -> dict:
     """``benchmarks.serve``'s model entry, with admission by time and autoscaling 1 -> 2."""
     return {**serve_model_args(a), "max_queue_wait_s": a.max_queue_wait, "feature_cache_rows": a.feature_cache_rows,
-            "autoscaling": {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": a.upscale_delay,
+            "autoscaling": {"min_replicas": 1, "max_replicas": a.max_replicas, "upscale_delay_s": a.upscale_delay,
                             "downscale_delay_s": 600, "look_back_period_s": a.look_back}}
 
 
@@ -56,8 +56,10 @@ def replicas() -> dict[str, int]:
     return dict(deployment.replica_states) if deployment else {}
 
 
-async def drive(url: str, body: dict, rate: float, seconds: float, timeout: float) -> tuple[list, list]:
-    """Open-loop Poisson arrivals; returns (send time, Sample) per request and the replica samples (time, states)."""
+async def drive(url: str, body: dict, rate: float, seconds: float, timeout: float,
+                pauses: ClientPauses) -> tuple[list, list]:
+    """Open-loop Poisson arrivals; returns (send time, Sample) per request and the replica samples (time, states).
+    The client's own collector pauses are recorded in ``pauses`` (its heap frozen first unless asked not to)."""
     import aiohttp
 
     rng = random.Random(0)
@@ -73,14 +75,15 @@ async def drive(url: str, body: dict, rate: float, seconds: float, timeout: floa
         return at, await one(session, url, payload, timeout)
 
     watcher = asyncio.create_task(watch())
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        start = next_at = time.perf_counter()
-        tasks = []
-        while next_at - start < seconds:
-            await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
-            tasks.append(asyncio.create_task(timed(session, next_at, {**body, "seed": rng.randrange(2 ** 31)})))
-            next_at += rng.expovariate(rate)
-        sent = await asyncio.gather(*tasks)
+    with pauses:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+            start = next_at = time.perf_counter()
+            tasks = []
+            while next_at - start < seconds:
+                await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+                tasks.append(asyncio.create_task(timed(session, next_at, {**body, "seed": rng.randrange(2 ** 31)})))
+                next_at += rng.expovariate(rate)
+            sent = await asyncio.gather(*tasks)
     stop.set()
     await watcher
     return sent, timeline
@@ -107,7 +110,7 @@ async def capacity(url: str, body: dict, clients: int, seconds: float,
             percentile(latencies, 99) or 0.0)
 
 
-def phase(sent: list, start: float, end: float) -> dict:
+def phase(sent: list, start: float, end: float, pauses: ClientPauses) -> dict:
     mine = [s for at, s in sent if start <= at < end]
     accepted = [s.latency for s in mine if s.status == 200]
     refusals = [s.latency for s in mine if s.status in (429, 503)]
@@ -120,7 +123,7 @@ def phase(sent: list, start: float, end: float) -> dict:
             "refused_share": round(refused / len(mine), 3) if mine else None,
             "refused_p50_ms": round(1e3 * (percentile(refusals, 50) or 0), 1),
             "refused_p99_ms": round(1e3 * (percentile(refusals, 99) or 0), 1),
-            "failed": len(mine) - len(accepted) - refused}
+            "failed": len(mine) - len(accepted) - refused, **pauses.summary(start, end)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--capacity-seconds", type=float, default=8)
     ap.add_argument("--factor", type=float, default=3.0)
     ap.add_argument("--seconds", type=float, default=75)
+    ap.add_argument("--max-replicas", type=int, default=2, help="1: autoscaling off, one replica under the whole load")
+    ap.add_argument("--client-gc", choices=["frozen", "as-is"], default="frozen",
+                    help="frozen (default): the load generator's heap is collected and frozen before it measures, so "
+                         "its own collector pauses stay out of the latencies; as-is: the control")
     ap.add_argument("--upscale-delay", type=float, default=5)
     ap.add_argument("--look-back", type=float, default=5)
     ap.add_argument("--timeout", type=float, default=60)
@@ -153,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     # Replicas report their load every second instead of every 10 s (read when Ray starts).
     os.environ.setdefault("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
     os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
+    # Ray Serve's own probe of each replica's event loops (a sleep's lateness) every 0.1 s instead of every 5 s.
+    os.environ.setdefault("RAY_SERVE_EVENT_LOOP_MONITORING_INTERVAL_S", "0.1")
     if a.layout == "direct":  # as serve_config.gpu.yaml and the Docker image run: HAProxy to each replica's server
         os.environ.update({"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"})
     import ray
@@ -173,11 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     body = {"prompt": "3", "num_inference_steps": a.steps}
     cap, service, service_p99 = asyncio.run(capacity(url, body, a.clients, a.capacity_seconds, a.timeout))
     log(f"one replica: {cap:.1f} req/s, service time {service * 1e3:.0f} ms; now {a.factor:g}x for {a.seconds:g} s")
-    sent, timeline = asyncio.run(drive(url, body, a.factor * cap, a.seconds, a.timeout))
+    pauses = ClientPauses(freeze=a.client_gc == "frozen")
+    sent, timeline = asyncio.run(drive(url, body, a.factor * cap, a.seconds, a.timeout, pauses))
     start, end = sent[0][0], sent[-1][0]
     decided = next((t for t, s in timeline if sum(s.values()) >= 2), None)
     serving = next((t for t, s in timeline if s.get("RUNNING", 0) >= 2), None)
-    one_replica = phase(sent, start, decided or end)
+    one_replica = phase(sent, start, decided or end, pauses)
     bound = 1.1 * (a.max_queue_wait + service_p99)  # at p99: the wait bound and the service time's p99
     result = {
         "command": "python -m benchmarks scale " + " ".join(argv if argv is not None else sys.argv[2:]),
@@ -187,11 +197,13 @@ def main(argv: list[str] | None = None) -> int:
         "scale_decision_after_s": round(decided - start, 1) if decided else None,
         "second_replica_start_s": round(serving - decided, 1) if decided and serving else None,
         "one_replica": one_replica,
-        "second_starting": phase(sent, decided, serving or end) if decided else None,
-        "two_replicas": phase(sent, serving, end) if serving else None,
+        "second_starting": phase(sent, decided, serving or end, pauses) if decided else None,
+        "two_replicas": phase(sent, serving, end, pauses) if serving else None,
         "bound_s": round(bound, 3), "one_replica_p99_within_bound": one_replica["accepted_p99_s"] <= bound,
     }
-    result["replica_startup_s"] = replica_startups(a.metrics_port)
+    metrics = ray_metrics(a.metrics_port)
+    result["replica_startup_s"] = replica_startups(metrics)
+    result["replica_loop_lateness"] = loop_lateness(metrics)
     if result["two_replicas"] and one_replica["accepted_images_per_s"]:
         result["scale_out_ratio"] = round(result["two_replicas"]["accepted_images_per_s"]
                                           / one_replica["accepted_images_per_s"], 3)
@@ -200,39 +212,63 @@ def main(argv: list[str] | None = None) -> int:
     with open(a.out / "timeline.jsonl", "w") as f:  # per second: answers by send time, replicas at that time
         for second in range(int(end - start) + 1):
             lo = start + second
-            row = phase(sent, lo, lo + 1)
+            row = phase(sent, lo, lo + 1, pauses)
             states = [s for t, s in timeline if t <= lo + 1]
             f.write(json.dumps({"t": second, **row, "replicas": states[-1] if states else {}}) + "\n")
-    plot(a.out)
+    plot(a.out, "one replica at 3x its capacity" + (", then two" if a.max_replicas > 1 else ""))
     shut_down()
     return 0
 
 
-def replica_startups(port: int) -> dict[str, dict[str, float]]:
-    """Each replica's start by phase (the gauge dit_replica_startup_seconds, serving.backend.StartupTimes), read
-    from Ray's metrics export: where a warm replica's seconds from the scale decision to serving went."""
+def ray_metrics(port: int) -> list[tuple[str, dict[str, str], float]]:
+    """Every sample of Ray's metrics export at the end of the run: (name, tags, value)."""
     import re
     import urllib.request
 
     try:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     except OSError as e:
-        log(f"no replica start phases: the metrics port {port} did not answer ({e})")
-        return {}
+        log(f"no replica metrics: the metrics port {port} did not answer ({e})")
+        return []
+    return [(name, dict(re.findall(r'(\w+)="([^"]*)"', labels)), float(value))
+            for name, labels, value in re.findall(r"^(\w+)\{(.*)\}\s+(\S+)$", text, re.MULTILINE)]
+
+
+def replica_startups(metrics: list) -> dict[str, dict[str, float]]:
+    """Each replica's start by phase (the gauge dit_replica_startup_seconds, serving.backend.StartupTimes): where a
+    warm replica's seconds from the scale decision to serving went."""
     out: dict[str, dict[str, float]] = {}
-    for name, labels, value in re.findall(r"^(\w+)\{(.*)\}\s+(\S+)$", text, re.MULTILINE):
+    for name, tags, value in metrics:
         if name == "ray_dit_replica_startup_seconds":
-            tags = dict(re.findall(r'(\w+)="([^"]*)"', labels))
             out.setdefault(tags.get("replica", "?"), {})[tags["phase"]] = round(float(value), 2)
     return out
 
 
-def plot(out: Path) -> None:
+def loop_lateness(metrics: list) -> dict[str, dict[str, float]]:
+    """Per replica and event loop, from Ray Serve's own probe (``serve_event_loop_scheduling_latency_ms``, a 0.1 s
+    sleep's lateness, over the whole run): how many probes, and the share later than 10, 50 and 100 ms. A replica
+    whose loop is stalled answers nothing, refusals included, until it runs again."""
+    buckets: dict[tuple[str, str], dict[float, float]] = {}
+    for name, tags, value in metrics:
+        if name == "ray_serve_event_loop_scheduling_latency_ms_bucket" and tags.get("application") == APP:
+            key = (tags.get("actor_id", "?")[:8], tags.get("loop_type", "?"))
+            buckets.setdefault(key, {})[float(tags["le"])] = value
+    out = {}
+    for (actor, loop), cumulative in sorted(buckets.items()):
+        total = cumulative.get(float("inf"), max(cumulative.values()))
+        if total:
+            out[f"{actor} {loop}"] = {"probes": int(total), **{
+                f"later_than_{ms}ms": round(1 - cumulative[float(ms)] / total, 4)
+                for ms in (10, 50, 100) if float(ms) in cumulative}}
+    return out
+
+
+def plot(out: Path, title: str) -> None:
     from dit_runtime.plot import line_plot
 
     rows = [json.loads(line) for line in (out / "timeline.jsonl").read_text().splitlines()]
     series = {"accepted images/s": [(r["t"], r["accepted_images_per_s"]) for r in rows],
               "refused req/s": [(r["t"], round(r["offered_rps"] * (r["refused_share"] or 0), 1)) for r in rows],
               "replicas running x 100": [(r["t"], 100 * r["replicas"].get("RUNNING", 0)) for r in rows]}
-    line_plot(series, out / "scale.png", title="one replica at 3x its capacity, then two", xlabel="seconds",
+    line_plot(series, out / "scale.png", title=title, xlabel="seconds",
               ylabel="per second")
