@@ -10,11 +10,14 @@ reads and writes). One step, for a bucket of B rows, is a single function of tho
 It has static shapes per bucket, reads its per-step layout from a device buffer that changes only when requests
 join or leave, and makes no host synchronisation, so it compiles with torch.compile and captures as a CUDA graph.
 
-With a feature cache (feature_cache.py) a step is up to four such functions: ``_embed`` (bucket B: tokens,
-conditioning, which rows run the blocks), ``_blocks`` (bucket C: the rows that do, gathered, through the blocks),
-``_update`` (bucket U: the cache entries of those that cache) and ``_head`` (bucket B: the other rows' forecast, the
-final layer, guidance and the sampler step). The scheduler picks C and U from the same rule the device applies
-(``request.full_step``), so nothing is read back.
+With a feature cache (feature_cache.py) a step where every row runs the blocks is one function, ``_full`` (the
+blocks, then the cache entries' update), and so is one where none does, ``_forecast``. A step that mixes them is up
+to four: ``_embed`` (bucket B: tokens, conditioning, which rows run the blocks), ``_blocks`` (bucket C: the rows that
+do, gathered, through the blocks), ``_update`` (bucket U: the cache entries of those that cache) and ``_head`` (bucket
+B: the other rows' forecast, the final layer, guidance and the sampler step). C and U take many sizes (the compute
+buckets, EngineConfig.compute_buckets), so those two parts compile once with a symbolic row count and are captured
+per size. The scheduler picks C and U from the same rule the device applies (``request.full_step``), so nothing is
+read back.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ log = logging.getLogger(__name__)
 COMPUTE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
 # Steps the host may enqueue ahead of the GPU.
 _LOOKAHEAD = 2
+# The parts of a feature-cached step that run at every compute bucket: compiled once for a symbolic row count.
+_SYMBOLIC_PARTS = ("blocks", "update")
 # Rows of the packed layout buffer: image_slot, row_image, row_label, cond_row, uncond_row, row_cache, row_real.
 _LAYOUT_ROWS = 7
 
@@ -113,8 +118,8 @@ class ModelRunner:
         self.cache = None
         if config.cache_rows:
             self._init_cache(config.cache_rows, max(config.buckets))
-        self._fns = {"step": self._step, "embed": self._embed, "blocks": self._blocks, "update": self._update,
-                     "head": self._head, "head-full": self._head_full}
+        self._fns = {"step": self._step, "full": self._full, "forecast": self._forecast, "embed": self._embed,
+                     "blocks": self._blocks, "update": self._update, "head": self._head}
         if config.compile:
             if config.compile_cache_dir:
                 use_compile_cache_dir(config.compile_cache_dir)
@@ -123,8 +128,9 @@ class ModelRunner:
             name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
             setattr(torch._dynamo.config, name, getattr(torch._dynamo.config, name) + 2 * len(config.buckets))
             options = dict(config.compile_options) if config.compile_options else None
-            self._fns = {name: torch.compile(fn, fullgraph=True, dynamic=bool(config.compile_dynamic),
-                                             options=options) for name, fn in self._fns.items()}
+            self._fns = {name: torch.compile(fn, fullgraph=True, options=options,
+                                             dynamic=name in _SYMBOLIC_PARTS or bool(config.compile_dynamic))
+                         for name, fn in self._fns.items()}
 
     def _init_cache(self, rows: int, max_bucket: int) -> None:
         """The feature cache's pool and the buffers that carry a step between its three parts."""
@@ -183,21 +189,48 @@ class ModelRunner:
         self.prev_x0[image_slot] = result.x0
         self.step_index[image_slot] = step + 1
 
-    # ---- the step in three parts, with the feature cache --------------------------------------------------------
-    def _embed(self, bucket: int) -> None:
-        """Tokens and conditioning of the B rows, and which of them run the blocks this step."""
+    # ---- the step with the feature cache ------------------------------------------------------------------------
+    def _embedded(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Tokens (B, T, D), conditioning (B, D) and step index (B,) of the B rows."""
         image_slot, row_image, row_label = self.layout[:3, :bucket].unbind(0)
-        row_real = self.layout[6, :bucket].bool()
         x = self.x[image_slot]
         t = self._timesteps(image_slot)
         tokens, c = self.forward.embed(x[row_image].to(self.dtype), t[row_image], row_label)
+        return tokens, c, self.step_index[image_slot[row_image]]
+
+    def _final(self, bucket: int, hidden: torch.Tensor, c: torch.Tensor) -> None:
+        """The final layer over the B rows' block output (run or forecast), then guidance and the sampler step."""
+        image_slot = self.layout[0, :bucket]
+        self._denoise(bucket, self.x[image_slot], self.forward.head(hidden, c))
+
+    def _forecast_residual(self, bucket: int, step: torch.Tensor) -> torch.Tensor:
+        image_slot, row_image = self.layout[:2, :bucket].unbind(0)
+        return self.cache.forecast(self.layout[5, :bucket], step, self.cache_order[image_slot[row_image]])
+
+    def _full(self, bucket: int) -> None:
+        """A step where every row runs the blocks: each row with a cache entry updates it (the others and padding
+        write the scratch entry)."""
+        tokens, c, step = self._embedded(bucket)
+        hidden = self.forward.blocks(tokens, c)
+        real = self.layout[6, :bucket].bool()
+        self.cache.update(torch.where(real, self.layout[5, :bucket], self.cache.scratch), hidden - tokens, step)
+        self._final(bucket, hidden, c)
+
+    def _forecast(self, bucket: int) -> None:
+        """A step where no row runs the blocks: every row forecasts them from its cache entry."""
+        tokens, c, step = self._embedded(bucket)
+        self._final(bucket, tokens + self._forecast_residual(bucket, step), c)
+
+    def _embed(self, bucket: int) -> None:
+        """A mixed step's first part: the rows' tokens and conditioning, and which of them run the blocks."""
+        tokens, c, step = self._embedded(bucket)
         self.tokens_in[:bucket] = tokens
         self.condition[:bucket] = c
+        image_slot, row_image = self.layout[:2, :bucket].unbind(0)
         slot = image_slot[row_image]  # (B,) each row's image slot
-        step = self.step_index[slot]
         full = full_step(step, self.cache_interval[slot], self.cache_warmup[slot], self.cache_cooldown[slot])
         self.row_full.zero_()
-        self.row_full[:bucket] = full & row_real
+        self.row_full[:bucket] = full & self.layout[6, :bucket].bool()
         self.row_step[:bucket] = step
 
     def _blocks(self, compute: int) -> None:
@@ -226,21 +259,11 @@ class ModelRunner:
         entry = torch.where(has_entry, self.layout[5][rows], self.cache.scratch)  # padding and uncached: scratch
         self.cache.update(entry, self.tokens_out[index] - self.tokens_in[index], self.row_step[rows])
 
-    def _head(self, bucket: int, forecast: bool = True) -> None:
-        """The final layer over the B rows: the blocks' output where a row ran them, its forecast elsewhere."""
-        image_slot, row_image = self.layout[:2, :bucket].unbind(0)
-        hidden = self.tokens_out[:bucket]
-        if forecast:
-            entry = self.layout[5, :bucket]
-            order = self.cache_order[image_slot[row_image]]
-            predicted = self.tokens_in[:bucket] + self.cache.forecast(entry, self.row_step[:bucket], order)
-            hidden = torch.where(self.row_full[:bucket].view(-1, 1, 1), hidden, predicted)
-        out = self.forward.head(hidden, self.condition[:bucket])  # (B, C_out, H, W)
-        self._denoise(bucket, self.x[image_slot], out)
-
-    def _head_full(self, bucket: int) -> None:
-        """``_head`` for a step where every row ran the blocks."""
-        self._head(bucket, forecast=False)
+    def _head(self, bucket: int) -> None:
+        """A mixed step's last part: the blocks' output where a row ran them, its forecast elsewhere."""
+        predicted = self.tokens_in[:bucket] + self._forecast_residual(bucket, self.row_step[:bucket])
+        hidden = torch.where(self.row_full[:bucket].view(-1, 1, 1), self.tokens_out[:bucket], predicted)
+        self._final(bucket, hidden, self.condition[:bucket])
 
     def execute(self, bucket: int, compute: int = 0, updated: int = 0, forecast: bool = False) -> None:
         """Run one step on the current layout (asynchronous on the GPU). With a feature cache: ``compute`` is the
@@ -255,13 +278,16 @@ class ModelRunner:
             self._in_flight.popleft().synchronize()
         if self.cache is None:
             self._run("step", bucket)
+        elif not forecast:
+            self._run("full", bucket)
+        elif not compute:
+            self._run("forecast", bucket)
         else:
             self._run("embed", bucket)
-            if compute:
-                self._run("blocks", compute)
+            self._run("blocks", compute)
             if updated:
                 self._run("update", updated)
-            self._run("head" if forecast else "head-full", bucket)
+            self._run("head", bucket)
         if self.device.type == "cuda":
             done = torch.cuda.Event()
             done.record()
@@ -280,7 +306,8 @@ class ModelRunner:
         buckets, compute = self.config.buckets, self.config.compute_buckets
         if self.cache is None:
             return {"step": buckets}
-        return {"embed": buckets, "blocks": compute, "update": compute, "head": buckets, "head-full": buckets}
+        return {"full": buckets, "forecast": buckets, "embed": buckets, "blocks": compute, "update": compute,
+                "head": buckets}
 
     # ---- plan bookkeeping -------------------------------------------------------------------------------------
     def set_layout(self, layout: Layout) -> None:

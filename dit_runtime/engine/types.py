@@ -107,13 +107,15 @@ class EngineConfig:
 
     @property
     def compute_buckets(self) -> tuple[int, ...]:
-        """Row counts the feature-cached step pads the rows that run the blocks to: the buckets and the midpoints
-        between them (b + b/2), so a forward of rows that forecast packs the others with at most a third of padding
-        instead of a half. Without a feature cache, the buckets."""
+        """Row counts the feature-cached step pads the rows that run the blocks to: the buckets, and every multiple
+        of a sixteenth of the largest between the smallest and the largest, so a forward of the rows that run the
+        blocks carries at most that sixteenth of padding (a mixed step's blocks compile once, for a symbolic row
+        count, and are captured per size; runner._SYMBOLIC_PARTS). Without a feature cache, the buckets."""
         buckets = self.buckets
         if not self.cache_rows:
             return buckets
-        return tuple(sorted(set(buckets) | {b + b // 2 for b in buckets if b >= 2 and b + b // 2 < buckets[-1]}))
+        grain = max(1, buckets[-1] // 16)
+        return tuple(sorted(set(buckets) | {b for b in range(grain, buckets[-1], grain) if b > buckets[0]}))
 
     @property
     def buckets(self) -> tuple[int, ...]:
