@@ -54,6 +54,7 @@ from dit_runtime.model import DiTModel, get_preset
 from dit_runtime.sizing import forward_flops
 
 from .gpu_clock import GpuClock
+from .stats import percentile
 
 DEFAULT_SETUPS = ("diffusers-eager", "diffusers-compile", "ours-eager", "ours")
 BASELINE_PACKAGE = "baseline_dit_runtime"
@@ -452,22 +453,22 @@ def bench_load(rec: Recorder, preset: str, rates: list[float], duration: float, 
                 lat = sorted(r.total_seconds for r in results)
                 row = {"part": "load", "model": preset, "policy": policy, "cache": mix, "rate": rate,
                        "requests": len(results), "rejected": rejected,
-                       "images_per_s": round(len(results) / (end - t0), 2), "p50_s": round(_pct(lat, 50), 4),
-                       "p99_s": round(_pct(lat, 99), 4),
+                       "images_per_s": round(len(results) / (end - t0), 2), "p50_s": _pct(lat, 50),
+                       "p99_s": _pct(lat, 99),
                        "mean_queue_s": round(statistics.mean(r.queue_seconds for r in results), 4)}
                 if len(presets) > 1:
                     for name in presets:
                         mine = sorted(r.total_seconds for (_, c, _), r in zip(handles, results) if c == name)
-                        row[f"p50_s_{name}"], row[f"p99_s_{name}"] = round(_pct(mine, 50), 4), round(_pct(mine, 99), 4)
+                        row[f"p50_s_{name}"], row[f"p99_s_{name}"] = _pct(mine, 50), _pct(mine, 99)
                 rec.add(row)
     engine.stop()
     torch.cuda.empty_cache()
 
 
-def _pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    return values[min(len(values) - 1, max(0, round(p / 100 * (len(values) - 1))))]
+def _pct(values: list[float], q: float) -> float | None:
+    """``percentile`` rounded to 0.1 ms for a row (None, JSON's null, when there are none)."""
+    value = percentile(values, q)
+    return None if value is None else round(value, 4)
 
 
 def plot_load(rows: list[dict], path: Path) -> None:

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from .stats import percentile
+
 
 @dataclass
 class Sample:
@@ -78,14 +80,6 @@ class ClientPauses:
         mine = [seconds for at, _, seconds in self.pauses if start <= at < end]
         return {"client_gc_pauses": len(mine), "client_gc_max_ms": round(1e3 * max(mine, default=0.0), 1),
                 "client_gc_total_ms": round(1e3 * sum(mine), 1)}
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    s = sorted(values)
-    k = min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))
-    return s[k]
 
 
 def summarize(run: Run) -> dict:

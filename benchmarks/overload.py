@@ -10,9 +10,9 @@
    OpenAI's error shape), failed (anything else, or a shed answer without those), timed out (no answer in time).
 
 Prints one JSON line; the bar (exit status 1 otherwise): nothing failed or timed out, and shed answers came in
-under ``--shed-bar-ms`` (100 ms) at the 99th percentile (the maximum is reported too). Loopback only: ``--url`` must be 127.0.0.1 or localhost. ``--start`` serves
-``digits-s`` (``--checkpoint``, or tiny random weights) and ``digits-q`` (the same behind a 1-image queue) on a fresh
-local Ray cluster first, for a self-contained run.
+under ``--shed-bar-ms`` (100 ms) at the 99th percentile (the maximum is reported too). Loopback only: ``--url``
+must be 127.0.0.1 or localhost. ``--start`` serves ``digits-s`` (``--checkpoint``, or tiny random weights) and
+``digits-q`` (the same behind a 1-image queue) on a fresh local Ray cluster first, for a self-contained run.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 import httpx
+
+from .stats import percentile
 
 SHED = (429, 503)
 
@@ -70,13 +72,6 @@ class Report:
             "shed_max_ms": _ms(max(shed) if shed else None), "wall_seconds": round(self.wall_seconds, 2),
             "passed": failed == 0 and timed_out == 0 and (shed_p99 is None or 1000 * shed_p99 < shed_bar_ms),
         }
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
 
 
 def _ms(x: float | None) -> float | None:

@@ -33,7 +33,8 @@ import sys
 import time
 from pathlib import Path
 
-from .loadgen import ClientPauses, one, percentile
+from .loadgen import ClientPauses, one
+from .stats import percentile
 from .serve import add_model_arguments, log, shut_down
 from .serve import model_args as serve_model_args
 

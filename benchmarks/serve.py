@@ -28,14 +28,11 @@ import threading
 import time
 from pathlib import Path
 
+from .stats import percentile
+
 
 def log(msg: str) -> None:
     print(f"[serve {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def p(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))]
 
 
 def write(out: Path, name: str, row: dict) -> None:
@@ -89,8 +86,9 @@ def engine_alone(a, out: Path) -> dict:
     asyncio.run(run(a.warmup))
     engine, handler = asyncio.run(run(a.sequential))
     server.__del__()  # stops the engine and the server's threads
-    row = {"requests": a.sequential, "steps": a.steps, "engine_p50_ms": 1000 * p(engine, 50),
-           "handler_overhead_p50_ms": 1000 * p(handler, 50), "handler_overhead_p95_ms": 1000 * p(handler, 95)}
+    row = {"requests": a.sequential, "steps": a.steps, "engine_p50_ms": 1000 * percentile(engine, 50),
+           "handler_overhead_p50_ms": 1000 * percentile(handler, 50),
+           "handler_overhead_p95_ms": 1000 * percentile(handler, 95)}
     write(out, "engine_alone.json", row)
     return row
 
@@ -116,10 +114,11 @@ def sequential(a, prefix: str, count: int) -> dict:
             engine.append(waited)
             overhead.append(elapsed - waited)
     conn.close()
-    return {"route": prefix or "/", "requests": count, "latency_p50_ms": 1000 * p(latency, 50),
-            "engine_p50_ms": 1000 * p(engine, 50), "overhead_p50_ms": 1000 * p(overhead, 50),
-            "overhead_p95_ms": 1000 * p(overhead, 95),
-            "overhead_pct_of_engine": 100 * p(overhead, 50) / p(engine, 50) if p(engine, 50) else None}
+    engine_p50, overhead_p50 = percentile(engine, 50), percentile(overhead, 50)
+    return {"route": prefix or "/", "requests": count, "latency_p50_ms": 1000 * percentile(latency, 50),
+            "engine_p50_ms": 1000 * engine_p50, "overhead_p50_ms": 1000 * overhead_p50,
+            "overhead_p95_ms": 1000 * percentile(overhead, 95),
+            "overhead_pct_of_engine": 100 * overhead_p50 / engine_p50 if engine_p50 else None}
 
 
 def deploy_floor(wait_s: float, answer_chars: int) -> str:
