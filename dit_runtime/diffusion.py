@@ -107,11 +107,18 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def _mix32_int(x: int) -> int:
+    """``_mix32`` of one Python int: the same numbers, without a torch operation per arithmetic step."""
+    x &= _M32
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _M32
+    x = ((x ^ (x >> 15)) * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
 def noise_key(seed: int, image_index: int) -> tuple[int, int]:
-    """Two 32-bit words that name one image's noise stream."""
-    def mix(v: int) -> int:
-        return int(_mix32(torch.tensor(v & _M32, dtype=torch.int64)))
-    return mix(seed & _M32) ^ mix(image_index + 0x9E3779B9), mix((seed >> 32) & _M32) ^ mix(image_index * 7 + 1)
+    """Two 32-bit words that name one image's noise stream (computed on the host at every admission)."""
+    return (_mix32_int(seed) ^ _mix32_int(image_index + 0x9E3779B9),
+            _mix32_int(seed >> 32) ^ _mix32_int(image_index * 7 + 1))
 
 
 def counter_noise(key: torch.Tensor, counter: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
@@ -171,6 +172,20 @@ def test_counter_noise_depends_only_on_key_and_counter():
         assert torch.equal(batch[k], counter_noise(keys[k:k + 1], counters[k:k + 1], (4, 8, 8))[0])
     assert not torch.equal(batch[2], batch[3])  # same counter, different key
     assert not torch.equal(counter_noise(keys[:1], torch.tensor([1]), (4, 8, 8)), batch[:1])  # different counter
+
+
+def test_noise_keys_on_the_host_are_the_tensor_hash_of_the_same_words():
+    """noise_key hashes Python ints; the same hash as a tensor (counter_noise's) must give the same words, so a
+    seed names the same images as it did when keys were hashed with torch ops."""
+    from dit_runtime.diffusion import _mix32
+
+    def mix(v: int) -> int:
+        return int(_mix32(torch.tensor(v & 0xFFFFFFFF, dtype=torch.int64)))
+
+    rng = random.Random(0)
+    for seed in [0, 1, 2 ** 32 - 1, 2 ** 32, 2 ** 63 - 1] + [rng.randrange(2 ** 63) for _ in range(200)]:
+        for k in (0, 1, 7, rng.randrange(1000)):
+            assert noise_key(seed, k) == (mix(seed) ^ mix(k + 0x9E3779B9), mix(seed >> 32) ^ mix(k * 7 + 1))
 
 
 def test_noise_keys_differ_by_seed_and_image():
