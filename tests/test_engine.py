@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dit_runtime.checkpoint import CheckpointInfo, default_class_names
-from dit_runtime.diffusion import SAMPLER_IDS, NoiseSchedule, counter_noise, noise_key, sampler_step, timestep_at
+from dit_runtime.diffusion import (INITIAL_NOISE_COUNTER, SAMPLER_IDS, NoiseSchedule, counter_noise, noise_key,
+                                   sampler_step, timestep_at)
 from dit_runtime.engine import (DeadlineExceededError, Engine, EngineConfig, GenerationRequest, GenerationResult,
                                 InvalidRequestError, QueueFullError, RequestCancelledError, SamplingParams, StepEvent)
 from dit_runtime.engine.runner import ModelRunner
@@ -392,6 +393,25 @@ def test_gpu_compiled_graphs_match_fp32_and_never_recompile(precision, cache_row
     rel = float(np.linalg.norm(fast - ref) / np.linalg.norm(ref))
     print(f"{precision}: relative error vs fp32 {rel:.2e}")
     assert rel < {"fp16": 1e-2, "bf16": 3e-2, "fp8": 1e-1}[precision], rel
+
+
+def test_compiled_admission_noise_is_counter_noise_and_compiles_once_per_kind():
+    """A compiling engine draws admitted images' initial noise through a compiled function (one or two kernels
+    instead of ~100 launches): the same numbers as counter_noise up to float rounding, and after warm-up's one
+    image and two images no admitted count compiles again."""
+    from torch._dynamo.utils import counters
+
+    runner = ModelRunner(random_model(), EngineConfig(max_batch_size=8, compile=True), clip_denoised=False)
+    keys = torch.tensor([noise_key(seed, 0) for seed in range(7)])
+    before = counters["stats"]["unique_graphs"]
+    for n in (1, 2):  # as warm_up does
+        runner._initial_noise(keys[:n])
+    assert counters["stats"]["unique_graphs"] == before + 2  # it is compiled: one graph per kind
+    compiled = sum(counters["stats"].values()), dict(counters["frames"])
+    for n in (1, 3, 7):
+        want = counter_noise(keys[:n], torch.full((n,), INITIAL_NOISE_COUNTER), runner.image_shape)
+        torch.testing.assert_close(runner._initial_noise(keys[:n]), want, rtol=1e-5, atol=1e-5)
+    assert (sum(counters["stats"].values()), dict(counters["frames"])) == compiled, "recompiled for a new count"
 
 
 def test_compile_cache_dir_is_used_even_after_inductor_chose_its_default(tmp_path, monkeypatch):

@@ -131,6 +131,7 @@ class ModelRunner:
             self._fns = {name: torch.compile(fn, fullgraph=True, options=options,
                                              dynamic=name in _SYMBOLIC_PARTS or bool(config.compile_dynamic))
                          for name, fn in self._fns.items()}
+            self._initial_noise = torch.compile(self._initial_noise, fullgraph=True, options=options, dynamic=True)
 
     def _init_cache(self, rows: int, max_bucket: int) -> None:
         """The feature cache's pool and the buffers that carry a step between its three parts."""
@@ -319,6 +320,13 @@ class ModelRunner:
         host[6, :layout.rows] = 1  # row_real: the rows before the padding
         self.layout.copy_(host, non_blocking=True)
 
+    def _initial_noise(self, key: torch.Tensor) -> torch.Tensor:
+        """The initial noise x_T of the images with noise keys ``key`` (N, 2). About a hundred small tensor
+        operations, each its own kernel launch when eager, ahead of a lone request's first step: compiled with the
+        step (one or two kernels, for any N), as a bound method replaced in ``__init__``."""
+        counter = torch.full((key.shape[0],), INITIAL_NOISE_COUNTER, dtype=torch.int64, device=key.device)
+        return counter_noise(key, counter, self.image_shape)
+
     def admit(self, states: list[RequestState]) -> None:
         """Initialise the slots of newly admitted requests: initial noise and their sampler settings."""
         slots, keys, steps, samplers, etas, guidance, schedules = [], [], [], [], [], [], []
@@ -339,8 +347,7 @@ class ModelRunner:
         idx = torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True)
         key = torch.tensor(keys, dtype=torch.int64).to(dev, non_blocking=True)
         self.key[idx] = key
-        self.x[idx] = counter_noise(key, torch.full((len(slots),), INITIAL_NOISE_COUNTER, device=dev),
-                                    self.image_shape)
+        self.x[idx] = self._initial_noise(key)
         self.prev_x0[idx] = 0.0
         self.step_index[idx] = 0
         self.num_steps[idx] = torch.tensor(steps, dtype=torch.int64).to(dev, non_blocking=True)
@@ -386,6 +393,8 @@ class ModelRunner:
                 torch.cuda.synchronize(self.device)
             timings[bucket] = time.perf_counter() - start
             log.info("warmed up bucket %d in %.2f s", bucket, timings[bucket])
+        for n in (1, 2):  # the admissions' initial noise: compiled once for one image (a size of 1 is its own
+            self.compile_seconds += self._timed(self._initial_noise, self.key[:n])  # case) and once for any other
         # One more step of the largest bucket, every row running the blocks, timed: the engine's first estimate of
         # a busy step (admission by time converts waits in steps with it).
         bucket = self.config.buckets[-1]
