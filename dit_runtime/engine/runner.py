@@ -389,12 +389,13 @@ class ModelRunner:
                     self.compile_seconds += self._timed(self._fns[part], bucket)
                     if self.config.cuda_graphs:
                         self.capture_seconds += self._timed(self._capture, part, bucket)
+            if bucket == self.config.compute_buckets[0]:  # with the first bucket, the admissions' initial noise:
+                for n in (1, 2):  # compiled once for one image (a size of 1 is its own case), once for any other
+                    self.compile_seconds += self._timed(self._initial_noise, self.key[:n])
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             timings[bucket] = time.perf_counter() - start
             log.info("warmed up bucket %d in %.2f s", bucket, timings[bucket])
-        for n in (1, 2):  # the admissions' initial noise: compiled once for one image (a size of 1 is its own
-            self.compile_seconds += self._timed(self._initial_noise, self.key[:n])  # case) and once for any other
         # One more step of the largest bucket, every row running the blocks, timed: the engine's first estimate of
         # a busy step (admission by time converts waits in steps with it).
         bucket = self.config.buckets[-1]
