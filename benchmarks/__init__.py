@@ -5,6 +5,7 @@
     python -m benchmarks load ...        open-loop Poisson load on a running server (the images API over HTTP)
     python -m benchmarks overload ...    capacity, then 3x capacity: shed cleanly, nothing fails or hangs
     python -m benchmarks scale ...       one replica at 3x its capacity, the autoscaler's second, per phase (2 GPUs)
+    python -m benchmarks startup ...     an engine's cold and warm start in fresh processes, with saved programs or not
     python -m benchmarks api ...         the HTTP API's own CPU time per request, in-process
     python -m benchmarks train-memory .. training memory and speed on a GPU next to dit-verify's estimate
     python -m benchmarks plot ...        serving benchmarks side by side: p99 and images/s against offered load

@@ -117,7 +117,11 @@ class ModelArgs(_Args):
     feature_cache_rows: int | None = Field(None, ge=0, description="image rows whose feature cache the replica "
                                                                    "holds at once; default: max_batch_size; 0: none "
                                                                    "(requests may then ask only for cache off)")
-    compile_cache_dir: str | None = None
+    compile_cache_dir: str | None = Field(None, description="where compiled code is kept across starts: inductor's "
+                                                            "caches, and the saved programs (compile_programs)")
+    compile_programs: bool = Field(True, description="with compile_cache_dir: save each compiled step program whole "
+                                                     "and load it at the next start instead of tracing again "
+                                                     "(torch's experimental ahead-of-time compile)")
     compile_options: dict | None = Field(None, description="inductor options for the engine's torch.compile, e.g. "
                                                            "{max_autotune: true} (minutes of GEMM search at start)")
     compile_dynamic: bool = Field(False, description="one compiled program with a symbolic batch size for every "
@@ -200,8 +204,8 @@ class ModelArgs(_Args):
                             cuda_graphs=self.cuda_graphs,
                             batch_buckets=tuple(self.batch_buckets) if self.batch_buckets else None,
                             compile_cache_dir=self.compile_cache_dir, compile_options=self.compile_options,
-                            compile_dynamic=self.compile_dynamic, default_cache=self.default_cache,
-                            feature_cache_rows=self.feature_cache_rows)
+                            compile_dynamic=self.compile_dynamic, compile_programs=self.compile_programs,
+                            default_cache=self.default_cache, feature_cache_rows=self.feature_cache_rows)
 
     @property
     def ongoing_requests_cap(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -405,13 +406,45 @@ def test_compiled_admission_noise_is_counter_noise_and_compiles_once_per_kind():
     keys = torch.tensor([noise_key(seed, 0) for seed in range(7)])
     before = counters["stats"]["unique_graphs"]
     for n in (1, 2):  # as warm_up does
-        runner._initial_noise(keys[:n])
+        runner.initial_noise(keys[:n])
     assert counters["stats"]["unique_graphs"] == before + 2  # it is compiled: one graph per kind
     compiled = sum(counters["stats"].values()), dict(counters["frames"])
     for n in (1, 3, 7):
         want = counter_noise(keys[:n], torch.full((n,), INITIAL_NOISE_COUNTER), runner.image_shape)
-        torch.testing.assert_close(runner._initial_noise(keys[:n]), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(runner.initial_noise(keys[:n]), want, rtol=1e-5, atol=1e-5)
     assert (sum(counters["stats"].values()), dict(counters["frames"])) == compiled, "recompiled for a new count"
+
+
+def test_a_restart_loads_its_compiled_programs_and_traces_nothing(tmp_path):
+    """With a compile_cache_dir an engine saves each compiled program whole (engine/programs.py). A second engine on
+    the same directory, over other weights of the same shapes, loads every one, compiles none, never enters Dynamo,
+    and samples its own model: the weights are the programs' inputs, not constants baked into them. An engine with
+    other buckets keeps its programs in a directory of its own."""
+    from torch._dynamo.utils import counters
+
+    config = EngineConfig(max_batch_size=2, batch_buckets=(2,), compile=True, feature_cache_rows=0,
+                          compile_cache_dir=str(tmp_path))
+    request = GenerationRequest.of(3, n=1, seed=5, num_inference_steps=4)
+    info = CheckpointInfo(config=random_model().config, class_names=default_class_names(10), space="latent")
+
+    def latents(model, config):
+        with Engine(model, info, config) as engine:
+            return engine.runner, engine.submit(request).result(timeout=600).latents
+
+    first, first_latents = latents(random_model(seed=0), config)
+    programs = 3  # the step at bucket 2; the initial noise for one image and for any other count
+    assert (first.store.loaded, first.store.compiled) == (0, programs)
+    traced = dict(counters["frames"])
+    second, got = latents(random_model(seed=1), config)
+    assert (second.store.loaded, second.store.compiled) == (programs, 0)
+    assert dict(counters["frames"]) == traced, "the restarted engine traced a function"
+    _, want = latents(random_model(seed=1), dataclasses.replace(config, compile=False))
+    rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert rel < model_reordering_tolerance(get_preset("dit-tiny"), steps=4), rel
+    assert np.linalg.norm(got - first_latents) / np.linalg.norm(want) > 0.1  # the two models differ that much
+    other = ModelRunner(random_model(), dataclasses.replace(config, max_batch_size=4, batch_buckets=(4,)),
+                        clip_denoised=False)
+    assert other.store.directory != second.store.directory
 
 
 def test_compile_cache_dir_is_used_even_after_inductor_chose_its_default(tmp_path, monkeypatch):

@@ -425,7 +425,7 @@ class Engine:
             self._replay = None
         return True
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference mode: the runner's loaded programs check the grad mode (programs.py)
     def _step(self) -> None:
         start = time.monotonic()
         plan = self.scheduler.schedule(start)

@@ -36,6 +36,7 @@ from ..model import DiTModel, apply_guidance
 from ..request import full_step
 from .fast_paths import apply_fast_paths, check_fp8_support
 from .feature_cache import FeatureCache
+from .programs import ProgramStore, aot_compile_enabled, device_identity
 from .scheduler import Layout, RequestState
 from .types import EngineConfig
 
@@ -47,6 +48,10 @@ COMPUTE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bf
 _LOOKAHEAD = 2
 # The parts of a feature-cached step that run at every compute bucket: compiled once for a symbolic row count.
 _SYMBOLIC_PARTS = ("blocks", "update")
+# The runner's own machinery, which no compiled step reads: left out when a program is saved (programs.py), since torch
+# pickles the program's `self` (this runner) with the state of its guards, and CUDA graphs, events and loaded programs
+# do not pickle.
+_MACHINERY = ("_fns", "_noise", "_programs", "_noise_programs", "store", "_graphs", "_graph_pool", "_in_flight")
 # Rows of the packed layout buffer: image_slot, row_image, row_label, cond_row, uncond_row, row_cache, row_real.
 _LAYOUT_ROWS = 7
 
@@ -120,6 +125,10 @@ class ModelRunner:
             self._init_cache(config.cache_rows, max(config.buckets))
         self._fns = {"step": self._step, "full": self._full, "forecast": self._forecast, "embed": self._embed,
                      "blocks": self._blocks, "update": self._update, "head": self._head}
+        self._programs: dict[tuple[str, int], object] = {}  # (part, bucket) -> its compiled program, at warm-up
+        self._noise = self._initial_noise  # admission's initial noise: eager, compiled, or a program per count
+        self._noise_programs: dict[int, object] = {}  # 1: for one image; 2: for any other count
+        self.store: ProgramStore | None = None
         if config.compile:
             if config.compile_cache_dir:
                 use_compile_cache_dir(config.compile_cache_dir)
@@ -128,10 +137,26 @@ class ModelRunner:
             name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
             setattr(torch._dynamo.config, name, getattr(torch._dynamo.config, name) + 2 * len(config.buckets))
             options = dict(config.compile_options) if config.compile_options else None
-            self._fns = {name: torch.compile(fn, fullgraph=True, options=options,
-                                             dynamic=name in _SYMBOLIC_PARTS or bool(config.compile_dynamic))
-                         for name, fn in self._fns.items()}
-            self._initial_noise = torch.compile(self._initial_noise, fullgraph=True, options=options, dynamic=True)
+            with aot_compile_enabled():  # each compiled function can also be compiled ahead of time (programs.py)
+                self._fns = {name: torch.compile(fn, fullgraph=True, options=options,
+                                                 dynamic=name in _SYMBOLIC_PARTS or bool(config.compile_dynamic))
+                             for name, fn in self._fns.items()}
+                self._noise = torch.compile(self._initial_noise, fullgraph=True, options=options, dynamic=True)
+            if config.compile_cache_dir and config.compile_programs and config.warmup and \
+                    ProgramStore.supported(self._noise):
+                self.store = ProgramStore(os.path.join(config.compile_cache_dir, "programs"), self._identity())
+
+    def __getstate__(self) -> dict:
+        return {name: value for name, value in self.__dict__.items() if name not in _MACHINERY}
+
+    def _identity(self) -> dict:
+        """What this runner's compiled programs depend on beyond their guards (programs.ProgramStore)."""
+        c = self.config
+        return {"device": device_identity(self.device), "model": self.model.config, "clip": self.clip_denoised,
+                "engine": {"precision": c.precision, "max_batch_size": c.max_batch_size, "buckets": c.buckets,
+                           "compute_buckets": c.compute_buckets, "cache_rows": c.cache_rows,
+                           "fast_paths": c.fast_paths, "spacing": c.spacing, "compile_options": c.compile_options,
+                           "compile_dynamic": c.compile_dynamic}}
 
     def _init_cache(self, rows: int, max_bucket: int) -> None:
         """The feature cache's pool and the buffers that carry a step between its three parts."""
@@ -299,7 +324,11 @@ class ModelRunner:
         if graph is not None:
             graph.replay()
         else:
-            self._fns[part](bucket)
+            self._program(part, bucket)(bucket)
+
+    def _program(self, part: str, bucket: int):
+        """What runs ``part`` at ``bucket``: its program from warm-up, else the (compiled) function."""
+        return self._programs.get((part, bucket)) or self._fns[part]
 
     @property
     def parts(self) -> dict[str, tuple[int, ...]]:
@@ -320,10 +349,14 @@ class ModelRunner:
         host[6, :layout.rows] = 1  # row_real: the rows before the padding
         self.layout.copy_(host, non_blocking=True)
 
-    def _initial_noise(self, key: torch.Tensor) -> torch.Tensor:
+    def initial_noise(self, key: torch.Tensor) -> torch.Tensor:
         """The initial noise x_T of the images with noise keys ``key`` (N, 2). About a hundred small tensor
         operations, each its own kernel launch when eager, ahead of a lone request's first step: compiled with the
-        step (one or two kernels, for any N), as a bound method replaced in ``__init__``."""
+        step (one or two kernels, for any N; warm-up compiles it for one image and for any other count)."""
+        program = self._noise_programs.get(min(key.shape[0], 2))
+        return (program or self._noise)(key)
+
+    def _initial_noise(self, key: torch.Tensor) -> torch.Tensor:
         counter = torch.full((key.shape[0],), INITIAL_NOISE_COUNTER, dtype=torch.int64, device=key.device)
         return counter_noise(key, counter, self.image_shape)
 
@@ -347,7 +380,7 @@ class ModelRunner:
         idx = torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True)
         key = torch.tensor(keys, dtype=torch.int64).to(dev, non_blocking=True)
         self.key[idx] = key
-        self.x[idx] = self._initial_noise(key)
+        self.x[idx] = self.initial_noise(key)
         self.prev_x0[idx] = 0.0
         self.step_index[idx] = 0
         self.num_steps[idx] = torch.tensor(steps, dtype=torch.int64).to(dev, non_blocking=True)
@@ -370,10 +403,10 @@ class ModelRunner:
         return out.clone()
 
     # ---- start-up ---------------------------------------------------------------------------------------------
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference mode: a loaded program's guards would refuse it (programs.py)
     def warm_up(self) -> dict[int, float]:
-        """Compile (and capture) every bucket of every part once, on scratch state; returns seconds per bucket (the
-        compute buckets included)."""
+        """Compile (or load) and capture every bucket of every part once, on scratch state; returns seconds per
+        bucket (the compute buckets included)."""
         timings = {}
         self.compile_seconds = self.capture_seconds = 0.0  # first calls (compiles), and CUDA graph captures
         saved = [t.clone() for t in self._state_tensors()]
@@ -386,16 +419,19 @@ class ModelRunner:
             self.num_steps.fill_(1)
             for part, buckets in self.parts.items():
                 if bucket in buckets:
-                    self.compile_seconds += self._timed(self._fns[part], bucket)
+                    self.compile_seconds += self._timed(self._prepare, part, bucket)
                     if self.config.cuda_graphs:
                         self.capture_seconds += self._timed(self._capture, part, bucket)
             if bucket == self.config.compute_buckets[0]:  # with the first bucket, the admissions' initial noise:
                 for n in (1, 2):  # compiled once for one image (a size of 1 is its own case), once for any other
-                    self.compile_seconds += self._timed(self._initial_noise, self.key[:n])
+                    self.compile_seconds += self._timed(self._prepare_noise, n)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             timings[bucket] = time.perf_counter() - start
             log.info("warmed up bucket %d in %.2f s", bucket, timings[bucket])
+        if self.store is not None:
+            log.info("compiled programs: %d loaded from and %d compiled into %s", self.store.loaded,
+                     self.store.compiled, self.store.directory)
         # One more step of the largest bucket, every row running the blocks, timed: the engine's first estimate of
         # a busy step (admission by time converts waits in steps with it).
         bucket = self.config.buckets[-1]
@@ -404,6 +440,19 @@ class ModelRunner:
         for tensor, value in zip(self._state_tensors(), saved):
             tensor.copy_(value)
         return timings
+
+    def _prepare(self, part: str, bucket: int) -> None:
+        """Make ``part``'s program for ``bucket`` (loaded, or compiled) and run it once."""
+        if self.store is not None:  # a symbolic part's first program serves its other buckets too (its guards say)
+            self._programs[(part, bucket)] = self.store.program(part, str(bucket), self._fns[part], self, bucket)
+        self._program(part, bucket)(bucket)
+
+    def _prepare_noise(self, n: int) -> None:
+        key = torch.zeros(n, 2, dtype=torch.int64, device=self.device)  # not a view: admission's keys are not
+        if self.store is not None:
+            self._noise_programs[n] = self.store.program("initial_noise", "1" if n == 1 else "n", self._noise, self,
+                                                         key)
+        self.initial_noise(key)
 
     def _timed(self, fn, *args) -> float:
         """Seconds ``fn(*args)`` took, its GPU work included."""
@@ -414,7 +463,7 @@ class ModelRunner:
         return time.perf_counter() - start
 
     def _capture(self, part: str, bucket: int) -> None:
-        fn = self._fns[part]
+        fn = self._program(part, bucket)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):

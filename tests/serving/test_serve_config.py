@@ -156,13 +156,16 @@ def test_shipped_configs_bind_loopback_and_verify_checksums(config):
 
 
 def test_compile_settings_reach_the_engine_with_static_shapes_by_default(ckpt):
-    """The issue's static shapes (one compiled program per bucket) unless a model asks for a symbolic batch size."""
+    """The issue's static shapes (one compiled program per bucket) unless a model asks for a symbolic batch size;
+    compiled programs saved across starts unless a model turns it off."""
     default, dynamic = AppArgs.parse({"models": [
-        model_args("a", ckpt), model_args("b", ckpt, compile_dynamic=True, compile_options={"max_autotune": True})]}
+        model_args("a", ckpt), model_args("b", ckpt, compile_dynamic=True, compile_options={"max_autotune": True},
+                                          compile_programs=False)]}
     ).models
-    assert default.engine_config().compile_dynamic is False
+    assert default.engine_config().compile_dynamic is False and default.engine_config().compile_programs is True
     config = dynamic.engine_config()
     assert config.compile_dynamic is True and config.compile_options == {"max_autotune": True}
+    assert config.compile_programs is False
 
 
 def test_gateway_resources_pin_it_and_bad_ones_name_the_field(ckpt):

@@ -1,0 +1,123 @@
+"""An engine's start in fresh processes: with an empty compile cache, then warm, with saved programs and without.
+
+    python -m benchmarks startup --out OUT --preset dit-10l --device cuda --precision fp16 --cuda-graphs \\
+        --max-batch-size 64 --batch-buckets 16 64 --feature-cache-rows 0 --warm 2
+
+Per mode (``programs``: the engine saves each compiled program whole and a warm start loads it, engine/programs.py;
+``jit``: inductor's caches alone, so every start traces the step functions again), one process on an empty cache
+directory of its own, then ``--warm`` processes on that directory, the modes interleaved so that a drifting host
+weighs on both alike. Each process reports what a replica's start is made of: importing torch, building the engine
+(compiling or loading its programs, capturing CUDA graphs, the rest), and a hash of one request's latents, the same
+in every process or the row says so. A row goes to ``OUT/startup.jsonl`` as its process ends; a table at the end.
+
+Python's bytecode cache matters here: a host whose site-packages cannot be written (some GPU hosts mount it read
+only) compiles every imported module from source in every process, seconds of each start. ``--pycache DIR`` points
+Python's cache there (PYTHONPYCACHEPREFIX) for every process, as a host with a normal install has it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODES = ("programs", "jit")
+
+
+def child(a: argparse.Namespace) -> None:
+    """One start: the engine built as a replica builds it, then one request."""
+    started = time.perf_counter()
+    import torch
+    imported = time.perf_counter()
+    from dit_runtime.engine import Engine, EngineConfig, GenerationRequest
+
+    config = EngineConfig(device=a.device, precision=a.precision, compile=True, cuda_graphs=a.cuda_graphs,
+                          max_batch_size=a.max_batch_size,
+                          batch_buckets=tuple(a.batch_buckets) if a.batch_buckets else None,
+                          feature_cache_rows=a.feature_cache_rows, compile_cache_dir=a.cache_dir,
+                          compile_programs=a.child == "programs")
+    building = time.perf_counter()
+    engine = Engine.random_weights(a.preset, config)
+    built = time.perf_counter() - building
+    runner = engine.runner
+    with engine:
+        request = GenerationRequest.of(3, n=1, seed=5, num_inference_steps=10)
+        latents = engine.submit(request).result(timeout=600).latents
+    store = runner.store
+    print("ROW " + json.dumps({
+        "mode": a.child, "torch": torch.__version__, "import_torch_s": round(imported - started, 2),
+        "build_s": round(built, 2), "compile_s": round(runner.compile_seconds, 2),
+        "capture_s": round(runner.capture_seconds, 2),
+        "rest_s": round(built - runner.compile_seconds - runner.capture_seconds, 2),
+        "programs_loaded": store.loaded if store else None, "programs_compiled": store.compiled if store else None,
+        "latents_sha": hashlib.sha256(latents.tobytes()).hexdigest()[:16]}), flush=True)
+
+
+def start(a: argparse.Namespace, argv: list[str], mode: str, start_kind: str, cache_dir: Path) -> dict:
+    env = dict(os.environ)
+    if a.pycache:
+        env["PYTHONPYCACHEPREFIX"] = str(a.pycache)
+    began = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "benchmarks", "startup", *argv, "--child", mode, "--cache-dir",
+                        str(cache_dir)], env=env, capture_output=True, text=True)
+    rows = [json.loads(line[4:]) for line in p.stdout.splitlines() if line.startswith("ROW ")]
+    row = rows[0] if rows else {"mode": mode, "error": p.stderr[-2000:]}
+    return {"start": start_kind, **row, "process_s": round(time.perf_counter() - began, 2)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[2:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="python -m benchmarks startup", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--preset", default="dit-10l")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16", "fp8"])
+    ap.add_argument("--cuda-graphs", action="store_true")
+    ap.add_argument("--max-batch-size", type=int, default=64)
+    ap.add_argument("--batch-buckets", type=int, nargs="+")
+    ap.add_argument("--feature-cache-rows", type=int, help="default: every row (the engine's default)")
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    ap.add_argument("--warm", type=int, default=2, help="warm starts per mode after its cold one")
+    ap.add_argument("--pycache", type=Path, help="Python's bytecode cache for every process (PYTHONPYCACHEPREFIX)")
+    ap.add_argument("--cache-root", type=Path, default=Path(tempfile.gettempdir()) / "dit-startup-bench",
+                    help="each mode's compile cache directory goes here, emptied first")
+    ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    ap.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.child:
+        child(a)
+        return 0
+    a.out.mkdir(parents=True, exist_ok=True)
+    out = a.out / "startup.jsonl"
+    meta = {"command": "python -m benchmarks startup " + " ".join(argv)}
+    out.write_text(json.dumps(meta) + "\n")
+    for mode in a.modes:
+        shutil.rmtree(a.cache_root / mode, ignore_errors=True)
+    rows = []
+    for kind in ["cold"] + ["warm"] * a.warm:
+        for mode in a.modes:
+            row = start(a, argv, mode, kind, a.cache_root / mode)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            with out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+    print("\n| mode | start | process s | import torch s | engine build s | compile / load s | rest s | programs "
+          "loaded / compiled |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['mode']} | {r['start']} | failed: see {out} | | | | | |")
+            continue
+        programs = "" if r["programs_loaded"] is None else f"{r['programs_loaded']} / {r['programs_compiled']}"
+        print(f"| {r['mode']} | {r['start']} | {r['process_s']} | {r['import_torch_s']} | {r['build_s']} | "
+              f"{r['compile_s']} | {r['rest_s']} | {programs} |")
+    hashes = {r.get("latents_sha") for r in rows}
+    print(f"\nthe same latents in every start: {len(hashes) == 1}")
+    return 0 if len(hashes) == 1 and all("error" not in r for r in rows) else 1
