@@ -10,9 +10,10 @@ weighs on both alike. Each process reports what a replica's start is made of: im
 (compiling or loading its programs, capturing CUDA graphs, the rest), and a hash of one request's latents, the same
 in every process or the row says so. A row goes to ``OUT/startup.jsonl`` as its process ends; a table at the end.
 
-Python's bytecode cache matters here: a host whose site-packages cannot be written (some GPU hosts mount it read
-only) compiles every imported module from source in every process, seconds of each start. ``--pycache DIR`` points
-Python's cache there (PYTHONPYCACHEPREFIX) for every process, as a host with a normal install has it.
+Python's bytecode cache matters here: a host that ships its packages without bytecode and sets
+PYTHONDONTWRITEBYTECODE (the H200 hosts these figures come from do) compiles every imported module from source in
+every process, seconds of each start. ``--pycache DIR`` gives every process a bytecode cache there
+(PYTHONPYCACHEPREFIX, with PYTHONDONTWRITEBYTECODE lifted), as a host with a normal install has one.
 """
 
 from __future__ import annotations
@@ -62,8 +63,9 @@ def child(a: argparse.Namespace) -> None:
 
 def start(a: argparse.Namespace, argv: list[str], mode: str, start_kind: str, cache_dir: Path) -> dict:
     env = dict(os.environ)
-    if a.pycache:
+    if a.pycache:  # a bytecode cache, written even where the host says not to write one
         env["PYTHONPYCACHEPREFIX"] = str(a.pycache)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
     began = time.perf_counter()
     p = subprocess.run([sys.executable, "-m", "benchmarks", "startup", *argv, "--child", mode, "--cache-dir",
                         str(cache_dir)], env=env, capture_output=True, text=True)
