@@ -396,6 +396,37 @@ def test_gpu_compiled_graphs_match_fp32_and_never_recompile(precision, cache_row
     assert rel < {"fp16": 1e-2, "bf16": 3e-2, "fp8": 1e-1}[precision], rel
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp16", "fp8"])
+def test_gpu_restart_loads_every_program_with_the_feature_cache(precision, tmp_path):
+    """The served GPU setup (compiled, CUDA graphs, the default feature cache) restarted on its compile_cache_dir:
+    every program loads, the symbolic-row parts of a cached step and fp8's custom op included, none is compiled or
+    traced, and the samples are bit for bit the first engine's (the same programs on the same inputs)."""
+    from torch._dynamo.utils import counters
+
+    config = EngineConfig(device="cuda", precision=precision, max_batch_size=8, compile=True, cuda_graphs=True,
+                          compile_cache_dir=str(tmp_path))
+    info = CheckpointInfo(config=random_model().config, class_names=default_class_names(10), space="latent")
+    presets = list(CACHE_POLICIES)
+
+    def run():
+        with Engine(random_model(), info, config) as eng:
+            handles = [eng.submit(GenerationRequest.of(i, n=1 + i % 2, seed=i, num_inference_steps=20,
+                                                       cache=presets[i % len(presets)]))
+                       for i in range(5)]
+            return eng.runner.store, np.concatenate([h.result(timeout=300).latents for h in handles])
+
+    first, want = run()
+    assert first.loaded == 0 and first.compiled > 0
+    assert not list(first.directory.glob("*.jit")), "a program fell back to torch.compile"
+    traced = dict(counters["frames"])
+    second, got = run()
+    assert (second.loaded, second.compiled) == (first.compiled, 0)
+    assert dict(counters["frames"]) == traced, "the restarted engine traced a function"
+    np.testing.assert_array_equal(got, want)
+
+
 def test_compiled_admission_noise_is_counter_noise_and_compiles_once_per_kind():
     """A compiling engine draws admitted images' initial noise through a compiled function (one or two kernels
     instead of ~100 launches): the same numbers as counter_noise up to float rounding, and after warm-up's one

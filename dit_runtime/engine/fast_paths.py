@@ -127,8 +127,8 @@ def _gelu_quant_kernel(cuda: bool):
     """The fused GELU-to-e4m3 of kernels.py where it can run, else the same in torch ops."""
     if cuda:
         try:
-            from .kernels import gelu_quant_rows
-            return gelu_quant_rows
+            from .kernels import gelu_quant
+            return gelu_quant
         except ImportError as e:  # no Triton: the torch ops, which inductor fuses less well
             log.warning("Triton is missing (%s): fc1's GELU and its FP8 quantization run as torch ops", e)
     return gelu_quantize_rows
