@@ -108,8 +108,10 @@ class ModelServer:
                                     compile=runner.compile_seconds, capture=runner.capture_seconds,
                                     decoder=done - built, total=done - started)
         self.metrics.record_startup(self.startup)
-        log.info("model %r loaded from %s in %.1f s (%s)", self.name, source, self.startup.total,
-                 ", ".join(f"{k} {v:.1f} s" for k, v in self.startup.phases().items()))
+        store = runner.store  # saved compiled programs: loaded, or compiled and saved for the next start
+        programs = f"; compiled programs: {store.loaded} loaded, {store.compiled} compiled" if store else ""
+        log.info("model %r loaded from %s in %.1f s (%s%s)", self.name, source, self.startup.total,
+                 ", ".join(f"{k} {v:.1f} s" for k, v in self.startup.phases().items()), programs)
         threading.Thread(target=self._refresh_load, name="dit-load-gauges", daemon=True).start()
 
     @staticmethod
