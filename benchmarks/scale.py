@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--metrics-port", type=int, default=9999, help="Ray's metrics export port: the replicas' "
                     "start phases (dit_replica_startup_seconds) are read from it at the end")
+    ap.add_argument("--pycache", type=Path, help="Python's bytecode cache for Ray's processes (PYTHONPYCACHEPREFIX, "
+                    "with PYTHONDONTWRITEBYTECODE lifted): where the host ships packages without bytecode, as a host "
+                    "with a normal install has it once one process has imported them")
     ap.add_argument("--layout", choices=["direct", "proxy"], default="direct",
                     help="direct: Ray Serve's direct ingress behind HAProxy (the GPU config); proxy: Ray's Python "
                          "proxy, which at 3x a GPU replica's capacity queues requests before any engine sees them")
@@ -173,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
     # Ray Serve's own probe of each replica's event loops (a sleep's lateness) every 0.1 s instead of every 5 s.
     os.environ.setdefault("RAY_SERVE_EVENT_LOOP_MONITORING_INTERVAL_S", "0.1")
+    if a.pycache:  # read by the processes Ray starts, which inherit this environment
+        os.environ["PYTHONPYCACHEPREFIX"] = str(a.pycache)
+        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     if a.layout == "direct":  # as serve_config.gpu.yaml and the Docker image run: HAProxy to each replica's server
         os.environ.update({"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"})
     import ray
