@@ -119,7 +119,8 @@ class CachePolicy:
 
 
 def full_step(step, interval, warmup, cooldown):
-    """Whether ``step`` runs the blocks: the one rule, for ints (the scheduler) and int tensors (the runner)."""
+    """Whether ``step`` runs the blocks: the one rule, for ints (the scheduler) and tensors (the runner's
+    ``rows_full_step``)."""
     return (step < warmup) | (step >= cooldown) | ((step - warmup) % interval == 0)
 
 

@@ -56,6 +56,14 @@ _MACHINERY = ("_fns", "_noise", "_programs", "_noise_programs", "store", "_graph
 _LAYOUT_ROWS = 7
 
 
+def rows_full_step(step: torch.Tensor, interval: torch.Tensor, warmup: torch.Tensor,
+                   cooldown: torch.Tensor) -> torch.Tensor:
+    """``request.full_step`` per row on the device, in float32 (step counts are exact there): compiled for the CPU,
+    its integer ``%`` fails, as inductor's code for a vector of fewer lanes than its width checks the unused lanes,
+    uninitialised, for a zero divisor (ZeroDivisionError at warm-up, torch 2.13)."""
+    return full_step(step.float(), interval.float(), warmup.float(), cooldown.float())
+
+
 def use_compile_cache_dir(path: str) -> None:
     """Point inductor's caches (FX graphs, AOTAutograd, Triton kernels) of this process at ``path``.
 
@@ -254,7 +262,7 @@ class ModelRunner:
         self.condition[:bucket] = c
         image_slot, row_image = self.layout[:2, :bucket].unbind(0)
         slot = image_slot[row_image]  # (B,) each row's image slot
-        full = full_step(step, self.cache_interval[slot], self.cache_warmup[slot], self.cache_cooldown[slot])
+        full = rows_full_step(step, self.cache_interval[slot], self.cache_warmup[slot], self.cache_cooldown[slot])
         self.row_full.zero_()
         self.row_full[:bucket] = full & self.layout[6, :bucket].bool()
         self.row_step[:bucket] = step
