@@ -162,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--metrics-port", type=int, default=9999, help="Ray's metrics export port: the replicas' "
                     "start phases (dit_replica_startup_seconds) are read from it at the end")
-    ap.add_argument("--pycache", type=Path, help="Python's bytecode cache for Ray's processes (PYTHONPYCACHEPREFIX, "
-                    "with PYTHONDONTWRITEBYTECODE lifted): where the host ships packages without bytecode, as a host "
-                    "with a normal install has it once one process has imported them")
+    ap.add_argument("--pycache", type=Path, help="a bytecode cache for Ray's processes (PYTHONPYCACHEPREFIX, with "
+                    "PYTHONDONTWRITEBYTECODE lifted), on a host that ships packages without bytecode and forbids "
+                    "writing it: the replicas then import as they would where pip installed the packages")
     ap.add_argument("--layout", choices=["direct", "proxy"], default="direct",
                     help="direct: Ray Serve's direct ingress behind HAProxy (the GPU config); proxy: Ray's Python "
                          "proxy, which at 3x a GPU replica's capacity queues requests before any engine sees them")
