@@ -478,6 +478,25 @@ def test_a_restart_loads_its_compiled_programs_and_traces_nothing(tmp_path):
     assert other.store.directory != second.store.directory
 
 
+def test_a_program_that_cannot_be_saved_is_traced_at_each_start_and_says_why(tmp_path, caplog):
+    """A function torch cannot compile ahead of time (here one with no ``aot_compile``) is marked with the reason, and
+    each later start runs it as it is and logs a warning naming the marker to delete for another try."""
+    from dit_runtime.engine.programs import ProgramStore
+
+    def step(owner, x):
+        return x + 1
+
+    first = ProgramStore(tmp_path, {"model": "m"})
+    assert first.program("step", "2", step, object(), torch.zeros(2)) is step
+    (marker,) = first.directory.glob("*.jit")
+    assert marker.name == "step-2.jit" and "cannot be compiled ahead of time" in marker.read_text()
+    assert (first.loaded, first.compiled) == (0, 0)
+    again = ProgramStore(tmp_path, {"model": "m"})
+    with caplog.at_level("WARNING", logger="dit_runtime.engine.programs"):
+        assert again.program("step", "2", step, object(), torch.zeros(2)) is step
+    assert f"delete {marker}" in caplog.text and "cannot be compiled ahead of time" in caplog.text
+
+
 def test_compile_cache_dir_is_used_even_after_inductor_chose_its_default(tmp_path, monkeypatch):
     """Importing torch._dynamo.utils makes inductor write its default cache dir into the environment; an engine's
     compile_cache_dir must still be where its compiled graphs go (else a restart compiles everything again)."""

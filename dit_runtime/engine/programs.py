@@ -12,8 +12,9 @@ CPU's vector ISA that inductor's C++ targets), the model's config, the engine se
 source of ``dit_runtime``. Within it each program is a file named after its part and bucket. A file that fails to
 load, or whose guards refuse the call it is for, is compiled again and replaced. A program torch cannot compile ahead
 of time, or whose saved form refuses the very call it was compiled for (checked once, right after saving), is marked
-so (``<name>.jit``), and later starts take it through the ordinary ``torch.compile`` call: traced again, its kernels
-from inductor's cache once one start has put them there.
+so (``<name>.jit``, holding the reason), and later starts take it through the ordinary ``torch.compile`` call: traced
+again, its kernels from inductor's cache once one start has put them there. Each such start logs a warning naming the
+marker, which an operator deletes to have the next start try again (a failure may have been passing: memory, say).
 
 Programs are compiled and called under ``torch.no_grad()``: their guards record the grad mode and the tensors'
 dispatch keys, and inference mode hides the autograd keys from the check of a loaded program.
@@ -87,7 +88,10 @@ class ProgramStore:
         program serve several tags), else compiled now and saved as ``<part>-<tag>``. Where torch cannot compile it
         ahead of time, ``compiled`` itself."""
         own = f"{part}-{tag}"
-        if (self.directory / f"{own}.jit").is_file():  # an earlier start found it cannot be saved: as torch.compile
+        marker = self.directory / f"{own}.jit"
+        if marker.is_file():  # an earlier start found it cannot be saved: as torch.compile
+            log.warning("%s is traced at every start (%s); delete %s to try saving it again", own,
+                        _read(marker) or "no reason recorded", marker)
             return compiled
         names = sorted({*self._programs, *(p.stem for p in self.directory.glob("*.bin"))} - self._unreadable)
         for name in [own] + [n for n in names if n.rpartition("-")[0] == part and n != own]:
@@ -103,7 +107,7 @@ class ProgramStore:
                 aot = compiled.aot_compile((args, {}))
         except Exception as e:  # a construct torch cannot serialise: traced at every start instead
             log.warning("cannot compile %s ahead of time, so every start traces it again: %r", own, e)
-            self._mark_jit(own)
+            self._mark_jit(own, f"it cannot be compiled ahead of time: {e!r}")
             return compiled
         path = self.directory / f"{own}.bin"
         try:
@@ -118,17 +122,17 @@ class ProgramStore:
                     log.warning("the saved program %s refuses the call it was compiled for: later starts trace "
                                 "it as torch.compile does", path)
                     path.unlink(missing_ok=True)
-                    self._mark_jit(own)
+                    self._mark_jit(own, "its saved program refused the call it was compiled for")
         self.compiled += 1
         self._programs[own] = aot
         self._unreadable.discard(own)
         return partial(aot, owner)
 
-    def _mark_jit(self, name: str) -> None:
-        """Later starts take ``name`` through torch.compile (inductor's caches), not ahead of time."""
+    def _mark_jit(self, name: str, reason: str) -> None:
+        """Later starts take ``name`` through torch.compile (inductor's caches), not ahead of time, and say why."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            (self.directory / f"{name}.jit").touch()
+            (self.directory / f"{name}.jit").write_text(reason[:2000])
         except OSError:
             pass
 
@@ -155,6 +159,13 @@ class ProgramStore:
         except Exception as e:  # another torch, a truncated file
             log.warning("could not load the compiled program %s: %r", path, e)
             return None
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
 def _jsonable(value):
