@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from dit_runtime.request import GenerationRequest, ModelSpec, RequestLimits, SamplingParams
+from dit_runtime.contract import SamplingContract
+from dit_runtime.request import GenerationRequest, ModelSpec, RequestLimits
 from serving.backend import EncodedImages, Readiness
 from serving.config import AuthArgs, Limits
 from serving.frontend import Frontend
@@ -26,8 +27,7 @@ from serving.frontend import Frontend
 ANSWER_B64_CHARS = 5480  # a 32x32x4 latent view's PNG (4,109 bytes) in base64, what the H200 benchmarks return
 MODEL = "dit-10l"
 SPEC = ModelSpec(class_names=tuple(f"class_{i}" for i in range(1000)), resolution=32, channels=4, space="latent",
-                 supports_guidance=True, parameters=0, max_rows=64, defaults=SamplingParams(),
-                 limits=RequestLimits())
+                 parameters=0, max_rows=64, contract=SamplingContract(), limits=RequestLimits())
 
 
 class ReadyModel:

@@ -10,6 +10,8 @@ Its header metadata (strings only, as safetensors requires) holds:
 - ``space``: ``pixel`` or ``latent``; ``latent_scale``: the VAE scale factor for latent models
 - ``weights``: ``ema`` or ``raw``, which set the unprefixed tensors are
 - ``training``: JSON record of how it was made (command, config, steps, seed, wall time, hardware, final loss)
+- ``sampling``: the ``SamplingContract`` as JSON (contract.py): schedule, prediction, samplers, step counts, guidance,
+  recommended settings, teacher; derived from ``training`` for files written before it was recorded
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import math
 import os
 import pickle
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -29,8 +31,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .contract import SamplingContract
 from .model import PRESETS, DiTConfig, DiTModel
-from .request import SamplingParams, Space, lookup_class
+from .request import Space, lookup_class
 
 FORMAT = "dit-serve/1"
 # Scale of Stable Diffusion's VAE latents, which DiT was trained on (latents are multiplied by it).
@@ -52,19 +55,16 @@ class CheckpointInfo:
     latent_scale: float = LATENT_SCALE
     weights: Literal["ema", "raw"] = "ema"
     training: dict = field(default_factory=dict)
+    sampling: SamplingContract | None = None  # None: derived from ``training`` (a file from before contracts)
 
     def __post_init__(self) -> None:
         if len(self.class_names) != self.config.num_classes:
             raise ValueError(f"{len(self.class_names)} class names given for {self.config.num_classes} classes")
-
-    @property
-    def default_sampling(self) -> SamplingParams:
-        """The sampler settings this checkpoint recommends (measured by dit-eval and recorded in its training
-        record), over ``SamplingParams``' own defaults; unguided for a model without a null class."""
-        recorded = self.training.get("default_sampling") or {}
-        chosen = SamplingParams(**{k: v for k, v in recorded.items()
-                                   if k in ("sampler", "num_inference_steps", "guidance_scale")})
-        return chosen if self.config.supports_guidance else replace(chosen, guidance_scale=1.0)
+        if self.sampling is None:
+            self.sampling = SamplingContract.derive(self.training, self.config.supports_guidance)
+        if (self.sampling.guidance == "embedded") != self.config.guidance_embed:
+            raise ValueError(f"the sampling contract's guidance is {self.sampling.guidance!r}, but the model "
+                             f"{'has' if self.config.guidance_embed else 'has no'} guidance embedding")
 
     def class_id(self, name_or_id: str | int) -> int:
         """Map a class name (case-insensitive) or a class id, as text or int, to an id."""
@@ -79,6 +79,7 @@ class CheckpointInfo:
             "latent_scale": repr(self.latent_scale),
             "weights": self.weights,
             "training": json.dumps(self.training),
+            "sampling": self.sampling.to_json(),
         }
 
     @classmethod
@@ -90,7 +91,8 @@ class CheckpointInfo:
             config = DiTConfig.from_dict(json.loads(meta["model_config"]))
             return cls(config=config, class_names=json.loads(meta["class_names"]), space=meta.get("space", "latent"),
                        latent_scale=float(meta.get("latent_scale", LATENT_SCALE)),
-                       weights=meta.get("weights", "ema"), training=json.loads(meta.get("training", "{}")))
+                       weights=meta.get("weights", "ema"), training=json.loads(meta.get("training", "{}")),
+                       sampling=SamplingContract.from_json(meta["sampling"]) if "sampling" in meta else None)
         except (KeyError, ValueError, TypeError) as e:
             raise CheckpointError(f"{path}: unreadable checkpoint metadata: {e}") from None
 

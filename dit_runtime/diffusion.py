@@ -21,7 +21,7 @@ BETA_START = 1e-4
 BETA_END = 0.02
 
 SAMPLER_IDS = {name: i for i, name in enumerate(SAMPLERS)}
-DDPM, DDIM, DPM_SOLVER = range(3)
+DDPM, DDIM, DPM_SOLVER, CONSISTENCY = range(4)
 
 Spacing = Literal["trailing", "leading", "linspace"]
 SPACINGS = ("trailing", "leading", "linspace")
@@ -143,6 +143,17 @@ def counter_noise(key: torch.Tensor, counter: torch.Tensor, shape: tuple[int, ..
 # Batched sampler step.
 
 
+def consistency_x0(x: torch.Tensor, output: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """A consistency student's clean-image estimate: x0 = c_skip(t) x + c_out(t) F with c_skip = sqrt(alpha_bar) and
+    c_out = -sqrt(1 - alpha_bar) (F is the velocity, alpha eps - sigma x0).
+
+    The boundary condition holds (c_skip -> 1, c_out -> 0 as t -> 0), and unlike eps -> x0, which divides by
+    sqrt(alpha_bar) (0.006 at the linear schedule's last timestep), an error in F reaches x0 at most one to one:
+    what a student that jumps from pure noise in one step needs. alpha_bar broadcasts against x.
+    """
+    return torch.sqrt(alpha_bar) * x - torch.sqrt(1 - alpha_bar) * output
+
+
 @dataclass
 class StepResult:
     x: torch.Tensor  # the sample after this step
@@ -155,7 +166,8 @@ def sampler_step(schedule: NoiseSchedule, model_output: torch.Tensor, x: torch.T
                  clip_denoised: bool = False) -> StepResult:
     """One denoising step for every sample, each at its own step of its own schedule and sampler.
 
-    model_output: (N, C_out, H, W) guided model output (noise, then variance interpolation if learned);
+    model_output: (N, C_out, H, W) guided model output (noise, then variance interpolation if learned; for the
+    consistency sampler a student's output, read by ``consistency_x0`` and stepped as DDIM between its boundaries);
     x: (N, C, H, W); step_index, num_steps, sampler: (N,) int; eta: (N,) DDIM eta; prev_x0: (N, C, H, W) the
     previous step's x0 estimate (read by DPM-Solver++ second order); noise: (N, C, H, W) standard normal.
     """
@@ -172,10 +184,13 @@ def sampler_step(schedule: NoiseSchedule, model_output: torch.Tensor, x: torch.T
     ab_prev = _bcast(schedule.alpha_bar(t_prev), x)
     last = _bcast(i + 1 >= s, x)
 
-    x0 = (x - torch.sqrt(1 - ab_t) * eps) / torch.sqrt(ab_t)
+    kind = _bcast(sampler, x)
+    consistency = kind == CONSISTENCY
+    x0 = torch.where(consistency, consistency_x0(x, eps, ab_t), (x - torch.sqrt(1 - ab_t) * eps) / torch.sqrt(ab_t))
     if clip_denoised:
         x0 = x0.clamp(-1, 1)
-        eps = (x - torch.sqrt(ab_t) * x0) / torch.sqrt(1 - ab_t)
+    implied = (x - torch.sqrt(ab_t) * x0) / torch.sqrt(1 - ab_t)  # the noise a clipped or a student's x0 implies
+    eps = implied if clip_denoised else torch.where(consistency, implied, eps)
 
     # DDPM (ancestral): posterior mean, and the learned variance interpolation when the model predicts one.
     # 1 - ab_t / ab_prev is exactly 0 when a step repeats its timestep, and compiled code can round it a hair
@@ -212,8 +227,8 @@ def sampler_step(schedule: NoiseSchedule, model_output: torch.Tensor, x: torch.T
     use_first = _bcast((i == 0) | (i + 1 >= s), x)
     x_dpm = torch.where(last, x0, torch.where(use_first, first_order, second_order))
 
-    kind = _bcast(sampler, x)
-    x_next = torch.where(kind == DDPM, x_ddpm, torch.where(kind == DDIM, x_ddim, x_dpm))
+    # A consistency student steps as DDIM between its segments' boundaries (multistep consistency, Heek et al. 2024).
+    x_next = torch.where(kind == DDPM, x_ddpm, torch.where((kind == DDIM) | consistency, x_ddim, x_dpm))
     return StepResult(x=x_next, x0=x0)
 
 

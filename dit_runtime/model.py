@@ -19,6 +19,9 @@ TIMESTEP_FREQ_DIM = 256
 TIMESTEP_MAX_PERIOD = 10_000
 # LayerNorm epsilon in every adaLN block and the final layer (the paper's value).
 NORM_EPS = 1e-6
+# A guidance scale w is embedded as the sinusoid of (w - 1) x this: scales of [1, 10] then span the timesteps'
+# frequencies as timesteps of [0, 1000) do, and w = 1 (no guidance) embeds as timestep 0 does.
+GUIDANCE_EMBED_SCALE = 100.0
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,8 @@ class DiTConfig:
     num_classes: int = 1000
     learn_sigma: bool = True  # also predict the variance interpolation (output channels = 2 x input)
     class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance; > 0 adds the null class
+    # A few-step student's guidance scale joins the conditioning (GuidanceEmbedder), so a guided image is one row.
+    guidance_embed: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -204,6 +209,20 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(y)  # (N, D)
 
 
+class GuidanceEmbedder(nn.Module):
+    """A student's guidance scale -> a vector added to the conditioning; the last layer starts at zero, so a student
+    initialised from its teacher computes the teacher's function until training moves it."""
+
+    def __init__(self, hidden_dim: int, freq_dim: int = TIMESTEP_FREQ_DIM):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, hidden_dim))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        w_freq = timestep_embedding((w.float() - 1.0) * GUIDANCE_EMBED_SCALE, self.freq_dim)  # (N, F)
+        return self.mlp(w_freq.to(self.mlp[0].weight.dtype))  # (N, D)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection, through scaled_dot_product_attention."""
 
@@ -279,16 +298,17 @@ class DiTModel(nn.Module):
 
     def __init__(self, hidden_dim: int = 1024, num_layers: int = 10, num_heads: int = 16, ffn_dim: int = 4096,
                  input_size: int = 32, patch_size: int = 2, in_channels: int = 4, num_classes: int = 1000,
-                 learn_sigma: bool = True, class_dropout_prob: float = 0.1):
+                 learn_sigma: bool = True, class_dropout_prob: float = 0.1, guidance_embed: bool = False):
         super().__init__()
         self.config = DiTConfig(hidden_dim=hidden_dim, num_layers=num_layers, num_heads=num_heads, ffn_dim=ffn_dim,
                                 input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                                 num_classes=num_classes, learn_sigma=learn_sigma,
-                                class_dropout_prob=class_dropout_prob)
+                                class_dropout_prob=class_dropout_prob, guidance_embed=guidance_embed)
         cfg = self.config
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_dim)
         self.t_embedder = TimestepEmbedder(hidden_dim)
         self.y_embedder = LabelEmbedder(num_classes, hidden_dim, class_dropout_prob)
+        self.g_embedder = GuidanceEmbedder(hidden_dim) if guidance_embed else None
         # Fixed, not learned; a persistent buffer so checkpoints carry it as the paper's do.
         self.register_buffer("pos_embed", torch.zeros(1, cfg.num_tokens, hidden_dim))
         self.blocks = nn.ModuleList(DiTBlock(hidden_dim, num_heads, ffn_dim) for _ in range(num_layers))
@@ -326,6 +346,16 @@ class DiTModel(nn.Module):
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        if self.g_embedder is not None:
+            self.init_guidance_embedder()
+
+    @torch.no_grad()
+    def init_guidance_embedder(self) -> None:
+        """The guidance embedding's initialisation: the timestep MLP's, with a zero last layer (adds nothing)."""
+        nn.init.normal_(self.g_embedder.mlp[0].weight, std=0.02)
+        nn.init.zeros_(self.g_embedder.mlp[0].bias)
+        nn.init.zeros_(self.g_embedder.mlp[2].weight)
+        nn.init.zeros_(self.g_embedder.mlp[2].bias)
 
     @torch.no_grad()
     def reset_pos_embed(self) -> None:
@@ -345,14 +375,22 @@ class DiTModel(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)  # (N, C, H, W)
 
-    def condition(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Conditioning vector c = embed(t) + embed(y), computed once per forward and shared by all blocks."""
-        return self.t_embedder(t) + self.y_embedder(y)  # (N, D)
+    def condition(self, t: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        """Conditioning vector c = embed(t) + embed(y) (+ embed(w), a student's guidance scale), computed once per
+        forward and shared by all blocks. A model without a guidance embedding ignores ``w``."""
+        c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
+        if self.g_embedder is not None:
+            if w is None:
+                raise ValueError("this model takes its guidance scale as an input: pass w, one scale per sample")
+            c = c + self.g_embedder(w)
+        return c
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x: (N, C, H, W) noisy input; t: (N,) per-sample timesteps; y: (N,) labels -> (N, C_out, H, W)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                w: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (N, C, H, W) noisy input; t: (N,) per-sample timesteps; y: (N,) labels; w: (N,) guidance scales (a
+        student's; ignored without a guidance embedding) -> (N, C_out, H, W)."""
         x = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (N, T, D)
-        c = self.condition(t, y).to(x.dtype)  # (N, D)
+        c = self.condition(t, y, w).to(x.dtype)  # (N, D)
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)

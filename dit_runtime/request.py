@@ -20,10 +20,14 @@ import math
 import re
 import uuid
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
-Sampler = Literal["ddpm", "ddim", "dpm-solver++"]
+if TYPE_CHECKING:
+    from .contract import SamplingContract
+
+# "consistency" is a distilled student's sampler (contract.py): its guidance is an input of the model, not a null row.
+SAMPLERS = ("ddpm", "ddim", "dpm-solver++", "consistency")
+Sampler = Literal["ddpm", "ddim", "dpm-solver++", "consistency"]
 Space = Literal["pixel", "latent"]
 
 # The paper's training schedule has 1000 timesteps; a sampler takes at most one step per timestep.
@@ -165,13 +169,19 @@ class SamplingParams:
         return self.guidance_scale != 1.0
 
     @property
+    def null_row(self) -> bool:
+        """Whether each image has a null-class row beside it: guided, and not a student's sampler, whose model
+        takes the scale as an input."""
+        return self.guided and self.sampler != "consistency"
+
+    @property
     def cache_policy(self) -> CachePolicy:
         return CACHE_POLICIES[self.cache]
 
     @property
     def rows_per_image(self) -> int:
         """Rows one image takes in a forward pass: the rule the scheduler, the limits and the API all use."""
-        return GUIDED_ROWS_PER_IMAGE if self.guided else 1
+        return GUIDED_ROWS_PER_IMAGE if self.null_row else 1
 
 
 @dataclass(frozen=True)
@@ -258,10 +268,9 @@ class ModelSpec:
     resolution: int  # side of its images in pixels
     channels: int  # of its images as the model makes them (latent channels for a latent model)
     space: Space
-    supports_guidance: bool  # trained with label dropout, so it has a null class
     parameters: int
     max_rows: int  # rows of one forward pass (the engine's max_batch_size)
-    defaults: SamplingParams  # the checkpoint's measured defaults, with the config's overrides
+    contract: SamplingContract  # how the model is sampled, with the deployment's defaults merged in
     limits: RequestLimits
     max_cache_rows: int = 0  # rows of the deployment's feature cache: 0 runs only cache "off"
     precision: str = "fp32"  # what the engine computes in (EngineConfig.precision)
@@ -294,16 +303,33 @@ class ModelSpec:
     def sampling(self, *, num_inference_steps: int | None = None, sampler: str | None = None,
                  guidance_scale: float | None = None, eta: float | None = None, cache: str | None = None,
                  seed: int | None = None) -> SamplingParams:
-        """``SamplingParams`` with this model's default for every field given as None: the one place where
-        defaults are resolved. Raises ``InvalidRequestError`` with this deployment's ranges."""
+        """``SamplingParams`` with this model's default (``contract.defaults``) for every field given as None.
+        Raises ``InvalidRequestError`` with this deployment's ranges."""
         d = self.defaults
         steps = d.num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance = d.guidance_scale if guidance_scale is None else guidance_scale
-        check_steps(steps, self.limits.max_inference_steps)  # this deployment's ranges in the message
-        check_guidance(guidance, self.limits.max_guidance_scale)
+        check_steps(steps, self.max_inference_steps)  # this deployment's ranges in the message
+        check_guidance(guidance, self.max_guidance_scale)
         return SamplingParams(num_inference_steps=steps, sampler=d.sampler if sampler is None else sampler,
                               guidance_scale=guidance, eta=d.eta if eta is None else eta,
                               cache=d.cache if cache is None else cache, seed=seed)
+
+    @property
+    def defaults(self) -> SamplingParams:
+        return self.contract.defaults
+
+    @property
+    def supports_guidance(self) -> bool:
+        return self.contract.guidance != "none"
+
+    @property
+    def max_inference_steps(self) -> int:
+        """The most steps a request may take: the deployment's limit within the model's own."""
+        return min(self.limits.max_inference_steps, self.contract.max_inference_steps)
+
+    @property
+    def max_guidance_scale(self) -> float:
+        return min(self.limits.max_guidance_scale, self.contract.max_guidance_scale)
 
     def upscale_for(self, size: str | None) -> int:
         """The whole factor that turns this model's images into ``size`` ("WxH"; None or "auto": 1)."""
@@ -330,10 +356,7 @@ class ModelSpec:
             raise InvalidRequestError("class_label", f"class_label must be an integer in "
                                                      f"[0, {len(self.class_names) - 1}], got {bad[0]}")
         check_steps(s.num_inference_steps, limits.max_inference_steps)
-        check_guidance(s.guidance_scale, limits.max_guidance_scale)
-        if s.guided and not self.supports_guidance:
-            raise InvalidRequestError("guidance_scale", "this model was trained without label dropout, so it has "
-                                                        "no null class: guidance_scale must be 1")
+        self.contract.check(s, max_steps=limits.max_inference_steps, max_guidance_scale=limits.max_guidance_scale)
         if s.cache_policy.caches and request.rows > self.max_cache_rows:
             why = ("this deployment keeps no feature cache (feature_cache_rows: 0)" if not self.max_cache_rows else
                    f"n={request.num_images} needs {request.rows} rows of the feature cache, which holds "
@@ -351,7 +374,7 @@ class ModelSpec:
     @property
     def cache_policies(self) -> tuple[str, ...]:
         """The `cache` presets this deployment runs."""
-        return tuple(CACHE_POLICIES) if self.max_cache_rows else ("off",)
+        return self.contract.cache_presets if self.max_cache_rows else ("off",)
 
     @property
     def fingerprint(self) -> str:

@@ -36,7 +36,7 @@ from pydantic import ValidationError
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dit_runtime.request import SAMPLERS, InvalidRequestError, ModelSpec
+from dit_runtime.request import InvalidRequestError, ModelSpec
 
 from .backend import EncodedImages, ModelBackend, Progress, deadline_left
 from .config import AuthArgs, Limits
@@ -356,7 +356,7 @@ class Frontend:
             spec: ModelSpec = await self.backends[model].spec()
         except APIError as e:
             return ModelCard(id=model, created=created, status="unavailable", detail=e.message)
-        d, limits = spec.defaults, spec.limits
+        d, limits, contract = spec.defaults, spec.limits, spec.contract
         return ModelCard(id=model, created=created, status="ready", resolution=[spec.resolution] * 2,
                          channels=spec.channels, space=spec.space, num_classes=len(spec.class_names),
                          class_names=list(spec.class_names), supports_guidance=spec.supports_guidance,
@@ -364,9 +364,13 @@ class Frontend:
                          defaults=SamplingDefaults(num_inference_steps=d.num_inference_steps, sampler=d.sampler,
                                                    guidance_scale=d.guidance_scale, cache=d.cache),
                          max_images_per_request=limits.max_images_per_request,
-                         max_inference_steps=limits.max_inference_steps,
-                         max_guidance_scale=limits.max_guidance_scale,
-                         cache_policies=list(spec.cache_policies), samplers=list(SAMPLERS),
+                         max_inference_steps=spec.max_inference_steps,
+                         max_guidance_scale=spec.max_guidance_scale,
+                         cache_policies=list(spec.cache_policies), samplers=list(contract.samplers),
+                         step_counts=None if contract.step_counts is None else [
+                             n for n in contract.step_counts if n <= spec.max_inference_steps],
+                         guidance=contract.guidance,
+                         distilled_from=contract.teacher.checkpoint if contract.teacher else None,
                          precision=spec.precision)
 
     async def playground(self) -> Response:

@@ -114,7 +114,13 @@ class ModelCard(BaseModel):
     max_inference_steps: int | None = None
     max_guidance_scale: float | None = None
     cache_policies: list[str] | None = Field(None, description="the `cache` presets this deployment runs")
-    samplers: list[str] | None = Field(None, description="the `sampler` values this deployment runs")
+    samplers: list[str] | None = Field(None, description="the `sampler` values this model runs")
+    step_counts: list[int] | None = Field(None, description="the only `num_inference_steps` values a distilled "
+                                                            "student takes (null: any in [1, max_inference_steps])")
+    guidance: Literal["null-row", "embedded", "none"] | None = Field(
+        None, description="how guidance is applied: a null-class row per image (two rows), an input of the model "
+                          "(a distilled student: one row), or none")
+    distilled_from: str | None = Field(None, description="a student's teacher checkpoint")
     precision: str | None = Field(None, description="what the deployment computes in: fp32, fp16, bf16 or fp8")
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from dit_runtime.diffusion import SAMPLER_IDS, NoiseSchedule, counter_noise, noise_key, sampler_step, timestep_at
 
 
 def randomize(model: torch.nn.Module, std: float = 0.1, seed: int = 0) -> torch.nn.Module:
@@ -45,3 +48,27 @@ def assert_close_across_shapes(actual: torch.Tensor, expected: torch.Tensor, bou
     """``actual`` equals ``expected`` up to a reordering bound (see ``reordering_tolerance``), on the tensor's scale."""
     scale = expected.abs().max().item()
     torch.testing.assert_close(actual, expected, rtol=0, atol=bound * scale)
+
+
+def reference_sample(model, request, num_train_timesteps: int = 1000, clip_denoised: bool = False) -> np.ndarray:
+    """The plain way: one request at a time, the whole batch at one step, no engine. A teacher runs its conditional
+    and null rows through ``forward_with_cfg``; a student (a guidance embedding) takes its scale as an input."""
+    schedule = NoiseSchedule.linear(num_train_timesteps)
+    s = request.sampling
+    labels = torch.tensor(request.class_ids)
+    n, shape = len(labels), (model.config.in_channels, model.config.input_size, model.config.input_size)
+    keys = torch.tensor([noise_key(s.seed, i) for i in range(n)])
+    x = counter_noise(keys, torch.full((n,), -1), shape)
+    prev_x0 = torch.zeros_like(x)
+    steps = torch.full((n,), s.num_inference_steps)
+    w = torch.full((n,), s.guidance_scale)
+    with torch.no_grad():
+        for i in range(s.num_inference_steps):
+            step = torch.full((n,), i)
+            t = timestep_at(step, steps, num_train_timesteps)
+            out = model(x, t, labels, w) if model.config.guidance_embed else model.forward_with_cfg(x, t, labels, w)
+            res = sampler_step(schedule, out, x, step, steps, torch.full((n,), SAMPLER_IDS[s.sampler]),
+                               torch.full((n,), s.eta), prev_x0, counter_noise(keys, step, shape),
+                               learn_sigma=model.config.learn_sigma, clip_denoised=clip_denoised)
+            x, prev_x0 = res.x, res.x0
+    return x.numpy()

@@ -10,14 +10,13 @@ import pytest
 import torch
 
 from dit_runtime.checkpoint import CheckpointInfo, default_class_names
-from dit_runtime.diffusion import (INITIAL_NOISE_COUNTER, SAMPLER_IDS, NoiseSchedule, counter_noise, noise_key,
-                                   sampler_step, timestep_at)
+from dit_runtime.diffusion import INITIAL_NOISE_COUNTER, counter_noise, noise_key
 from dit_runtime.engine import (DeadlineExceededError, Engine, EngineConfig, GenerationRequest, GenerationResult,
                                 InvalidRequestError, QueueFullError, RequestCancelledError, SamplingParams, StepEvent)
 from dit_runtime.engine.runner import ModelRunner
 from dit_runtime.model import DiTModel, get_preset
 from dit_runtime.request import CACHE_POLICIES
-from model_helpers import model_reordering_tolerance
+from model_helpers import model_reordering_tolerance, reference_sample
 
 
 def random_model(seed: int = 0) -> DiTModel:
@@ -42,28 +41,6 @@ def engine():
     eng = make_engine().start()
     yield eng
     eng.stop()
-
-
-def reference_sample(model: DiTModel, request: GenerationRequest) -> np.ndarray:
-    """The plain way: one request at a time, the whole batch at one step, forward_with_cfg. No engine."""
-    schedule = NoiseSchedule.linear()
-    s = request.sampling
-    labels = torch.tensor(request.class_ids)
-    n, shape = len(labels), (model.config.in_channels, model.config.input_size, model.config.input_size)
-    keys = torch.tensor([noise_key(s.seed, i) for i in range(n)])
-    x = counter_noise(keys, torch.full((n,), -1), shape)
-    prev_x0 = torch.zeros_like(x)
-    steps = torch.full((n,), s.num_inference_steps)
-    with torch.no_grad():
-        for i in range(s.num_inference_steps):
-            step = torch.full((n,), i)
-            t = timestep_at(step, steps)
-            out = model.forward_with_cfg(x, t, labels, torch.full((n,), s.guidance_scale))
-            res = sampler_step(schedule, out, x, step, steps, torch.full((n,), SAMPLER_IDS[s.sampler]),
-                               torch.full((n,), s.eta), prev_x0, counter_noise(keys, step, shape),
-                               learn_sigma=model.config.learn_sigma)
-            x, prev_x0 = res.x, res.x0
-    return x.numpy()
 
 
 @pytest.mark.numerics
@@ -433,7 +410,8 @@ def test_compiled_admission_noise_is_counter_noise_and_compiles_once_per_kind():
     image and two images no admitted count compiles again."""
     from torch._dynamo.utils import counters
 
-    runner = ModelRunner(random_model(), EngineConfig(max_batch_size=8, compile=True), clip_denoised=False)
+    runner = ModelRunner(random_model(), EngineConfig(max_batch_size=8, compile=True), clip_denoised=False,
+                         num_train_timesteps=1000)
     keys = torch.tensor([noise_key(seed, 0) for seed in range(7)])
     before = counters["stats"]["unique_graphs"]
     for n in (1, 2):  # as warm_up does
@@ -474,7 +452,7 @@ def test_a_restart_loads_its_compiled_programs_and_traces_nothing(tmp_path):
     assert rel < model_reordering_tolerance(get_preset("dit-tiny"), steps=4), rel
     assert np.linalg.norm(got - first_latents) / np.linalg.norm(want) > 0.1  # the two models differ that much
     other = ModelRunner(random_model(), dataclasses.replace(config, max_batch_size=4, batch_buckets=(4,)),
-                        clip_denoised=False)
+                        clip_denoised=False, num_train_timesteps=1000)
     assert other.store.directory != second.store.directory
 
 
@@ -506,5 +484,5 @@ def test_compile_cache_dir_is_used_even_after_inductor_chose_its_default(tmp_pat
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", cache_dir())  # what inductor has set by now, restored afterwards
     target = tmp_path / "compile-cache"
     ModelRunner(random_model(), EngineConfig(max_batch_size=16, compile=True, compile_cache_dir=str(target)),
-                clip_denoised=False)
+                clip_denoised=False, num_train_timesteps=1000)
     assert cache_dir() == str(target) and target.is_dir()

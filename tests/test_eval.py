@@ -65,7 +65,7 @@ def test_dit_eval_runs_on_a_small_checkpoint(tmp_path, capsys):
                           training={"default_sampling": {"sampler": "ddim", "num_inference_steps": 3,
                                                          "guidance_scale": 1.5}})
     path = save_checkpoint(tmp_path / "small.safetensors", model.state_dict(), info)
-    assert load_model(path)[1].default_sampling.sampler == "ddim"
+    assert load_model(path)[1].sampling.defaults.sampler == "ddim"
     code = dit_eval(["--checkpoint", str(path), "--samples-per-class", "3", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert out["sampling"] == {"sampler": "ddim", "num_inference_steps": 3, "guidance_scale": 1.5, "seed": 0,
@@ -102,6 +102,6 @@ def test_shipped_checkpoint_meets_the_bar_at_its_default_sampling(path, classifi
     model, info = load_model(path)
     assert path.stat().st_size < 20 * 2**20
     result, _ = evaluate(eval_engine(model, info, samples_per_class=10), classifier, source=str(path),
-                         samples_per_class=10, sampling=replace(info.default_sampling, seed=1))
+                         samples_per_class=10, sampling=replace(info.sampling.defaults, seed=1))
     assert result.accuracy >= MIN_SAMPLE_ACCURACY, result.per_class_accuracy
     assert result.diversity_ratio >= MIN_DIVERSITY_RATIO

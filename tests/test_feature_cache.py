@@ -42,7 +42,7 @@ def test_the_compiled_embed_part_picks_the_rows_the_host_rule_picks_on_the_cpu()
     step each row runs the blocks where the host's rule says, two presets side by side. With the rule in integers
     this compile threw inductor's ZeroDivisionError at the first call (``rows_full_step`` says why)."""
     runner = ModelRunner(random_model(), EngineConfig(max_batch_size=4, batch_buckets=(2, 4), compile=True,
-                                                      warmup=False), clip_denoised=False)
+                                                      warmup=False), clip_denoised=False, num_train_timesteps=1000)
     num_steps, presets = 20, [CACHE_POLICIES["fast"], CACHE_POLICIES["balanced"]]
     # Two images of one row each: slots 0 and 1, classes 3 and 5, cache entries 0 and 1, both rows real.
     runner.layout[:, :2] = torch.tensor([[0, 1], [0, 1], [3, 5], [0, 1], [0, 1], [0, 1], [1, 1]])

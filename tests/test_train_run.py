@@ -83,7 +83,9 @@ def test_run_writes_servable_checkpoint_with_training_record(uninterrupted: Path
     assert record["config"]["trainer"]["max_steps"] == STEPS
     assert record["hardware"] and record["wall_time_s"] > 0
     assert record["final_loss"] == pytest.approx(losses(uninterrupted)[STEPS])
-    assert record["default_sampling"]["sampler"] == "dpm-solver++"
+    # The sampling contract: the schedule trained on and the settings the config recommends.
+    assert info.sampling.num_train_timesteps == 1000 and info.sampling.prediction == "epsilon"
+    assert info.sampling.defaults.sampler == "dpm-solver++" and info.sampling.guidance == "null-row"
     # Training made progress: the loss falls from its start (noise prediction starts at ~1).
     curve = losses(uninterrupted)
     assert sorted(curve) == list(range(1, STEPS + 1))

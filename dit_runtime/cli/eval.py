@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", help="sample-grid PNG path (default: <checkpoint stem>-samples.png beside it)")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
     p.add_argument("--record", action="store_true",
-                   help="when the bar is met, store these sampling settings as the checkpoint's default_sampling and "
+                   help="when the bar is met, store these sampling settings as the checkpoint's recommended defaults (its sampling contract) and "
                         "the figures under training.eval (the file is rewritten atomically)")
     return p
 
@@ -78,8 +78,8 @@ def record_in_checkpoint(path: Path, result) -> None:
         raw, _ = load_state_dict(path, which="raw")
     except CheckpointError:
         raw = None
-    info.training["default_sampling"] = {k: result.sampling[k]
-                                         for k in ("sampler", "num_inference_steps", "guidance_scale")}
+    info.sampling = info.sampling.with_overrides(**{k: result.sampling[k] for k in
+                                                    ("sampler", "num_inference_steps", "guidance_scale")})
     info.training["eval"] = {k: v for k, v in result.to_dict().items()
                              if k in ("accuracy", "diversity", "real_diversity", "diversity_ratio", "samples_per_class",
                                       "classifier_held_out_accuracy")}

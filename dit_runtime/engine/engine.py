@@ -15,7 +15,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -192,7 +192,8 @@ class Engine:
         self.info = info
         self.spec = self._spec(model, info, config)
         clip = config.clip_denoised if config.clip_denoised is not None else info.space == "pixel"
-        self.runner = ModelRunner(model, config, clip_denoised=clip)
+        self.runner = ModelRunner(model, config, clip_denoised=clip,
+                                  num_train_timesteps=info.sampling.num_train_timesteps)
         self.scheduler = Scheduler(config.max_batch_size, config.buckets, model.config.null_class, config.batching,
                                    cache_rows=config.cache_rows, compute_buckets=config.compute_buckets)
         self.on_step = on_step
@@ -219,13 +220,14 @@ class Engine:
     # ---- construction -----------------------------------------------------------------------------------------
     @staticmethod
     def _spec(model: DiTModel, info: CheckpointInfo, config: EngineConfig) -> ModelSpec:
-        """What this engine accepts. Its defaults are the one place defaults are resolved: the checkpoint's measured
-        sampling settings, then the config's override; a default the limits refuse fails here, at start-up."""
-        defaults = info.default_sampling
-        if config.default_inference_steps is not None:
-            defaults = replace(defaults, num_inference_steps=config.default_inference_steps)
-        defaults = replace(defaults, cache=config.default_cache)
-        cfg, limits = model.config, config.limits
+        """What this engine accepts: the checkpoint's sampling contract with the config's defaults merged over its
+        own (``SamplingContract.with_overrides``); a default the limits refuse fails here, at start-up."""
+        try:
+            contract = info.sampling.with_overrides(num_inference_steps=config.default_inference_steps,
+                                                    cache=config.default_cache)
+        except ValueError as e:
+            raise ValueError(f"the engine config's defaults do not fit this checkpoint: {e}") from None
+        defaults, cfg, limits = contract.defaults, model.config, config.limits
         for name, value, bound in (("num_inference_steps", defaults.num_inference_steps, limits.max_inference_steps),
                                    ("guidance_scale", defaults.guidance_scale, limits.max_guidance_scale)):
             if value > bound:
@@ -233,9 +235,9 @@ class Engine:
                 raise ValueError(f"the checkpoint's default {name} ({value:g}) is above the limit ({bound:g}): raise "
                                  f"the limit{fix}")
         return ModelSpec(class_names=tuple(info.class_names), resolution=cfg.input_size, channels=cfg.in_channels,
-                         space=info.space, supports_guidance=cfg.supports_guidance,
-                         parameters=count_parameters(model), max_rows=config.max_batch_size, defaults=defaults,
-                         limits=limits, max_cache_rows=config.cache_rows, precision=config.precision)
+                         space=info.space, parameters=count_parameters(model), max_rows=config.max_batch_size,
+                         contract=contract, limits=limits, max_cache_rows=config.cache_rows,
+                         precision=config.precision)
 
     @classmethod
     def from_checkpoint(cls, path, config: EngineConfig = EngineConfig(), **kwargs) -> "Engine":

@@ -98,7 +98,8 @@ def free_memory(device: torch.device) -> int:
 class ModelRunner:
     """Executes step plans for one model on one device."""
 
-    def __init__(self, model: DiTModel, config: EngineConfig, clip_denoised: bool):
+    def __init__(self, model: DiTModel, config: EngineConfig, clip_denoised: bool, num_train_timesteps: int):
+        """``num_train_timesteps``: the length of the schedule the model was trained on (its sampling contract)."""
         self.config = config
         self.device = torch.device(config.device)
         self.dtype = COMPUTE_DTYPES[config.precision]
@@ -112,7 +113,7 @@ class ModelRunner:
         self.image_shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
         self.learn_sigma = cfg.learn_sigma
         self.clip_denoised = clip_denoised
-        self.schedule = NoiseSchedule.linear(device=self.device)
+        self.schedule = NoiseSchedule.linear(num_train_timesteps, device=self.device)
         n = config.max_batch_size + 1  # + the scratch slot for padding
         dev = self.device
         # Per-slot sampler state, in fp32 whatever the model's precision.
@@ -161,6 +162,7 @@ class ModelRunner:
         """What this runner's compiled programs depend on beyond their guards (programs.ProgramStore)."""
         c = self.config
         return {"device": device_identity(self.device), "model": self.model.config, "clip": self.clip_denoised,
+                "num_train_timesteps": self.schedule.num_timesteps,
                 "engine": {"precision": c.precision, "max_batch_size": c.max_batch_size, "buckets": c.buckets,
                            "compute_buckets": c.compute_buckets, "cache_rows": c.cache_rows,
                            "fast_paths": c.fast_paths, "spacing": c.spacing, "compile_options": c.compile_options,
@@ -200,7 +202,8 @@ class ModelRunner:
         image_slot, row_image, row_label = self.layout[:3, :bucket].unbind(0)  # (B,) each
         x = self.x[image_slot]  # (B, C, H, W) fp32
         t = self._timesteps(image_slot)
-        out = self.forward(x[row_image].to(self.dtype), t[row_image], row_label)  # (B, C_out, H, W)
+        w = self.guidance[image_slot]  # (B,) a student's input (a teacher's guidance is its null rows)
+        out = self.forward(x[row_image].to(self.dtype), t[row_image], row_label, w[row_image])  # (B, C_out, H, W)
         self._denoise(bucket, x, out)
 
     def _timesteps(self, image_slot: torch.Tensor) -> torch.Tensor:
@@ -229,7 +232,8 @@ class ModelRunner:
         image_slot, row_image, row_label = self.layout[:3, :bucket].unbind(0)
         x = self.x[image_slot]
         t = self._timesteps(image_slot)
-        tokens, c = self.forward.embed(x[row_image].to(self.dtype), t[row_image], row_label)
+        w = self.guidance[image_slot]
+        tokens, c = self.forward.embed(x[row_image].to(self.dtype), t[row_image], row_label, w[row_image])
         return tokens, c, self.step_index[image_slot[row_image]]
 
     def _final(self, bucket: int, hidden: torch.Tensor, c: torch.Tensor) -> None:

@@ -257,7 +257,7 @@ class Scheduler:
             entries = state.cache_entries or [self.cache_scratch] * state.rows
             n = state.num_images
             for k, (slot, label) in enumerate(zip(state.slots, state.request.class_ids)):
-                if state.request.sampling.guided:
+                if state.request.sampling.null_row:
                     guided_images.append((len(image_slot), entries[n + k]))
                 image_slot.append(slot)
                 row_image.append(len(row_image))

@@ -1,7 +1,9 @@
-"""``dit-train``: train a DiT from a YAML config plus ``--section.key value`` overrides.
+"""``dit-train`` and ``dit-distill``: train a DiT, or distil one into a few-step student, from a YAML config plus
+``--section.key value`` overrides.
 
 Single process: ``dit-train --config train_config/digits-s.yaml``.
-Several GPUs or CPU processes, one code path: ``torchrun --nproc_per_node 2 -m dit_runtime.train.cli --config ...``.
+Several GPUs or CPU processes, one code path: ``torchrun --nproc_per_node 2 -m dit_runtime.train.cli --config ...``
+(``-m dit_runtime.train.distill TEACHER --config ...`` for dit-distill).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import ConfigError, describe, load_config
+from .config import ConfigError, DistillConfig, describe, load_config, parse_overrides
 
 USAGE = """dit-train --config FILE [--resume] [--section.key value ...]
 
@@ -29,23 +31,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, str
                         help="continue from the newest checkpoint in checkpointing.output_dir, if there is one")
     parser.add_argument("--help-config", action="store_true", help="list every config key with its default")
     args, rest = parser.parse_known_args(argv)
-    overrides = []
-    i = 0
-    while i < len(rest):
-        token = rest[i]
-        if not token.startswith("--") or "." not in token:
-            raise ConfigError(f"unexpected argument {token!r}; overrides look like --section.key value "
-                              "(e.g. --trainer.max_steps 40)")
-        key = token[2:]
-        if "=" in key:
-            key, value = key.split("=", 1)
-        else:
-            if i + 1 >= len(rest):
-                raise ConfigError(f"{token} needs a value")
-            value = rest[i + 1]
-            i += 1
-        overrides.append((key, value))
-        i += 1
+    overrides = parse_overrides(rest)
     return args, overrides
 
 
@@ -68,6 +54,48 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dit-train: {e}", file=sys.stderr)
         return 2
     trainer.run()
+    return 0
+
+
+DISTILL_USAGE = """dit-distill TEACHER.safetensors --config FILE [--resume] [--section.key value ...]
+
+Sections: distill, data, trainer, checkpointing. `dit-distill --help-config` lists every key.
+Examples:
+  dit-distill checkpoints/digits-s.safetensors --config train_config/digits-s-4step.yaml
+  torchrun --nproc_per_node 8 -m dit_runtime.train.distill ckpt.safetensors --config cfg.yaml --resume
+"""
+
+
+def distill_main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="dit-distill", usage=DISTILL_USAGE,
+                                     description="Distil a teacher checkpoint into a few-step student with guidance "
+                                                 "built in (dit_runtime/train/distill.py says how).",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("teacher", nargs="?", help="the teacher checkpoint (.safetensors, from dit-train)")
+    parser.add_argument("--config", help="YAML distillation config (default: every key at its default)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest checkpoint in checkpointing.output_dir, if there is one")
+    parser.add_argument("--help-config", action="store_true", help="list every config key with its default")
+    try:
+        args, rest = parser.parse_known_args(argv)
+        if args.help_config:
+            print(describe(DistillConfig))
+            return 0
+        if args.teacher is None:
+            parser.error("the teacher checkpoint is required: dit-distill TEACHER.safetensors --config FILE")
+        config = load_config(args.config, parse_overrides(rest), DistillConfig)
+    except ConfigError as e:
+        print(f"dit-distill: config error: {e}", file=sys.stderr)
+        return 2
+    from .distill import Distiller  # after validation, as for dit-train
+
+    try:
+        distiller = Distiller(config, args.teacher, resume=args.resume, command=["dit-distill", *argv])
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"dit-distill: {e}", file=sys.stderr)
+        return 2
+    distiller.run()
     return 0
 
 

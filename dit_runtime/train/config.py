@@ -138,6 +138,16 @@ class CheckpointingSection:
                                              "(digits: '0'..'9'; image_folder: the sub-folder names)")
 
 
+def _check_run(t: TrainerSection, data: DataSection) -> None:
+    """The checks every run's config needs: how long it trains, and where its data is."""
+    if t.max_steps == 0 and t.epochs == 0:
+        raise ConfigError("set trainer.max_steps (optimiser steps) or trainer.epochs (passes over the data); "
+                          "both are 0")
+    if data.kind != "digits" and not data.path:
+        raise ConfigError(f"data.kind is {data.kind!r}, so data.path must name the "
+                          f"{'image folder' if data.kind == 'image_folder' else 'latent file'}")
+
+
 @dataclass
 class TrainConfig:
     """The whole training config."""
@@ -153,13 +163,12 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Checks across fields (each field's own type and range were checked when it was set)."""
-        t = self.trainer
-        if t.max_steps == 0 and t.epochs == 0:
-            raise ConfigError("set trainer.max_steps (optimiser steps) or trainer.epochs (passes over the data); "
-                              "both are 0")
-        if self.data.kind != "digits" and not self.data.path:
-            raise ConfigError(f"data.kind is {self.data.kind!r}, so data.path must name the "
-                              f"{'image folder' if self.data.kind == 'image_folder' else 'latent file'}")
+        _check_run(self.trainer, self.data)
+        d = self.diffusion
+        if d.num_inference_steps > d.num_timesteps:
+            raise ConfigError(f"diffusion.num_inference_steps ({d.num_inference_steps}) must be at most "
+                              f"diffusion.num_timesteps ({d.num_timesteps}): a sampler takes at most one step per "
+                              "training timestep")
         if self.model.preset is not None:
             try:
                 get_preset(self.model.preset)
@@ -173,7 +182,58 @@ class TrainConfig:
                                   f"{config.num_classes} classes")
 
 
-SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(TrainConfig)}  # type: ignore[misc]
+@dataclass
+class DistillSection:
+    """The student: how many steps it is trained for, over which guidance, against which teacher step."""
+
+    segments: int = _f(4, "consistency segments: the step count the student is trained for (1-8)", low=1, high=8)
+    teacher_steps: int = _f(40, "the teacher's DDIM solver grid, in steps over its schedule: each target is one "
+                                "teacher step of num_timesteps / teacher_steps timesteps (25 of 1000; LCM skips 20); "
+                                "a multiple of segments, so the segments' boundaries lie on the grid", low=1)
+    min_guidance_scale: float = _f(1.0, "lowest guidance scale drawn in training (1 = unguided)", low=1.0, high=20.0)
+    max_guidance_scale: float = _f(4.0, "highest guidance scale drawn; the student serves [1, this]", low=1.0,
+                                   high=20.0)
+    default_guidance_scale: float | None = _f(None, "the student's recommended scale; default: the teacher's, "
+                                                    "within [min, max]", low=1.0, high=20.0)
+    loss: Literal["pseudo-huber", "l2"] = _f("pseudo-huber", "pseudo-Huber (Song & Dhariwal 2023): L2 near zero, "
+                                                             "L1 for outliers; l2: the mean squared error")
+    huber_c: float | None = _f(None, "pseudo-Huber's c; default 0.00054 x sqrt(values per image), their choice",
+                               low=0.0)
+    target_ema_decay: float = _f(0.95, "EMA of the student that makes the targets (LCM's 0.95): slow enough to keep "
+                                       "them steady, fast enough to follow the student", low=0.0, high=1.0,
+                                 high_open=True)
+
+
+@dataclass
+class DistillConfig:
+    """The whole distillation config: the student's section, then dit-train's data, trainer and checkpointing."""
+
+    distill: DistillSection = field(default_factory=DistillSection)
+    data: DataSection = field(default_factory=DataSection)
+    trainer: TrainerSection = field(default_factory=TrainerSection)
+    checkpointing: CheckpointingSection = field(default_factory=lambda: CheckpointingSection(
+        output_dir="runs/distill"))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self) -> None:
+        """Checks across fields (each field's own type and range were checked when it was set)."""
+        _check_run(self.trainer, self.data)
+        d = self.distill
+        if d.teacher_steps % d.segments:
+            raise ConfigError(f"distill.teacher_steps ({d.teacher_steps}) must be a multiple of distill.segments "
+                              f"({d.segments}), so every segment boundary is a teacher grid timestep")
+        if d.min_guidance_scale > d.max_guidance_scale:
+            raise ConfigError(f"distill.min_guidance_scale ({d.min_guidance_scale:g}) must be <= "
+                              f"distill.max_guidance_scale ({d.max_guidance_scale:g})")
+
+
+def sections(config_type: type) -> dict[str, type]:
+    """The sections of a config class (``TrainConfig``, ``distill.DistillConfig``): name -> section class."""
+    return {f.name: f.default_factory for f in fields(config_type)}  # type: ignore[misc]
+
+
 
 
 def _type_name(tp: Any) -> str:
@@ -243,12 +303,13 @@ def _check_range(where: str, meta: dict, value: Any) -> None:
         raise ConfigError(f"{where}: {value!r} is out of range [{lo}, {hi}{')' if high_open else ']'}")
 
 
-def set_value(config: TrainConfig, dotted: str, value: Any) -> None:
-    """Set ``section.key`` to ``value`` (already parsed), checking the key, the type and the range."""
+def set_value(config, dotted: str, value: Any) -> None:
+    """Set ``section.key`` of a config to ``value`` (already parsed), checking the key, the type and the range."""
     section_name, _, key = dotted.partition(".")
-    if section_name not in SECTIONS or not key:
+    names = sections(type(config))
+    if section_name not in names or not key:
         raise ConfigError(f"unknown config key {dotted!r}: keys are section.key with section one of "
-                          f"{', '.join(SECTIONS)}")
+                          f"{', '.join(names)}")
     section = getattr(config, section_name)
     hints = typing.get_type_hints(type(section))
     by_name = {f.name: f for f in fields(section)}
@@ -259,14 +320,15 @@ def set_value(config: TrainConfig, dotted: str, value: Any) -> None:
     setattr(section, key, typed)
 
 
-def from_dict(values: dict) -> TrainConfig:
+def from_dict(values: dict, config_type: type = TrainConfig):
     """A config from nested ``{section: {key: value}}``, every key and value checked."""
-    config = TrainConfig()
+    config = config_type()
+    names = sections(config_type)
     if not isinstance(values, dict):
-        raise ConfigError(f"a training config is a mapping of sections ({', '.join(SECTIONS)}), got {values!r}")
+        raise ConfigError(f"a config is a mapping of sections ({', '.join(names)}), got {values!r}")
     for section_name, section_values in values.items():
-        if section_name not in SECTIONS:
-            raise ConfigError(f"unknown config section {section_name!r}; sections: {', '.join(SECTIONS)}")
+        if section_name not in names:
+            raise ConfigError(f"unknown config section {section_name!r}; sections: {', '.join(names)}")
         if not isinstance(section_values, dict):
             raise ConfigError(f"config section {section_name!r} must be a mapping of key: value")
         for key, value in section_values.items():
@@ -282,7 +344,29 @@ def parse_override_value(text: str) -> Any:
         return text
 
 
-def load_config(path: str | Path | None, overrides: list[tuple[str, str]] = ()) -> TrainConfig:
+def parse_overrides(tokens: list[str]) -> list[tuple[str, str]]:
+    """Command-line ``--section.key value`` (or ``--section.key=value``) tokens -> ``(dotted_key, text)`` in order."""
+    overrides = []
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--") or "." not in token:
+            raise ConfigError(f"unexpected argument {token!r}; overrides look like --section.key value "
+                              "(e.g. --trainer.max_steps 40)")
+        key = token[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+        else:
+            if i + 1 >= len(tokens):
+                raise ConfigError(f"{token} needs a value")
+            value = tokens[i + 1]
+            i += 1
+        overrides.append((key, value))
+        i += 1
+    return overrides
+
+
+def load_config(path: str | Path | None, overrides: list[tuple[str, str]] = (), config_type: type = TrainConfig):
     """Load a YAML config (or the defaults when ``path`` is None), apply ``(dotted_key, text)`` overrides,
     and validate the result."""
     values: dict = {}
@@ -295,7 +379,7 @@ def load_config(path: str | Path | None, overrides: list[tuple[str, str]] = ()) 
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
     try:
-        config = from_dict(values)
+        config = from_dict(values, config_type)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     for dotted, text in overrides:
@@ -304,10 +388,10 @@ def load_config(path: str | Path | None, overrides: list[tuple[str, str]] = ()) 
     return config
 
 
-def describe() -> str:
-    """Every key with its type, default and help, for ``dit-train --help-config``."""
+def describe(config_type: type = TrainConfig) -> str:
+    """Every key with its type, default and help, for ``--help-config``."""
     lines = []
-    for section_name, cls in SECTIONS.items():
+    for section_name, cls in sections(config_type).items():
         lines.append(f"{section_name}:  # {cls.__doc__}")
         hints = typing.get_type_hints(cls)
         for f in fields(cls):

@@ -30,7 +30,9 @@ from safetensors import safe_open
 
 from .. import checkpoint as ckpt
 from ..diffusion import NoiseSchedule, q_sample, training_losses
-from ..model import DiTModel, count_parameters
+from ..contract import SamplingContract
+from ..model import DiTConfig, DiTModel, count_parameters
+from ..request import SamplingParams
 from .config import TrainConfig
 from .data import ShardedBatches, TensorDataset, load_dataset
 from .report import JsonlLog, ProgressBar, format_duration, plot_loss_curve
@@ -120,10 +122,10 @@ class Trainer:
         self.device = self.dist.device
         self.output_dir = Path(config.checkpointing.output_dir)
 
-        image_size = config.data.image_size or config.model.to_dit_config(num_classes=1).input_size
-        in_channels = config.model.to_dit_config(num_classes=1).in_channels
-        self.data: TensorDataset = load_dataset(config.data.kind, config.data.path, image_size, in_channels)
-        self.model_config = config.model.to_dit_config(num_classes=len(self.data.class_names))
+        shape = self._model_config(num_classes=1)
+        self.data: TensorDataset = load_dataset(config.data.kind, config.data.path,
+                                                config.data.image_size or shape.input_size, shape.in_channels)
+        self.model_config = self._model_config(num_classes=len(self.data.class_names))
         if tuple(self.data.x.shape[1:]) != (self.model_config.in_channels, self.model_config.input_size,
                                             self.model_config.input_size):
             raise ValueError(f"data items have shape {tuple(self.data.x.shape[1:])} but the model takes "
@@ -136,15 +138,13 @@ class Trainer:
         self.class_names = config.checkpointing.class_names or self.data.class_names
 
         torch.manual_seed(t.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-        self.model = DiTModel.from_config(self.model_config).to(self.device)
+        self.model = self._build_model().to(self.device)
         self.model.gradient_checkpointing = t.gradient_checkpointing
         self.model.train()
         self.ema = {k: v.detach().clone().float() for k, v in self.model.state_dict().items()}
-        self.schedule = NoiseSchedule.linear(config.diffusion.num_timesteps, device=self.device)
-        self.snr_weight = None  # (T,) per-timestep weight of the noise MSE
-        if config.diffusion.loss_weighting == "min_snr":
-            snr = self.schedule.alphas_cumprod / (1 - self.schedule.alphas_cumprod)
-            self.snr_weight = snr.clamp(max=config.diffusion.min_snr_gamma) / snr
+        self.contract = self.sampling_contract()  # recorded in every checkpoint written
+        self.schedule = NoiseSchedule.linear(self.contract.num_train_timesteps, device=self.device)
+        self._init_objective()
 
         decay, no_decay, labels = [], [], []
         for name, p in self.model.named_parameters():  # no decay on biases and embeddings, as is usual
@@ -178,6 +178,55 @@ class Trainer:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
+    # ---- what a subclass (distill.Distiller) changes -----------------------------------------------------------
+    @property
+    def name(self) -> str:
+        """What is trained, for log lines and the loss plot."""
+        return self.config.model.preset or "custom DiT"
+
+    def _model_config(self, num_classes: int) -> DiTConfig:
+        return self.config.model.to_dit_config(num_classes=num_classes)
+
+    def _build_model(self) -> DiTModel:
+        return DiTModel.from_config(self.model_config)
+
+    def _init_objective(self) -> None:
+        """Whatever the loss needs beside the model and the schedule: here the timesteps' MSE weights."""
+        d = self.config.diffusion
+        self.snr_weight = None  # (T,) per-timestep weight of the noise MSE
+        if d.loss_weighting == "min_snr":
+            snr = self.schedule.alphas_cumprod / (1 - self.schedule.alphas_cumprod)
+            self.snr_weight = snr.clamp(max=d.min_snr_gamma) / snr
+
+    def _loss(self, module: torch.nn.Module, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The mean loss of one micro-batch of clean samples ``x0`` (B, C, H, W) and labels ``y`` (B,)."""
+        timesteps = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), device=self.device)
+        noise = torch.randn_like(x0)
+        x_t = q_sample(self.schedule, x0, timesteps, noise)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.trainer.bf16):
+            out = module(x_t, timesteps, y)  # (B, C_out, H, W)
+        losses = training_losses(self.schedule, out, x0, x_t, timesteps, noise, self.model_config.learn_sigma)
+        if self.snr_weight is None:
+            return losses["loss"].mean()
+        return (losses["loss"] - losses["mse"] + self.snr_weight[timesteps] * losses["mse"]).mean()
+
+    def _after_step(self) -> None:
+        """After each optimiser step (the served EMA is updated before it)."""
+
+    def sampling_contract(self) -> SamplingContract:
+        """How the trained model is to be sampled (built once, as ``self.contract``)."""
+        d = self.config.diffusion
+        defaults = SamplingParams(sampler=d.sampler, num_inference_steps=d.num_inference_steps,
+                                  guidance_scale=d.guidance_scale)
+        return SamplingContract.of_teacher(d.num_timesteps, defaults, self.model_config.supports_guidance)
+
+    def _extra_state(self) -> dict[str, torch.Tensor]:
+        """Tensors besides the weights, optimiser and generators that resuming needs."""
+        return {}
+
+    def _load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what ``_extra_state`` saved."""
+
     # ----------------------------------------------------------------------------------------------------------
     def _lr_factor(self, step: int) -> float:
         t = self.config.trainer
@@ -203,17 +252,9 @@ class Trainer:
             idx = self.batches.next()
             x0 = self.data.x[idx].to(self.device, non_blocking=True)  # (B, C, H, W)
             y = self.data.y[idx].to(self.device, non_blocking=True)  # (B,)
-            timesteps = torch.randint(0, self.schedule.num_timesteps, (x0.shape[0],), device=self.device)
-            noise = torch.randn_like(x0)
-            x_t = q_sample(self.schedule, x0, timesteps, noise)
             sync = self.ddp is None or micro == accum - 1
             with (contextlib.nullcontext() if sync else self.ddp.no_sync()):
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.bf16):
-                    out = module(x_t, timesteps, y)  # (B, C_out, H, W)
-                losses = training_losses(self.schedule, out, x0, x_t, timesteps, noise,
-                                         self.model_config.learn_sigma)
-                loss = (losses["loss"] if self.snr_weight is None else
-                        losses["loss"] - losses["mse"] + self.snr_weight[timesteps] * losses["mse"]).mean()
+                loss = self._loss(module, x0, y)
                 (loss / accum).backward()
             total += loss.detach()
         if t.max_grad_norm > 0:
@@ -222,6 +263,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._update_ema()
+        self._after_step()
         self.step += 1
         return total / accum
 
@@ -241,7 +283,7 @@ class Trainer:
         t, c = self.config.trainer, self.config.checkpointing
         log = JsonlLog(self.output_dir / "train_log.jsonl", self.resumed_from) if self.dist.is_main else None
         params = count_parameters(self.model)
-        self._log(f"dit-train: {self.config.model.preset or 'custom'} ({params / 1e6:.2f}M params) on "
+        self._log(f"{self.command[0]}: {self.name} ({params / 1e6:.2f}M params) on "
                   f"{len(self.data)} {self.config.data.kind} items {tuple(self.data.x.shape[1:])}, "
                   f"{self.dist.world_size} rank(s) on {self.device.type}, global batch {self.global_batch}, "
                   f"steps {self.step} -> {self.total_steps}"
@@ -288,7 +330,7 @@ class Trainer:
             records = log.records()
             plot_loss_curve([r["step"] for r in records], [r["loss"] for r in records],
                             self.output_dir / "loss_curve.png",
-                            title=f"{self.config.model.preset or 'DiT'}: training loss (log scale)")
+                            title=f"{self.name}: training loss (log scale)")
             done = self.step - (self.resumed_from or 0)
             self._log(f"done: {self.step} steps, final loss {self.last_loss:.4f}, {format_duration(wall)} wall, "
                       f"{done * self.global_batch / max(1e-9, wall - self.previous_wall_s):,.0f} samples/s"
@@ -302,7 +344,6 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------------------
     def training_record(self, wall_s: float) -> dict:
-        d = self.config.diffusion
         return {
             "command": shlex.join(self.command),
             "config": self.config.to_dict(),
@@ -313,9 +354,6 @@ class Trainer:
             "hardware": hardware_description(self.dist),
             "final_loss": self.last_loss if math.isfinite(self.last_loss) else None,
             "data": {"kind": self.config.data.kind, "items": len(self.data)},
-            # What a server should use when a request does not say: the settings dit-eval measured.
-            "default_sampling": {"sampler": d.sampler, "num_inference_steps": d.num_inference_steps,
-                                 "guidance_scale": d.guidance_scale},
         }
 
     def save(self, wall_s: float) -> None:
@@ -339,6 +377,7 @@ class Trainer:
             for r, states in enumerate(gathered):
                 for kind, value in states.items():
                     tensors[f"rng.{kind}.{r}"] = value
+            tensors.update({f"extra.{k}": v for k, v in self._extra_state().items()})
             meta = {"format": STATE_FORMAT, "step": str(self.step), "wall_s": repr(wall_s),
                     "last_loss": repr(self.last_loss), "world_size": str(self.dist.world_size),
                     "data_position": json.dumps(self.batches.state()),
@@ -348,7 +387,8 @@ class Trainer:
             hook, step = self.before_state_rename, self.step
             ckpt.atomic_save(state_path, tensors, meta, before_rename=hook and (lambda tmp: hook(step, tmp)))
             info = ckpt.CheckpointInfo(config=self.model_config, class_names=list(self.class_names),
-                                       space=self.data.space, weights="ema", training=self.training_record(wall_s))
+                                       space=self.data.space, weights="ema", training=self.training_record(wall_s),
+                                       sampling=self.contract)
             raw = self.model.state_dict() if self.config.checkpointing.save_raw_weights else None
             ckpt.save_checkpoint(servable, self.ema, info, raw_state_dict=raw)
             for old in list_checkpoint_steps(self.output_dir)[self.config.checkpointing.keep_last:]:
@@ -392,6 +432,7 @@ class Trainer:
         self.optimizer.load_state_dict({"state": optim_state,
                                         "param_groups": json.loads(meta["optim_param_groups"])})
         self.scheduler.load_state_dict(json.loads(meta["scheduler"]))
+        self._load_extra_state({k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")})
         self.batches.load_state(json.loads(meta["data_position"]))
         torch.set_rng_state(tensors[f"rng.cpu.{self.dist.rank}"])
         if self.device.type == "cuda" and f"rng.cuda.{self.dist.rank}" in tensors:

@@ -14,6 +14,7 @@ import time
 import httpx
 import pytest
 
+from dit_runtime.contract import SamplingContract
 from dit_runtime.request import GenerationRequest, ModelSpec, RequestLimits, SamplingParams
 from serving.backend import EncodedImages, Progress, Readiness
 from serving.config import AuthArgs, Limits
@@ -21,8 +22,9 @@ from serving.errors import APIError
 from serving.frontend import Frontend
 
 SPEC = ModelSpec(class_names=("zero", "one", "two", "three"), resolution=16, channels=1, space="pixel",
-                 supports_guidance=True, parameters=1000, max_rows=8,
-                 defaults=SamplingParams(num_inference_steps=7, sampler="ddim", guidance_scale=3.0),
+                 parameters=1000, max_rows=8,
+                 contract=SamplingContract(defaults=SamplingParams(num_inference_steps=7, sampler="ddim",
+                                                                   guidance_scale=3.0)),
                  limits=RequestLimits(max_images_per_request=4, max_inference_steps=50, max_guidance_scale=10.0,
                                       max_image_side=64), max_cache_rows=4, precision="bf16")
 

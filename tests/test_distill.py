@@ -1,0 +1,120 @@
+"""Few-step students end to end on the CPU: a tiny teacher trained on a 100-step schedule, dit-distill, and the
+student served by the engine at one row per image, refused what its contract does not allow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dit_runtime.checkpoint import load_model, read_info, sha256_of
+from dit_runtime.engine import Engine, EngineConfig, GenerationRequest, InvalidRequestError
+from dit_runtime.train.cli import distill_main
+from dit_runtime.train.config import load_config
+from dit_runtime.train.trainer import Trainer
+from model_helpers import reference_sample
+
+REPO = Path(__file__).resolve().parents[1]
+# A digit model that trains in seconds; a 100-step schedule, so a sampler on the paper's 1000 would be wrong.
+TEACHER = [("model.hidden_dim", "32"), ("model.num_layers", "1"), ("model.num_heads", "2"), ("model.ffn_dim", "64"),
+           ("diffusion.num_timesteps", "100"), ("diffusion.num_inference_steps", "10"),
+           ("diffusion.sampler", "ddim"), ("trainer.per_device_train_batch_size", "16"),
+           ("trainer.learning_rate", "1e-3"), ("trainer.max_steps", "20"), ("trainer.log_every", "5"),
+           ("trainer.seed", "3")]
+STUDENT = ["--distill.segments", "2", "--distill.teacher_steps", "10", "--distill.max_guidance_scale", "3",
+           "--trainer.per_device_train_batch_size", "8", "--trainer.learning_rate", "1e-4", "--trainer.log_every", "1",
+           "--checkpointing.save_every", "2", "--checkpointing.keep_last", "5", "--trainer.seed", "5"]
+# One bucket of 16 rows: every forward has one shape, so results are equal bit for bit alone and in a batch.
+ENGINE = EngineConfig(max_batch_size=16, batch_buckets=(16,))
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("teacher")
+    config = load_config(REPO / "train_config/digits-s.yaml", TEACHER + [("checkpointing.output_dir", str(out))])
+    return Trainer(config, command=["dit-train"]).run()
+
+
+def distil(teacher: Path, out: Path, steps: int, *extra: str) -> Path:
+    code = distill_main([str(teacher), *STUDENT, "--trainer.max_steps", str(steps), "--checkpointing.output_dir",
+                         str(out), *extra])
+    assert code == 0
+    return out / "model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def student(teacher, tmp_path_factory) -> Path:
+    return distil(teacher, tmp_path_factory.mktemp("student"), 6)
+
+
+def test_a_model_trained_on_a_100_step_schedule_is_sampled_on_it(teacher):
+    model, info = load_model(teacher)
+    assert info.sampling.num_train_timesteps == 100
+    request = GenerationRequest.of(4, n=2, seed=11, sampler="ddim", num_inference_steps=10, guidance_scale=2.0)
+    latents = Engine(model, info, ENGINE).generate([request])[0].images
+    want = reference_sample(model, request, num_train_timesteps=100, clip_denoised=True)
+    on_1000 = reference_sample(model, request, num_train_timesteps=1000, clip_denoised=True)
+    assert not np.allclose(want, on_1000, atol=1e-3)  # the schedule matters: the check below can fail
+    images = np.clip(np.round((want + 1) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    assert np.abs(latents.astype(int) - images.astype(int)).max() <= 1  # rounding at the uint8 boundary
+
+
+def test_the_student_records_its_contract_and_teacher(student, teacher):
+    info = read_info(student)
+    contract = info.sampling
+    assert info.config.guidance_embed and contract.prediction == "consistency" and contract.guidance == "embedded"
+    assert contract.num_train_timesteps == 100 and contract.samplers == ("consistency",)
+    assert contract.defaults.num_inference_steps == 2 and contract.max_guidance_scale == 3.0
+    assert contract.teacher.sha256 == sha256_of(teacher) and contract.teacher.segments == 2
+    assert info.training["command"].startswith("dit-distill ")
+    assert (student.parent / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_resumed_distillation_follows_the_uninterrupted_one_exactly(teacher, student, tmp_path):
+    """Resume restores the target network too: stop at step 4, resume to 6, and every logged loss matches."""
+    first = distil(teacher, tmp_path, 4)
+    resumed = distil(teacher, tmp_path, 6, "--resume")
+    log = lambda path: {r["step"]: r["loss"] for r in map(json.loads, (path.parent / "train_log.jsonl").open())}
+    assert log(resumed) == log(student)
+    assert first == resumed
+
+
+def test_the_student_serves_one_row_per_guided_image_as_its_plain_loop_does(student):
+    model, info = load_model(student)
+    engine = Engine(model, info, ENGINE)
+    request = GenerationRequest.of(7, n=3, seed=2, sampler="consistency", num_inference_steps=2, guidance_scale=2.5)
+    assert request.rows == 3
+    got = engine.generate([request])[0].images
+    want = reference_sample(model, request, num_train_timesteps=100, clip_denoised=True)
+    images = np.clip(np.round((want + 1) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    assert np.abs(got.astype(int) - images.astype(int)).max() <= 1
+    # The guidance scale is an input, which distillation taught the student (its embedding started at zero).
+    x, t, y = torch.randn(2, 1, 16, 16), torch.tensor([99, 49]), torch.tensor([7, 7])
+    with torch.no_grad():
+        assert not torch.equal(model(x, t, y, torch.full((2,), 1.0)), model(x, t, y, torch.full((2,), 2.5)))
+
+
+def test_a_student_request_is_the_same_alone_and_in_a_busy_batch(student):
+    model, info = load_model(student)
+    engine = Engine(model, info, ENGINE)
+    probe = GenerationRequest.of(3, n=2, seed=9, sampler="consistency", num_inference_steps=4, guidance_scale=2.0)
+    alone = engine.generate([probe])[0].images
+    neighbours = [GenerationRequest.of(d, n=2, seed=d, sampler="consistency", num_inference_steps=steps,
+                                       guidance_scale=1.0 + d / 4)
+                  for d, steps in ((1, 1), (5, 8), (8, 2))]
+    busy = engine.generate([neighbours[0], probe, *neighbours[1:]])[1].images
+    assert np.array_equal(alone, busy)
+
+
+@pytest.mark.parametrize("field,value", [("num_inference_steps", 3), ("sampler", "ddim"), ("guidance_scale", 3.5),
+                                         ("cache", "balanced")])
+def test_the_engine_refuses_what_the_students_contract_does_not_allow(student, field, value):
+    engine = Engine.from_checkpoint(student, EngineConfig(max_batch_size=16, batch_buckets=(16,), warmup=False))
+    spec = engine.spec
+    assert spec.defaults.sampler == "consistency" and spec.max_guidance_scale == 3.0
+    with pytest.raises(InvalidRequestError) as e:
+        spec.build_request(prompt="3", **{field: value})
+    assert e.value.field == field
