@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import CheckpointError, load_model
-from . import denoising_progress
+from . import add_checkpoint_argument, denoising_progress
 from ..engine import Engine, EngineConfig, InvalidRequestError, RequestLimits
 from ..images import save_grid, to_pil
 from ..request import GUIDED_ROWS_PER_IMAGE, NUM_TRAIN_TIMESTEPS, SAMPLERS
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="dit-sample", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__[__doc__.index("Examples"):])
-    parser.add_argument("checkpoint", help="a DiT Serve .safetensors checkpoint")
+    add_checkpoint_argument(parser, "a DiT Serve .safetensors checkpoint")
     parser.add_argument("--classes", nargs="+", metavar="CLASS",
                         help="class ids or names (default: the first 10 classes)")
     parser.add_argument("-n", "--num-images", type=int, default=1, help="images per class")
