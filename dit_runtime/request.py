@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import secrets
 import uuid
 from dataclasses import dataclass, field
 from typing import Literal
@@ -33,6 +34,10 @@ MAX_GUIDANCE_SCALE = 20.0
 # Forward rows of a guided image: its conditional and its null-class ("unconditional") row run in the same pass.
 GUIDED_ROWS_PER_IMAGE = 2
 MAX_SEED = 2 ** 63  # seeds are in [0, MAX_SEED)
+# A seed the engine draws (a request without one) is below this: the answer reports it, and a client that reads JSON
+# numbers as doubles (JavaScript, the playground) holds integers exactly only up to 2**53. Above it the seed it shows
+# and sends again is rounded, and "the same seed" draws other images. A seed the client gives may use all of MAX_SEED.
+MAX_DRAWN_SEED = 2 ** 53
 SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")  # the API's `size`: "WxH"
 
 
@@ -167,6 +172,10 @@ class SamplingParams:
     @property
     def cache_policy(self) -> CachePolicy:
         return CACHE_POLICIES[self.cache]
+
+    def seed_or_draw(self) -> int:
+        """The seed these images are drawn with: the one given, else a fresh random one below MAX_DRAWN_SEED."""
+        return self.seed if self.seed is not None else secrets.randbelow(MAX_DRAWN_SEED)
 
     @property
     def rows_per_image(self) -> int:
