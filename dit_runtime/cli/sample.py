@@ -24,7 +24,7 @@ from ..checkpoint import CheckpointError, load_model
 from . import add_checkpoint_argument, denoising_progress
 from ..engine import Engine, EngineConfig, InvalidRequestError, RequestLimits
 from ..images import save_grid, to_pil
-from ..request import GUIDED_ROWS_PER_IMAGE, NUM_TRAIN_TIMESTEPS, SAMPLERS
+from ..request import NUM_TRAIN_TIMESTEPS, SAMPLERS, rows_per_image
 from ..vae import LatentDecoder
 
 
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     except CheckpointError as e:
         sys.exit(f"dit-sample: {e}")
     classes = args.classes or [str(c) for c in range(min(info.config.num_classes, 10))]
-    rows = max(args.batch_size, args.num_images) * GUIDED_ROWS_PER_IMAGE
+    rows = max(args.batch_size, args.num_images) * rows_per_image(guided=True)  # fits them guided or not
     config = EngineConfig(device=args.device, max_batch_size=rows, max_queue_size=len(classes) * args.num_images,
                           limits=RequestLimits(max_images_per_request=args.num_images,
                                                max_inference_steps=NUM_TRAIN_TIMESTEPS))
