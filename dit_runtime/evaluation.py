@@ -20,7 +20,7 @@ import torch
 from .checkpoint import CheckpointInfo
 from .engine import Engine, EngineConfig, GenerationRequest, RequestLimits, SamplingParams
 from .model import DiTModel
-from .request import GUIDED_ROWS_PER_IMAGE, NUM_TRAIN_TIMESTEPS
+from .request import NUM_TRAIN_TIMESTEPS, rows_per_image
 from .train.data import digits_to_model_space, load_digit_scans, model_space_to_digits
 
 # The quality bar for a shipped digit checkpoint (issue 3).
@@ -80,7 +80,7 @@ def eval_engine(model: DiTModel, info: CheckpointInfo, samples_per_class: int, b
                 **config) -> Engine:
     """An engine that takes one digit's ``samples_per_class`` images as one request (guided), ``batch_size`` images
     or that request per forward pass; ``config``: further EngineConfig fields (device, precision, compile ...)."""
-    rows = max(batch_size, samples_per_class) * GUIDED_ROWS_PER_IMAGE
+    rows = max(batch_size, samples_per_class) * rows_per_image(null_row=True)
     limits = RequestLimits(max_images_per_request=samples_per_class, max_inference_steps=NUM_TRAIN_TIMESTEPS)
     return Engine(model, info, EngineConfig(max_batch_size=rows, max_queue_size=10 * samples_per_class,
                                             limits=limits, **config))

@@ -18,9 +18,10 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import secrets
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 if TYPE_CHECKING:
     from .contract import SamplingContract
@@ -37,6 +38,10 @@ MAX_GUIDANCE_SCALE = 20.0
 # Forward rows of a guided image: its conditional and its null-class ("unconditional") row run in the same pass.
 GUIDED_ROWS_PER_IMAGE = 2
 MAX_SEED = 2 ** 63  # seeds are in [0, MAX_SEED)
+# A seed the engine draws (a request without one) is below this: the answer reports it, and a client that reads JSON
+# numbers as doubles (JavaScript, the playground) holds integers exactly only up to 2**53. Above it the seed it shows
+# and sends again is rounded, and "the same seed" draws other images. A seed the client gives may use all of MAX_SEED.
+MAX_DRAWN_SEED = 2 ** 53
 SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")  # the API's `size`: "WxH"
 
 
@@ -138,6 +143,13 @@ CACHE_POLICIES: dict[str, CachePolicy] = {
 }
 
 
+def rows_per_image(null_row: bool) -> int:
+    """Rows one image takes in a forward pass: the rule the scheduler, the limits, the API and every batch size
+    that is counted in images use. Sizing before a request's params are known, pass null_row=True: the larger
+    case (a teacher's guided image)."""
+    return GUIDED_ROWS_PER_IMAGE if null_row else 1
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How a request's images are denoised; these defaults apply where neither the checkpoint nor the config say."""
@@ -178,10 +190,14 @@ class SamplingParams:
     def cache_policy(self) -> CachePolicy:
         return CACHE_POLICIES[self.cache]
 
+    def seed_or_draw(self) -> int:
+        """The seed these images are drawn with: the one given, else a fresh random one below MAX_DRAWN_SEED."""
+        return self.seed if self.seed is not None else secrets.randbelow(MAX_DRAWN_SEED)
+
     @property
     def rows_per_image(self) -> int:
-        """Rows one image takes in a forward pass: the rule the scheduler, the limits and the API all use."""
-        return GUIDED_ROWS_PER_IMAGE if self.null_row else 1
+        """Rows one image of these params takes in a forward pass (``rows_per_image``)."""
+        return rows_per_image(self.null_row)
 
 
 @dataclass(frozen=True)
@@ -224,23 +240,39 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """What one request may ask of a deployment (the `limits` of serve_config.yaml, and the engine's rows)."""
+    """What one request may ask of a deployment: the `limits` of serve_config.yaml that the engine enforces. Each
+    key's default and allowed range are declared here only; ``serving.config.Limits`` reads both."""
 
+    # Upper bound of `n`. However high, a request's rows must also fit one forward pass (max_batch_size).
     max_images_per_request: int = 8
+    # Upper bound of `num_inference_steps`: every timestep of the training schedule, the one bound that holds for
+    # every model and for the offline tools and tests. A long request cannot hold a server's rows past its deadline
+    # (request_timeout_s); a deployment that wants less work per request says so (serve_config.yaml: 100).
     max_inference_steps: int = NUM_TRAIN_TIMESTEPS
-    max_guidance_scale: float = MAX_GUIDANCE_SCALE
-    max_image_side: int = 512  # pixels, after upscaling
+    max_guidance_scale: float = MAX_GUIDANCE_SCALE  # upper bound of `guidance_scale`; the lower one is always 1
+    max_image_side: int = 512  # largest `size` side in pixels, after upscaling
+
+    # What each key may be set to: [low, high], None for no upper bound. An image side past 4096 pixels (48 MiB of
+    # RGB per image, held while its PNG is encoded) is taken for a typo rather than a wish.
+    RANGES: ClassVar[dict[str, tuple[float, float | None]]] = {
+        "max_images_per_request": (1, None),
+        "max_inference_steps": (1, NUM_TRAIN_TIMESTEPS),
+        "max_guidance_scale": (1.0, MAX_GUIDANCE_SCALE),
+        "max_image_side": (1, 4096),
+    }
 
     def __post_init__(self) -> None:
-        for name in ("max_images_per_request", "max_inference_steps", "max_image_side"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if not self.max_inference_steps <= NUM_TRAIN_TIMESTEPS:
-            raise ValueError(f"max_inference_steps must be at most {NUM_TRAIN_TIMESTEPS} (the training timesteps), "
-                             f"got {self.max_inference_steps}")
-        if not _in_range(self.max_guidance_scale, 1.0, MAX_GUIDANCE_SCALE):
-            raise ValueError(f"max_guidance_scale must be in [1, {MAX_GUIDANCE_SCALE:g}], got "
-                             f"{self.max_guidance_scale!r}")
+        for name in self.RANGES:
+            self.check_key(name, getattr(self, name))
+
+    @classmethod
+    def check_key(cls, name: str, value) -> None:
+        """Raise a ValueError naming key ``name`` and its range when ``value`` is not in it."""
+        low, high = cls.RANGES[name]
+        integer = not isinstance(low, float)
+        if (integer and not _is_int(value)) or not _in_range(value, low, math.inf if high is None else high):
+            allowed = f">= {low:g}" if high is None else f"in [{low:g}, {high:g}]"
+            raise ValueError(f"{name} must be {'an integer' if integer else 'a number'} {allowed}, got {value!r}")
 
 
 def lookup_class(class_names: tuple[str, ...] | list[str], name_or_id: str | int) -> int:
@@ -365,7 +397,7 @@ class ModelSpec:
         if request.rows > self.max_rows:
             raise InvalidRequestError("n", f"n={request.num_images} with guidance_scale {s.guidance_scale:g} needs "
                                            f"{request.rows} batch rows, but this model runs at most {self.max_rows} "
-                                           f"(a guided image takes {GUIDED_ROWS_PER_IMAGE}): ask for n <= "
+                                           f"(a guided image takes {rows_per_image(null_row=True)}): ask for n <= "
                                            f"{self.max_rows // s.rows_per_image}")
         if self.resolution * request.upscale > limits.max_image_side:
             raise InvalidRequestError("size", f"size must be 'WxH' with sides up to {limits.max_image_side}, got "

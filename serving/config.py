@@ -10,9 +10,10 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
-from dit_runtime.request import MAX_GUIDANCE_SCALE, NUM_TRAIN_TIMESTEPS, RequestLimits
+from dit_runtime.request import RequestLimits, rows_per_image
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -28,21 +29,30 @@ class _Args(BaseModel):
 
 
 class Limits(_Args):
-    """What one request may ask for; the API refuses the rest with a 400 naming the field and the range."""
+    """What one request may ask for; the API refuses the rest with a 400 naming the field and the range.
 
-    max_images_per_request: int = Field(8, ge=1, le=256, description="upper bound of `n`")
-    max_inference_steps: int = Field(100, ge=1, le=NUM_TRAIN_TIMESTEPS,
+    The keys the engine enforces are ``RequestLimits``' (dit_runtime/request.py): their defaults and ranges are
+    declared there, and read here."""
+
+    max_images_per_request: int = Field(RequestLimits.max_images_per_request, description="upper bound of `n`")
+    max_inference_steps: int = Field(RequestLimits.max_inference_steps,
                                      description="upper bound of `num_inference_steps`")
-    default_inference_steps: int | None = Field(None, ge=1, le=NUM_TRAIN_TIMESTEPS,
-                                                description="steps when a request names none; default: the "
-                                                            "checkpoint's measured default_sampling")
-    max_guidance_scale: float = Field(MAX_GUIDANCE_SCALE, ge=1.0, le=MAX_GUIDANCE_SCALE,
+    max_guidance_scale: float = Field(RequestLimits.max_guidance_scale,
                                       description="upper bound of `guidance_scale` (>= 1)")
-    max_image_side: int = Field(512, ge=1, le=4096,
+    max_image_side: int = Field(RequestLimits.max_image_side,
                                 description="largest `size` side in pixels; images are upscaled by whole factors")
+    default_inference_steps: int | None = Field(None, ge=1, description="steps when a request names none (at most "
+                                                                        "max_inference_steps); default: the "
+                                                                        "checkpoint's measured default_sampling")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="larger request bodies get 413")
     request_timeout_s: float = Field(120.0, gt=0, description="deadline of a request, from its arrival at the "
                                                               "gateway; past it, 504 and its images leave the batch")
+
+    @field_validator(*RequestLimits.RANGES)
+    @classmethod
+    def _in_engine_range(cls, value, info: ValidationInfo):
+        RequestLimits.check_key(info.field_name, value)
+        return value
 
     @model_validator(mode="after")
     def _default_within_max(self) -> "Limits":
@@ -53,9 +63,7 @@ class Limits(_Args):
 
     def request_limits(self) -> RequestLimits:
         """The engine's view of these limits (the rest are the HTTP server's: body size, timeout)."""
-        return RequestLimits(max_images_per_request=self.max_images_per_request,
-                             max_inference_steps=self.max_inference_steps, max_guidance_scale=self.max_guidance_scale,
-                             max_image_side=self.max_image_side)
+        return RequestLimits(**{name: getattr(self, name) for name in RequestLimits.RANGES})
 
 
 class Autoscaling(_Args):
@@ -69,7 +77,7 @@ class Autoscaling(_Args):
     signal: Literal["queue_wait", "ongoing_requests"] = "queue_wait"
     # queue_wait: the wait aimed at; default half the model's max_queue_wait_s, so it grows before it sheds.
     target_queue_wait_s: float | None = Field(None, gt=0)
-    # ongoing_requests: default half the engine's batch rows, the guided one-image requests that fill one batch.
+    # ongoing_requests: default the guided one-image requests that fill one batch (ModelArgs.guided_images_per_batch).
     target_ongoing_requests: float | None = Field(None, gt=0)
     upscale_delay_s: float = Field(10.0, ge=0)
     downscale_delay_s: float = Field(60.0, ge=0)
@@ -187,9 +195,11 @@ class ModelArgs(_Args):
             raise ValueError("device 'cuda' needs num_gpus > 0 (a fraction such as 0.5 shares a GPU)")
         if self.device == "cpu" and self.num_gpus > 0:
             raise ValueError(f"num_gpus {self.num_gpus} with device 'cpu' reserves a GPU that is not used")
-        if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.max_batch_size // 2:
-            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) below max_batch_size / 2 "
-                             f"({self.max_batch_size // 2}) would keep the engine's batch from filling")
+        if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.guided_images_per_batch:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) below the "
+                             f"{self.guided_images_per_batch} guided one-image requests that fill a batch "
+                             f"(max_batch_size {self.max_batch_size}, {rows_per_image(null_row=True)} rows an image) "
+                             "would keep the engine's batch from filling")
         self.engine_config()  # the engine's own checks (precision vs device, buckets ...), reported here
         return self
 
@@ -208,13 +218,19 @@ class ModelArgs(_Args):
                             default_cache=self.default_cache, feature_cache_rows=self.feature_cache_rows)
 
     @property
+    def guided_images_per_batch(self) -> int:
+        """Guided one-image requests that fill one forward pass (at least one). The config is read before any
+        checkpoint, so what is sized by requests in flight assumes guided images: the common case, and the larger."""
+        return max(1, self.max_batch_size // rows_per_image(null_row=True))
+
+    @property
     def ongoing_requests_cap(self) -> int:
         return self.max_ongoing_requests or self.max_batch_size + self.max_queue_size
 
     def ray_autoscaling_config(self) -> dict:
         a = self.autoscaling
         out = a.model_dump(exclude_none=True, exclude={"signal", "target_queue_wait_s"})
-        out["target_ongoing_requests"] = a.target_ongoing_requests or max(1, self.max_batch_size // 2)
+        out["target_ongoing_requests"] = a.target_ongoing_requests or self.guided_images_per_batch
         if a.signal == "queue_wait":
             target = a.target_queue_wait_s or self.max_queue_wait_s / 2
             out["policy"] = {"policy_function": "serving.autoscaling:QueueWaitPolicy",
@@ -297,7 +313,8 @@ def format_errors(e: ValidationError) -> str:
     for err in e.errors():
         loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
         msg = err["msg"].removeprefix("Value error, ")
-        got = f" (got {err['input']!r})" if err["type"] not in ("missing",) and not isinstance(err["input"], dict) \
-            else ""
+        # The input, unless there is none, it is a whole section, or the message gives it (", got ...") already.
+        said = err["type"] == "missing" or isinstance(err["input"], dict) or ", got " in msg
+        got = "" if said else f" (got {err['input']!r})"
         lines.append(f"  {loc or '<root>'}: {msg}{got}")
     return "\n".join(lines)

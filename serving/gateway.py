@@ -11,8 +11,6 @@ import math
 
 from ray.serve.handle import DeploymentHandle
 
-from dit_runtime.request import GUIDED_ROWS_PER_IMAGE
-
 from .backend import RemoteModel
 from .config import AppArgs, ModelArgs
 from .frontend import Frontend
@@ -23,7 +21,7 @@ def in_flight_cap(m: ModelArgs, gateway_replicas: int) -> int:
     one-image requests (the common case: a full batch running, the queue full), shared between the gateway
     replicas. At this cap the gateway refuses before the engine has to: the engine's own 429 is the slower path,
     through a replica busy denoising."""
-    held = min(m.ongoing_requests_cap, max(1, m.max_batch_size // GUIDED_ROWS_PER_IMAGE) + m.max_queue_size)
+    held = min(m.ongoing_requests_cap, m.guided_images_per_batch + m.max_queue_size)
     return max(1, math.ceil(m.autoscaling.max_replicas * held / gateway_replicas))
 
 

@@ -38,7 +38,8 @@ class ImageGenerationRequest(BaseModel):
     # Extensions.
     class_label: int | list[int] | None = Field(None, description="class id(s) instead of a prompt: one, or one "
                                                                   "per image")
-    seed: int | None = Field(None, description="same seed and request, same images; default: a random one",
+    seed: int | None = Field(None, description="same seed and request, same images; default: a random one "
+                                               "below 2**53, which JSON clients reading doubles hold exactly",
                              json_schema_extra={"minimum": 0, "exclusiveMaximum": MAX_SEED})
     num_inference_steps: int | None = Field(None, description="denoising steps, up to the model's "
                                                               "max_inference_steps; default: the model's",

@@ -66,7 +66,7 @@ def test_dit_eval_runs_on_a_small_checkpoint(tmp_path, capsys):
                                                          "guidance_scale": 1.5}})
     path = save_checkpoint(tmp_path / "small.safetensors", model.state_dict(), info)
     assert load_model(path)[1].sampling.defaults.sampler == "ddim"
-    code = dit_eval(["--checkpoint", str(path), "--samples-per-class", "3", "--json"])
+    code = dit_eval([str(path), "--samples-per-class", "3", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert out["sampling"] == {"sampler": "ddim", "num_inference_steps": 3, "guidance_scale": 1.5, "seed": 0,
                                "cache": "off", "full_steps": 3}
@@ -84,7 +84,7 @@ def test_dit_eval_record_stores_settings_only_when_the_bar_is_met(tmp_path, caps
     info = CheckpointInfo(config=config, class_names=[str(i) for i in range(10)], space="pixel")
     path = save_checkpoint(tmp_path / "untrained.safetensors", DiTModel.from_config(config).state_dict(), info)
     before = path.read_bytes()
-    assert dit_eval(["--checkpoint", str(path), "--samples-per-class", "2", "--steps", "2", "--record"]) == 1
+    assert dit_eval([str(path), "--samples-per-class", "2", "--steps", "2", "--record"]) == 1
     assert path.read_bytes() == before  # failed the bar: nothing recorded
 
 
@@ -92,7 +92,7 @@ def test_dit_eval_rejects_a_non_digit_checkpoint(tmp_path, capsys):
     config = get_preset("dit-tiny")
     path = save_checkpoint(tmp_path / "tiny.safetensors", DiTModel.from_config(config).state_dict(),
                            CheckpointInfo(config=config, class_names=[str(i) for i in range(10)]))
-    assert dit_eval(["--checkpoint", str(path), "--samples-per-class", "2"]) == 2
+    assert dit_eval([str(path), "--samples-per-class", "2"]) == 2
     assert "dit-eval measures digit models" in capsys.readouterr().err
 
 

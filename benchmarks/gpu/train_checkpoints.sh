@@ -4,7 +4,7 @@
 # runs from the repository root without installing the package. About 2-3 minutes on an H200.
 #   OUT=/tmp/out bash benchmarks/gpu/train_checkpoints.sh
 # Then, on a machine with scikit-learn: copy $OUT/digits-*.safetensors into checkpoints/ and run
-#   dit-eval --checkpoint checkpoints/digits-s.safetensors   (and digits-m)
+#   dit-eval checkpoints/digits-s.safetensors   (and digits-m)
 set -euo pipefail
 OUT=${OUT:?set OUT to the folder the results go to}
 mkdir -p "$OUT"

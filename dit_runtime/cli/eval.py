@@ -1,8 +1,8 @@
 """``dit-eval``: measure a digit checkpoint against real digits (class accuracy and diversity), draw a sample grid.
 
-    dit-eval --checkpoint checkpoints/digits-s.safetensors [--samples-per-class 50] [--json]
-    dit-eval --checkpoint checkpoints/digits-m.safetensors --device cuda --precision fp8 --compile --cuda-graphs
-    dit-eval --checkpoint checkpoints/digits-s.safetensors --cache balanced
+    dit-eval checkpoints/digits-s.safetensors [--samples-per-class 50] [--json]
+    dit-eval checkpoints/digits-m.safetensors --device cuda --precision fp8 --compile --cuda-graphs
+    dit-eval checkpoints/digits-s.safetensors --cache balanced
 
 The images come from the serving engine (its offline loop), configured as the flags say, so the figures hold for
 what a server with that configuration answers.
@@ -22,13 +22,13 @@ from ..request import CACHE_POLICIES
 from ..evaluation import (MIN_CLASSIFIER_ACCURACY, MIN_DIVERSITY_RATIO, MIN_SAMPLE_ACCURACY, eval_engine, evaluate,
                           save_sample_grid, train_digit_classifier)
 from ..request import SAMPLERS
-from . import denoising_progress
+from . import add_checkpoint_argument, denoising_progress
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dit-eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a digit model's .safetensors checkpoint")
+    add_checkpoint_argument(p, "a digit model's .safetensors checkpoint")
     p.add_argument("--samples-per-class", type=int, default=50, help="images generated per digit (default 50)")
     p.add_argument("--sampler", choices=SAMPLERS, help="default: the checkpoint's recorded default")
     p.add_argument("--steps", type=int, help="num_inference_steps; default: the checkpoint's recorded default")

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from ..checkpoint import CheckpointError, load_model
-from . import denoising_progress
+from . import add_checkpoint_argument, denoising_progress
 from ..engine import Engine, EngineConfig, InvalidRequestError, RequestLimits
 from ..images import save_grid, to_pil
-from ..request import GUIDED_ROWS_PER_IMAGE, NUM_TRAIN_TIMESTEPS, SAMPLERS
+from ..request import NUM_TRAIN_TIMESTEPS, SAMPLERS, rows_per_image
 from ..vae import LatentDecoder
 
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="dit-sample", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__[__doc__.index("Examples"):])
-    parser.add_argument("checkpoint", help="a DiT Serve .safetensors checkpoint")
+    add_checkpoint_argument(parser, "a DiT Serve .safetensors checkpoint")
     parser.add_argument("--classes", nargs="+", metavar="CLASS",
                         help="class ids or names (default: the first 10 classes)")
     parser.add_argument("-n", "--num-images", type=int, default=1, help="images per class")
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     except CheckpointError as e:
         sys.exit(f"dit-sample: {e}")
     classes = args.classes or [str(c) for c in range(min(info.config.num_classes, 10))]
-    rows = max(args.batch_size, args.num_images) * GUIDED_ROWS_PER_IMAGE
+    rows = max(args.batch_size, args.num_images) * rows_per_image(null_row=True)  # fits them guided or not
     config = EngineConfig(device=args.device, max_batch_size=rows, max_queue_size=len(classes) * args.num_images,
                           limits=RequestLimits(max_images_per_request=args.num_images,
                                                max_inference_steps=NUM_TRAIN_TIMESTEPS))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
-import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -303,7 +302,7 @@ class Engine:
 
     def _enqueue(self, request: GenerationRequest, progress: bool, bounded: bool) -> RequestHandle:
         self.spec.check(request)
-        seed = request.sampling.seed if request.sampling.seed is not None else secrets.randbits(63)
+        seed = request.sampling.seed_or_draw()
         state = RequestState(request=request, seed=seed, submitted_at=time.monotonic())
         with self._lock:
             if bounded:

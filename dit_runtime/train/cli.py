@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cli import add_checkpoint_argument
 from .config import ConfigError, DistillConfig, describe, load_config, parse_overrides
 
 USAGE = """dit-train --config FILE [--resume] [--section.key value ...]
@@ -72,18 +73,16 @@ def distill_main(argv: list[str] | None = None) -> int:
                                      description="Distil a teacher checkpoint into a few-step student with guidance "
                                                  "built in (dit_runtime/train/distill.py says how).",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("teacher", nargs="?", help="the teacher checkpoint (.safetensors, from dit-train)")
+    add_checkpoint_argument(parser, "the teacher checkpoint (.safetensors, from dit-train)")
     parser.add_argument("--config", help="YAML distillation config (default: every key at its default)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest checkpoint in checkpointing.output_dir, if there is one")
     parser.add_argument("--help-config", action="store_true", help="list every config key with its default")
+    if "--help-config" in argv:
+        print(describe(DistillConfig))
+        return 0
     try:
         args, rest = parser.parse_known_args(argv)
-        if args.help_config:
-            print(describe(DistillConfig))
-            return 0
-        if args.teacher is None:
-            parser.error("the teacher checkpoint is required: dit-distill TEACHER.safetensors --config FILE")
         config = load_config(args.config, parse_overrides(rest), DistillConfig)
     except ConfigError as e:
         print(f"dit-distill: config error: {e}", file=sys.stderr)
@@ -91,7 +90,7 @@ def distill_main(argv: list[str] | None = None) -> int:
     from .distill import Distiller  # after validation, as for dit-train
 
     try:
-        distiller = Distiller(config, args.teacher, resume=args.resume, command=["dit-distill", *argv])
+        distiller = Distiller(config, args.checkpoint, resume=args.resume, command=["dit-distill", *argv])
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"dit-distill: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 """The playground page (GET /) in a real headless browser, Debian's chromium driven by selenium, against real Ray
 Serve on the shipped digits-s checkpoint: a digit generated from the keyboard streams its progress to the end and
-shows the very PNGs the API returns for that request, a 400 is shown naming its field, every control has a label,
+shows the very PNGs the API returns for that request, "Same seed again" draws the same images whether the seed
+was typed (past 2**53 too) or drawn by the engine, a 400 is shown naming its field, every control has a label,
 the page reflows at 200% zoom, and on a model's own route (relative URLs under its prefix) with API keys on it asks
 for a key and sends it as a Bearer token, storing nothing.
 
@@ -142,6 +143,41 @@ def test_digit_generated_from_the_keyboard_streams_to_the_end_and_is_the_apis_im
     browser.find_element(By.CSS_SELECTOR, "#current button.again").click()  # same seed again: same images
     wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery > li")) == 2, "a second gallery entry")
     assert result_images(browser, 4) == images
+
+
+def current_seed(driver) -> int:
+    """The seed the current result shows (from the answer) and would send again (its request body)."""
+    shown = re.search(r"seed (\d+) ·", driver.find_element(By.CSS_SELECTOR, "#current .meta").text)[1]
+    sent = json.loads(driver.find_element(By.CSS_SELECTOR, "#current .request-body").get_attribute("textContent"))
+    assert sent["seed"] == int(shown), "the page sends another seed than it shows"
+    return sent["seed"]
+
+
+def test_a_random_seed_sent_again_draws_the_same_images(base, browser):
+    open_page(browser, base + "/")
+    fill(browser, **{"class": "4", "n": 2, "steps": 5})
+    assert browser.find_element(By.ID, "seed").get_attribute("value") == ""  # no seed: the engine draws one
+    submit_with_the_keyboard(browser)
+    images = result_images(browser, 2)
+    seed = current_seed(browser)
+    browser.find_element(By.CSS_SELECTOR, "#current button.again").click()
+    wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery > li")) == 2, "a second gallery entry")
+    assert result_images(browser, 2) == images  # the same PNG bytes
+    assert current_seed(browser) == seed
+
+
+def test_a_typed_seed_past_2_53_goes_out_and_comes_back_unrounded(base, browser):
+    seed = 2 ** 62 + 1  # a JavaScript number holds 2**62, not this
+    open_page(browser, base + "/")
+    fill(browser, **{"class": "6", "n": 1, "steps": 5, "seed": seed})
+    submit_with_the_keyboard(browser)
+    [image] = result_images(browser, 1)
+    assert current_seed(browser) == seed
+    sent = json.loads(browser.find_element(By.CSS_SELECTOR, "#current .request-body").get_attribute("textContent"))
+    api = {s: httpx.post(base + "/v1/images/generations", json={**sent, "seed": s}, timeout=60).json()
+           for s in (seed, seed - 1)}
+    assert image == api[seed]["data"][0]["b64_json"]  # the server drew with the very seed typed
+    assert image != api[seed - 1]["data"][0]["b64_json"]  # and a seed off by one would have shown
 
 
 @pytest.mark.parametrize("values, param, needle", [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import pytest
 import yaml
 from ray.serve.config import AutoscalingConfig
 
-from serving.config import AppArgs
+from dit_runtime.request import GenerationRequest, RequestLimits
+from serving.config import AppArgs, Limits
 from serve_helpers import model_args, write_digits_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,6 +119,34 @@ def test_bad_model_field_is_named(ckpt, change, field):
     assert field in error_of({"models": [model_args("a", ckpt, **change)]})
 
 
+def test_limits_defaults_and_ranges_are_request_limits_own():
+    """RequestLimits declares the engine's limit keys; the config edge reads them instead of declaring them again."""
+    assert Limits().request_limits() == RequestLimits()  # the same defaults, the engine's
+    assert set(RequestLimits.RANGES) == {f.name for f in dataclasses.fields(RequestLimits)} <= set(Limits.model_fields)
+    for name, (low, high) in RequestLimits.RANGES.items():
+        below = low - 1 if isinstance(low, int) else low / 2
+        for bad in (below,) + ((high + 1,) if high is not None else ()):
+            with pytest.raises(ValueError, match=rf"^{name} must be .* got {bad!r}$") as engine:
+                RequestLimits(**{name: bad})
+            with pytest.raises(ValueError) as edge:
+                AppArgs.parse({"models": [{"name": "a", "preset": "dit-tiny", "allow_random_weights": True}],
+                               "limits": {name: bad}})
+            assert f"  limits.{name}: {engine.value}" in str(edge.value).splitlines()  # the engine's own message
+
+
+@pytest.mark.parametrize("max_batch_size", [2, 7, 32, 33])
+def test_guided_images_per_batch_is_as_many_guided_requests_as_one_batch_runs(ckpt, max_batch_size):
+    """What the config sizes by requests in flight (max_ongoing_requests' floor, Ray's target_ongoing_requests)
+    counts the guided one-image requests whose rows (the engine's rule) fill one batch, and no more."""
+    m = AppArgs.parse({"models": [model_args("a", ckpt, max_batch_size=max_batch_size)]}).models[0]
+    k = m.guided_images_per_batch
+    guided = GenerationRequest.of(0, guidance_scale=2.0)
+    assert k * guided.rows <= max_batch_size < (k + 1) * guided.rows
+    assert m.ray_autoscaling_config()["target_ongoing_requests"] == k
+    too_few = model_args("a", ckpt, max_batch_size=max_batch_size, max_ongoing_requests=k - 1) if k > 1 else None
+    assert too_few is None or "would keep the engine's batch from filling" in error_of({"models": [too_few]})
+
+
 def test_bad_limits_and_duplicates_are_named(ckpt):
     assert "limits.max_images_per_request" in error_of(
         {"models": [model_args("a", ckpt)], "limits": {"max_images_per_request": 0}})
@@ -131,7 +161,8 @@ def test_app_builder_refuses_a_bad_config_naming_the_field():
     from serving.app import build_app
     raw = app_args("serve_config.yaml")
     raw["limits"]["max_inference_steps"] = -1
-    with pytest.raises(ValueError, match=r"limits\.max_inference_steps: Input should be greater than or equal to 1"):
+    with pytest.raises(ValueError, match=r"limits\.max_inference_steps: max_inference_steps must be an integer in "
+                                         r"\[1, 1000\], got -1$"):
         build_app(raw)
 
 
