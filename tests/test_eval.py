@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from dit_runtime.checkpoint import CheckpointInfo, load_model, save_checkpoint
-from dit_runtime.cli.eval import main as dit_eval
+from dit_runtime.checkpoint import load_state_dict
+from dit_runtime.cli.eval import main as dit_eval, record_in_checkpoint
 from dit_runtime.evaluation import (MIN_CLASSIFIER_ACCURACY, MIN_DIVERSITY_RATIO, MIN_SAMPLE_ACCURACY, eval_engine,
                                     evaluate, frechet_distance, gaussian_frechet_distance, mean_pairwise_distance,
                                     real_digit_features, score_samples, train_digit_classifier)
@@ -106,6 +107,7 @@ def test_dit_eval_runs_on_a_small_checkpoint(tmp_path, capsys):
     assert out["samples_per_class"] == 3 and len(out["per_class_accuracy"]) == 10
     assert out["classifier_held_out_accuracy"] >= MIN_CLASSIFIER_ACCURACY
     assert out["real_diversity"] > 0
+    assert math.isfinite(out["frechet_distance"]) and out["frechet_distance"] > out["real_frechet_distance"] > 0
     # An untrained model draws noise, not digits: the bar must fail and the exit code must say so.
     assert not out["passed"] and code == 1
     grid = Image.open(out["grid"])
@@ -119,6 +121,21 @@ def test_dit_eval_record_stores_settings_only_when_the_bar_is_met(tmp_path, caps
     before = path.read_bytes()
     assert dit_eval(["--checkpoint", str(path), "--samples-per-class", "2", "--steps", "2", "--record"]) == 1
     assert path.read_bytes() == before  # failed the bar: nothing recorded
+
+
+def test_dit_eval_record_stores_the_frechet_distance_beside_accuracy(tmp_path, classifier):
+    config = get_preset("dit-digits-s")
+    info = CheckpointInfo(config=config, class_names=[str(i) for i in range(10)], space="pixel")
+    path = save_checkpoint(tmp_path / "model.safetensors", DiTModel.from_config(config).state_dict(), info)
+    images, labels = load_digit_scans()
+    result = score_samples(digits_to_model_space(images[:100], 16), torch.as_tensor(labels[:100]), classifier,
+                           source=str(path), samples_per_class=10,
+                           sampling={"sampler": "ddim", "num_inference_steps": 5, "guidance_scale": 2.0, "seed": 3})
+    record_in_checkpoint(path, result)
+    recorded = load_state_dict(path)[1].training["eval"]
+    assert recorded["frechet_distance"] == result.frechet_distance
+    assert recorded["real_frechet_distance"] == result.real_frechet_distance
+    assert recorded["accuracy"] == result.accuracy and recorded["seed"] == 3
 
 
 def test_frechet_distance_of_the_shipped_model_falls_with_steps_and_stays_above_the_real_floor(classifier):
@@ -136,6 +153,15 @@ def test_frechet_distance_of_the_shipped_model_falls_with_steps_and_stays_above_
     assert math.isfinite(four.frechet_distance)
     assert one.frechet_distance > 3 * four.frechet_distance
     assert four.frechet_distance > four.real_frechet_distance
+
+
+def test_dit_eval_table_shows_the_frechet_distance_and_its_floor(tmp_path, capsys):
+    config = get_preset("dit-digits-s")
+    info = CheckpointInfo(config=config, class_names=[str(i) for i in range(10)], space="pixel")
+    path = save_checkpoint(tmp_path / "untrained.safetensors", DiTModel.from_config(config).state_dict(), info)
+    dit_eval(["--checkpoint", str(path), "--samples-per-class", "2", "--steps", "1", "--batch-size", "2"])
+    out = capsys.readouterr().out
+    assert "Frechet distance to 898 real digits" in out and "real against real" in out
 
 
 def test_dit_eval_rejects_a_non_digit_checkpoint(tmp_path, capsys):
