@@ -65,6 +65,9 @@ def format_table(result) -> str:
                  zip(result.per_class_accuracy, result.per_class_diversity, result.per_class_real_diversity))),
              f"  all  {result.accuracy:>8.1%}  {result.diversity:>9.2f}  {result.real_diversity:>14.2f}",
              "",
+             f"Frechet distance to {result.frechet_reference_size} real digits (8x8 ink levels): "
+             f"{result.frechet_distance:.2f} ({10 * result.samples_per_class} samples); real against real "
+             f"{result.real_frechet_distance:.2f} ({result.real_frechet_samples} other real digits, the floor)",
              f"accuracy {result.accuracy:.1%} (bar >= {MIN_SAMPLE_ACCURACY:.0%}); diversity {result.diversity:.2f} = "
              f"{d['diversity_ratio']:.2f} x real (bar >= {MIN_DIVERSITY_RATIO:g}): "
              f"{'PASS' if result.passed else 'FAIL'}"]
@@ -82,7 +85,7 @@ def record_in_checkpoint(path: Path, result) -> None:
                                                     ("sampler", "num_inference_steps", "guidance_scale")})
     info.training["eval"] = {k: v for k, v in result.to_dict().items()
                              if k in ("accuracy", "diversity", "real_diversity", "diversity_ratio", "samples_per_class",
-                                      "classifier_held_out_accuracy")}
+                                      "classifier_held_out_accuracy", "frechet_distance", "real_frechet_distance")}
     info.training["eval"]["seed"] = result.sampling["seed"]
     save_checkpoint(path, served, info, raw_state_dict=raw)
 
