@@ -145,7 +145,7 @@ def test_frechet_distance_of_the_shipped_model_falls_with_steps_and_stays_above_
     # One forward pass per step for all 50 images (small batches cost many times more on a CPU); no warm-up.
     engine = eval_engine(model, info, samples_per_class=5, batch_size=50, warmup=False)
     runs = {steps: evaluate(engine, classifier, source="digits-s", samples_per_class=5,
-                            sampling=replace(info.default_sampling, sampler="dpm-solver++", seed=0,
+                            sampling=replace(info.sampling.defaults, sampler="dpm-solver++", seed=0,
                                              num_inference_steps=steps))[0]
             for steps in (1, 4)}
     one, four = runs[1], runs[4]
