@@ -4,8 +4,9 @@ import pytest
 
 from dit_runtime.cli.eval import main as dit_eval
 from dit_runtime.cli.sample import main as dit_sample
+from dit_runtime.train.cli import distill_main
 
-COMMANDS = {"dit-sample": dit_sample, "dit-eval": dit_eval}
+COMMANDS = {"dit-sample": dit_sample, "dit-eval": dit_eval, "dit-distill": distill_main}
 
 
 @pytest.mark.parametrize("prog", COMMANDS)

@@ -159,7 +159,7 @@ def test_dit_eval_table_shows_the_frechet_distance_and_its_floor(tmp_path, capsy
     config = get_preset("dit-digits-s")
     info = CheckpointInfo(config=config, class_names=[str(i) for i in range(10)], space="pixel")
     path = save_checkpoint(tmp_path / "untrained.safetensors", DiTModel.from_config(config).state_dict(), info)
-    dit_eval(["--checkpoint", str(path), "--samples-per-class", "2", "--steps", "1", "--batch-size", "2"])
+    dit_eval([str(path), "--samples-per-class", "2", "--steps", "1", "--batch-size", "2"])
     out = capsys.readouterr().out
     assert "Frechet distance to 898 real digits" in out and "real against real" in out
 
