@@ -81,8 +81,15 @@ def distill_main(argv: list[str] | None = None) -> int:
     if "--help-config" in argv:
         print(describe(DistillConfig))
         return 0
+    args, rest = parser.parse_known_args(argv)
+    from ..checkpoint import CheckpointError, read_info
+
     try:
-        args, rest = parser.parse_known_args(argv)
+        read_info(args.checkpoint)  # a wrong teacher path is the first thing to hear about
+    except CheckpointError as e:
+        print(f"dit-distill: {e}", file=sys.stderr)
+        return 2
+    try:
         config = load_config(args.config, parse_overrides(rest), DistillConfig)
     except ConfigError as e:
         print(f"dit-distill: config error: {e}", file=sys.stderr)
