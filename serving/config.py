@@ -43,7 +43,8 @@ class Limits(_Args):
                                 description="largest `size` side in pixels; images are upscaled by whole factors")
     default_inference_steps: int | None = Field(None, ge=1, description="steps when a request names none (at most "
                                                                         "max_inference_steps); default: the "
-                                                                        "checkpoint's measured default_sampling")
+                                                                        "checkpoint's recommended one (its "
+                                                                        "sampling contract)")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="larger request bodies get 413")
     request_timeout_s: float = Field(120.0, gt=0, description="deadline of a request, from its arrival at the "
                                                               "gateway; past it, 504 and its images leave the batch")
