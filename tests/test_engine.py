@@ -298,7 +298,11 @@ def test_invalid_requests_name_the_field(engine, field, build):
 
 def test_request_level_batching_holds_new_requests_until_the_batch_is_done():
     steps = []
-    eng = make_engine(batching="request")
+    """The load benchmark's request-level baseline (benchmarks/baselines.py) admits only into an emptied batch."""
+    from benchmarks.baselines import use_policy
+
+    eng = make_engine()
+    use_policy(eng, "request")
     eng.on_step = steps.append
     with eng:
         a = eng.submit(GenerationRequest.of(0, seed=0, num_inference_steps=30, guidance_scale=1.0))
