@@ -166,6 +166,8 @@ def engine_for(setup: str, preset: str, buckets: tuple[int, ...], max_queue: int
     config = engine.EngineConfig(device="cuda", max_batch_size=max(buckets), batch_buckets=buckets,
                                  compile=True, cuda_graphs=True, compile_dynamic="dynamic" in flags,
                                  compile_options=options, max_queue_size=max(max_queue, 2 * max(buckets)), **extra)
+    if hasattr(engine, "configure_compile"):  # a baseline from before it: its runner sets the process up itself
+        engine.configure_compile(config)
     return engine.Engine.random_weights(preset, config).start()
 
 

@@ -78,12 +78,17 @@ def mean_pairwise_distance(features: np.ndarray) -> float:
 
 def eval_engine(model: DiTModel, info: CheckpointInfo, samples_per_class: int, batch_size: int = 128,
                 **config) -> Engine:
-    """An engine that takes one digit's ``samples_per_class`` images as one request (guided), ``batch_size`` images
-    or that request per forward pass; ``config``: further EngineConfig fields (device, precision, compile ...)."""
+    """An engine of ``eval_config``: a process that compiles it calls ``configure_compile`` on that first."""
+    return Engine(model, info, eval_config(samples_per_class, batch_size, **config))
+
+
+def eval_config(samples_per_class: int, batch_size: int = 128, **config) -> EngineConfig:
+    """An engine config that takes one digit's ``samples_per_class`` images as one request (guided), ``batch_size``
+    images or that request per forward pass; ``config``: further EngineConfig fields (device, precision, compile
+    ...)."""
     rows = max(batch_size, samples_per_class) * GUIDED_ROWS_PER_IMAGE
     limits = RequestLimits(max_images_per_request=samples_per_class, max_inference_steps=NUM_TRAIN_TIMESTEPS)
-    return Engine(model, info, EngineConfig(max_batch_size=rows, max_queue_size=10 * samples_per_class,
-                                            limits=limits, **config))
+    return EngineConfig(max_batch_size=rows, max_queue_size=10 * samples_per_class, limits=limits, **config)
 
 
 def sample_images(engine: Engine, samples_per_class: int, sampling: SamplingParams) -> torch.Tensor:

@@ -26,7 +26,7 @@ import numpy as np
 
 from dit_runtime.engine import (DeadlineExceededError, Engine, EngineError, EngineStoppedError, GenerationRequest,
                                 GenerationResult, InvalidRequestError, ModelSpec, QueueFullError,
-                                RequestCancelledError, StepEvent)
+                                RequestCancelledError, StepEvent, configure_compile)
 from dit_runtime.engine.engine import settle_threadsafe
 from dit_runtime.images import encode_png
 from dit_runtime.vae import LatentDecoder
@@ -82,6 +82,7 @@ class ModelServer:
         started = time.perf_counter()
         try:
             config = args.engine_config(limits)
+            configure_compile(config)  # this replica's process builds this one engine
             verified = started
             if args.checkpoint is not None:
                 if args.verify_manifest:

@@ -12,6 +12,7 @@ from dit_runtime.checkpoint import CheckpointInfo, default_class_names
 from dit_runtime.engine import (DeadlineExceededError, Engine, EngineConfig, GenerationRequest, InvalidRequestError,
                                 RequestCancelledError, SamplingParams)
 from dit_runtime.engine.feature_cache import FeatureCache
+from dit_runtime.engine.process_settings import configure_compile
 from dit_runtime.engine.runner import ModelRunner, free_memory, rows_full_step
 from dit_runtime.model import DiTConfig, DiTModel, get_preset
 from dit_runtime.request import CACHE_POLICIES, CachePolicy
@@ -41,8 +42,9 @@ def test_the_compiled_embed_part_picks_the_rows_the_host_rule_picks_on_the_cpu()
     """The feature-cached step's first part compiled for the CPU, at a bucket of 2 rows in buffers of 4: at every
     step each row runs the blocks where the host's rule says, two presets side by side. With the rule in integers
     this compile threw inductor's ZeroDivisionError at the first call (``rows_full_step`` says why)."""
-    runner = ModelRunner(random_model(), EngineConfig(max_batch_size=4, batch_buckets=(2, 4), compile=True,
-                                                      warmup=False), clip_denoised=False)
+    config = EngineConfig(max_batch_size=4, batch_buckets=(2, 4), compile=True, warmup=False)
+    configure_compile(config)
+    runner = ModelRunner(random_model(), config, clip_denoised=False)
     num_steps, presets = 20, [CACHE_POLICIES["fast"], CACHE_POLICIES["balanced"]]
     # Two images of one row each: slots 0 and 1, classes 3 and 5, cache entries 0 and 1, both rows real.
     runner.layout[:, :2] = torch.tensor([[0, 1], [0, 1], [3, 5], [0, 1], [0, 1], [0, 1], [1, 1]])

@@ -237,11 +237,19 @@ class Engine:
     def random_weights(cls, preset: str, config: EngineConfig = EngineConfig(), seed: int = 0, **kwargs) -> "Engine":
         """An engine over a randomly initialised preset: for benchmarks, never for serving images."""
         cfg = get_preset(preset)
-        torch.manual_seed(seed)
-        with torch.device(config.device):
-            model = DiTModel.from_config(cfg)
-        for block in model.blocks:  # adaLN-Zero starts as the identity; give the blocks work to do
-            torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.02)
+        device = torch.device(config.device)
+        # The initialisers draw from the default generator of the device they fill: seeded inside a fork, so the
+        # process's random streams are as they were once the model is built.
+        cuda = device.type == "cuda"
+        with torch.random.fork_rng(devices=[device] if cuda else [], device_type="cuda"):
+            torch.random.default_generator.manual_seed(seed)
+            if cuda:
+                with torch.cuda.device(device):
+                    torch.cuda.manual_seed(seed)
+            with torch.device(device):
+                model = DiTModel.from_config(cfg)
+            for block in model.blocks:  # adaLN-Zero starts as the identity; give the blocks work to do
+                torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.02)
         info = CheckpointInfo(config=cfg, class_names=default_class_names(cfg.num_classes), space="latent",
                               training={"note": f"random weights ({preset}), for benchmarks"})
         return cls(model, info, config, **kwargs)

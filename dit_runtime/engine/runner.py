@@ -64,25 +64,6 @@ def rows_full_step(step: torch.Tensor, interval: torch.Tensor, warmup: torch.Ten
     return full_step(step.float(), interval.float(), warmup.float(), cooldown.float())
 
 
-def use_compile_cache_dir(path: str) -> None:
-    """Point inductor's caches (FX graphs, AOTAutograd, Triton kernels) of this process at ``path``.
-
-    Inductor reads ``TORCHINDUCTOR_CACHE_DIR`` whenever it resolves a cache path, and writes its default there the
-    first time anything asks (importing ``torch._dynamo.utils`` is enough). So the variable is set outright, not
-    only when unset, and the in-memory caches that may hold paths under the old directory are cleared, as torch's
-    own ``temporary_cache_dir`` does. The setting is per process: the last engine built decides.
-    """
-    path = os.path.abspath(path)
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") == path:
-        return
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
-    try:
-        from torch._inductor.utils import clear_caches
-    except ImportError:  # a torch without it: the variable alone
-        return
-    clear_caches()
-
-
 def free_memory(device: torch.device) -> int:
     """Bytes a new allocation can take on ``device``: the GPU's free memory, or the host's available memory."""
     if device.type == "cuda":
@@ -137,13 +118,7 @@ class ModelRunner:
         self._noise = self._initial_noise  # admission's initial noise: eager, compiled, or a program per count
         self._noise_programs: dict[int, object] = {}  # 1: for one image; 2: for any other count
         self.store: ProgramStore | None = None
-        if config.compile:
-            if config.compile_cache_dir:
-                use_compile_cache_dir(config.compile_cache_dir)
-            # Up to one specialisation per bucket, counted per code object: every runner in this process compiles
-            # the same _step, so each adds its own allowance (past the limit, fullgraph=True fails hard).
-            name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-            setattr(torch._dynamo.config, name, getattr(torch._dynamo.config, name) + 2 * len(config.buckets))
+        if config.compile:  # inductor's cache and Dynamo's limits are the process's (process_settings.py)
             options = dict(config.compile_options) if config.compile_options else None
             with aot_compile_enabled():  # each compiled function can also be compiled ahead of time (programs.py)
                 self._fns = {name: torch.compile(fn, fullgraph=True, options=options,
