@@ -49,10 +49,10 @@ class RequestState:
         return self.request.sampling.cache_policy.caches
 
     @property
-    def full_step(self) -> bool:
+    def is_full_step(self) -> bool:
         """Whether this request's rows run the blocks at its current step."""
         s = self.request.sampling
-        return s.cache_policy.is_full(self.step, s.num_inference_steps)
+        return s.cache_policy.is_full_step(self.step, s.num_inference_steps)
 
 
 @dataclass
@@ -175,7 +175,7 @@ class Scheduler:
         by_cache: dict[str, list[int]] = {}  # preset -> [rows that run the blocks, rows that forecast them]
         updated = 0  # full rows with a cache entry: their entries are written this step
         for state in self.running:
-            full = state.full_step
+            full = state.is_full_step
             by_cache.setdefault(state.request.sampling.cache, [0, 0])[0 if full else 1] += state.rows
             updated += state.rows if full and state.cache_entries else 0
         compute = sum(computed for computed, _ in by_cache.values())
