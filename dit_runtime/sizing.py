@@ -45,7 +45,8 @@ def parameter_breakdown(config: DiTConfig) -> dict[str, int]:
 def weight_bytes(config: DiTConfig) -> dict[str, int]:
     """Weight memory in each engine precision; fp8 as the engine holds it (fast_paths.apply_fast_paths, applied on
     the meta device): the quantized weights in one byte each with an fp32 scale per output row, the rest in bf16."""
-    from .engine.fast_paths import FastPaths, Fp8Linear, apply_fast_paths
+    from .engine.fast_paths import FastPaths, apply_fast_paths
+    from .engine.fp8 import Fp8Linear
 
     out = {precision: n * count_parameters(build_on_meta(config)) for precision, n in BYTES_PER_PARAM.items()}
     fp8 = apply_fast_paths(build_on_meta(config).to(torch.bfloat16), FastPaths(joined_adaln=False), cuda=False,

@@ -35,7 +35,8 @@ from ..diffusion import (INITIAL_NOISE_COUNTER, SAMPLER_IDS, NoiseSchedule, coun
                          sampler_step, timestep_at)
 from ..model import DiTModel, apply_guidance
 from ..request import is_full_step
-from .fast_paths import apply_fast_paths, check_fp8_support
+from .fast_paths import apply_fast_paths
+from .fp8 import check_fp8_support
 from .feature_cache import FeatureCache
 from .programs import ProgramStore, aot_compile_enabled, device_identity
 from .scheduler import Layout, RequestState

@@ -16,7 +16,7 @@ from ..diffusion import Spacing
 from ..request import CACHE_POLICIES, RequestLimits
 from .fast_paths import FastPaths
 
-# fp32 on the CPU; fp16 or bf16 on a GPU; fp8: bf16 activations with FP8 GEMMs in the blocks (fast_paths.Fp8Linear).
+# fp32 on the CPU; fp16 or bf16 on a GPU; fp8: bf16 activations with FP8 GEMMs in the blocks (fp8.Fp8Linear).
 Precision = Literal["fp32", "fp16", "bf16", "fp8"]
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 # Smallest forward batch (rows) on the CPU; see EngineConfig.buckets.
