@@ -305,6 +305,15 @@ class DiTModel(nn.Module):
     def from_preset(cls, name: str) -> "DiTModel":
         return cls.from_config(get_preset(name))
 
+    @classmethod
+    def on_meta(cls, config: DiTConfig) -> "DiTModel":
+        """The model with shapes but no storage (built on the meta device), its fixed ``pos_embed`` computed: to count
+        parameters at no memory cost, to check a state dict against, or to assign loaded weights into."""
+        with torch.device("meta"):
+            model = cls.from_config(config)
+        model.reset_pos_embed()
+        return model
+
     def initialize_weights(self) -> None:
         """The paper's initialisation: Xavier linears, N(0, 0.02) embeddings, zeroed adaLN and output layers."""
         def xavier(module: nn.Module) -> None:
