@@ -13,7 +13,8 @@ import torch
 from .model import TIMESTEP_FREQ_DIM, DiTConfig, DiTModel, count_parameters
 
 BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "bf16": 2}
-# What the first model card claimed. The dimensions do not give these numbers; kept to report them as wrong.
+# Parameter counts a model card states for these presets. The dimensions do not give them, so a size report shows
+# each beside the true count (docs/model-sizes.md).
 MODEL_CARD_CLAIMS = {"dit-10l": 390_000_000, "dit-8l": 320_000_000, "dit-6l": 250_000_000,
                      "dit-legacy-30l": 150_000_000}
 
@@ -79,7 +80,7 @@ def forward_flops(config: DiTConfig) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class TrainingSetup:
-    """The training recipe the memory estimate assumes (issue 3's trainer): bf16 autocast over fp32 weights."""
+    """The training recipe the memory estimate assumes, the one dit-train runs: bf16 autocast over fp32 weights."""
 
     batch_size: int = 32  # per device
     gradient_checkpointing: bool = False
