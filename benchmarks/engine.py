@@ -53,6 +53,7 @@ import torch
 from dit_runtime.model import DiTModel, get_preset
 from dit_runtime.sizing import forward_flops
 
+from .baselines import POLICIES, use_policy
 from .gpu_clock import GpuClock
 from .stats import percentile
 
@@ -165,6 +166,8 @@ def engine_for(setup: str, preset: str, buckets: tuple[int, ...], max_queue: int
     config = engine.EngineConfig(device="cuda", max_batch_size=max(buckets), batch_buckets=buckets,
                                  compile=True, cuda_graphs=True, compile_dynamic="dynamic" in flags,
                                  compile_options=options, max_queue_size=max(max_queue, 2 * max(buckets)), **extra)
+    if hasattr(engine, "configure_compile"):  # a baseline from before it: its runner sets the process up itself
+        engine.configure_compile(config)
     return engine.Engine.random_weights(preset, config).start()
 
 
@@ -427,8 +430,8 @@ def bench_load(rec: Recorder, preset: str, rates: list[float], duration: float, 
              "seconds": round(time.perf_counter() - start, 1),
              "per_bucket_s": {b: round(t, 1) for b, t in engine.warmup_seconds.items()}})
     for policy in policies:
-        # The same compiled engine for every policy; the scheduler's policy is switched while the engine is idle.
-        engine.scheduler.batching = policy
+        # The same compiled engine for every policy; the scheduler is switched while the engine is idle.
+        use_policy(engine, policy)
         for mix in caches:
             presets = ("balanced", "off") if mix == "half" else (mix,)
             for rate in rates:
@@ -515,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load-seconds", type=float, default=6.0)
     p.add_argument("--load-max-batch", type=int, default=256)
     p.add_argument("--load-buckets", nargs="+", type=int, default=[4, 16, 64, 128, 256])
-    p.add_argument("--policies", nargs="+", default=["step", "request", "single"])
+    p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
     p.add_argument("--caches", nargs="+", default=["off"], help="latency: the feature-cache presets to time")
     p.add_argument("--load-caches", nargs="+", default=["off"],
                    help="load: cache presets (or 'half': every other request balanced) to drive the engine with")

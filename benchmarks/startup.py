@@ -37,7 +37,7 @@ def child(a: argparse.Namespace) -> None:
     started = time.perf_counter()
     import torch
     imported = time.perf_counter()
-    from dit_runtime.engine import Engine, EngineConfig, GenerationRequest
+    from dit_runtime.engine import Engine, EngineConfig, GenerationRequest, configure_compile
 
     config = EngineConfig(device=a.device, precision=a.precision, compile=True, cuda_graphs=a.cuda_graphs,
                           max_batch_size=a.max_batch_size,
@@ -45,6 +45,7 @@ def child(a: argparse.Namespace) -> None:
                           feature_cache_rows=a.feature_cache_rows, compile_cache_dir=a.cache_dir,
                           compile_programs=a.child == "programs")
     building = time.perf_counter()
+    configure_compile(config)  # as the replica does, within the timed build
     engine = Engine.random_weights(a.preset, config)
     built = time.perf_counter() - building
     runner = engine.runner

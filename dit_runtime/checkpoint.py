@@ -202,8 +202,7 @@ def _few(items: list[str], limit: int = 6) -> str:
 def build_model(config: DiTConfig, state: dict[str, torch.Tensor], source: str,
                 dtype: torch.dtype | None = None) -> DiTModel:
     """Build on the meta device and assign the given tensors: no second copy of the weights is allocated."""
-    with torch.device("meta"):
-        model = DiTModel.from_config(config)
+    model = DiTModel.on_meta(config)
     check_state_dict(state, model, source)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
@@ -324,10 +323,7 @@ def import_paper_checkpoint(path: str | os.PathLike, num_heads: int | None = Non
     state = {k.removeprefix("module."): v for k, v in obj.items()}
     config, notes = _infer_config(state, str(path), num_heads, input_size)
     if "pos_embed" not in state:
-        with torch.device("meta"):
-            model = DiTModel.from_config(config)
-        model.reset_pos_embed()
-        state["pos_embed"] = model.pos_embed
+        state["pos_embed"] = DiTModel.on_meta(config).pos_embed
         notes.append("pos_embed was not saved; recomputed (it is fixed, not learned)")
     return ImportedWeights(state, config, notes)
 
@@ -411,9 +407,7 @@ def import_diffusers_folder(folder: str | os.PathLike) -> ImportedWeights:
                            class_dropout_prob=0.1 if table_rows > num_classes else 0.0)
     except ValueError as e:
         raise CheckpointError(f"{source}: {e}") from None
-    with torch.device("meta"):
-        model = DiTModel.from_config(config)
-    model.reset_pos_embed()
+    model = DiTModel.on_meta(config)
     new["pos_embed"] = model.pos_embed
     check_state_dict(new, model, source)
     notes = ["converted to the paper's function, which differs from diffusers' in two details: the timestep "

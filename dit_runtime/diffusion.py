@@ -55,6 +55,12 @@ class NoiseSchedule:
         return torch.where(t < 0, torch.ones_like(ab), ab)
 
 
+def posterior_mean(x0: torch.Tensor, x_t: torch.Tensor, ab_t: torch.Tensor, ab_prev: torch.Tensor,
+                   beta_t: torch.Tensor) -> torch.Tensor:
+    """The mean of q(x_{t-1} | x_t, x0) (DDPM eq. 7), from alpha_bar at t and at the step before it and beta_t."""
+    return (torch.sqrt(ab_prev) * beta_t / (1 - ab_t)) * x0 + (torch.sqrt(1 - beta_t) * (1 - ab_prev) / (1 - ab_t)) * x_t
+
+
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(N,) -> (N, 1, 1, ...) for broadcasting against ``like``; floats take its dtype, bools and ints stay."""
     v = v.reshape(-1, *([1] * (like.dim() - 1)))
@@ -196,7 +202,7 @@ def sampler_step(schedule: NoiseSchedule, model_output: torch.Tensor, x: torch.T
     # 1 - ab_t / ab_prev is exactly 0 when a step repeats its timestep, and compiled code can round it a hair
     # below 0 (a NaN in log and sqrt); the clamps change nothing for a step that moves.
     beta_t = (1 - ab_t / ab_prev).clamp(min=1e-20)
-    mean = (torch.sqrt(ab_prev) * beta_t / (1 - ab_t)) * x0 + (torch.sqrt(1 - beta_t) * (1 - ab_prev) / (1 - ab_t)) * x
+    mean = posterior_mean(x0, x, ab_t, ab_prev, beta_t)
     posterior_var = ((1 - ab_prev) / (1 - ab_t) * beta_t).clamp(min=1e-20)
     if learn_sigma:
         frac = (model_output[:, c:].to(f32) + 1) / 2
@@ -282,10 +288,10 @@ def training_losses(schedule: NoiseSchedule, model_output: torch.Tensor, x0: tor
     ab_1, ab_0 = schedule.alphas_cumprod[1], schedule.alphas_cumprod[0]
     var_at_1 = schedule.betas[1] * (1 - ab_0) / (1 - ab_1)
     post_log_var = torch.log(torch.where(_bcast(t == 0, x0f), var_at_1.expand_as(post_var), post_var))
-    post_mean = (torch.sqrt(ab_prev) * beta_t / (1 - ab_t)) * x0f + (torch.sqrt(1 - beta_t) * (1 - ab_prev) / (1 - ab_t)) * xtf
+    post_mean = posterior_mean(x0f, xtf, ab_t, ab_prev, beta_t)
     # The model's distribution, with eps detached: vb trains only the variance.
     pred_x0 = (xtf - torch.sqrt(1 - ab_t) * eps.detach()) / torch.sqrt(ab_t)
-    model_mean = (torch.sqrt(ab_prev) * beta_t / (1 - ab_t)) * pred_x0 + (torch.sqrt(1 - beta_t) * (1 - ab_prev) / (1 - ab_t)) * xtf
+    model_mean = posterior_mean(pred_x0, xtf, ab_t, ab_prev, beta_t)
     model_log_var = frac * torch.log(beta_t) + (1 - frac) * post_log_var
     dims = tuple(range(1, x0.dim()))
     kl = _normal_kl(post_mean, post_log_var, model_mean, model_log_var).mean(dim=dims) / math.log(2.0)

@@ -101,11 +101,12 @@ def _digits(hidden_dim: int, num_layers: int, num_heads: int) -> DiTConfig:
 
 
 PRESETS: dict[str, DiTConfig] = {
-    # Our users' model card: 1024 wide, 16 heads, FFN 4096.
+    # The model card's sizes: 1024 wide, 16 heads, FFN 4096.
     "dit-10l": DiTConfig(hidden_dim=1024, num_layers=10, num_heads=16, ffn_dim=4096),  # recommended
     "dit-8l": DiTConfig(hidden_dim=1024, num_layers=8, num_heads=16, ffn_dim=4096),  # lighter
     "dit-6l": DiTConfig(hidden_dim=1024, num_layers=6, num_heads=16, ffn_dim=4096),  # quick experiments
-    "dit-legacy-30l": DiTConfig(hidden_dim=640, num_layers=30, num_heads=10, ffn_dim=2560),  # the old card
+    # A model card's 30-layer size: narrower and deeper, the largest of the four (docs/model-sizes.md).
+    "dit-legacy-30l": DiTConfig(hidden_dim=640, num_layers=30, num_heads=10, ffn_dim=2560),
     # The paper's sizes (Table 1), 256x256 images as 32x32x4 latents.
     "DiT-XL/2": _paper(1152, 28, 16, 2),
     "DiT-XL/4": _paper(1152, 28, 16, 4),
@@ -324,6 +325,15 @@ class DiTModel(nn.Module):
     @classmethod
     def from_preset(cls, name: str) -> "DiTModel":
         return cls.from_config(get_preset(name))
+
+    @classmethod
+    def on_meta(cls, config: DiTConfig) -> "DiTModel":
+        """The model with shapes but no storage (built on the meta device), its fixed ``pos_embed`` computed: to count
+        parameters at no memory cost, to check a state dict against, or to assign loaded weights into."""
+        with torch.device("meta"):
+            model = cls.from_config(config)
+        model.reset_pos_embed()
+        return model
 
     def initialize_weights(self) -> None:
         """The paper's initialisation: Xavier linears, N(0, 0.02) embeddings, zeroed adaLN and output layers."""

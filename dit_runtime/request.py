@@ -3,7 +3,7 @@
 - ``SamplingParams``: how the images are denoised (steps, sampler, guidance, eta, feature cache, seed), checked on
   construction; its defaults are the ones every model falls back to.
 - ``CachePolicy``: which denoising steps run the model's blocks for an image, and how the others forecast them
-  (named presets in ``CACHE_POLICIES``; ``full_step`` is the rule the scheduler and the runner share).
+  (named presets in ``CACHE_POLICIES``; ``is_full_step`` is the rule the scheduler and the runner share).
 - ``GenerationRequest``: the job: a class id per image, its ``SamplingParams``, the output upscale and the deadline.
   The API builds it once; the model server, the engine and the runner read it unchanged.
 - ``ModelSpec``: what a served model accepts (its classes, resolution, defaults and the deployment's limits).
@@ -114,22 +114,23 @@ class CachePolicy:
         return self.interval > 1
 
     def schedule(self, num_steps: int) -> tuple[int, int, int]:
-        """``(interval, warmup, cooldown)`` for ``full_step``: steps before ``warmup`` and from ``cooldown`` on
+        """``(interval, warmup, cooldown)`` for ``is_full_step``: steps before ``warmup`` and from ``cooldown`` on
         are full. Step 0 is always full, so a request's first step writes its cache before anything reads it."""
         warmup = max(1, self.order + 1, math.ceil(self.warmup_fraction * num_steps))
         return self.interval, warmup, num_steps - self.final_full_steps
 
-    def is_full(self, step: int, num_steps: int) -> bool:
-        return bool(full_step(step, *self.schedule(num_steps)))
+    def is_full_step(self, step: int, num_steps: int) -> bool:
+        """Whether step ``step`` of ``num_steps`` runs the blocks."""
+        return bool(is_full_step(step, *self.schedule(num_steps)))
 
     def full_steps(self, num_steps: int) -> int:
         """How many of ``num_steps`` steps run the blocks."""
-        return sum(self.is_full(step, num_steps) for step in range(num_steps))
+        return sum(self.is_full_step(step, num_steps) for step in range(num_steps))
 
 
-def full_step(step, interval, warmup, cooldown):
+def is_full_step(step, interval, warmup, cooldown):
     """Whether ``step`` runs the blocks: the one rule, for ints (the scheduler) and tensors (the runner's
-    ``rows_full_step``)."""
+    ``is_full_step_on_device``)."""
     return (step < warmup) | (step >= cooldown) | ((step - warmup) % interval == 0)
 
 

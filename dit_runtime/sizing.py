@@ -13,15 +13,10 @@ import torch
 from .model import TIMESTEP_FREQ_DIM, DiTConfig, DiTModel, count_parameters
 
 BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "bf16": 2}
-# What the first model card claimed. The dimensions do not give these numbers; kept to report them as wrong.
+# Parameter counts a model card states for these presets. The dimensions do not give them, so a size report shows
+# each beside the true count (docs/model-sizes.md).
 MODEL_CARD_CLAIMS = {"dit-10l": 390_000_000, "dit-8l": 320_000_000, "dit-6l": 250_000_000,
                      "dit-legacy-30l": 150_000_000}
-
-
-def build_on_meta(config: DiTConfig) -> DiTModel:
-    """The model with shapes but no storage: exact counts at no memory cost."""
-    with torch.device("meta"):
-        return DiTModel.from_config(config)
 
 
 def parameter_breakdown(config: DiTConfig) -> dict[str, int]:
@@ -30,7 +25,7 @@ def parameter_breakdown(config: DiTConfig) -> dict[str, int]:
     The fixed position embedding is a buffer, not a parameter (the paper stores it as a frozen parameter, which
     adds ``pos_embed_buffer`` to its count).
     """
-    model = build_on_meta(config)
+    model = DiTModel.on_meta(config)
     embeddings = sum(count_parameters(m) for m in (model.x_embedder, model.t_embedder, model.y_embedder))
     return {
         "embeddings": embeddings,
@@ -45,10 +40,11 @@ def parameter_breakdown(config: DiTConfig) -> dict[str, int]:
 def weight_bytes(config: DiTConfig) -> dict[str, int]:
     """Weight memory in each engine precision; fp8 as the engine holds it (fast_paths.apply_fast_paths, applied on
     the meta device): the quantized weights in one byte each with an fp32 scale per output row, the rest in bf16."""
-    from .engine.fast_paths import FastPaths, Fp8Linear, apply_fast_paths
+    from .engine.fast_paths import FastPaths, apply_fast_paths
+    from .engine.fp8 import Fp8Linear
 
-    out = {precision: n * count_parameters(build_on_meta(config)) for precision, n in BYTES_PER_PARAM.items()}
-    fp8 = apply_fast_paths(build_on_meta(config).to(torch.bfloat16), FastPaths(joined_adaln=False), cuda=False,
+    out = {precision: n * count_parameters(DiTModel.on_meta(config)) for precision, n in BYTES_PER_PARAM.items()}
+    fp8 = apply_fast_paths(DiTModel.on_meta(config).to(torch.bfloat16), FastPaths(joined_adaln=False), cuda=False,
                            fp8=True).model
     quantized = [t for m in fp8.modules() if isinstance(m, Fp8Linear) for t in (m.weight, m.weight_scale)]
     out["fp8"] = sum(t.numel() * t.element_size() for t in [*fp8.parameters(), *quantized])
@@ -84,7 +80,7 @@ def forward_flops(config: DiTConfig) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class TrainingSetup:
-    """The training recipe the memory estimate assumes (issue 3's trainer): bf16 autocast over fp32 weights."""
+    """The training recipe the memory estimate assumes, the one dit-train runs: bf16 autocast over fp32 weights."""
 
     batch_size: int = 32  # per device
     gradient_checkpointing: bool = False
@@ -111,7 +107,7 @@ def training_memory(config: DiTConfig, setup: TrainingSetup) -> dict[str, int]:
     update 4P. With checkpointing a block keeps only its fp32 input (4 d per token) until its backward recomputes it.
     Not modelled: the CUDA context, allocator fragmentation, the input batch and the loss's fp32 temporaries.
     """
-    p = count_parameters(build_on_meta(config))
+    p = count_parameters(DiTModel.on_meta(config))
     tokens = setup.batch_size * config.num_tokens
     layer = activation_bytes_per_token_layer(config) * tokens
     if setup.gradient_checkpointing:

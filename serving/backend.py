@@ -38,8 +38,8 @@ READY_TIMEOUT_S = 5.0
 # no other node has room); without a replica, a waiting request is answered 503 with Retry-After instead.
 # Each check is a serve.status() of every application, in the gateway's process, and under overload requests always
 # wait; every 5 s keeps that work small and still answers a lost node's requests within a small share of their
-# deadline. (Slow refusals in the test suite were Ray's proxy, not this: docs/reliability.md, "Overload at 3x
-# capacity".)
+# deadline. How fast an overloaded model's requests are refused is Ray's proxy's doing, not this period's
+# (docs/reliability.md, "Overload at 3x capacity").
 REPLICA_CHECK_PERIOD_S = 5.0
 # Replica states that can still answer a request already sent to them (STOPPING: drains its requests).
 ANSWERING_STATES = ("RUNNING", "STOPPING")

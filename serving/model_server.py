@@ -19,16 +19,16 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import AsyncIterator
 
 import numpy as np
 
 from dit_runtime.engine import (DeadlineExceededError, Engine, EngineError, EngineStoppedError, GenerationRequest,
                                 GenerationResult, InvalidRequestError, ModelSpec, QueueFullError,
-                                RequestCancelledError, StepEvent)
+                                RequestCancelledError, StepEvent, configure_compile)
 from dit_runtime.engine.engine import settle_threadsafe
-from dit_runtime.images import encode_png
+from dit_runtime.images import deflate_threads, encode_png
 from dit_runtime.vae import LatentDecoder
 
 from .autoscaling import OCCUPANCY, QUEUE_WAIT
@@ -76,12 +76,15 @@ class ModelServer:
         self.load_error: str | None = None
         self._stopped = threading.Event()
         self._encoder = ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="dit-encode")
+        # A large PNG's deflate slices, apart from the encoder's pool: an encoder thread waits on them.
+        self._deflater = ThreadPoolExecutor(deflate_threads(), thread_name_prefix="dit-png")
         self.metrics = EngineMetrics(args.name, args.max_batch_size)
         self.startup: StartupTimes | None = None
         source = args.checkpoint or f"random weights of preset {args.preset!r}"
         started = time.perf_counter()
         try:
             config = args.engine_config(limits)
+            configure_compile(config)  # this replica's process builds this one engine
             verified = started
             if args.checkpoint is not None:
                 if args.verify_manifest:
@@ -136,6 +139,7 @@ class ModelServer:
     def __del__(self):
         self._stopped.set()
         self._encoder.shutdown(wait=False)
+        self._deflater.shutdown(wait=False)
         if self.engine is not None:
             self.engine.stop()
 
@@ -264,7 +268,7 @@ class ModelServer:
             images = self.decoder(result.latents)
         else:
             images = latents_to_uint8(result.latents)
-        return EncodedImages(b64_pngs=tuple(encode_pngs(images, request.upscale)), seed=result.seed,
+        return EncodedImages(b64_pngs=tuple(encode_pngs(images, request.upscale, self._deflater)), seed=result.seed,
                              queue_seconds=result.queue_seconds, denoise_seconds=result.denoise_seconds,
                              engine_seconds=result.total_seconds, spec_fingerprint=self.model_spec.fingerprint)
 
@@ -294,11 +298,12 @@ class ModelServer:
             self.metrics.record_startup(self.startup)
 
 
-def encode_pngs(images: np.ndarray, scale: int = 1) -> list[str]:
-    """uint8 (n, H, W, C) -> base64 PNGs (C = 1 grey, 3 RGB, 4 RGBA), upscaled ``scale`` times (nearest pixel)."""
+def encode_pngs(images: np.ndarray, scale: int = 1, pool: Executor | None = None) -> list[str]:
+    """uint8 (n, H, W, C) -> base64 PNGs (C = 1 grey, 3 RGB, 4 RGBA), upscaled ``scale`` times (nearest pixel); a
+    large image's deflate runs in slices on ``pool`` (``encode_png``)."""
     if scale > 1:
         images = images.repeat(scale, axis=1).repeat(scale, axis=2)
-    return [base64.b64encode(encode_png(image)).decode("ascii") for image in images]
+    return [base64.b64encode(encode_png(image, pool=pool)).decode("ascii") for image in images]
 
 
 def latents_to_uint8(latents: np.ndarray) -> np.ndarray:

@@ -52,13 +52,13 @@ def test_the_engine_keeps_its_replay_true_as_requests_queue_steps_run_and_reques
                                            guidance_scale=rng.choice([1.0, 4.0]))
             handles.append(engine.submit(request, progress=False))
             for rows in (1, 2, 4):
-                assert engine._queue_replay().wait(rows) == from_scratch(rows)
+                assert engine.admission.replay().wait(rows) == from_scratch(rows)
         if turn % 7 == 3 and handles:
             rng.choice(handles).cancel()  # dropped at the next step: the replay is rebuilt then
         deepest = max(deepest, len(engine.scheduler.waiting) + len(engine._inbox))
         engine._run_once()
         for rows in (1, 2, 4, 8):
-            assert engine._queue_replay().wait(rows) == from_scratch(rows)
+            assert engine.admission.replay().wait(rows) == from_scratch(rows)
         assert engine.scheduler.waiting_images == sum(s.num_images for s in engine.scheduler.waiting)  # the guard's
     assert deepest >= 5  # a queue built up behind a full batch
 

@@ -13,6 +13,7 @@ from dit_runtime.checkpoint import CheckpointInfo, default_class_names
 from dit_runtime.diffusion import INITIAL_NOISE_COUNTER, counter_noise, noise_key
 from dit_runtime.engine import (DeadlineExceededError, Engine, EngineConfig, GenerationRequest, GenerationResult,
                                 InvalidRequestError, QueueFullError, RequestCancelledError, SamplingParams, StepEvent)
+from dit_runtime.engine.process_settings import configure_compile
 from dit_runtime.engine.runner import ModelRunner
 from dit_runtime.model import DiTModel, get_preset
 from dit_runtime.request import CACHE_POLICIES
@@ -274,8 +275,12 @@ def test_invalid_requests_name_the_field(engine, field, build):
 
 
 def test_request_level_batching_holds_new_requests_until_the_batch_is_done():
+    """The load benchmark's request-level baseline (benchmarks/baselines.py) admits only into an emptied batch."""
+    from benchmarks.baselines import use_policy
+
     steps = []
-    eng = make_engine(batching="request")
+    eng = make_engine()
+    use_policy(eng, "request")
     eng.on_step = steps.append
     with eng:
         a = eng.submit(GenerationRequest.of(0, seed=0, num_inference_steps=30, guidance_scale=1.0))
@@ -359,8 +364,10 @@ def test_gpu_compiled_graphs_match_fp32_and_never_recompile(precision, cache_row
     ref_engine = engine(EngineConfig(device="cuda", precision="fp32", max_batch_size=8))  # with a feature cache
     ref = requests(ref_engine)
     ref_engine.stop()
-    fast_engine = engine(EngineConfig(device="cuda", precision=precision, max_batch_size=8, compile=True,
-                                      cuda_graphs=True, feature_cache_rows=cache_rows))
+    fast_config = EngineConfig(device="cuda", precision=precision, max_batch_size=8, compile=True,
+                               cuda_graphs=True, feature_cache_rows=cache_rows)
+    configure_compile(fast_config)
+    fast_engine = engine(fast_config)
     compiled_after_warmup = sum(counters["stats"].values()), dict(counters["frames"])
     fast = requests(fast_engine)
     fast_engine.stop()
@@ -384,6 +391,7 @@ def test_gpu_restart_loads_every_program_with_the_feature_cache(precision, tmp_p
 
     config = EngineConfig(device="cuda", precision=precision, max_batch_size=8, compile=True, cuda_graphs=True,
                           compile_cache_dir=str(tmp_path))
+    configure_compile(config, engines=2)
     info = CheckpointInfo(config=random_model().config, class_names=default_class_names(10), space="latent")
     presets = list(CACHE_POLICIES)
 
@@ -410,8 +418,9 @@ def test_compiled_admission_noise_is_counter_noise_and_compiles_once_per_kind():
     image and two images no admitted count compiles again."""
     from torch._dynamo.utils import counters
 
-    runner = ModelRunner(random_model(), EngineConfig(max_batch_size=8, compile=True), clip_denoised=False,
-                         num_train_timesteps=1000)
+    config = EngineConfig(max_batch_size=8, compile=True)
+    configure_compile(config)
+    runner = ModelRunner(random_model(), config, clip_denoised=False, num_train_timesteps=1000)
     keys = torch.tensor([noise_key(seed, 0) for seed in range(7)])
     before = counters["stats"]["unique_graphs"]
     for n in (1, 2):  # as warm_up does
@@ -433,6 +442,7 @@ def test_a_restart_loads_its_compiled_programs_and_traces_nothing(tmp_path):
 
     config = EngineConfig(max_batch_size=2, batch_buckets=(2,), compile=True, feature_cache_rows=0,
                           compile_cache_dir=str(tmp_path))
+    configure_compile(config, engines=2)
     request = GenerationRequest.of(3, n=1, seed=5, num_inference_steps=4)
     info = CheckpointInfo(config=random_model().config, class_names=default_class_names(10), space="latent")
 
@@ -477,12 +487,20 @@ def test_a_program_that_cannot_be_saved_is_traced_at_each_start_and_says_why(tmp
 
 def test_compile_cache_dir_is_used_even_after_inductor_chose_its_default(tmp_path, monkeypatch):
     """Importing torch._dynamo.utils makes inductor write its default cache dir into the environment; an engine's
-    compile_cache_dir must still be where its compiled graphs go (else a restart compiles everything again)."""
+    compile_cache_dir must still be where its compiled graphs go (else a restart compiles everything again) once the
+    entry point configured the process for it. Building the engine alone leaves the process's settings as they
+    were: they belong to the entry point, not to the library."""
     import torch._dynamo.utils  # noqa: F401
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", cache_dir())  # what inductor has set by now, restored afterwards
+    default = cache_dir()
     target = tmp_path / "compile-cache"
-    ModelRunner(random_model(), EngineConfig(max_batch_size=16, compile=True, compile_cache_dir=str(target)),
-                clip_denoised=False, num_train_timesteps=1000)
+    config = EngineConfig(max_batch_size=16, compile=True, compile_cache_dir=str(target))
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    limit = getattr(torch._dynamo.config, name)
+    ModelRunner(random_model(), config, clip_denoised=False, num_train_timesteps=1000)
+    assert cache_dir() == default and getattr(torch._dynamo.config, name) == limit
+    configure_compile(config)
+    ModelRunner(random_model(), config, clip_denoised=False, num_train_timesteps=1000)
     assert cache_dir() == str(target) and target.is_dir()

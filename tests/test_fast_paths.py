@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dit_runtime.engine.fast_paths import (E4M3_MAX, FastPaths, Fp8Linear, SplitKLinear, apply_fast_paths,
-                                           check_fp8_support, quantize_rows)
+from dit_runtime.engine.fast_paths import FastPaths, SplitKLinear, apply_fast_paths
+from dit_runtime.engine.fp8 import E4M3_MAX, Fp8Linear, check_fp8_support, quantize_rows
 from dit_runtime.model import DiTModel, get_preset
 from model_helpers import assert_close_across_shapes, model_reordering_tolerance, randomize
 
@@ -131,7 +131,7 @@ def test_the_fused_gelu_quantization_kernel_matches_the_torch_ops():
     """The Triton kernel against quantize_rows(gelu(x)) in torch: the same row scales up to the bf16 rounding the
     torch ops apply to GELU's output (2^-8), and every value on the same or the next point of the e4m3 grid (the
     two round slightly different inputs): one step is at most 2^-3 of the value, so of the row's amax."""
-    from dit_runtime.engine.fast_paths import gelu_quantize_rows
+    from dit_runtime.engine.fp8 import gelu_quantize_rows
     from dit_runtime.engine.kernels import gelu_quant_rows
 
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -12,7 +12,8 @@ from dit_runtime.checkpoint import CheckpointInfo, default_class_names
 from dit_runtime.engine import (DeadlineExceededError, Engine, EngineConfig, GenerationRequest, InvalidRequestError,
                                 RequestCancelledError, SamplingParams)
 from dit_runtime.engine.feature_cache import FeatureCache
-from dit_runtime.engine.runner import ModelRunner, free_memory, rows_full_step
+from dit_runtime.engine.process_settings import configure_compile
+from dit_runtime.engine.runner import ModelRunner, free_memory, is_full_step_on_device
 from dit_runtime.model import DiTConfig, DiTModel, get_preset
 from dit_runtime.request import CACHE_POLICIES, CachePolicy
 from model_helpers import assert_close_across_shapes, model_reordering_tolerance
@@ -27,8 +28,8 @@ def test_host_and_device_apply_the_same_schedule_rule():
         for num_steps in range(1, 61):
             steps = torch.arange(num_steps)
             schedule = [torch.full((num_steps,), v) for v in policy.schedule(num_steps)]
-            on_device = rows_full_step(steps, *schedule).tolist()
-            on_host = [policy.is_full(i, num_steps) for i in range(num_steps)]
+            on_device = is_full_step_on_device(steps, *schedule).tolist()
+            on_host = [policy.is_full_step(i, num_steps) for i in range(num_steps)]
             assert on_device == on_host
             assert on_host[0], "step 0 must run the blocks: it writes the cache before anything reads it"
             assert on_host[-1] or policy.final_full_steps == 0
@@ -40,9 +41,10 @@ def test_host_and_device_apply_the_same_schedule_rule():
 def test_the_compiled_embed_part_picks_the_rows_the_host_rule_picks_on_the_cpu():
     """The feature-cached step's first part compiled for the CPU, at a bucket of 2 rows in buffers of 4: at every
     step each row runs the blocks where the host's rule says, two presets side by side. With the rule in integers
-    this compile threw inductor's ZeroDivisionError at the first call (``rows_full_step`` says why)."""
-    runner = ModelRunner(random_model(), EngineConfig(max_batch_size=4, batch_buckets=(2, 4), compile=True,
-                                                      warmup=False), clip_denoised=False, num_train_timesteps=1000)
+    this compile threw inductor's ZeroDivisionError at the first call (``is_full_step_on_device`` says why)."""
+    config = EngineConfig(max_batch_size=4, batch_buckets=(2, 4), compile=True, warmup=False)
+    configure_compile(config)
+    runner = ModelRunner(random_model(), config, clip_denoised=False, num_train_timesteps=1000)
     num_steps, presets = 20, [CACHE_POLICIES["fast"], CACHE_POLICIES["balanced"]]
     # Two images of one row each: slots 0 and 1, classes 3 and 5, cache entries 0 and 1, both rows real.
     runner.layout[:, :2] = torch.tensor([[0, 1], [0, 1], [3, 5], [0, 1], [0, 1], [0, 1], [1, 1]])
@@ -53,7 +55,7 @@ def test_the_compiled_embed_part_picks_the_rows_the_host_rule_picks_on_the_cpu()
     for step in range(num_steps):
         runner.step_index[:2] = step
         runner._fns["embed"](2)
-        assert runner.row_full[:2].tolist() == [p.is_full(step, num_steps) for p in presets], step
+        assert runner.row_full[:2].tolist() == [p.is_full_step(step, num_steps) for p in presets], step
 
 
 def test_presets_skip_the_blocks_at_a_growing_share_of_steps():

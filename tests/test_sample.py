@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -56,9 +57,11 @@ def test_png_writer_deflates_large_images_in_slices_that_read_back_as_one(thread
     noise = rng.integers(0, 256, (257, 259, 3), dtype=np.uint8)  # 199 KB filtered: over the threshold
     smooth = (np.add.outer(np.arange(257), np.arange(259 * 3)) // 5 % 256).astype(np.uint8).reshape(257, 259, 3)
     assert noise.size + 257 >= PARALLEL_DEFLATE_BYTES
-    for image in (noise, smooth):
-        decoded = Image.open(io.BytesIO(encode_png(image, threads=threads)))
-        np.testing.assert_array_equal(np.asarray(decoded), image)
+    with ThreadPoolExecutor(2) as pool:  # the caller's pool (a server's), or none: the call's own when threads > 1
+        for image in (noise, smooth):
+            for given in (None, pool):
+                decoded = Image.open(io.BytesIO(encode_png(image, threads=threads, pool=given)))
+                np.testing.assert_array_equal(np.asarray(decoded), image)
 
 
 def test_png_writer_takes_strided_views_and_refuses_what_is_not_an_image():

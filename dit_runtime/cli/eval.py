@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 from ..checkpoint import CheckpointError, load_model, load_state_dict, save_checkpoint
-from ..engine import InvalidRequestError
+from ..engine import Engine, InvalidRequestError, configure_compile
 from ..request import CACHE_POLICIES
-from ..evaluation import (MIN_CLASSIFIER_ACCURACY, MIN_DIVERSITY_RATIO, MIN_SAMPLE_ACCURACY, eval_engine, evaluate,
+from ..evaluation import (MIN_CLASSIFIER_ACCURACY, MIN_DIVERSITY_RATIO, MIN_SAMPLE_ACCURACY, eval_config, evaluate,
                           save_sample_grid, train_digit_classifier)
 from ..request import SAMPLERS
 from . import add_checkpoint_argument, denoising_progress
@@ -98,8 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model, info = load_model(args.checkpoint, device=args.device)
         k = args.samples_per_class
-        engine = eval_engine(model, info, k, args.batch_size, device=args.device, precision=args.precision,
+        config = eval_config(k, args.batch_size, device=args.device, precision=args.precision,
                              compile=args.compile, cuda_graphs=args.cuda_graphs)
+        configure_compile(config)
+        engine = Engine(model, info, config)
         # The checkpoint's measured defaults fill in what was not given, as for a request to the server.
         sampling = engine.spec.sampling(num_inference_steps=args.steps, sampler=args.sampler,
                                         guidance_scale=args.guidance, cache=args.cache, seed=args.seed)

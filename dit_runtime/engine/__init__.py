@@ -7,15 +7,17 @@
 
 The scheduler (which images run next) is separate from the runner (model, buffers, compiled graphs); the
 engine's loop is schedule -> execute -> update. ``Engine.generate`` runs that loop in the caller's thread.
+A process that builds compiled engines calls ``configure_compile`` first (inductor's cache, Dynamo's limits).
 """
 
 from ..request import GenerationRequest, InvalidRequestError, ModelSpec, RequestLimits, SamplingParams
 from .engine import Engine, RequestHandle
 from .fast_paths import FastPaths
+from .process_settings import configure_compile
 from .types import (DeadlineExceededError, EngineConfig, EngineError, EngineStats, EngineStoppedError,
                     GenerationResult, QueueFullError, RequestCancelledError, StepEvent, StepStats)
 
 __all__ = ["Engine", "RequestHandle", "EngineConfig", "FastPaths", "GenerationRequest", "SamplingParams",
            "ModelSpec", "RequestLimits", "GenerationResult", "StepEvent", "StepStats", "EngineStats", "EngineError",
            "InvalidRequestError", "QueueFullError", "DeadlineExceededError", "RequestCancelledError",
-           "EngineStoppedError"]
+           "EngineStoppedError", "configure_compile"]

@@ -23,23 +23,16 @@ from ..checkpoint import CheckpointInfo, default_class_names, load_model
 from ..images import to_uint8
 from ..model import DiTModel, count_parameters, get_preset
 from ..request import GenerationRequest, ModelSpec
+from .admission import Admission, AdmissionReplay, BusyStepTime
 from .runner import ModelRunner
-from .scheduler import AdmissionReplay, RequestState, Scheduler
-from .types import (EngineConfig, EngineError, EngineStats, EngineStoppedError, GenerationResult, QueueFullError,
-                    StepEvent, StepStats)
+from .scheduler import RequestState, Scheduler, StepPlan
+from .types import (EngineConfig, EngineError, EngineStats, EngineStoppedError, GenerationResult, StepEvent,
+                    StepStats)
 
 log = logging.getLogger(__name__)
 
 _END = object()  # marks the end of a handle's stream
 _PENDING = object()  # a handle's outcome before the request ended
-# Retry-After for a full queue: about one request's share of a drained queue, short enough to retry soon.
-QUEUE_FULL_RETRY_AFTER_S = 1.0
-# Weight of the newest busy step in the step-time average the wait estimate converts steps with.
-STEP_TIME_SMOOTHING = 0.1
-# Mean deviations of the step time added to its mean when a wait is estimated.
-STEP_TIME_DEVIATIONS = 2.0
-# How often (seconds) the engine refreshes the wait estimate it reports to observers.
-WAIT_ESTIMATE_PERIOD_S = 0.25
 
 
 class RequestHandle:
@@ -193,7 +186,7 @@ class Engine:
         clip = config.clip_denoised if config.clip_denoised is not None else info.space == "pixel"
         self.runner = ModelRunner(model, config, clip_denoised=clip,
                                   num_train_timesteps=info.sampling.num_train_timesteps)
-        self.scheduler = Scheduler(config.max_batch_size, config.buckets, model.config.null_class, config.batching,
+        self.scheduler = Scheduler(config.max_batch_size, config.buckets, model.config.null_class,
                                    cache_rows=config.cache_rows, compute_buckets=config.compute_buckets)
         self.on_step = on_step
         self._decode = decode if decode is not None else (to_uint8 if info.space == "pixel" else None)
@@ -208,13 +201,10 @@ class Engine:
         self._steps_done = 0
         self._pending: list[_Pending] = []
         self.warmup_seconds: dict[int, float] = self.runner.warm_up() if config.warmup else {}
-        # Seconds of a step of a busy batch (at least half its rows in use): what turns a wait in steps into one in
-        # seconds. Measured on the largest bucket at warm-up, then averaged over the busy steps that run.
-        self.busy_step_seconds: float | None = self.runner.full_step_seconds if config.warmup else None
-        self._wait_estimate = (0.0, 0.0)  # (time.monotonic() when estimated, seconds)
-        self._replay: AdmissionReplay | None = None  # of the batch and queue until the next step (_queue_replay)
-        self._last_busy = False
-        self._busy_step_deviation = 0.0
+        # The busy step time starts from the warm-up's step of the largest bucket, every row running the blocks.
+        step_time = BusyStepTime(config.max_batch_size, self.runner.full_step_seconds if config.warmup else None)
+        self.admission = Admission(self._replay_queue, self._lock, step_time, config.max_queue_size,
+                                   config.max_queue_wait_s)
 
     # ---- construction -----------------------------------------------------------------------------------------
     @staticmethod
@@ -248,11 +238,19 @@ class Engine:
     def random_weights(cls, preset: str, config: EngineConfig = EngineConfig(), seed: int = 0, **kwargs) -> "Engine":
         """An engine over a randomly initialised preset: for benchmarks, never for serving images."""
         cfg = get_preset(preset)
-        torch.manual_seed(seed)
-        with torch.device(config.device):
-            model = DiTModel.from_config(cfg)
-        for block in model.blocks:  # adaLN-Zero starts as the identity; give the blocks work to do
-            torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.02)
+        device = torch.device(config.device)
+        # The initialisers draw from the default generator of the device they fill: seeded inside a fork, so the
+        # process's random streams are as they were once the model is built.
+        cuda = device.type == "cuda"
+        with torch.random.fork_rng(devices=[device] if cuda else [], device_type="cuda"):
+            torch.random.default_generator.manual_seed(seed)
+            if cuda:
+                with torch.cuda.device(device):
+                    torch.cuda.manual_seed(seed)
+            with torch.device(device):
+                model = DiTModel.from_config(cfg)
+            for block in model.blocks:  # adaLN-Zero starts as the identity; give the blocks work to do
+                torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.02)
         info = CheckpointInfo(config=cfg, class_names=default_class_names(cfg.num_classes), space="latent",
                               training={"note": f"random weights ({preset}), for benchmarks"})
         return cls(model, info, config, **kwargs)
@@ -306,58 +304,22 @@ class Engine:
         state = RequestState(request=request, seed=seed, submitted_at=time.monotonic())
         with self._lock:
             if bounded:
-                self._admit_by_time(state)
+                waiting = self.scheduler.waiting_images + sum(s.num_images for s in self._inbox)
+                self.admission.check(state.rows, state.num_images, waiting, request.deadline)
             handle = RequestHandle(request.request_id, self, state, progress)
             self._handles[id(state)] = handle
             self._inbox.append(state)
-            if self._replay is not None:
-                self._replay.admit(state.rows, request.sampling.num_inference_steps)
+            self.admission.queued(state.rows, request.sampling.num_inference_steps)
         self._wake()
         return handle
 
-    def _admit_by_time(self, state: RequestState) -> None:
-        """Raise QueueFullError when ``state`` would wait for a batch slot past ``max_queue_wait_s`` or past its own
-        deadline, or would overfill the queue's memory guard. Called under the lock."""
-        images = self.scheduler.waiting_images + sum(s.num_images for s in self._inbox)
-        if images + state.num_images > self.config.max_queue_size:
-            raise QueueFullError(f"the queue is full ({images} images waiting, limit {self.config.max_queue_size}); "
-                                 "retry later", retry_after=QUEUE_FULL_RETRY_AFTER_S)
-        wait = self._wait_seconds(self._queue_replay().wait(state.rows))
-        bound = self.config.max_queue_wait_s
-        if bound is not None and wait > bound:
-            raise QueueFullError(f"busy: a request now would wait about {wait:.1f} s for a batch slot, past this "
-                                 f"model's max_queue_wait_s of {bound:g} s; retry after the Retry-After delay",
-                                 retry_after=wait - bound)
-        deadline = state.request.deadline
-        if deadline is not None and time.time() + wait > deadline:
-            raise QueueFullError(f"busy: a request now would wait about {wait:.1f} s for a batch slot, past its "
-                                 "deadline; retry after the Retry-After delay", retry_after=wait)
-
     def estimated_wait(self, rows: int) -> float:
-        """Seconds a request of ``rows`` rows queued now would wait for admission: the FIFO admission of the requests
-        ahead replayed step by step (``AdmissionReplay``), times the busy step time (a high estimate of it: the mean
-        plus two mean deviations)."""
-        with self._lock:
-            steps = self._queue_replay().wait(rows)
-        return self._wait_seconds(steps)
+        """Seconds a request of ``rows`` rows queued now would wait for admission (``Admission.estimated_wait``)."""
+        return self.admission.estimated_wait(rows)
 
-    def _queue_replay(self) -> AdmissionReplay:
-        """The admission replay of the batch and the queue as they stand: built once per engine step and extended
-        by each request queued until the next (``_enqueue``), so an estimate does not replay the whole queue.
-        Called under the lock."""
-        if self._replay is None:
-            self._replay = self.scheduler.replay(list(self.scheduler.running),
-                                                 list(self.scheduler.waiting) + self._inbox)
-        return self._replay
-
-    def _wait_seconds(self, steps: int) -> float:
-        if self.busy_step_seconds is None or not steps:
-            return 0.0
-        # Admitted at the schedule after the step that frees its rows: one step more than the replay counts. Each
-        # step at its mean time plus two mean deviations, so that a burst of slow steps (a busy host) does not
-        # carry the requests admitted just under the bound past it.
-        step = self.busy_step_seconds + STEP_TIME_DEVIATIONS * self._busy_step_deviation
-        return (steps + 1) * step
+    def _replay_queue(self) -> AdmissionReplay:
+        """The admission replay of the batch and the queue (``Admission``'s source). Called under the lock."""
+        return self.scheduler.replay(list(self.scheduler.running), list(self.scheduler.waiting) + self._inbox)
 
     def stats(self) -> EngineStats:
         with self._lock:
@@ -408,8 +370,7 @@ class Engine:
                 self._finish(state, EngineStoppedError(f"the engine loop died: {e!r}"))
             return
         error = EngineStoppedError("the engine was stopped")
-        for state, err in self.scheduler.abort_all(error):
-            self._finish(state, err)
+        self._finish_all(self.scheduler.abort_all(error))
         self._deliver_pending(block=True)
 
     def _run_once(self) -> bool:
@@ -422,18 +383,24 @@ class Engine:
         if not self.scheduler.has_work():
             return False
         self._step()
-        with self._lock:  # admitted, advanced, finished or dropped: replayed afresh when next asked
-            self._replay = None
+        with self._lock:
+            self.admission.stepped()
         return True
 
     @torch.no_grad()  # not inference mode: the runner's loaded programs check the grad mode (programs.py)
     def _step(self) -> None:
+        """One step: schedule -> execute -> update, then the step's stats."""
         start = time.monotonic()
         plan = self.scheduler.schedule(start)
-        for state, err in plan.aborted:
-            self._finish(state, err)
-        if plan.layout is None:
+        self._finish_all(plan.aborted)
+        if plan.layout is None or not self._execute(plan):
             return
+        finished = self.scheduler.update(plan)
+        self._stream(plan.running, finished)
+        self._record_step(plan, start)
+
+    def _execute(self, plan: StepPlan) -> bool:
+        """Run ``plan`` on the runner; False when its forward failed (its requests failed with it)."""
         if plan.admitted:
             self.runner.admit(plan.admitted)
         if plan.layout_changed:
@@ -443,39 +410,31 @@ class Engine:
                                 forecast=plan.compute_rows < plan.layout.rows)
         except Exception as e:  # a failed forward fails the requests in it, not the engine or the queue
             log.exception("engine step failed")
-            for state, err in self.scheduler.abort_running(EngineError(f"generation failed: {e}")):
-                self._finish(state, err)
-            return
-        finished = self.scheduler.update(plan)
-        for state in plan.running:
+            self._finish_all(self.scheduler.abort_running(EngineError(f"generation failed: {e}")))
+            return False
+        return True
+
+    def _stream(self, running: list[RequestState], finished: list[RequestState]) -> None:
+        """A StepEvent to each running request's handle; the finished requests' samples on their way to the host."""
+        for state in running:
             handle = self._handles.get(id(state))
             if handle is not None and handle.progress and state.admitted_at is not None:
                 handle._push(StepEvent(state.request.request_id, state.step,
                                        state.request.sampling.num_inference_steps))
         for state in finished:
             self._pending.append(self._read(state))
+
+    def _record_step(self, plan: StepPlan, start: float) -> None:
+        """Count the step, time it for admission, and hand its StepStats to ``on_step``."""
         now = time.monotonic()
-        busy = 2 * plan.layout.rows >= self.config.max_batch_size  # what a queued request waits behind
-        if busy:
-            # Step to step when the last one was busy too: the loop's own work between steps (delivering results,
-            # admitting) and what else holds this process's GIL (the replica's HTTP work) are part of a wait.
-            seconds = now - (self._last_step_at if self._last_busy and self._last_step_at is not None else start)
-            if self.busy_step_seconds is None:
-                self.busy_step_seconds = seconds
-            else:  # the mean and the mean deviation, as TCP times its round trips (Jacobson 1988)
-                self._busy_step_deviation += STEP_TIME_SMOOTHING * (abs(seconds - self.busy_step_seconds)
-                                                                    - self._busy_step_deviation)
-                self.busy_step_seconds += STEP_TIME_SMOOTHING * (seconds - self.busy_step_seconds)
-        self._last_busy = busy
+        layout = plan.layout
+        self.admission.step_time.observe(layout.rows, start, now)
         self._last_step_at = now
         self._steps_done += 1
         if self.on_step is not None:
-            estimated_at, wait = self._wait_estimate
-            if now - estimated_at >= WAIT_ESTIMATE_PERIOD_S:
-                wait = self.estimated_wait(self.spec.defaults.rows_per_image)
-                self._wait_estimate = (now, wait)
-            self.on_step(StepStats(duration_seconds=now - start, rows=plan.layout.rows, bucket=plan.layout.bucket,
-                                   images=plan.layout.images, compute_rows=plan.compute_rows,
+            wait = self.admission.reported_wait(now, self.spec.defaults.rows_per_image)
+            self.on_step(StepStats(duration_seconds=now - start, rows=layout.rows, bucket=layout.bucket,
+                                   images=layout.images, compute_rows=plan.compute_rows,
                                    compute_bucket=plan.compute_bucket, rows_by_cache=plan.rows_by_cache,
                                    running_requests=len(self.scheduler.running),
                                    waiting_requests=len(self.scheduler.waiting),
@@ -511,6 +470,10 @@ class Engine:
                                   total_seconds=time.monotonic() - state.submitted_at,
                                   latents=None if images is not None else samples.numpy())
         self._finish(state, result)
+
+    def _finish_all(self, outcomes: list[tuple[RequestState, EngineError]]) -> None:
+        for state, err in outcomes:
+            self._finish(state, err)
 
     def _finish(self, state: RequestState, outcome) -> None:
         handle = self._handles.pop(id(state), None)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fast_paths import AMAX_FLOOR, E4M3_MAX
+from .fp8 import AMAX_FLOOR, E4M3_MAX
 
 SQRT_2_OVER_PI = 0.7978845608028654
 

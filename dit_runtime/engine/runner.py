@@ -16,7 +16,7 @@ to four: ``_embed`` (bucket B: tokens, conditioning, which rows run the blocks),
 do, gathered, through the blocks), ``_update`` (bucket U: the cache entries of those that cache) and ``_head`` (bucket
 B: the other rows' forecast, the final layer, guidance and the sampler step). C and U take many sizes (the compute
 buckets, EngineConfig.compute_buckets), so those two parts compile once with a symbolic row count and are captured
-per size. The scheduler picks C and U from the same rule the device applies (``request.full_step``), so nothing is
+per size. The scheduler picks C and U from the same rule the device applies (``request.is_full_step``), so nothing is
 read back.
 """
 
@@ -27,14 +27,16 @@ import os
 import sys
 import time
 from collections import deque
+from enum import IntEnum
 
 import torch
 
 from ..diffusion import (INITIAL_NOISE_COUNTER, SAMPLER_IDS, NoiseSchedule, counter_noise, noise_key,
                          sampler_step, timestep_at)
 from ..model import DiTModel, apply_guidance
-from ..request import full_step
-from .fast_paths import apply_fast_paths, check_fp8_support
+from ..request import is_full_step
+from .fast_paths import apply_fast_paths
+from .fp8 import check_fp8_support
 from .feature_cache import FeatureCache
 from .programs import ProgramStore, aot_compile_enabled, device_identity
 from .scheduler import Layout, RequestState
@@ -52,35 +54,29 @@ _SYMBOLIC_PARTS = ("blocks", "update")
 # pickles the program's `self` (this runner) with the state of its guards, and CUDA graphs, events and loaded programs
 # do not pickle.
 _MACHINERY = ("_fns", "_noise", "_programs", "_noise_programs", "store", "_graphs", "_graph_pool", "_in_flight")
-# Rows of the packed layout buffer: image_slot, row_image, row_label, cond_row, uncond_row, row_cache, row_real.
-_LAYOUT_ROWS = 7
 
 
-def rows_full_step(step: torch.Tensor, interval: torch.Tensor, warmup: torch.Tensor,
-                   cooldown: torch.Tensor) -> torch.Tensor:
-    """``request.full_step`` per row on the device, in float32 (step counts are exact there): compiled for the CPU,
+class LayoutRow(IntEnum):
+    """The rows of the packed layout buffer: ``Layout``'s lists, and whether a row is real (not padding)."""
+
+    IMAGE_SLOT = 0
+    ROW_IMAGE = 1
+    ROW_LABEL = 2
+    COND_ROW = 3
+    UNCOND_ROW = 4
+    ROW_CACHE = 5
+    ROW_REAL = 6
+
+
+IMAGE_SLOT, ROW_IMAGE, ROW_LABEL, COND_ROW, UNCOND_ROW, ROW_CACHE, ROW_REAL = LayoutRow
+
+
+def is_full_step_on_device(step: torch.Tensor, interval: torch.Tensor, warmup: torch.Tensor,
+                           cooldown: torch.Tensor) -> torch.Tensor:
+    """``request.is_full_step`` per row on the device, in float32 (step counts are exact there): compiled for the CPU,
     its integer ``%`` fails, as inductor's code for a vector of fewer lanes than its width checks the unused lanes,
     uninitialised, for a zero divisor (ZeroDivisionError at warm-up, torch 2.13)."""
-    return full_step(step.float(), interval.float(), warmup.float(), cooldown.float())
-
-
-def use_compile_cache_dir(path: str) -> None:
-    """Point inductor's caches (FX graphs, AOTAutograd, Triton kernels) of this process at ``path``.
-
-    Inductor reads ``TORCHINDUCTOR_CACHE_DIR`` whenever it resolves a cache path, and writes its default there the
-    first time anything asks (importing ``torch._dynamo.utils`` is enough). So the variable is set outright, not
-    only when unset, and the in-memory caches that may hold paths under the old directory are cleared, as torch's
-    own ``temporary_cache_dir`` does. The setting is per process: the last engine built decides.
-    """
-    path = os.path.abspath(path)
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") == path:
-        return
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
-    try:
-        from torch._inductor.utils import clear_caches
-    except ImportError:  # a torch without it: the variable alone
-        return
-    clear_caches()
+    return is_full_step(step.float(), interval.float(), warmup.float(), cooldown.float())
 
 
 def free_memory(device: torch.device) -> int:
@@ -125,7 +121,7 @@ class ModelRunner:
         self.eta = torch.zeros(n, device=dev)
         self.guidance = torch.ones(n, device=dev)
         self.key = torch.zeros(n, 2, dtype=torch.int64, device=dev)
-        self.layout = torch.zeros(_LAYOUT_ROWS, max(config.buckets), dtype=torch.int64, device=dev)
+        self.layout = torch.zeros(len(LayoutRow), max(config.buckets), dtype=torch.int64, device=dev)
         self._in_flight: deque[torch.cuda.Event] = deque()
         self._graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}
         self.compile_seconds = self.capture_seconds = 0.0  # of the warm-up (warm_up)
@@ -138,13 +134,7 @@ class ModelRunner:
         self._noise = self._initial_noise  # admission's initial noise: eager, compiled, or a program per count
         self._noise_programs: dict[int, object] = {}  # 1: for one image; 2: for any other count
         self.store: ProgramStore | None = None
-        if config.compile:
-            if config.compile_cache_dir:
-                use_compile_cache_dir(config.compile_cache_dir)
-            # Up to one specialisation per bucket, counted per code object: every runner in this process compiles
-            # the same _step, so each adds its own allowance (past the limit, fullgraph=True fails hard).
-            name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-            setattr(torch._dynamo.config, name, getattr(torch._dynamo.config, name) + 2 * len(config.buckets))
+        if config.compile:  # inductor's cache and Dynamo's limits are the process's (process_settings.py)
             options = dict(config.compile_options) if config.compile_options else None
             with aot_compile_enabled():  # each compiled function can also be compiled ahead of time (programs.py)
                 self._fns = {name: torch.compile(fn, fullgraph=True, options=options,
@@ -183,7 +173,7 @@ class ModelRunner:
                              "free: lower feature_cache_rows (0 turns the cache off) or max_batch_size")
         log.info("feature cache: %d rows x %.2f MiB = %.1f MiB", rows, per_row / 2**20, rows * per_row / 2**20)
         self.cache = FeatureCache(rows, cfg.num_tokens, cfg.hidden_dim, self.dtype, dev)
-        # Per slot: the image's cache schedule (request.full_step's arguments) and Taylor order; off by default.
+        # Per slot: the image's cache schedule (request.is_full_step's arguments) and Taylor order; off by default.
         self.cache_interval = torch.ones(n, dtype=torch.int64, device=dev)
         self.cache_warmup = torch.zeros(n, dtype=torch.int64, device=dev)
         self.cache_cooldown = torch.zeros(n, dtype=torch.int64, device=dev)
@@ -197,9 +187,13 @@ class ModelRunner:
         self.compute_index = torch.zeros(max_bucket, dtype=torch.int64, device=dev)  # packed place -> row
 
     # ---- the step ---------------------------------------------------------------------------------------------
+    def _layout(self, bucket: int, *rows: LayoutRow) -> list[torch.Tensor]:
+        """The layout buffer's ``rows`` over the first ``bucket`` positions, (B,) each."""
+        return [self.layout[row, :bucket] for row in rows]
+
     def _step(self, bucket: int) -> None:
         """One denoising step for ``bucket`` image positions and ``bucket`` rows, in place on the state buffers."""
-        image_slot, row_image, row_label = self.layout[:3, :bucket].unbind(0)  # (B,) each
+        image_slot, row_image, row_label = self._layout(bucket, IMAGE_SLOT, ROW_IMAGE, ROW_LABEL)  # (B,) each
         x = self.x[image_slot]  # (B, C, H, W) fp32
         t = self._timesteps(image_slot)
         w = self.guidance[image_slot]  # (B,) a student's input (a teacher's guidance is its null rows)
@@ -212,7 +206,7 @@ class ModelRunner:
 
     def _denoise(self, bucket: int, x: torch.Tensor, out: torch.Tensor) -> None:
         """Guidance and the sampler step for the image positions, given the rows' model output ``out``."""
-        image_slot, _, _, cond_row, uncond_row = self.layout[:5, :bucket].unbind(0)
+        image_slot, cond_row, uncond_row = self._layout(bucket, IMAGE_SLOT, COND_ROW, UNCOND_ROW)
         step = self.step_index[image_slot]
         num_steps = self.num_steps[image_slot]
         out = out.float()
@@ -229,7 +223,7 @@ class ModelRunner:
     # ---- the step with the feature cache ------------------------------------------------------------------------
     def _embedded(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Tokens (B, T, D), conditioning (B, D) and step index (B,) of the B rows."""
-        image_slot, row_image, row_label = self.layout[:3, :bucket].unbind(0)
+        image_slot, row_image, row_label = self._layout(bucket, IMAGE_SLOT, ROW_IMAGE, ROW_LABEL)
         x = self.x[image_slot]
         t = self._timesteps(image_slot)
         w = self.guidance[image_slot]
@@ -238,20 +232,20 @@ class ModelRunner:
 
     def _final(self, bucket: int, hidden: torch.Tensor, c: torch.Tensor) -> None:
         """The final layer over the B rows' block output (run or forecast), then guidance and the sampler step."""
-        image_slot = self.layout[0, :bucket]
+        image_slot = self.layout[IMAGE_SLOT, :bucket]
         self._denoise(bucket, self.x[image_slot], self.forward.head(hidden, c))
 
     def _forecast_residual(self, bucket: int, step: torch.Tensor) -> torch.Tensor:
-        image_slot, row_image = self.layout[:2, :bucket].unbind(0)
-        return self.cache.forecast(self.layout[5, :bucket], step, self.cache_order[image_slot[row_image]])
+        image_slot, row_image, row_cache = self._layout(bucket, IMAGE_SLOT, ROW_IMAGE, ROW_CACHE)
+        return self.cache.forecast(row_cache, step, self.cache_order[image_slot[row_image]])
 
     def _full(self, bucket: int) -> None:
         """A step where every row runs the blocks: each row with a cache entry updates it (the others and padding
         write the scratch entry)."""
         tokens, c, step = self._embedded(bucket)
         hidden = self.forward.blocks(tokens, c)
-        real = self.layout[6, :bucket].bool()
-        self.cache.update(torch.where(real, self.layout[5, :bucket], self.cache.scratch), hidden - tokens, step)
+        real, row_cache = self._layout(bucket, ROW_REAL, ROW_CACHE)
+        self.cache.update(torch.where(real.bool(), row_cache, self.cache.scratch), hidden - tokens, step)
         self._final(bucket, hidden, c)
 
     def _forecast(self, bucket: int) -> None:
@@ -264,11 +258,12 @@ class ModelRunner:
         tokens, c, step = self._embedded(bucket)
         self.tokens_in[:bucket] = tokens
         self.condition[:bucket] = c
-        image_slot, row_image = self.layout[:2, :bucket].unbind(0)
+        image_slot, row_image, real = self._layout(bucket, IMAGE_SLOT, ROW_IMAGE, ROW_REAL)
         slot = image_slot[row_image]  # (B,) each row's image slot
-        full = rows_full_step(step, self.cache_interval[slot], self.cache_warmup[slot], self.cache_cooldown[slot])
+        full = is_full_step_on_device(step, self.cache_interval[slot], self.cache_warmup[slot],
+                                      self.cache_cooldown[slot])
         self.row_full.zero_()
-        self.row_full[:bucket] = full & self.layout[6, :bucket].bool()
+        self.row_full[:bucket] = full & real.bool()
         self.row_step[:bucket] = step
 
     def _blocks(self, compute: int) -> None:
@@ -276,7 +271,7 @@ class ModelRunner:
         update reads a prefix of them), then the rest; their outputs go to ``tokens_out`` at their own rows."""
         full = self.row_full  # (B_max,)
         rows = full.shape[0]
-        cached = full & (self.layout[5] != self.cache.scratch)
+        cached = full & (self.layout[ROW_CACHE] != self.cache.scratch)
         uncached = full & ~cached
         # Place of each full row in the packed forward: the cached ones from 0, the others after them; the rest
         # go to a spare place past the end.
@@ -294,7 +289,8 @@ class ModelRunner:
         index = self.compute_index[:updated]  # (U,) rows; padding places hold the spare row
         has_entry = index < self.row_full.shape[0]
         rows = torch.where(has_entry, index, 0)
-        entry = torch.where(has_entry, self.layout[5][rows], self.cache.scratch)  # padding and uncached: scratch
+        # Padding and rows without a cache entry write the scratch entry.
+        entry = torch.where(has_entry, self.layout[ROW_CACHE][rows], self.cache.scratch)
         self.cache.update(entry, self.tokens_out[index] - self.tokens_in[index], self.row_step[rows])
 
     def _head(self, bucket: int) -> None:
@@ -355,10 +351,11 @@ class ModelRunner:
     def set_layout(self, layout: Layout) -> None:
         """Upload the rows/images layout; called only when requests joined or left."""
         host = torch.zeros_like(self.layout, device="cpu", pin_memory=self.device.type == "cuda")
-        for i, values in enumerate((layout.image_slot, layout.row_image, layout.row_label, layout.cond_row,
-                                    layout.uncond_row, layout.row_cache)):
-            host[i, :layout.bucket] = torch.tensor(values, dtype=torch.int64)
-        host[6, :layout.rows] = 1  # row_real: the rows before the padding
+        for row, values in ((IMAGE_SLOT, layout.image_slot), (ROW_IMAGE, layout.row_image),
+                            (ROW_LABEL, layout.row_label), (COND_ROW, layout.cond_row),
+                            (UNCOND_ROW, layout.uncond_row), (ROW_CACHE, layout.row_cache)):
+            host[row, :layout.bucket] = torch.tensor(values, dtype=torch.int64)
+        host[ROW_REAL, :layout.rows] = 1  # the rows before the padding
         self.layout.copy_(host, non_blocking=True)
 
     def initial_noise(self, key: torch.Tensor) -> torch.Tensor:
@@ -425,9 +422,9 @@ class ModelRunner:
         for bucket in self.config.compute_buckets:
             start = time.perf_counter()
             self.layout.zero_()
-            self.layout[0, :bucket] = self.config.max_batch_size  # every position on the scratch slot
+            self.layout[IMAGE_SLOT, :bucket] = self.config.max_batch_size  # every position on the scratch slot
             if self.cache is not None:
-                self.layout[5] = self.cache.scratch
+                self.layout[ROW_CACHE] = self.cache.scratch
             self.num_steps.fill_(1)
             for part, buckets in self.parts.items():
                 if bucket in buckets:

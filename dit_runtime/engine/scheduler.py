@@ -10,13 +10,12 @@ retires the finished ones at once, returning their slots and cache entries.
 
 from __future__ import annotations
 
-import heapq
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
-from typing import Literal
+from dataclasses import dataclass, field
 
 from ..request import GenerationRequest
+from .admission import AdmissionReplay
 from .types import DeadlineExceededError, EngineError, RequestCancelledError
 
 
@@ -50,10 +49,10 @@ class RequestState:
         return self.request.sampling.cache_policy.caches
 
     @property
-    def full_step(self) -> bool:
+    def is_full_step(self) -> bool:
         """Whether this request's rows run the blocks at its current step."""
         s = self.request.sampling
-        return s.cache_policy.is_full(self.step, s.num_inference_steps)
+        return s.cache_policy.is_full_step(self.step, s.num_inference_steps)
 
 
 @dataclass
@@ -92,47 +91,17 @@ class StepPlan:
     rows_by_cache: tuple[tuple[str, int, int], ...] = ()  # per `cache` preset: (preset, computed, skipped) rows
 
 
-@dataclass
-class AdmissionReplay:
-    """The batch's rows as FIFO admission will hand them out, in steps from now: the running requests give theirs
-    back when their remaining steps are done, and each queued request takes its rows at the first step they are free
-    and holds them for its step count. Extended one request at a time, so a new request's wait costs a few heap
-    operations, not a replay of the whole queue (0.47 ms in Python behind 270 queued requests)."""
-
-    max_rows: int
-    batching: str  # the scheduler's policy: "step" admits into a running batch, the others into an emptied one
-    free: int  # rows free at step ``now``, once the requests replayed so far are in
-    done_at: list[tuple[int, int]]  # a heap of (step, rows it gives back)
-    now: int = 0  # the step the last request replayed is admitted at
-
-    def admit(self, rows: int, steps: int) -> int:
-        """Replay a request of ``rows`` rows and ``steps`` steps queued behind the rest; the step it is admitted at."""
-        if self.batching != "step" and self.done_at:
-            self.now = max(self.now, max(step for step, _ in self.done_at))
-            self.free, self.done_at = self.max_rows, []
-        while self.free < rows and self.done_at:
-            step, freed = heapq.heappop(self.done_at)
-            self.now, self.free = max(self.now, step), self.free + freed
-        self.free -= rows
-        heapq.heappush(self.done_at, (self.now + steps, rows))
-        return self.now
-
-    def wait(self, rows: int) -> int:
-        """The step a request of ``rows`` rows queued now would be admitted at; this replay stays as it was."""
-        return replace(self, done_at=list(self.done_at)).admit(rows, 0)
-
-
 class Scheduler:
     """FIFO admission into a fixed number of rows, with a bounded waiting queue."""
 
-    def __init__(self, max_rows: int, buckets: tuple[int, ...], null_class: int,
-                 batching: Literal["step", "request", "single"] = "step", cache_rows: int = 0,
+    replay_type: type[AdmissionReplay] = AdmissionReplay  # replays this scheduler's admission rule
+
+    def __init__(self, max_rows: int, buckets: tuple[int, ...], null_class: int, cache_rows: int = 0,
                  compute_buckets: tuple[int, ...] | None = None):
         self.max_rows = max_rows
         self.compute_buckets = compute_buckets or buckets
         self.buckets = buckets
         self.null_class = null_class
-        self.batching = batching
         self.num_slots = max_rows  # an image takes at least one row
         self.dummy_slot = max_rows  # padding positions read and write this scratch slot
         self.waiting: deque[RequestState] = deque()
@@ -164,13 +133,9 @@ class Scheduler:
         """FIFO admission replayed over ``running``'s remaining steps and ``waiting``'s step counts, in order (see
         ``AdmissionReplay``; cancellations and deadlines not foreseen). Reads snapshots, so other threads may call
         it."""
-        done_at = [(s.request.sampling.num_inference_steps - s.step, s.rows) for s in running]
-        heapq.heapify(done_at)
-        replay = AdmissionReplay(max_rows=self.max_rows, batching=self.batching,
-                                 free=self.max_rows - sum(rows for _, rows in done_at), done_at=done_at)
-        for s in waiting:
-            replay.admit(s.rows, s.request.sampling.num_inference_steps)
-        return replay
+        return self.replay_type.of(self.max_rows,
+                                   [(s.rows, s.request.sampling.num_inference_steps - s.step) for s in running],
+                                   [(s.rows, s.request.sampling.num_inference_steps) for s in waiting])
 
     # ---- one step ---------------------------------------------------------------------------------------------
     def schedule(self, now: float | None = None) -> StepPlan:
@@ -210,7 +175,7 @@ class Scheduler:
         by_cache: dict[str, list[int]] = {}  # preset -> [rows that run the blocks, rows that forecast them]
         updated = 0  # full rows with a cache entry: their entries are written this step
         for state in self.running:
-            full = state.full_step
+            full = state.is_full_step
             by_cache.setdefault(state.request.sampling.cache, [0, 0])[0 if full else 1] += state.rows
             updated += state.rows if full and state.cache_entries else 0
         compute = sum(computed for computed, _ in by_cache.values())
@@ -225,14 +190,11 @@ class Scheduler:
         return next(b for b in self.compute_buckets if b >= rows) if rows else 0
 
     def _admit(self, now: float) -> list[RequestState]:
-        if self.batching == "request" and self.running:
-            return []  # request-level batching: a batch runs to completion before the next one forms
+        """Admit waiting requests in FIFO order while their rows, slots and cache entries fit."""
         admitted = []
         rows = sum(s.rows for s in self.running)
         while self.waiting:
             head = self.waiting[0]
-            if self.batching == "single" and (self.running or admitted):
-                break
             entries = head.rows if head.caches else 0
             if rows + head.rows > self.max_rows or head.num_images > len(self._free_slots) \
                     or entries > len(self._free_entries):

@@ -16,7 +16,7 @@ from ..diffusion import Spacing
 from ..request import CACHE_POLICIES, RequestLimits
 from .fast_paths import FastPaths
 
-# fp32 on the CPU; fp16 or bf16 on a GPU; fp8: bf16 activations with FP8 GEMMs in the blocks (fast_paths.Fp8Linear).
+# fp32 on the CPU; fp16 or bf16 on a GPU; fp8: bf16 activations with FP8 GEMMs in the blocks (fp8.Fp8Linear).
 Precision = Literal["fp32", "fp16", "bf16", "fp8"]
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 # Smallest forward batch (rows) on the CPU; see EngineConfig.buckets.
@@ -32,7 +32,7 @@ class EngineConfig:
     max_batch_size: int = 32  # rows per forward pass; a guided image takes two (conditional + null)
     # Admission by time: submit() refuses (QueueFullError, with a Retry-After from the estimate) a request whose
     # estimated wait for a batch slot passes this many seconds, or whose estimated finish passes its own deadline. The
-    # wait is replayed from the queue ahead and the measured step time (Engine.estimated_wait). None: no bound, a
+    # wait is replayed from the queue ahead and the measured step time (engine/admission.py). None: no bound, a
     # script's burst of submits all queue (the deadline check still applies). A server sets it: serving/config.py
     # has the default a replica runs with and why.
     max_queue_wait_s: float | None = None
@@ -62,7 +62,6 @@ class EngineConfig:
     # skips torch.compile's tracing (engine/programs.py). False: inductor's caches alone, and every start traces.
     compile_programs: bool = True
     warmup: bool = True  # compile and capture every bucket at start-up
-    batching: Literal["step", "request", "single"] = "step"  # step-level (default); the others are baselines
     stall_timeout: float = 120.0  # seconds without a finished step, with work pending, before health() fails
 
     def __post_init__(self) -> None:
@@ -88,8 +87,6 @@ class EngineConfig:
             problems.append(f"default_cache {self.default_cache} needs a feature cache, but feature_cache_rows is 0")
         if self.cuda_graphs and not str(self.device).startswith("cuda"):
             problems.append("cuda_graphs needs device 'cuda'")
-        if self.batching not in ("step", "request", "single"):
-            problems.append(f"batching must be one of step, request, single, got {self.batching!r}")
         rows = self.feature_cache_rows
         if rows is not None and (not isinstance(rows, int) or not 0 <= rows <= self.max_batch_size):
             problems.append(f"feature_cache_rows must be an integer in [0, max_batch_size = {self.max_batch_size}], "

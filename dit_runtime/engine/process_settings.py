@@ -1,0 +1,53 @@
+"""Process-wide settings for compiled engines, made by the entry points that build them, never by the library.
+
+Inductor's cache directory and Dynamo's recompile limit belong to the whole process: an engine that changed them
+as it was built would change them for every other engine and compile in the process. So the replica
+(serving/model_server.py), the CLIs and the benchmarks call ``configure_compile`` before they build a compiled
+engine, and the engine reads only its own config.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .types import EngineConfig
+
+
+def configure_compile(config: EngineConfig, engines: int = 1) -> None:
+    """Set up this process to compile ``engines`` engines of ``config`` (nothing when it does not compile):
+    inductor's caches under its ``compile_cache_dir``, and room in Dynamo's recompile limit for their programs."""
+    if not config.compile:
+        return
+    if config.compile_cache_dir:
+        use_compile_cache_dir(config.compile_cache_dir)
+    # Up to one specialisation per bucket, counted per code object: every runner in this process compiles the same
+    # step functions, so each engine needs its own allowance (past the limit, fullgraph=True fails hard).
+    allow_recompiles(2 * len(config.buckets) * engines)
+
+
+def allow_recompiles(count: int) -> None:
+    """Raise Dynamo's recompile limit (per code object) by ``count``."""
+    dynamo = torch._dynamo.config
+    name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo, name, getattr(dynamo, name) + count)
+
+
+def use_compile_cache_dir(path: str) -> None:
+    """Point inductor's caches (FX graphs, AOTAutograd, Triton kernels) of this process at ``path``.
+
+    Inductor reads ``TORCHINDUCTOR_CACHE_DIR`` whenever it resolves a cache path, and writes its default there the
+    first time anything asks (importing ``torch._dynamo.utils`` is enough). So the variable is set outright, not
+    only when unset, and the in-memory caches that may hold paths under the old directory are cleared, as torch's
+    own ``temporary_cache_dir`` does.
+    """
+    path = os.path.abspath(path)
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") == path:
+        return
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    try:
+        from torch._inductor.utils import clear_caches
+    except ImportError:  # a torch without it: the variable alone
+        return
+    clear_caches()
