@@ -9,6 +9,10 @@ Parts (``--parts``; forward, latency and load by default):
             request at a time, and each ``--load-caches`` mix of feature-cache presets ("half": every other
             request balanced, the rest off) (images/s, p50/p99 latency per preset, ``OUT/load.png``)
   accuracy  one forward's relative error against fp32 in fp16, bf16 and fp8, on random non-zero weights
+  students  a few-step student (the same model with a guidance embedding, random weights) beside its guided
+            teacher: one guided image at each ``--student-steps`` count (one row a step) against the teacher's
+            ``--teacher-steps`` DDIM steps (two rows), and images/s with a full batch of ``--batches``' largest
+            rows (``--student-images`` images through each, all submitted at once)
 
 Setups (``--setups``):
   diffusers-eager, diffusers-compile   diffusers' DiTTransformer2DModel in fp16, eager or torch.compile'd; timed
@@ -417,6 +421,78 @@ def _diffusers_one_image(preset: str, setup: str, steps: int, guidance: float, d
     return one_image
 
 
+# ---- part: few-step students --------------------------------------------------------------------------------
+def student_engine(preset: str, buckets: tuple[int, ...], max_queue: int):
+    """A started fp16 engine, compiled and graph-captured, over a random-weight student of ``preset``."""
+    from dit_runtime.contract import SamplingContract, Teacher, student_contract
+    from dit_runtime.engine import Engine, EngineConfig, configure_compile
+
+    contract = student_contract(SamplingContract(), Teacher(checkpoint="random", sha256="", segments=4,
+                                                            method="multistep-consistency"),
+                                max_guidance_scale=8.0, guidance_scale=4.0)
+    config = EngineConfig(device="cuda", precision="fp16", max_batch_size=max(buckets), batch_buckets=buckets,
+                          compile=True, cuda_graphs=True, max_queue_size=max_queue, feature_cache_rows=0)
+    configure_compile(config)
+    return Engine.random_weights(preset, config, sampling=contract).start()
+
+
+def bench_students(rec: Recorder, preset: str, student_steps: list[int], teacher_steps: int, max_rows: int,
+                   images: int, rounds: int, clock: GpuClock | None = None) -> None:
+    """One guided image, and images/s at a full batch, of a student against its guided teacher, in turn."""
+    from dit_runtime.engine import GenerationRequest
+
+    teacher = engine_for("ours-nocache", preset, (2, max_rows), max_queue=images)
+    student = student_engine(preset, (1, max_rows), max_queue=images)
+    calls = {("teacher", teacher_steps): lambda: teacher.submit(GenerationRequest.of(
+        1, seed=0, num_inference_steps=teacher_steps, sampler="ddim", guidance_scale=4.0), progress=False).result(60)}
+    for steps in student_steps:
+        calls[("student", steps)] = lambda steps=steps: student.submit(GenerationRequest.of(
+            1, seed=0, num_inference_steps=steps, sampler="consistency", guidance_scale=4.0),
+            progress=False).result(60)
+    for call in calls.values():  # warm
+        for _ in range(3):
+            call()
+    times = collections.defaultdict(list)
+    t0 = time.time()
+    for _ in range(rounds):
+        for key, call in calls.items():
+            for _ in range(10):
+                start = time.perf_counter()
+                call()
+                times[key].append(time.perf_counter() - start)
+    seen = clock.window(t0, time.time()) if clock else {}
+    for (who, steps), ts in times.items():
+        rec.add({"part": "students", "what": "one image", "model": preset, "who": who, "steps": steps,
+                 "guidance": 4.0, "rows_per_image": 1 if who == "student" else 2, "runs": len(ts),
+                 "ms_median": round(statistics.median(ts) * 1e3, 3), "ms_min": round(min(ts) * 1e3, 3), **seen})
+
+    def throughput(engine, steps: int, sampler: str, n: int) -> float:
+        classes = engine.info.config.num_classes
+        start = time.perf_counter()
+        handles = [engine.submit(GenerationRequest.of(i % classes, seed=i, num_inference_steps=steps, sampler=sampler,
+                                                      guidance_scale=4.0), progress=False) for i in range(n)]
+        for handle in handles:
+            handle.result(600)
+        return n / (time.perf_counter() - start)
+
+    rates = collections.defaultdict(list)
+    t0 = time.time()
+    for _ in range(rounds):
+        rates["teacher"].append(throughput(teacher, teacher_steps, "ddim", images // 8))
+        rates["student"].append(throughput(student, min(4, max(student_steps)), "consistency", images))
+    seen = clock.window(t0, time.time()) if clock else {}
+    for who, values in rates.items():
+        rec.add({"part": "students", "what": "images/s", "model": preset, "who": who,
+                 "steps": teacher_steps if who == "teacher" else min(4, max(student_steps)), "max_rows": max_rows,
+                 "images_per_s_median": round(statistics.median(values), 1), "runs": len(values), **seen})
+    rec.add({"part": "students", "what": "images/s ratio", "model": preset,
+             "student_over_teacher": round(statistics.median(rates["student"]) / statistics.median(rates["teacher"]),
+                                           2)})
+    teacher.stop()
+    student.stop()
+    torch.cuda.empty_cache()
+
+
 # ---- part 3: the engine under load ----------------------------------------------------------------------------
 def bench_load(rec: Recorder, preset: str, rates: list[float], duration: float, max_batch: int,
                policies: list[str], buckets: tuple[int, ...], caches: tuple[str, ...] = ("off",)) -> None:
@@ -522,6 +598,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--caches", nargs="+", default=["off"], help="latency: the feature-cache presets to time")
     p.add_argument("--load-caches", nargs="+", default=["off"],
                    help="load: cache presets (or 'half': every other request balanced) to drive the engine with")
+    p.add_argument("--student-steps", nargs="+", type=int, default=[1, 2, 4, 8], help="students: step counts")
+    p.add_argument("--teacher-steps", type=int, default=50, help="students: the guided teacher's DDIM steps")
+    p.add_argument("--student-images", type=int, default=4096, help="students: images per throughput run")
     p.add_argument("--rounds", type=int, default=3, help="time the setups in turn this many times over")
     p.add_argument("--profile-kernels", action="store_true",
                    help="forward: also sum the engine setups' kernel times per step with torch.profiler")
@@ -551,6 +630,9 @@ def main(argv: list[str] | None = None) -> int:
         if "latency" in args.parts:
             bench_latency(rec, preset, [s for s in args.setups if not s.endswith("-nofuse")], rounds=args.rounds,
                           clock=clock, caches=tuple(args.caches))
+        if "students" in args.parts:
+            bench_students(rec, preset, args.student_steps, args.teacher_steps, max(args.batches), args.student_images,
+                           args.rounds, clock)
         if "load" in args.parts:
             bench_load(rec, preset, args.rates, args.load_seconds, args.load_max_batch, args.policies,
                        tuple(args.load_buckets), tuple(args.load_caches))

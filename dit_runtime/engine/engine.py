@@ -14,12 +14,13 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from ..checkpoint import CheckpointInfo, default_class_names, load_model
+from ..contract import SamplingContract
 from ..images import to_uint8
 from ..model import DiTModel, count_parameters, get_preset
 from ..request import GenerationRequest, ModelSpec
@@ -235,9 +236,13 @@ class Engine:
         return cls(model, info, config, **kwargs)
 
     @classmethod
-    def random_weights(cls, preset: str, config: EngineConfig = EngineConfig(), seed: int = 0, **kwargs) -> "Engine":
-        """An engine over a randomly initialised preset: for benchmarks, never for serving images."""
+    def random_weights(cls, preset: str, config: EngineConfig = EngineConfig(), seed: int = 0,
+                       sampling: SamplingContract | None = None, **kwargs) -> "Engine":
+        """An engine over a randomly initialised preset: for benchmarks, never for serving images. ``sampling``: the
+        contract to serve it under (a student's gives the model a guidance embedding); default a teacher's."""
         cfg = get_preset(preset)
+        if sampling is not None and sampling.guidance == "embedded":
+            cfg = replace(cfg, guidance_embed=True)
         device = torch.device(config.device)
         # The initialisers draw from the default generator of the device they fill: seeded inside a fork, so the
         # process's random streams are as they were once the model is built.
@@ -252,7 +257,7 @@ class Engine:
             for block in model.blocks:  # adaLN-Zero starts as the identity; give the blocks work to do
                 torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.02)
         info = CheckpointInfo(config=cfg, class_names=default_class_names(cfg.num_classes), space="latent",
-                              training={"note": f"random weights ({preset}), for benchmarks"})
+                              training={"note": f"random weights ({preset}), for benchmarks"}, sampling=sampling)
         return cls(model, info, config, **kwargs)
 
     # ---- public API -------------------------------------------------------------------------------------------
