@@ -588,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", nargs="+", type=int, default=[16, 64, 256])
     p.add_argument("--setups", nargs="+", default=list(DEFAULT_SETUPS))
     p.add_argument("--parts", nargs="+", default=["forward", "latency", "load"],
-                   choices=["forward", "latency", "load", "accuracy"])
+                   choices=["forward", "latency", "load", "accuracy", "students"])
     p.add_argument("--baseline", help="a checkout whose dit_runtime the baseline[-...] setups run")
     p.add_argument("--rates", nargs="+", type=float, default=[20, 40, 80, 120])
     p.add_argument("--load-seconds", type=float, default=6.0)
