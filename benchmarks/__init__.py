@@ -10,6 +10,7 @@
     python -m benchmarks train-memory .. training memory and speed on a GPU next to dit-verify's estimate
     python -m benchmarks plot ...        serving benchmarks side by side: p99 and images/s against offered load
     python -m benchmarks cache-quality . feature caching's quality on the digit checkpoints, preset by preset (CPU)
+    python -m benchmarks student-quality a few-step student against its teacher at 1-8 steps, on the digits (CPU)
 
 ``benchmarks/gpu/*.sh`` run them on a GPU host (the offline bundle installed first, results to $OUT).
 """

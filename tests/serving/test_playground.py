@@ -1,5 +1,5 @@
 """The playground page (GET /) in a real headless browser, Debian's chromium driven by selenium, against real Ray
-Serve on the shipped digits-s checkpoint: a digit generated from the keyboard streams its progress to the end and
+Serve on the shipped digits-s checkpoint and its 4-step student (offered its step counts): a digit generated from the keyboard streams its progress to the end and
 shows the very PNGs the API returns for that request, "Same seed again" draws the same images whether the seed
 was typed (past 2**53 too) or drawn by the engine, a 400 is shown naming its field, every control has a label,
 the page reflows at 200% zoom, and on a model's own route (relative URLs under its prefix) with API keys on it asks
@@ -27,11 +27,12 @@ from selenium import webdriver  # noqa: E402
 from selenium.common.exceptions import TimeoutException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 from serving.app import build_app, build_model_app  # noqa: E402
 
 SHIPPED_DIGITS_S = Path(__file__).resolve().parents[2] / "checkpoints" / "digits-s.safetensors"
+SHIPPED_STUDENT = SHIPPED_DIGITS_S.with_name("digits-s-4step.safetensors")
 LIMITS = {"max_images_per_request": 4, "max_inference_steps": 60}
 KEYS_ENV = "DIT_TEST_PLAYGROUND_KEYS"
 KEY = "sk-playground"
@@ -52,7 +53,8 @@ def base():
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         model = model_args("digits-s", SHIPPED_DIGITS_S)
-        serve.run(build_app({"limits": LIMITS, "models": [model]}), name="dit", route_prefix="/")
+        student = model_args("digits-s-4step", SHIPPED_STUDENT)
+        serve.run(build_app({"limits": LIMITS, "models": [model, student]}), name="dit", route_prefix="/")
         serve.run(build_model_app({"limits": LIMITS, "auth": {"api_keys_env": KEYS_ENV}, "models": [model]}),
                   name="digits-s", route_prefix=MODEL_ROUTE.rstrip("/"))
         yield f"http://127.0.0.1:{port}"
@@ -192,6 +194,26 @@ def test_a_bad_field_is_shown_naming_it(base, browser, values, param, needle):
     assert error.startswith("400 invalid_request_error") and f"field: {param}" in error and needle in error, error
     control = next(iter(values))
     assert browser.find_element(By.ID, control).get_attribute("aria-invalid") == "true"
+
+
+def test_a_student_offers_its_step_counts_and_guidance_range_and_draws_the_apis_image(base, browser):
+    open_page(browser, base + "/")
+    Select(browser.find_element(By.ID, "model")).select_by_value("digits-s-4step")
+    card = httpx.get(base + "/v1/models/digits-s-4step", timeout=10).json()
+    steps = browser.find_element(By.ID, "steps-choice")
+    assert steps.is_displayed() and not browser.find_element(By.ID, "steps").is_displayed()
+    assert [o.get_attribute("value") for o in Select(steps).options] == [str(n) for n in card["step_counts"]]
+    assert card["step_counts"] == [1, 2, 4, 8] and steps.get_attribute("value") == "4"  # its default
+    assert float(browser.find_element(By.ID, "guidance").get_attribute("max")) == card["max_guidance_scale"] == 4.0
+    assert "one row" in browser.find_element(By.ID, "guidance-hint").text
+    Select(steps).select_by_value("2")
+    fill(browser, **{"class": "8", "n": 2, "seed": 3})
+    submit_with_the_keyboard(browser)
+    images = result_images(browser, 2)
+    sent = json.loads(browser.find_element(By.CSS_SELECTOR, "#current .request-body").get_attribute("textContent"))
+    assert sent["num_inference_steps"] == 2 and sent["sampler"] == "consistency"
+    api = httpx.post(base + "/v1/images/generations", json=sent, timeout=60).json()
+    assert images == [d["b64_json"] for d in api["data"]]
 
 
 def test_every_control_has_a_label_and_the_page_reflows_at_200_percent_zoom(base, browser):
