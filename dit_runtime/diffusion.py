@@ -58,7 +58,8 @@ class NoiseSchedule:
 def posterior_mean(x0: torch.Tensor, x_t: torch.Tensor, ab_t: torch.Tensor, ab_prev: torch.Tensor,
                    beta_t: torch.Tensor) -> torch.Tensor:
     """The mean of q(x_{t-1} | x_t, x0) (DDPM eq. 7), from alpha_bar at t and at the step before it and beta_t."""
-    return (torch.sqrt(ab_prev) * beta_t / (1 - ab_t)) * x0 + (torch.sqrt(1 - beta_t) * (1 - ab_prev) / (1 - ab_t)) * x_t
+    return ((torch.sqrt(ab_prev) * beta_t / (1 - ab_t)) * x0
+            + (torch.sqrt(1 - beta_t) * (1 - ab_prev) / (1 - ab_t)) * x_t)
 
 
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

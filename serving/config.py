@@ -6,6 +6,8 @@ A bad value fails ``serve run`` before anything is deployed, with a message nami
 
 from __future__ import annotations
 
+import math
+
 import re
 from pathlib import Path
 from typing import Literal
@@ -227,6 +229,14 @@ class ModelArgs(_Args):
     @property
     def ongoing_requests_cap(self) -> int:
         return self.max_ongoing_requests or self.max_batch_size + self.max_queue_size
+
+    def gateway_in_flight_cap(self, gateway_replicas: int) -> int:
+        """Requests of this model one gateway replica lets through at once: what its replicas hold of guided
+        one-image requests (the common case: a full batch running, the queue full), shared between the gateway
+        replicas. At this cap the gateway refuses before the engine has to: the engine's own 429 (admission by
+        time, dit_runtime/engine/admission.py) is the slower path, through a replica busy denoising."""
+        held = min(self.ongoing_requests_cap, self.guided_images_per_batch + self.max_queue_size)
+        return max(1, math.ceil(self.autoscaling.max_replicas * held / gateway_replicas))
 
     def ray_autoscaling_config(self) -> dict:
         a = self.autoscaling

@@ -7,22 +7,11 @@ handle call to the model replica. The API itself is ``frontend.Frontend``; the m
 
 from __future__ import annotations
 
-import math
-
 from ray.serve.handle import DeploymentHandle
 
 from .backend import RemoteModel
-from .config import AppArgs, ModelArgs
+from .config import AppArgs
 from .frontend import Frontend
-
-
-def in_flight_cap(m: ModelArgs, gateway_replicas: int) -> int:
-    """Requests of model ``m`` one gateway replica lets through at once: what its replicas hold of guided
-    one-image requests (the common case: a full batch running, the queue full), shared between the gateway
-    replicas. At this cap the gateway refuses before the engine has to: the engine's own 429 is the slower path,
-    through a replica busy denoising."""
-    held = min(m.ongoing_requests_cap, m.guided_images_per_batch + m.max_queue_size)
-    return max(1, math.ceil(m.autoscaling.max_replicas * held / gateway_replicas))
 
 
 class Gateway:
@@ -32,7 +21,7 @@ class Gateway:
         """``models``: handles bound in the same application (``build_app``); None: models deployed as their own
         applications (``build_gateway_app``), found by name when first asked for."""
         models = models or {}
-        backends = {m.name: RemoteModel(m.name, in_flight_cap(m, args.gateway.num_replicas), models.get(m.name))
+        backends = {m.name: RemoteModel(m.name, m.gateway_in_flight_cap(args.gateway.num_replicas), models.get(m.name))
                     for m in args.models}
         self.frontend = Frontend(backends, args.limits, args.auth)
 

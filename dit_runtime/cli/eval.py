@@ -45,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", help="sample-grid PNG path (default: <checkpoint stem>-samples.png beside it)")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
     p.add_argument("--record", action="store_true",
-                   help="when the bar is met, store these sampling settings as the checkpoint's recommended defaults (its sampling contract) and "
-                        "the figures under training.eval (the file is rewritten atomically)")
+                   help="when the bar is met, store these sampling settings as the checkpoint's recommended defaults "
+                        "(its sampling contract) and the figures under training.eval (the file is rewritten "
+                        "atomically)")
     return p
 
 

@@ -1,9 +1,10 @@
 """The playground page (GET /) in a real headless browser, Debian's chromium driven by selenium, against real Ray
-Serve on the shipped digits-s checkpoint and its 4-step student (offered its step counts): a digit generated from the keyboard streams its progress to the end and
-shows the very PNGs the API returns for that request, "Same seed again" draws the same images whether the seed
-was typed (past 2**53 too) or drawn by the engine, a 400 is shown naming its field, every control has a label,
-the page reflows at 200% zoom, and on a model's own route (relative URLs under its prefix) with API keys on it asks
-for a key and sends it as a Bearer token, storing nothing.
+Serve on the shipped digits-s checkpoint and its 4-step student: a digit generated from the keyboard streams its
+progress to the end and shows the very PNGs the API returns for that request, "Same seed again" draws the same
+images whether the seed was typed (past 2**53 too) or drawn by the engine, a 400 is shown naming its field, every
+control has a label, the page reflows at 200% zoom, a student offers only its step counts, and on a model's own
+route (relative URLs under its prefix) with API keys on it asks for a key and sends it as a Bearer token, storing
+nothing.
 
 `DIT_PLAYGROUND_SCREENSHOT=docs/playground.png` saves the page after its grid of four digits (the README's picture).
 """
