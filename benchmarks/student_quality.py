@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from dit_runtime.checkpoint import load_model
+from dit_runtime.checkpoint import load_model, sha256_of
 from dit_runtime.evaluation import eval_engine, evaluate, save_sample_grid, train_digit_classifier
 
 COLUMNS_PER_SETTING = 3
@@ -36,7 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     student_model, student_info = load_model(a.student)
-    teacher = Path(a.student).with_name(student_info.sampling.teacher.checkpoint)
+    source = student_info.sampling.teacher
+    if source is None:
+        p.error(f"{a.student} is not a distilled student (its sampling contract names no teacher)")
+    teacher = Path(a.student).with_name(source.checkpoint)
+    if not teacher.is_file() or sha256_of(teacher) != source.sha256:
+        p.error(f"{teacher} is not the teacher {a.student} was distilled from (sha256 {source.sha256[:12]}...)")
     engines = {"student": eval_engine(student_model, student_info, a.samples_per_class),
                "teacher": eval_engine(*load_model(teacher), a.samples_per_class)}
     classifier = train_digit_classifier(seed=a.seed)

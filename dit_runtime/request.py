@@ -398,7 +398,7 @@ class ModelSpec:
         if request.rows > self.max_rows:
             raise InvalidRequestError("n", f"n={request.num_images} with guidance_scale {s.guidance_scale:g} needs "
                                            f"{request.rows} batch rows, but this model runs at most {self.max_rows} "
-                                           f"(a guided image takes {rows_per_image(null_row=True)}): ask for n <= "
+                                           f"(an image takes {s.rows_per_image} here): ask for n <= "
                                            f"{self.max_rows // s.rows_per_image}")
         if self.resolution * request.upscale > limits.max_image_side:
             raise InvalidRequestError("size", f"size must be 'WxH' with sides up to {limits.max_image_side}, got "

@@ -26,7 +26,8 @@ def parameter_breakdown(config: DiTConfig) -> dict[str, int]:
     adds ``pos_embed_buffer`` to its count).
     """
     model = DiTModel.on_meta(config)
-    embeddings = sum(count_parameters(m) for m in (model.x_embedder, model.t_embedder, model.y_embedder))
+    embeddings = sum(count_parameters(m) for m in (model.x_embedder, model.t_embedder, model.y_embedder,
+                                                   model.g_embedder) if m is not None)
     return {
         "embeddings": embeddings,
         "per_block": count_parameters(model.blocks[0]),

@@ -7,7 +7,6 @@ A bad value fails ``serve run`` before anything is deployed, with a message nami
 from __future__ import annotations
 
 import math
-
 import re
 from pathlib import Path
 from typing import Literal

@@ -167,3 +167,24 @@ def test_gpu_compiled_student_matches_fp32_and_is_the_same_alone_and_in_a_batch(
     rel = float(np.linalg.norm(fast - ref) / np.linalg.norm(ref))
     print(f"student fp16: relative error vs fp32 {rel:.2e}")
     assert rel < 1e-2, rel
+
+
+def test_what_distillation_regresses_on_is_where_a_consistency_step_lands():
+    """``x0_landing_on`` undoes ``ddim_to``, and the sampler's consistency step, given the output whose clean-image
+    estimate is that x0, lands on the target: training and serving step between the same points the same way."""
+    from dit_runtime.diffusion import SAMPLER_IDS, NoiseSchedule, _bcast, sampler_step, timestep_at
+    from dit_runtime.train.distill import ddim_to, x0_landing_on
+
+    gen = torch.Generator().manual_seed(0)
+    schedule, segments = NoiseSchedule.linear(1000), 4
+    step = torch.arange(segments)  # one sample at each segment's start
+    steps = torch.full((segments,), segments)
+    x_t, x_s = torch.randn(segments, 1, 4, 4, generator=gen), torch.randn(segments, 1, 4, 4, generator=gen)
+    ab_t, ab_s = (_bcast(schedule.alpha_bar(timestep_at(i, steps)), x_t) for i in (step, step + 1))
+    x0 = x0_landing_on(x_s, x_t, ab_t, ab_s)
+    assert torch.allclose(ddim_to(x0, x_t, ab_t, ab_s), x_s, atol=1e-4)
+    output = (torch.sqrt(ab_t) * x_t - x0) / torch.sqrt(1 - ab_t)  # consistency_x0(x_t, output) == x0
+    landed = sampler_step(schedule, output, x_t, step, steps, torch.full((segments,), SAMPLER_IDS["consistency"]),
+                          torch.zeros(segments), torch.zeros_like(x_t), torch.randn(x_t.shape, generator=gen),
+                          learn_sigma=False).x
+    assert torch.allclose(landed, x_s, atol=1e-3), (landed - x_s).abs().max()

@@ -14,6 +14,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from ..contract import STUDENT_STEP_COUNTS
 from ..model import DiTConfig, get_preset
 
 
@@ -186,7 +187,8 @@ class TrainConfig:
 class DistillSection:
     """The student: how many steps it is trained for, over which guidance, against which teacher step."""
 
-    segments: int = _f(4, "consistency segments: the step count the student is trained for (1-8)", low=1, high=8)
+    segments: int = _f(4, "consistency segments: the step count the student is trained for (1, 2, 4 or 8)", low=1,
+                       high=8)
     teacher_steps: int = _f(40, "the teacher's DDIM solver grid, in steps over its schedule: each target is one "
                                 "teacher step of num_timesteps / teacher_steps timesteps (25 of 1000; LCM skips 20); "
                                 "a multiple of segments, so the segments' boundaries lie on the grid", low=1)
@@ -224,6 +226,13 @@ class DistillConfig:
         if d.teacher_steps % d.segments:
             raise ConfigError(f"distill.teacher_steps ({d.teacher_steps}) must be a multiple of distill.segments "
                               f"({d.segments}), so every segment boundary is a teacher grid timestep")
+        if d.segments not in STUDENT_STEP_COUNTS:
+            raise ConfigError(f"distill.segments must be one of {', '.join(map(str, STUDENT_STEP_COUNTS))} (the step "
+                              f"counts a student serves), got {d.segments}")
+        if d.default_guidance_scale is not None and not \
+                d.min_guidance_scale <= d.default_guidance_scale <= d.max_guidance_scale:
+            raise ConfigError(f"distill.default_guidance_scale ({d.default_guidance_scale:g}) must be within "
+                              f"[distill.min_guidance_scale, distill.max_guidance_scale]")
         if d.min_guidance_scale > d.max_guidance_scale:
             raise ConfigError(f"distill.min_guidance_scale ({d.min_guidance_scale:g}) must be <= "
                               f"distill.max_guidance_scale ({d.max_guidance_scale:g})")

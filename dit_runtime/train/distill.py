@@ -52,7 +52,6 @@ def x0_landing_on(x_s: torch.Tensor, x_t: torch.Tensor, ab_t: torch.Tensor, ab_s
     return (x_s - ratio * x_t) / (torch.sqrt(ab_s) - ratio * torch.sqrt(ab_t))
 
 
-
 class Distiller(Trainer):
     """Trains a consistency student of a teacher checkpoint; ``run()`` returns the student's path."""
 
@@ -68,17 +67,18 @@ class Distiller(Trainer):
                              "guidance to distil; a student needs a guided teacher")
         self._teacher_state = teacher_state
         super().__init__(config, resume=resume, command=command, **kwargs)
+        if len(self.data.class_names) != self.teacher_info.config.num_classes:
+            raise ValueError(f"the data has {len(self.data.class_names)} classes but the teacher {teacher_path} has "
+                             f"{self.teacher_info.config.num_classes}")
 
     @property
     def name(self) -> str:
         return f"{self.config.distill.segments}-step student of {self.teacher_path.stem}"
 
     def _model_config(self, num_classes: int) -> DiTConfig:
-        teacher = self.teacher_info.config
-        if num_classes not in (1, teacher.num_classes):
-            raise ValueError(f"the data has {num_classes} classes but the teacher {self.teacher_path} has "
-                             f"{teacher.num_classes}")
-        return replace(teacher, guidance_embed=True)
+        """The teacher's config with a guidance embedding (the data's class count is checked against it once the
+        data is loaded)."""
+        return replace(self.teacher_info.config, guidance_embed=True)
 
     def _build_model(self) -> DiTModel:
         """The teacher's EMA weights, plus a guidance embedding that adds nothing yet."""
@@ -104,6 +104,14 @@ class Distiller(Trainer):
                                 torch.full((d.teacher_steps + 1,), d.teacher_steps, device=device),
                                 self.schedule.num_timesteps)  # (N + 1,) grid timesteps, the last -1
         self.grid_per_segment = d.teacher_steps // d.segments
+        # The segments' ends as the consistency sampler steps to them at `segments` steps; on the grid.
+        self.boundaries = timestep_at(torch.arange(d.segments + 1, device=device),
+                                      torch.full((d.segments + 1,), d.segments, device=device),
+                                      self.schedule.num_timesteps)
+        if not torch.equal(self.grid[::self.grid_per_segment], self.boundaries):
+            raise ValueError(f"with {self.schedule.num_timesteps} timesteps the teacher grid of distill.teacher_steps "
+                             f"{d.teacher_steps} misses the boundaries of {d.segments} segments by rounding; choose "
+                             "another teacher_steps")
         values = math.prod(self.data.x.shape[1:])
         self.huber_c = d.huber_c if d.huber_c is not None else 0.00054 * math.sqrt(values)
 
@@ -113,7 +121,7 @@ class Distiller(Trainer):
         w = d.min_guidance_scale + (d.max_guidance_scale - d.min_guidance_scale) * torch.rand(n, device=dev)
         index = torch.randint(0, d.teacher_steps, (n,), device=dev)  # (N,) grid step of t
         t, t_next = self.grid[index], self.grid[index + 1]
-        boundary = self.grid[(index // self.grid_per_segment + 1) * self.grid_per_segment]  # the segment's end
+        boundary = self.boundaries[index // self.grid_per_segment + 1]  # the end of t's segment
         ab_t, ab_next, ab_s = (_bcast(self.schedule.alpha_bar(v), x0) for v in (t, t_next, boundary))
         x_t = q_sample(self.schedule, x0, t, torch.randn_like(x0))
         autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.config.trainer.bf16)

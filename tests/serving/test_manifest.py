@@ -4,6 +4,7 @@ name (no Ray here; test_serve_reliability.py shows the same through a deployment
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from serve_helpers import write_digits_checkpoint
@@ -56,3 +57,19 @@ def test_cli_writes_then_checks_and_fails_on_a_changed_file(folder, capsys):
     (folder / "b.safetensors").write_bytes(b"not the same")
     assert main(["--check", str(folder)]) == 1
     assert "BAD" in capsys.readouterr().out
+
+
+def test_every_shipped_checkpoint_is_in_the_manifest_and_every_cpu_config_names_a_shipped_one():
+    """The repository as it ships: `make serve` loads every model of serve_config.yaml from checkpoints/, each checked
+    against its manifest entry, so a file missing from either would stop a replica from starting."""
+    import yaml
+
+    from serving.manifest import verify_checkpoint as verify
+
+    root = Path(__file__).resolve().parents[2]
+    listed = json.loads((root / "checkpoints" / MANIFEST_NAME).read_text())["files"]
+    shipped = sorted(p.name for p in (root / "checkpoints").glob("*.safetensors"))
+    assert sorted(listed) == shipped
+    config = yaml.safe_load((root / "serve_config.yaml").read_text())
+    for model in config["applications"][0]["args"]["models"]:
+        verify(root / model["checkpoint"])
