@@ -83,10 +83,11 @@ def test_model_app_builder_takes_exactly_one_model(ckpt):
         build_model_app({"models": [model_args("a", ckpt), model_args("b", ckpt)]})
 
 
-def test_cpu_config_fits_two_cores_at_max_replicas():
-    raw = app_args("serve_config.yaml")
-    total = raw["gateway"]["num_cpus"] * raw["gateway"]["num_replicas"] + \
-        sum(m["num_cpus"] * m["autoscaling"]["max_replicas"] for m in raw["models"])
+def test_cpu_config_fits_two_cores_at_max_replicas(monkeypatch):
+    monkeypatch.chdir(ROOT)  # its checkpoints, as `serve run` finds them
+    args = AppArgs.parse(app_args("serve_config.yaml"))  # with every default a model leaves out
+    total = args.gateway.num_cpus * args.gateway.num_replicas + \
+        sum(m.num_cpus * m.autoscaling.max_replicas for m in args.models)
     assert total <= 2.0
 
 
