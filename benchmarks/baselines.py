@@ -24,6 +24,9 @@ class EmptiedBatchReplay(AdmissionReplay):
             self.free, self.done_at = self.max_rows, []
         return super().admit(rows, steps)
 
+    def wait(self, rows: int) -> int:
+        return max([self.now] + [step for step, _ in self.done_at])
+
 
 class RequestLevelScheduler(Scheduler):
     """Request-level batching: what the queue's head and those behind it that fit, once the batch is empty."""

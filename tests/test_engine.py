@@ -15,6 +15,7 @@ from dit_runtime.engine import (DeadlineExceededError, Engine, EngineConfig, Gen
                                 InvalidRequestError, QueueFullError, RequestCancelledError, SamplingParams, StepEvent)
 from dit_runtime.engine.process_settings import configure_compile
 from dit_runtime.engine.runner import ModelRunner
+from dit_runtime.engine.scheduler import RequestState, Scheduler
 from dit_runtime.model import DiTModel, get_preset
 from dit_runtime.request import CACHE_POLICIES
 from model_helpers import model_reordering_tolerance, reference_sample
@@ -227,6 +228,26 @@ def test_cancel_takes_images_out_of_the_batch_within_one_step():
         keep.cancel()
     after = steps[cancelled_at + 1:]
     assert steps[0].images == 4 and after and all(s.images <= 1 for s in after)
+
+
+def test_a_queued_request_that_is_cancelled_or_expires_leaves_the_queue_and_the_rest_keep_their_order():
+    scheduler = Scheduler(max_rows=2, buckets=(2,), null_class=10)
+
+    def queued(deadline: float | None = None) -> RequestState:
+        state = RequestState(GenerationRequest.of(0, num_inference_steps=5, guidance_scale=1.0, deadline=deadline),
+                             seed=0, submitted_at=0.0)
+        scheduler.add(state)
+        return state
+
+    running = [queued(), queued()]  # the batch's two rows
+    assert scheduler.schedule().admitted == running
+    a, b, c, d = queued(), queued(deadline=time.time() - 1), queued(), queued(deadline=time.time() + 3600)
+    a.cancelled = True
+    scheduler.cancel(a)
+    plan = scheduler.schedule()
+    assert [(s, type(e)) for s, e in plan.aborted] == [(a, RequestCancelledError), (b, DeadlineExceededError)]
+    assert list(scheduler.waiting) == [c, d] and scheduler.waiting_images == 2
+    assert plan.running == running and not plan.admitted
 
 
 def test_deadline_drops_the_request_with_a_clear_error(engine):

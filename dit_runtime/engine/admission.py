@@ -17,7 +17,7 @@ import heapq
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from .types import QueueFullError
 
@@ -64,8 +64,16 @@ class AdmissionReplay:
         return self.now
 
     def wait(self, rows: int) -> int:
-        """The step a request of ``rows`` rows queued now would be admitted at; this replay stays as it was."""
-        return replace(self, done_at=list(self.done_at)).admit(rows, 0)
+        """The step a request of ``rows`` rows queued now would be admitted at; this replay stays as it was (what
+        the answer pops is pushed back: a few heap operations, not a copy of a heap as long as the queue)."""
+        free, now, popped = self.free, self.now, []
+        while free < rows and self.done_at:
+            step, freed = heapq.heappop(self.done_at)
+            popped.append((step, freed))
+            now, free = max(now, step), free + freed
+        for entry in popped:
+            heapq.heappush(self.done_at, entry)
+        return now
 
 
 class BusyStepTime:

@@ -85,7 +85,7 @@ class RequestHandle:
     def cancel(self) -> None:
         """Drop the request; its images leave the batch at the next step boundary."""
         self._state.cancelled = True
-        self._engine._wake()
+        self._engine._cancel(self._state)
 
     def _unpack(self, item):
         if item is _END:
@@ -193,6 +193,8 @@ class Engine:
         self._decode = decode if decode is not None else (to_uint8 if info.space == "pixel" else None)
         self._handles: dict[int, RequestHandle] = {}  # by id() of the request's state
         self._inbox: list[RequestState] = []
+        self._inbox_images = 0
+        self._cancelled: list[RequestState] = []  # cancelled since the loop's last turn
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._thread: threading.Thread | None = None
@@ -309,11 +311,12 @@ class Engine:
         state = RequestState(request=request, seed=seed, submitted_at=time.monotonic())
         with self._lock:
             if bounded:
-                waiting = self.scheduler.waiting_images + sum(s.num_images for s in self._inbox)
+                waiting = self.scheduler.waiting_images + self._inbox_images
                 self.admission.check(state.rows, state.num_images, waiting, request.deadline)
             handle = RequestHandle(request.request_id, self, state, progress)
             self._handles[id(state)] = handle
             self._inbox.append(state)
+            self._inbox_images += state.num_images
             self.admission.queued(state.rows, request.sampling.num_inference_steps)
         self._wake()
         return handle
@@ -355,6 +358,11 @@ class Engine:
     def _wake(self) -> None:
         self._wakeup.set()
 
+    def _cancel(self, state: RequestState) -> None:
+        with self._lock:
+            self._cancelled.append(state)
+        self._wake()
+
     def _raise_if_stopped(self) -> None:
         if self._failure is not None:
             raise EngineStoppedError(f"the engine loop died: {self._failure!r}")
@@ -375,6 +383,10 @@ class Engine:
                 self._finish(state, EngineStoppedError(f"the engine loop died: {e!r}"))
             return
         error = EngineStoppedError("the engine was stopped")
+        with self._lock:  # what was submitted as it stopped fails with the rest
+            for state in self._inbox:
+                self.scheduler.add(state)
+            self._inbox, self._inbox_images = [], 0
         self._finish_all(self.scheduler.abort_all(error))
         self._deliver_pending(block=True)
 
@@ -384,7 +396,9 @@ class Engine:
         with self._lock:  # the queue's order unchanged: the admission replay stays true
             for state in self._inbox:
                 self.scheduler.add(state)
-            self._inbox = []
+            for state in self._cancelled:  # after the inbox: a request cancelled before its first turn is queued
+                self.scheduler.cancel(state)
+            self._inbox, self._inbox_images, self._cancelled = [], 0, []
         if not self.scheduler.has_work():
             return False
         self._step()
@@ -426,8 +440,8 @@ class Engine:
             if handle is not None and handle.progress and state.admitted_at is not None:
                 handle._push(StepEvent(state.request.request_id, state.step,
                                        state.request.sampling.num_inference_steps))
-        for state in finished:
-            self._pending.append(self._read(state))
+        if finished:
+            self._read(finished)
 
     def _record_step(self, plan: StepPlan, start: float) -> None:
         """Count the step, time it for admission, and hand its StepStats to ``on_step``."""
@@ -445,13 +459,18 @@ class Engine:
                                    waiting_requests=len(self.scheduler.waiting),
                                    waiting_images=self.scheduler.waiting_images, estimated_wait_seconds=wait))
 
-    def _read(self, state: RequestState) -> _Pending:
-        samples = self.runner.read_samples(state.slots)
+    def _read(self, finished: list[RequestState]) -> None:
+        """The finished requests' samples on their way to the host: one gather and one copy for the step's."""
+        samples = self.runner.read_samples([slot for state in finished for slot in state.slots])
         event = None
         if samples.device.type == "cpu" and self.runner.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
-        return _Pending(state=state, samples=samples, event=event, finished_at=time.monotonic())
+        now, start = time.monotonic(), 0
+        for state in finished:
+            end = start + state.num_images
+            self._pending.append(_Pending(state=state, samples=samples[start:end], event=event, finished_at=now))
+            start = end
 
     def _deliver_pending(self, block: bool) -> None:
         keep = []

@@ -29,6 +29,7 @@ import time
 from collections import deque
 from enum import IntEnum
 
+import numpy as np
 import torch
 
 from ..diffusion import (INITIAL_NOISE_COUNTER, SAMPLER_IDS, NoiseSchedule, counter_noise, noise_key,
@@ -351,10 +352,9 @@ class ModelRunner:
     def set_layout(self, layout: Layout) -> None:
         """Upload the rows/images layout; called only when requests joined or left."""
         host = torch.zeros_like(self.layout, device="cpu", pin_memory=self.device.type == "cuda")
-        for row, values in ((IMAGE_SLOT, layout.image_slot), (ROW_IMAGE, layout.row_image),
-                            (ROW_LABEL, layout.row_label), (COND_ROW, layout.cond_row),
-                            (UNCOND_ROW, layout.uncond_row), (ROW_CACHE, layout.row_cache)):
-            host[row, :layout.bucket] = torch.tensor(values, dtype=torch.int64)
+        lists = (layout.image_slot, layout.row_image, layout.row_label, layout.cond_row, layout.uncond_row,
+                 layout.row_cache)  # in LayoutRow's order, up to ROW_REAL
+        host[:ROW_REAL, :layout.bucket] = torch.from_numpy(np.array(lists, dtype=np.int64))
         host[ROW_REAL, :layout.rows] = 1  # the rows before the padding
         self.layout.copy_(host, non_blocking=True)
 
@@ -370,36 +370,35 @@ class ModelRunner:
         return counter_noise(key, counter, self.image_shape)
 
     def admit(self, states: list[RequestState]) -> None:
-        """Initialise the slots of newly admitted requests: initial noise and their sampler settings."""
-        slots, keys, steps, samplers, etas, guidance, schedules = [], [], [], [], [], [], []
+        """Initialise the slots of newly admitted requests: initial noise and their sampler settings (two uploads,
+        one of integers and one of floats, whatever the count)."""
+        ints, floats = [], []  # per image: slot, noise key (2), steps, sampler[, cache schedule (4)]; eta, guidance
         for state in states:
             s = state.request.sampling
-            schedule = (*s.cache_policy.schedule(s.num_inference_steps), s.cache_policy.order)
+            settings = [s.num_inference_steps, SAMPLER_IDS[s.sampler]]
+            if self.cache is not None:
+                settings += [*s.cache_policy.schedule(s.num_inference_steps), s.cache_policy.order]
             for image_index, slot in enumerate(state.slots):
-                slots.append(slot)
-                keys.append(noise_key(state.seed, image_index))
-                steps.append(s.num_inference_steps)
-                samplers.append(SAMPLER_IDS[s.sampler])
-                etas.append(float(s.eta))
-                guidance.append(float(s.guidance_scale))
-                schedules.append(schedule)
-        if not slots:
+                ints.append([slot, *noise_key(state.seed, image_index), *settings])
+                floats.append([float(s.eta), float(s.guidance_scale)])
+        if not ints:
             return
-        dev = self.device
-        idx = torch.tensor(slots, dtype=torch.int64).to(dev, non_blocking=True)
-        key = torch.tensor(keys, dtype=torch.int64).to(dev, non_blocking=True)
+        pin = self.device.type == "cuda"
+        ints = torch.tensor(ints, dtype=torch.int64, pin_memory=pin).to(self.device, non_blocking=True)
+        floats = torch.tensor(floats, dtype=torch.float32, pin_memory=pin).to(self.device, non_blocking=True)
+        # The noise programs take a tensor of its own, of contiguous strides, as at warm-up (their guards check them).
+        idx, key = ints[:, 0], ints[:, 1:3].clone(memory_format=torch.contiguous_format)
         self.key[idx] = key
         self.x[idx] = self.initial_noise(key)
         self.prev_x0[idx] = 0.0
         self.step_index[idx] = 0
-        self.num_steps[idx] = torch.tensor(steps, dtype=torch.int64).to(dev, non_blocking=True)
-        self.sampler[idx] = torch.tensor(samplers, dtype=torch.int64).to(dev, non_blocking=True)
-        self.eta[idx] = torch.tensor(etas).to(dev, non_blocking=True)
-        self.guidance[idx] = torch.tensor(guidance).to(dev, non_blocking=True)
+        self.num_steps[idx] = ints[:, 3]
+        self.sampler[idx] = ints[:, 4]
+        self.eta[idx] = floats[:, 0]
+        self.guidance[idx] = floats[:, 1]
         if self.cache is not None:
-            values = torch.tensor(schedules, dtype=torch.int64).to(dev, non_blocking=True)  # (images, 4)
             for i, buffer in enumerate((self.cache_interval, self.cache_warmup, self.cache_cooldown, self.cache_order)):
-                buffer[idx] = values[:, i]
+                buffer[idx] = ints[:, 5 + i]
 
     def read_samples(self, slots: list[int]) -> torch.Tensor:
         """Copy the finished samples of ``slots`` to the host (non-blocking on the GPU; wait on an event)."""

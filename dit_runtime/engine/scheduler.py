@@ -10,6 +10,8 @@ retires the finished ones at once, returning their slots and cache entries.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -31,14 +33,12 @@ class RequestState:
     step: int = 0
     admitted_at: float | None = None
     cancelled: bool = False
+    # The request's, read here once: the scheduler reads them several times per step for each request it holds.
+    num_images: int = field(init=False)
+    rows: int = field(init=False)
 
-    @property
-    def num_images(self) -> int:
-        return self.request.num_images
-
-    @property
-    def rows(self) -> int:
-        return self.request.rows
+    def __post_init__(self) -> None:
+        self.num_images, self.rows = self.request.num_images, self.request.rows
 
     @property
     def done(self) -> bool:
@@ -112,11 +112,23 @@ class Scheduler:
         self._free_entries = list(range(cache_rows - 1, -1, -1))
         self._layout: Layout | None = None
         self._changed = True
+        # What may leave the queue before its turn, so that a step looks at those and not at every waiting request
+        # (a few thousand queued few-step requests made that scan a step's longest part): cancellations since the
+        # last step, and a heap of (deadline, arrival, state) of the requests queued with one.
+        self._cancelled: list[RequestState] = []
+        self._deadlines: list[tuple[float, int, RequestState]] = []
+        self._arrivals = itertools.count()
 
     # ---- queue ------------------------------------------------------------------------------------------------
     def add(self, state: RequestState) -> None:
         self.waiting.append(state)
         self._waiting_images += state.num_images
+        if state.request.deadline is not None:
+            heapq.heappush(self._deadlines, (state.request.deadline, next(self._arrivals), state))
+
+    def cancel(self, state: RequestState) -> None:
+        """``state`` was cancelled (``state.cancelled`` is set): it leaves the queue or the batch at the next step."""
+        self._cancelled.append(state)
 
     @property
     def waiting_images(self) -> int:
@@ -155,17 +167,34 @@ class Scheduler:
                 return DeadlineExceededError(f"request {state.request.request_id} passed its deadline {where}")
             return None
 
-        for queue_name in ("running", "waiting"):
-            kept = []
-            for state in getattr(self, queue_name):
-                err = reason(state)
-                if err is None:
-                    kept.append(state)
+        kept = []
+        for state in self.running:  # at most max_rows of them: each is checked
+            err = reason(state)
+            if err is None:
+                kept.append(state)
+            else:
+                aborted.append((state, err))
+                self._release(state)
+        self.running = kept
+        leaving = {id(s): s for s in self._cancelled if s.admitted_at is None}  # the queue's: only these are looked at
+        self._cancelled = []
+        while self._deadlines and wall >= self._deadlines[0][0]:
+            state = heapq.heappop(self._deadlines)[2]
+            if state.admitted_at is None:
+                leaving[id(state)] = state
+        if leaving:
+            waiting = deque()
+            for state in self.waiting:
+                if id(state) in leaving:
+                    aborted.append((state, reason(state)))
+                    self._waiting_images -= state.num_images
                 else:
-                    aborted.append((state, err))
-                    self._release(state)
-            setattr(self, queue_name, deque(kept) if queue_name == "waiting" else kept)
-        self._waiting_images = sum(s.num_images for s in self.waiting)
+                    waiting.append(state)
+            self.waiting = waiting
+        if len(self._deadlines) > 2 * len(self.waiting) + 64:  # drop the entries of those admitted or cancelled
+            self._deadlines = [entry for entry in self._deadlines
+                               if entry[2].admitted_at is None and not entry[2].cancelled]
+            heapq.heapify(self._deadlines)
 
         admitted = self._admit(now)
         if admitted or aborted:
@@ -282,4 +311,5 @@ class Scheduler:
         out = self.abort_running(error) + [(s, error) for s in self.waiting]
         self.waiting = deque()
         self._waiting_images = 0
+        self._cancelled, self._deadlines = [], []
         return out
