@@ -12,7 +12,8 @@ Parts (``--parts``; forward, latency and load by default):
   students  a few-step student (the same model with a guidance embedding, random weights) beside its guided
             teacher: one guided image at each ``--student-steps`` count (one row a step) against the teacher's
             ``--teacher-steps`` DDIM steps (two rows), and images/s with a full batch of ``--batches``' largest
-            rows (``--student-images`` images through each, all submitted at once)
+            rows (``--student-images`` images through each, all submitted at once); the student of each of the
+            ``ours`` and ``baseline`` setups given (ours alone by default), the teacher ours
 
 Setups (``--setups``):
   diffusers-eager, diffusers-compile   diffusers' DiTTransformer2DModel in fp16, eager or torch.compile'd; timed
@@ -422,33 +423,37 @@ def _diffusers_one_image(preset: str, setup: str, steps: int, guidance: float, d
 
 
 # ---- part: few-step students --------------------------------------------------------------------------------
-def student_engine(preset: str, buckets: tuple[int, ...], max_queue: int):
-    """A started fp16 engine, compiled and graph-captured, over a random-weight student of ``preset``."""
-    from dit_runtime.contract import SamplingContract, Teacher, student_contract
-    from dit_runtime.engine import Engine, EngineConfig, configure_compile
+def student_engine(setup: str, preset: str, buckets: tuple[int, ...], max_queue: int):
+    """A started fp16 engine of ``setup`` (ours or baseline), compiled and graph-captured, over a random-weight
+    student of ``preset``."""
+    package = runtime(setup)
+    contract = importlib.import_module(package.__name__ + ".contract")
+    engine = importlib.import_module(package.__name__ + ".engine")
+    sampling = contract.student_contract(contract.SamplingContract(), contract.Teacher(
+        checkpoint="random", sha256="", segments=4, method="multistep-consistency"), max_guidance_scale=8.0,
+        guidance_scale=4.0)
+    config = engine.EngineConfig(device="cuda", precision="fp16", max_batch_size=max(buckets), batch_buckets=buckets,
+                                 compile=True, cuda_graphs=True, max_queue_size=max_queue, feature_cache_rows=0)
+    engine.configure_compile(config)
+    return engine.Engine.random_weights(preset, config, sampling=sampling).start()
 
-    contract = student_contract(SamplingContract(), Teacher(checkpoint="random", sha256="", segments=4,
-                                                            method="multistep-consistency"),
-                                max_guidance_scale=8.0, guidance_scale=4.0)
-    config = EngineConfig(device="cuda", precision="fp16", max_batch_size=max(buckets), batch_buckets=buckets,
-                          compile=True, cuda_graphs=True, max_queue_size=max_queue, feature_cache_rows=0)
-    configure_compile(config)
-    return Engine.random_weights(preset, config, sampling=contract).start()
 
-
-def bench_students(rec: Recorder, preset: str, student_steps: list[int], teacher_steps: int, max_rows: int,
-                   images: int, rounds: int, clock: GpuClock | None = None) -> None:
-    """One guided image, and images/s at a full batch, of a student against its guided teacher, in turn."""
-    from dit_runtime.engine import GenerationRequest
-
+def bench_students(rec: Recorder, preset: str, setups: list[str], student_steps: list[int], teacher_steps: int,
+                   max_rows: int, images: int, rounds: int, clock: GpuClock | None = None) -> None:
+    """One guided image, and images/s at a full batch, of a student (of each setup: ours, baseline) against our
+    guided teacher, in turn."""
+    setups = [s for s in setups if s in ("ours", "baseline")] or ["ours"]
     teacher = engine_for("ours-nocache", preset, (2, max_rows), max_queue=images)
-    student = student_engine(preset, (1, max_rows), max_queue=images)
-    calls = {("teacher", teacher_steps): lambda: teacher.submit(GenerationRequest.of(
-        1, seed=0, num_inference_steps=teacher_steps, sampler="ddim", guidance_scale=4.0), progress=False).result(60)}
-    for steps in student_steps:
-        calls[("student", steps)] = lambda steps=steps: student.submit(GenerationRequest.of(
-            1, seed=0, num_inference_steps=steps, sampler="consistency", guidance_scale=4.0),
-            progress=False).result(60)
+    students = {setup: student_engine(setup, preset, (1, max_rows), max_queue=images) for setup in setups}
+
+    def one_image(engine, setup: str, steps: int, sampler: str):
+        request = engine_request(runtime(setup), 1, 0, steps, sampler, 4.0)
+        return lambda: engine.submit(request, progress=False).result(60)
+
+    calls = {("teacher", "ours", teacher_steps): one_image(teacher, "ours", teacher_steps, "ddim")}
+    for setup, student in students.items():
+        for steps in student_steps:
+            calls[("student", setup, steps)] = one_image(student, setup, steps, "consistency")
     for call in calls.values():  # warm
         for _ in range(3):
             call()
@@ -461,35 +466,39 @@ def bench_students(rec: Recorder, preset: str, student_steps: list[int], teacher
                 call()
                 times[key].append(time.perf_counter() - start)
     seen = clock.window(t0, time.time()) if clock else {}
-    for (who, steps), ts in times.items():
-        rec.add({"part": "students", "what": "one image", "model": preset, "who": who, "steps": steps,
-                 "guidance": 4.0, "rows_per_image": 1 if who == "student" else 2, "runs": len(ts),
+    for (who, setup, steps), ts in times.items():
+        rec.add({"part": "students", "what": "one image", "model": preset, "who": who, "setup": setup,
+                 "steps": steps, "guidance": 4.0, "rows_per_image": 1 if who == "student" else 2, "runs": len(ts),
                  "ms_median": round(statistics.median(ts) * 1e3, 3), "ms_min": round(min(ts) * 1e3, 3), **seen})
 
-    def throughput(engine, steps: int, sampler: str, n: int) -> float:
-        classes = engine.info.config.num_classes
+    def throughput(engine, setup: str, steps: int, sampler: str, n: int) -> float:
+        package, classes = runtime(setup), engine.info.config.num_classes
         start = time.perf_counter()
-        handles = [engine.submit(GenerationRequest.of(i % classes, seed=i, num_inference_steps=steps, sampler=sampler,
-                                                      guidance_scale=4.0), progress=False) for i in range(n)]
+        handles = [engine.submit(engine_request(package, i % classes, i, steps, sampler, 4.0), progress=False)
+                   for i in range(n)]
         for handle in handles:
             handle.result(600)
         return n / (time.perf_counter() - start)
 
+    steps = min(4, max(student_steps))
     rates = collections.defaultdict(list)
     t0 = time.time()
     for _ in range(rounds):
-        rates["teacher"].append(throughput(teacher, teacher_steps, "ddim", images // 8))
-        rates["student"].append(throughput(student, min(4, max(student_steps)), "consistency", images))
+        rates[("teacher", "ours")].append(throughput(teacher, "ours", teacher_steps, "ddim", images // 8))
+        for setup, student in students.items():
+            rates[("student", setup)].append(throughput(student, setup, steps, "consistency", images))
     seen = clock.window(t0, time.time()) if clock else {}
-    for who, values in rates.items():
-        rec.add({"part": "students", "what": "images/s", "model": preset, "who": who,
-                 "steps": teacher_steps if who == "teacher" else min(4, max(student_steps)), "max_rows": max_rows,
+    for (who, setup), values in rates.items():
+        rec.add({"part": "students", "what": "images/s", "model": preset, "who": who, "setup": setup,
+                 "steps": teacher_steps if who == "teacher" else steps, "max_rows": max_rows,
                  "images_per_s_median": round(statistics.median(values), 1), "runs": len(values), **seen})
-    rec.add({"part": "students", "what": "images/s ratio", "model": preset,
-             "student_over_teacher": round(statistics.median(rates["student"]) / statistics.median(rates["teacher"]),
-                                           2)})
+    for setup in students:
+        ratio = statistics.median(rates[("student", setup)]) / statistics.median(rates[("teacher", "ours")])
+        rec.add({"part": "students", "what": "images/s ratio", "model": preset, "setup": setup,
+                 "student_over_teacher": round(ratio, 2)})
     teacher.stop()
-    student.stop()
+    for student in students.values():
+        student.stop()
     torch.cuda.empty_cache()
 
 
@@ -631,8 +640,8 @@ def main(argv: list[str] | None = None) -> int:
             bench_latency(rec, preset, [s for s in args.setups if not s.endswith("-nofuse")], rounds=args.rounds,
                           clock=clock, caches=tuple(args.caches))
         if "students" in args.parts:
-            bench_students(rec, preset, args.student_steps, args.teacher_steps, max(args.batches), args.student_images,
-                           args.rounds, clock)
+            bench_students(rec, preset, args.setups, args.student_steps, args.teacher_steps, max(args.batches),
+                           args.student_images, args.rounds, clock)
         if "load" in args.parts:
             bench_load(rec, preset, args.rates, args.load_seconds, args.load_max_batch, args.policies,
                        tuple(args.load_buckets), tuple(args.load_caches))
