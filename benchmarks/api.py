@@ -37,7 +37,7 @@ class ReadyModel:
         return SPEC
 
     async def generate(self, request: GenerationRequest) -> EncodedImages:
-        return EncodedImages(("A" * ANSWER_B64_CHARS,) * request.num_images, seed=1, queue_seconds=0.0,
+        return EncodedImages(("A" * ANSWER_B64_CHARS,) * request.num_images, "png", seed=1, queue_seconds=0.0,
                              denoise_seconds=0.0, engine_seconds=0.0)
 
     def stream(self, request: GenerationRequest):

@@ -77,7 +77,7 @@ def engine_alone(a, out: Path) -> dict:
             start = time.perf_counter()
             answer = await server.generate(request)
             elapsed = time.perf_counter() - start
-            if not hasattr(answer, "b64_pngs"):
+            if not hasattr(answer, "b64_images"):
                 raise RuntimeError(f"request failed: {answer}")
             latency.append(answer.engine_seconds)
             extra.append(elapsed - answer.engine_seconds)

@@ -1,7 +1,8 @@
-"""Model outputs to image files: [-1, 1] tensors -> uint8 arrays -> PNGs and grids."""
+"""Model outputs to image files: [-1, 1] tensors -> uint8 arrays -> PNG, JPEG or WebP files, and grids."""
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import struct
@@ -12,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from .request import OutputEncoding
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -105,6 +108,22 @@ def encode_png(image: np.ndarray, level: int = 1, threads: int | None = None, po
     else:
         data = _deflate(rows.tobytes(), level, threads, pool)
     return PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
+
+
+def encode_image(image: np.ndarray, encoding: OutputEncoding, pool: Executor | None = None) -> bytes:
+    """One uint8 (H, W, C) image -> the bytes of a file in ``encoding``'s format: PNG by ``encode_png`` (faster than
+    Pillow's on the same images, its docstring says by how much), JPEG and WebP by Pillow at ``encoding.quality``.
+    JPEG holds grey and RGB images only (C = 1 or 3)."""
+    if encoding.format == "png":
+        return encode_png(image, pool=pool)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"expected a uint8 (H, W, C) image with 1, 3 or 4 channels, got {image.dtype} {image.shape}")
+    if encoding.format == "jpeg" and image.shape[-1] == 4:
+        raise ValueError("jpeg holds grey or RGB images, these have 4 channels: ask for png or webp")
+    buffer = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format=encoding.format.upper(),
+                                                                           quality=encoding.quality)
+    return buffer.getvalue()
 
 
 def make_grid(images: np.ndarray, ncols: int | None = None, padding: int = 2) -> np.ndarray:

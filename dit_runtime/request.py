@@ -4,7 +4,8 @@
   construction; its defaults are the ones every model falls back to.
 - ``CachePolicy``: which denoising steps run the model's blocks for an image, and how the others forecast them
   (named presets in ``CACHE_POLICIES``; ``is_full_step`` is the rule the scheduler and the runner share).
-- ``GenerationRequest``: the job: a class id per image, its ``SamplingParams``, the output upscale and the deadline.
+- ``GenerationRequest``: the job: a class id per image, its ``SamplingParams``, the output upscale and encoding
+  (``OutputEncoding``), and the deadline.
   The API builds it once; the model server, the engine and the runner read it unchanged.
 - ``ModelSpec``: what a served model accepts (its classes, resolution, defaults and the deployment's limits).
   ``build_request`` resolves a client's fields against it and ``check`` holds a request to it: every rule about a
@@ -43,6 +44,10 @@ MAX_SEED = 2 ** 63  # seeds are in [0, MAX_SEED)
 # and sends again is rounded, and "the same seed" draws other images. A seed the client gives may use all of MAX_SEED.
 MAX_DRAWN_SEED = 2 ** 53
 SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")  # the API's `size`: "WxH"
+# The API's `output_format`s (OpenAI's), and the quality a lossy one is encoded at when `output_compression` is left
+# out: OpenAI's default of 100, the encoder's best.
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+DEFAULT_OUTPUT_COMPRESSION = 100
 
 
 class InvalidRequestError(ValueError):
@@ -202,6 +207,37 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class OutputEncoding:
+    """How the images leave the server: a file format, and for the lossy ones a quality (the API's
+    ``output_compression``, 0-100, the scale JPEG and WebP encoders take). PNG is lossless and takes none."""
+
+    format: str = "png"
+    compression: int | None = None  # None: DEFAULT_OUTPUT_COMPRESSION for jpeg and webp
+
+    def __post_init__(self) -> None:
+        if self.format not in OUTPUT_FORMATS:
+            raise InvalidRequestError("output_format", f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, "
+                                                       f"got {self.format!r}")
+        if self.compression is None:
+            return
+        if self.format == "png":
+            raise InvalidRequestError("output_compression", "output_compression applies to jpeg and webp; png is "
+                                                            "lossless: leave it out, or ask for jpeg or webp")
+        if not _is_int(self.compression) or not 0 <= self.compression <= 100:
+            raise InvalidRequestError("output_compression", f"output_compression must be an integer in [0, 100], "
+                                                            f"got {self.compression!r}")
+
+    @property
+    def quality(self) -> int:
+        """The lossy encoders' quality, 0-100."""
+        return DEFAULT_OUTPUT_COMPRESSION if self.compression is None else self.compression
+
+    @property
+    def media_type(self) -> str:
+        return f"image/{self.format}"
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """One job: an image per class id, all denoised with one ``SamplingParams``.
 
@@ -211,6 +247,7 @@ class GenerationRequest:
     class_ids: tuple[int, ...]
     sampling: SamplingParams = SamplingParams()
     upscale: int = 1  # each image enlarged this many times, nearest pixel (the API's `size`)
+    encoding: OutputEncoding = OutputEncoding()  # the API's `output_format` and `output_compression`
     deadline: float | None = None  # Unix time (time.time()) past which it is dropped with DeadlineExceededError
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
@@ -226,8 +263,8 @@ class GenerationRequest:
     @classmethod
     def of(cls, class_id: int, n: int = 1, **sampling) -> "GenerationRequest":
         """``n`` images of one class: ``GenerationRequest.of(3, n=2, seed=1, num_inference_steps=10)``; the keyword
-        arguments are ``SamplingParams`` fields, plus ``deadline``, ``upscale`` and ``request_id``."""
-        job = {k: sampling.pop(k) for k in ("deadline", "upscale", "request_id") if k in sampling}
+        arguments are ``SamplingParams`` fields, plus ``deadline``, ``upscale``, ``encoding`` and ``request_id``."""
+        job = {k: sampling.pop(k) for k in ("deadline", "upscale", "encoding", "request_id") if k in sampling}
         return cls((class_id,) * n, SamplingParams(**sampling), **job)
 
     @property
@@ -311,7 +348,8 @@ class ModelSpec:
     def build_request(self, *, prompt: str | None = None, class_label: int | list[int] | None = None, n: int = 1,
                       size: str | None = None, num_inference_steps: int | None = None, sampler: str | None = None,
                       guidance_scale: float | None = None, eta: float | None = None, cache: str | None = None,
-                      seed: int | None = None, deadline: float | None = None) -> GenerationRequest:
+                      seed: int | None = None, output_format: str | None = None,
+                      output_compression: int | None = None, deadline: float | None = None) -> GenerationRequest:
         """Resolve an API request's fields (named as in the API; None: this model's default) into a checked
         ``GenerationRequest``; raises ``InvalidRequestError`` naming the first field out of range."""
         if prompt is None and class_label is None:
@@ -328,8 +366,9 @@ class ModelSpec:
             raise InvalidRequestError(param, f"{param}: {e}") from None
         sampling = self.sampling(num_inference_steps=num_inference_steps, sampler=sampler,
                                  guidance_scale=guidance_scale, eta=eta, cache=cache, seed=seed)
+        encoding = OutputEncoding("png" if output_format is None else output_format, output_compression)
         request = GenerationRequest(tuple(class_ids * n if len(class_ids) == 1 else class_ids), sampling,
-                                    upscale=self.upscale_for(size), deadline=deadline)
+                                    upscale=self.upscale_for(size), encoding=encoding, deadline=deadline)
         self.check(request)
         return request
 

@@ -47,9 +47,10 @@ ANSWERING_STATES = ("RUNNING", "STOPPING")
 
 @dataclass(frozen=True)
 class EncodedImages:
-    """A finished request as the API sends it: base64 PNGs, the seed used and the engine's timings."""
+    """A finished request as the API sends it: base64 image files, the seed used and the engine's timings."""
 
-    b64_pngs: tuple[str, ...]
+    b64_images: tuple[str, ...]  # files of the request's output_format
+    output_format: str
     seed: int
     queue_seconds: float  # submit -> admission into the batch
     denoise_seconds: float  # admission -> last step

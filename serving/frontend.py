@@ -262,7 +262,8 @@ class Frontend:
                 request = spec.build_request(prompt=body.prompt, class_label=body.class_label, n=body.n,
                                              size=body.size, num_inference_steps=body.num_inference_steps,
                                              sampler=body.sampler, guidance_scale=body.guidance_scale,
-                                             cache=body.cache, seed=body.seed,
+                                             cache=body.cache, seed=body.seed, output_format=body.output_format,
+                                             output_compression=body.output_compression,
                                              deadline=time.time() + self.limits.request_timeout_s)
             except InvalidRequestError as e:
                 raise invalid(e.field, str(e)) from None
@@ -303,7 +304,8 @@ class Frontend:
     @staticmethod
     def _images_response(images: EncodedImages, started: float | None) -> ImagesResponse:
         return ImagesResponse(
-            created=int(time.time()), data=[ImageData(b64_json=b) for b in images.b64_pngs], seed=images.seed,
+            created=int(time.time()), data=[ImageData(b64_json=b) for b in images.b64_images],
+            output_format=images.output_format, seed=images.seed,
             timings=Timings(queue_seconds=images.queue_seconds, denoise_seconds=images.denoise_seconds,
                             engine_seconds=images.engine_seconds,
                             server_seconds=None if started is None else time.perf_counter() - started))

@@ -28,7 +28,7 @@ from dit_runtime.engine import (DeadlineExceededError, Engine, EngineError, Engi
                                 GenerationResult, InvalidRequestError, ModelSpec, QueueFullError,
                                 RequestCancelledError, StepEvent, configure_compile)
 from dit_runtime.engine.engine import settle_threadsafe
-from dit_runtime.images import deflate_threads, encode_png
+from dit_runtime.images import deflate_threads, encode_image
 from dit_runtime.vae import LatentDecoder
 
 from .autoscaling import OCCUPANCY, QUEUE_WAIT
@@ -232,7 +232,16 @@ class ModelServer:
     def _submit(self, request: GenerationRequest, progress: bool = True):
         if self.engine is None:
             raise self._not_loaded()
+        if request.encoding.format == "jpeg" and self.image_channels not in (1, 3):
+            raise invalid("output_format", f"output_format jpeg holds grey or RGB images, and model {self.name!r} "
+                                           f"answers {self.image_channels} channels (a latent served without its "
+                                           "VAE): ask for png or webp")
         return self.engine.submit(request, progress=progress)
+
+    @property
+    def image_channels(self) -> int:
+        """Channels of this model's answers: RGB through its VAE, else the model's own."""
+        return 3 if self.decoder is not None else self.model_spec.channels
 
     def _encodes_inline(self, request: GenerationRequest) -> bool:
         """Whether a request's answer is encoded on the event loop: no VAE to run and at most
@@ -261,14 +270,16 @@ class ModelServer:
             self.metrics.on_result(outcome)  # after the hand-off: off the answer's path
 
     def _encode(self, result: GenerationResult, request: GenerationRequest) -> EncodedImages:
-        """The result's images as base64 PNGs: decoded by the VAE first for a latent model that has one."""
+        """The result's images as base64 files of the request's format: decoded by the VAE first for a latent model
+        that has one."""
         if result.images is not None:
             images = result.images
         elif self.decoder is not None:
             images = self.decoder(result.latents)
         else:
             images = latents_to_uint8(result.latents)
-        return EncodedImages(b64_pngs=tuple(encode_pngs(images, request.upscale, self._deflater)), seed=result.seed,
+        return EncodedImages(b64_images=tuple(encode_images(images, request, self._deflater)),
+                             output_format=request.encoding.format, seed=result.seed,
                              queue_seconds=result.queue_seconds, denoise_seconds=result.denoise_seconds,
                              engine_seconds=result.total_seconds, spec_fingerprint=self.model_spec.fingerprint)
 
@@ -298,12 +309,13 @@ class ModelServer:
             self.metrics.record_startup(self.startup)
 
 
-def encode_pngs(images: np.ndarray, scale: int = 1, pool: Executor | None = None) -> list[str]:
-    """uint8 (n, H, W, C) -> base64 PNGs (C = 1 grey, 3 RGB, 4 RGBA), upscaled ``scale`` times (nearest pixel); a
-    large image's deflate runs in slices on ``pool`` (``encode_png``)."""
+def encode_images(images: np.ndarray, request: GenerationRequest, pool: Executor | None = None) -> list[str]:
+    """uint8 (n, H, W, C) -> base64 files of ``request.encoding`` (``images.encode_image``), upscaled
+    ``request.upscale`` times (nearest pixel); a large PNG's deflate runs in slices on ``pool``."""
+    scale = request.upscale
     if scale > 1:
         images = images.repeat(scale, axis=1).repeat(scale, axis=2)
-    return [base64.b64encode(encode_png(image, pool=pool)).decode("ascii") for image in images]
+    return [base64.b64encode(encode_image(image, request.encoding, pool=pool)).decode("ascii") for image in images]
 
 
 def latents_to_uint8(latents: np.ndarray) -> np.ndarray:

@@ -1,11 +1,11 @@
 """HTTP schemas: OpenAI's images API (``POST /v1/images/generations``) plus our extension fields.
 
-The official ``openai`` client sends ``model``, ``prompt``, ``n``, ``size``, ``response_format`` and ``user``; our
-extensions (``class_label``, ``seed``, ``num_inference_steps``, ``guidance_scale``, ``sampler``, ``cache``,
-``stream``) travel as
-extra body fields (``extra_body=...``). These schemas check types and shapes only: every bound (the ones all models
-share and a deployment's limits) is checked in one place, ``dit_runtime.request``, when the API builds the request,
-and the ranges below are its constants, shown in the schema for clients.
+The official ``openai`` client sends ``model``, ``prompt``, ``n``, ``size``, ``response_format``, ``output_format``,
+``output_compression`` and ``user``; our extensions (``class_label``, ``seed``, ``num_inference_steps``,
+``guidance_scale``, ``sampler``, ``cache``, ``stream``) travel as extra body fields (``extra_body=...``). These
+schemas check types and shapes only: every bound (the ones all models share and a deployment's limits) is checked in
+one place, ``dit_runtime.request``, when the API builds the request, and the ranges below are its constants, shown
+in the schema for clients.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dit_runtime.request import CACHE_POLICIES, MAX_GUIDANCE_SCALE, MAX_SEED, NUM_TRAIN_TIMESTEPS, SAMPLERS, Sampler
+from dit_runtime.request import (CACHE_POLICIES, DEFAULT_OUTPUT_COMPRESSION, MAX_GUIDANCE_SCALE, MAX_SEED,
+                                 NUM_TRAIN_TIMESTEPS, OUTPUT_FORMATS, SAMPLERS, Sampler)
 
 
 class ImageGenerationRequest(BaseModel):
@@ -33,6 +34,11 @@ class ImageGenerationRequest(BaseModel):
                              description="'WxH': the model's resolution times a whole factor, up to the server's "
                                          "limits.max_image_side; default: the model's resolution")
     response_format: Literal["b64_json"] = "b64_json"
+    output_format: str | None = Field(None, max_length=16, description=f"the image files: one of "
+                                                                        f"{', '.join(OUTPUT_FORMATS)}; default png")
+    output_compression: int | None = Field(None, description=f"jpeg and webp: the encoder's quality, 0-100; default "
+                                                             f"{DEFAULT_OUTPUT_COMPRESSION}",
+                                           json_schema_extra={"minimum": 0, "maximum": 100})
     user: str | None = Field(None, max_length=256)
     stream: bool = Field(False, description="answer with server-sent events: progress per step, then the images")
     # Extensions.
@@ -56,7 +62,7 @@ class ImageGenerationRequest(BaseModel):
 
 
 class ImageData(BaseModel):
-    b64_json: str = Field(description="a PNG, base64-encoded")
+    b64_json: str = Field(description="an image file of the response's output_format, base64-encoded")
 
 
 class Timings(BaseModel):
@@ -72,6 +78,7 @@ class Timings(BaseModel):
 class ImagesResponse(BaseModel):
     created: int = Field(description="Unix time, seconds")
     data: list[ImageData]
+    output_format: str = Field(description="png, jpeg or webp: the files in data")
     seed: int = Field(description="the seed used (extension): send it back for the same images")
     timings: Timings
 

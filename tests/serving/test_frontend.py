@@ -40,7 +40,7 @@ class FakeModel:
 
     async def generate(self, request: GenerationRequest) -> EncodedImages:
         self.requests.append(request)
-        return EncodedImages(("PNG",) * request.num_images, seed=request.sampling.seed or 7, queue_seconds=0.0,
+        return EncodedImages(("PNG",) * request.num_images, "png", seed=request.sampling.seed or 7, queue_seconds=0.0,
                              denoise_seconds=0.0, engine_seconds=0.001)
 
     async def stream(self, request: GenerationRequest):

@@ -38,8 +38,8 @@ def test_an_answer_is_the_same_encoded_on_the_loop_or_in_an_encoder_thread(serve
     monkeypatch.setattr(model_server, "INLINE_ENCODE_MAX_PIXELS", 0)  # every answer through a thread
     assert not server._encodes_inline(request)
     in_thread = generate(server, **fields)
-    assert len(on_loop.b64_pngs) == fields.get("n", 1) and server.model_spec.resolution == 16
-    assert in_thread.b64_pngs == on_loop.b64_pngs and in_thread.seed == on_loop.seed == 5
+    assert len(on_loop.b64_images) == fields.get("n", 1) and server.model_spec.resolution == 16
+    assert in_thread.b64_images == on_loop.b64_images and in_thread.seed == on_loop.seed == 5
 
 
 def test_an_engine_error_comes_back_as_an_api_error_on_both_paths(server, monkeypatch):

@@ -110,6 +110,25 @@ def test_size_upscales_the_model_image_by_a_whole_factor(server):
     assert np.array_equal(big, np.kron(small, np.ones((3, 3), dtype=np.uint8)))
 
 
+def test_output_format_answers_jpeg_and_webp_files_of_the_same_images(server):
+    """The OpenAI client's output_format and output_compression: each format's own file, decoding to the PNG's image
+    within the lossy encoders' error; a lower quality gives a smaller file."""
+    client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused")
+    body = dict(model="digits-s", prompt="8", n=2, response_format="b64_json", extra_body={"seed": 4})
+    png = client.images.generate(**body)
+    assert png.output_format == "png"
+    reference = np.stack([decode(d.b64_json) for d in png.data]).astype(int)
+    for fmt, pillow_name in (("jpeg", "JPEG"), ("webp", "WEBP")):
+        answer = client.images.generate(**body, output_format=fmt)
+        assert answer.output_format == fmt
+        files = [Image.open(io.BytesIO(base64.b64decode(d.b64_json))) for d in answer.data]
+        assert [f.format for f in files] == [pillow_name] * 2 and all(f.size == (16, 16) for f in files)
+        images = np.stack([np.asarray(f.convert("L")) for f in files]).astype(int)
+        assert np.abs(images - reference).mean() < 4, fmt  # the same digits, at the encoders' top quality
+        small = client.images.generate(**body, output_format=fmt, output_compression=10)
+        assert sum(map(len, (d.b64_json for d in small.data))) < sum(map(len, (d.b64_json for d in answer.data)))
+
+
 def test_stream_sends_progress_for_every_step_then_the_same_images(server):
     body = dict(model="digits-s", prompt="2", n=2, seed=9, num_inference_steps=5)
     events = []
@@ -144,6 +163,9 @@ def test_stream_sends_progress_for_every_step_then_the_same_images(server):
     ({"prompt": "3", "size": "20x20"}, 400, "size", "16x16, 32x32"),
     ({"prompt": "3", "size": "128x128"}, 400, "size", "up to 64"),
     ({"prompt": "3", "response_format": "url"}, 400, "response_format", "b64_json"),
+    ({"prompt": "3", "output_format": "gif"}, 400, "output_format", "png, jpeg, webp"),
+    ({"prompt": "3", "output_compression": 50}, 400, "output_compression", "png is lossless"),
+    ({"prompt": "3", "output_format": "jpeg", "output_compression": 101}, 400, "output_compression", "[0, 100]"),
     ({"prompt": "3", "n": "two"}, 400, "n", "valid integer"),
     ({"prompt": "3", "seed": -1}, 400, "seed", "[0, 2**63)"),
     ({"prompt": "3", "sead": 1}, 400, "sead", "unknown field"),
