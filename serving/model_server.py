@@ -232,16 +232,12 @@ class ModelServer:
     def _submit(self, request: GenerationRequest, progress: bool = True):
         if self.engine is None:
             raise self._not_loaded()
-        if request.encoding.format == "jpeg" and self.image_channels not in (1, 3):
+        channels = self.model_spec.channels  # of the images answered (the VAE's, for a latent model with one)
+        if request.encoding.format == "jpeg" and channels not in (1, 3):
             raise invalid("output_format", f"output_format jpeg holds grey or RGB images, and model {self.name!r} "
-                                           f"answers {self.image_channels} channels (a latent served without its "
-                                           "VAE): ask for png or webp")
+                                           f"answers {channels} channels (a latent served without its VAE): ask for "
+                                           "png or webp")
         return self.engine.submit(request, progress=progress)
-
-    @property
-    def image_channels(self) -> int:
-        """Channels of this model's answers: RGB through its VAE, else the model's own."""
-        return 3 if self.decoder is not None else self.model_spec.channels
 
     def _encodes_inline(self, request: GenerationRequest) -> bool:
         """Whether a request's answer is encoded on the event loop: no VAE to run and at most

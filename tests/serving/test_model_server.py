@@ -61,3 +61,19 @@ def test_the_replica_reports_where_its_start_went(server):
     # This process (pytest's) started before the server did, and has run longer than the server's start.
     assert 0 < startup.before_init < model_server.process_age_seconds() - startup.total
     assert asyncio.run(server.ready()).startup is startup
+
+
+def test_jpeg_of_a_four_channel_answer_is_refused_naming_the_field():
+    """A latent model served without its VAE (random weights, for benchmarks) answers the 4-channel latent view:
+    PNG and WebP hold it, JPEG does not, and the request says so with a 400 before any denoising."""
+    args = AppArgs.parse({"models": [{"name": "latent", "preset": "dit-tiny", "allow_random_weights": True,
+                                      "max_batch_size": 4}]})
+    srv = ModelServer(args.models[0], args.limits)
+    try:
+        assert srv.engine is not None, srv.load_error
+        answer = generate(srv, prompt="0", output_format="jpeg")
+        assert isinstance(answer, APIError) and answer.status == 400 and answer.param == "output_format"
+        assert "png or webp" in answer.message and srv.engine.stats().steps_done == 0
+        assert generate(srv, prompt="0", output_format="webp").output_format == "webp"
+    finally:
+        srv.__del__()
