@@ -11,6 +11,7 @@
     python -m benchmarks plot ...        serving benchmarks side by side: p99 and images/s against offered load
     python -m benchmarks cache-quality . feature caching's quality on the digit checkpoints, preset by preset (CPU)
     python -m benchmarks student-quality a few-step student against its teacher at 1-8 steps, on the digits (CPU)
+    python -m benchmarks encode ...      the image encoders of each output_format on the same images (CPU)
 
 ``benchmarks/gpu/*.sh`` run them on a GPU host (the offline bundle installed first, results to $OUT).
 """
