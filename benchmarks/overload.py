@@ -86,7 +86,7 @@ def _is_clean_shed(r: httpx.Response) -> bool:
     return "retry-after" in r.headers and {"message", "type", "param", "code"} <= set(error)
 
 
-async def _one(http: httpx.AsyncClient, body: dict, timeout: float) -> Outcome:
+async def one_request(http: httpx.AsyncClient, body: dict, timeout: float) -> Outcome:
     started = time.perf_counter()
     try:
         r = await http.post("/v1/images/generations", json=body, timeout=timeout)
@@ -113,7 +113,7 @@ async def measure_capacity(http: httpx.AsyncClient, body: dict, clients: int, se
     async def client(k: int) -> None:
         nonlocal done
         while time.perf_counter() < stop:
-            o = await _one(http, {**body, "seed": k}, timeout)
+            o = await one_request(http, {**body, "seed": k}, timeout)
             done += o.status == 200
             if o.status == 200:
                 latencies.append(o.seconds)
@@ -133,7 +133,7 @@ async def overload(url: str, body: dict, factor: float = 3.0, seconds: float = 1
         raise SystemExit(f"--url {url}: this load test runs on loopback only (127.0.0.1 or localhost)")
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=200)
     async with httpx.AsyncClient(base_url=url, limits=limits) as http:
-        await _one(http, body, timeout)  # warm-up (first-request costs), not counted
+        await one_request(http, body, timeout)  # warm-up (first-request costs), not counted
         capacity, service, service_p99 = await measure_capacity(http, body, clients, capacity_seconds, timeout)
         if capacity <= 0:
             raise SystemExit("no request succeeded while measuring capacity: is the server up and the model right?")
@@ -146,7 +146,7 @@ async def overload(url: str, body: dict, factor: float = 3.0, seconds: float = 1
             delay = next_at - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(_one(http, {**body, "seed": len(tasks)}, timeout)))
+            tasks.append(asyncio.create_task(one_request(http, {**body, "seed": len(tasks)}, timeout)))
             next_at += rng.expovariate(rate)
         outcomes = await asyncio.gather(*tasks)
         return Report(capacity, rate, list(outcomes), time.perf_counter() - started, service, service_p99)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-import psutil
 import torch
 
+from benchmarks.soak import replica_pids  # noqa: F401  (the tests find replicas as the soak does)
 from dit_runtime.checkpoint import CheckpointInfo, save_checkpoint
 from dit_runtime.model import DiTConfig, DiTModel
 
@@ -45,17 +45,3 @@ def model_args(name: str, checkpoint: Path, /, **overrides) -> dict:
     return {"name": name, "checkpoint": str(checkpoint), "num_cpus": 0.1, "max_batch_size": 16,
             "max_queue_size": 64, **overrides}
 
-
-def replica_pids(app: str, deployment: str) -> set[int]:
-    """The live processes of a deployment's replicas on this host, by the title Ray gives an actor's process
-    (``ray::ServeReplica:<app>:<deployment>``, as ps and top show it). Not through a deployment handle: a handle used
-    in the test process starts Serve's router thread there, which outlives ``ray.shutdown()``, runs on into the next
-    module's cluster and is still running when the interpreter exits (ray-project/ray#31145: Ray threads left across
-    a shutdown crash the process)."""
-    title = f"ray::ServeReplica:{app}:{deployment}"
-    pids = set()
-    for p in psutil.process_iter(["cmdline", "status"]):
-        name = (p.info["cmdline"] or [""])[0].strip()  # while it runs a method: ``<title>.<method>``
-        if (name == title or name.startswith(title + ".")) and p.info["status"] != psutil.STATUS_ZOMBIE:
-            pids.add(p.pid)
-    return pids

@@ -1,0 +1,215 @@
+"""Soak: a running server at a steady share of one replica's capacity for minutes; does anything grow or fail?
+
+    python -m benchmarks soak --url http://127.0.0.1:8000 --model dit-10l-4step --load 0.8 --seconds 600
+
+1. Capacity: ``--clients`` closed-loop clients for ``--capacity-seconds`` (``overload.measure_capacity``).
+2. Soak: Poisson arrivals at ``--load`` x that capacity for ``--seconds``, every request awaited (client timeout
+   ``--timeout``). Every ``--sample-every`` seconds, the resident memory (RSS) of the model's replica processes on
+   this host (found by the title Ray gives them, ``ray::ServeReplica:<app>:<deployment>``) and, where nvidia-smi
+   runs, the GPU memory they hold.
+
+The report, per ``--window`` seconds of the soak: requests, failures, latency p50 and p99; and memory at the end of
+the first window (warm-up) against the last sample. The bar (exit status 1 otherwise): nothing failed or timed out,
+the replicas' RSS and GPU memory grew less than 1% after warm-up, and the last window's p99 is within 10% of the
+first's. Progress goes to stderr once a window; the windows' rows, the memory samples and the summary to
+``OUT/soak.jsonl``, the summary also to stdout as one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+from serving.config import model_deployment_name
+
+from .overload import Outcome, measure_capacity, one_request
+from .stats import percentile
+
+# What the soak holds the server to: memory growth after warm-up, and the last window's p99 against the first's.
+MAX_MEMORY_GROWTH = 0.01
+MAX_P99_DRIFT = 0.10
+
+
+def replica_pids(app: str, deployment: str) -> set[int]:
+    """The live processes of a deployment's replicas on this host, by the title Ray gives an actor's process
+    (``ray::ServeReplica:<app>:<deployment>``, as ps and top show it). Not through a deployment handle: a handle used
+    in the caller's process starts Serve's router thread there, which outlives ``ray.shutdown()`` (ray-project/ray
+    #31145: Ray threads left across a shutdown crash the process)."""
+    title = f"ray::ServeReplica:{app}:{deployment}"
+    pids = set()
+    for p in psutil.process_iter(["cmdline", "status"]):
+        name = (p.info["cmdline"] or [""])[0].strip()  # while it runs a method: ``<title>.<method>``
+        if (name == title or name.startswith(title + ".")) and p.info["status"] != psutil.STATUS_ZOMBIE:
+            pids.add(p.pid)
+    return pids
+
+
+def gpu_memory(pids: set[int]) -> int | None:
+    """Bytes of GPU memory the processes ``pids`` hold, from nvidia-smi (None where it does not run)."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    used = [line.split(",") for line in out.strip().splitlines() if line.strip()]
+    return sum(int(mib) * 2**20 for pid, mib in used if int(pid) in pids)
+
+
+@dataclass
+class MemorySample:
+    at: float  # seconds into the soak
+    rss_bytes: int  # of the replicas, together
+    gpu_bytes: int | None
+
+
+@dataclass
+class SoakReport:
+    capacity_rps: float
+    offered_rps: float
+    window_s: float
+    outcomes: list[tuple[float, Outcome]] = field(default_factory=list)  # (seconds into the soak it was sent, ...)
+    memory: list[MemorySample] = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+    def windows(self) -> list[dict]:
+        """Per window of ``window_s`` (by send time): requests, failures, and the accepted ones' p50 and p99."""
+        count = max(1, round(self.wall_seconds / self.window_s))
+        rows = []
+        for k in range(count):
+            mine = [o for at, o in self.outcomes if k * self.window_s <= at < (k + 1) * self.window_s or
+                    (k == count - 1 and at >= (k + 1) * self.window_s)]
+            accepted = [o.seconds for o in mine if o.status == 200]
+            rows.append({"window": k, "from_s": k * self.window_s, "requests": len(mine), "accepted": len(accepted),
+                         "failed": len(mine) - len(accepted),
+                         "p50_ms": _ms(percentile(accepted, 50)), "p99_ms": _ms(percentile(accepted, 99))})
+        return rows
+
+    def growth(self, key: str) -> float | None:
+        """Relative growth of ``key`` (rss_bytes, gpu_bytes) from the end of the first window to the last sample."""
+        values = [(m.at, getattr(m, key)) for m in self.memory if getattr(m, key) is not None]
+        warm = [v for at, v in values if at >= self.window_s]
+        if len(warm) < 2 or not warm[0]:
+            return None
+        return (warm[-1] - warm[0]) / warm[0]
+
+    def summary(self) -> dict:
+        windows = self.windows()
+        failed = sum(w["failed"] for w in windows)
+        timed_out = sum(o.status == 0 for _, o in self.outcomes)
+        rss, gpu = self.growth("rss_bytes"), self.growth("gpu_bytes")
+        first, last = windows[0]["p99_ms"], windows[-1]["p99_ms"]
+        drift = None if not first or last is None else (last - first) / first
+        return {"capacity_rps": round(self.capacity_rps, 2), "offered_rps": round(self.offered_rps, 2),
+                "sent": len(self.outcomes), "failed": failed, "timed_out": timed_out,
+                "wall_seconds": round(self.wall_seconds, 1), "first_p99_ms": first, "last_p99_ms": last,
+                "p99_drift": None if drift is None else round(drift, 4),
+                "rss_growth": None if rss is None else round(rss, 5),
+                "gpu_growth": None if gpu is None else round(gpu, 5),
+                "rss_bytes_first_last": [self.memory[0].rss_bytes, self.memory[-1].rss_bytes] if self.memory else None,
+                "passed": failed == 0 and rss is not None and rss < MAX_MEMORY_GROWTH and
+                          (gpu is None or gpu < MAX_MEMORY_GROWTH) and drift is not None and drift <= MAX_P99_DRIFT}
+
+
+def _ms(x: float | None) -> float | None:
+    return None if x is None else round(1000 * x, 1)
+
+
+async def soak(url: str, body: dict, pids, load: float = 0.8, seconds: float = 600.0, window_s: float = 60.0,
+               sample_every_s: float = 5.0, clients: int = 8, capacity_seconds: float = 10.0, timeout: float = 30.0,
+               seed: int = 0) -> SoakReport:
+    """Measure capacity, then send Poisson arrivals at ``load`` x capacity for ``seconds``, sampling the memory of
+    the processes ``pids()`` names; a line of progress per window on stderr."""
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=200)
+    async with httpx.AsyncClient(base_url=url, limits=limits) as http:
+        await one_request(http, body, timeout)  # warm-up (first-request costs), not counted
+        capacity, _, _ = await measure_capacity(http, body, clients, capacity_seconds, timeout)
+        if capacity <= 0:
+            raise SystemExit("no request succeeded while measuring capacity: is the server up and the model right?")
+        report = SoakReport(capacity, load * capacity, window_s)
+        rng = random.Random(seed)
+        started = time.perf_counter()
+
+        async def sample() -> None:
+            while True:
+                found = pids()
+                rss = sum(psutil.Process(p).memory_info().rss for p in found if psutil.pid_exists(p))
+                report.memory.append(MemorySample(time.perf_counter() - started, rss, gpu_memory(found)))
+                await asyncio.sleep(sample_every_s)
+
+        async def sent(at: float, k: int) -> None:
+            report.outcomes.append((at, await one_request(http, {**body, "seed": k}, timeout)))
+
+        sampler = asyncio.create_task(sample())
+        print(f"soak: capacity {capacity:.1f} requests/s; {report.offered_rps:.1f}/s for {seconds:g} s",
+              file=sys.stderr, flush=True)
+        tasks, next_at, window = [], started, 0
+        while next_at - started < seconds:
+            delay = next_at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            at = time.perf_counter() - started
+            if at >= (window + 1) * window_s:
+                window += 1
+                answered = [o for _, o in report.outcomes]
+                print(f"soak: {at:.0f}/{seconds:g} s, {len(tasks)} sent, {len(answered)} answered, "
+                      f"{sum(o.status != 200 for o in answered)} not 200, replicas' RSS "
+                      f"{report.memory[-1].rss_bytes / 2**20 if report.memory else 0:.0f} MiB", file=sys.stderr, flush=True)
+            tasks.append(asyncio.create_task(sent(at, len(tasks))))
+            next_at += rng.expovariate(report.offered_rps)
+        await asyncio.gather(*tasks)
+        report.wall_seconds = time.perf_counter() - started
+        sampler.cancel()
+        rss = sum(psutil.Process(p).memory_info().rss for p in pids() if psutil.pid_exists(p))
+        report.memory.append(MemorySample(report.wall_seconds, rss, gpu_memory(pids())))
+        return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks soak", description=__doc__.split("\n")[0])
+    ap.add_argument("--url", default="http://127.0.0.1:8000")
+    ap.add_argument("--app", default="dit", help="the Ray Serve application the model's deployment belongs to")
+    ap.add_argument("--model", default="digits-s")
+    ap.add_argument("--steps", type=int, help="num_inference_steps of every request (default: the model's)")
+    ap.add_argument("--n", type=int, default=1, help="images per request")
+    ap.add_argument("--load", type=float, default=0.8, help="offered load / measured capacity")
+    ap.add_argument("--seconds", type=float, default=600.0)
+    ap.add_argument("--window", type=float, default=60.0, help="seconds per reported window")
+    ap.add_argument("--sample-every", type=float, default=5.0, help="seconds between memory samples")
+    ap.add_argument("--clients", type=int, default=8, help="closed-loop clients while measuring capacity")
+    ap.add_argument("--capacity-seconds", type=float, default=10.0)
+    ap.add_argument("--timeout", type=float, default=30.0)
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    a = ap.parse_args(argv)
+    body = {"model": a.model, "prompt": "3", "n": a.n, **({"num_inference_steps": a.steps} if a.steps else {})}
+    deployment = model_deployment_name(a.model)
+    if not replica_pids(a.app, deployment):
+        raise SystemExit(f"no replica process of {a.app}:{deployment} on this host (ps shows them as "
+                         f"ray::ServeReplica:{a.app}:{deployment}): run the soak on the server's host")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = asyncio.run(soak(a.url, body, lambda: replica_pids(a.app, deployment), a.load, a.seconds, a.window,
+                              a.sample_every, a.clients, a.capacity_seconds, a.timeout))
+    summary = report.summary()
+    with open(out / "soak.jsonl", "w") as log:
+        for row in report.windows():
+            log.write(json.dumps(row) + "\n")
+        for m in report.memory:
+            log.write(json.dumps({"memory_at_s": round(m.at, 1), "rss_bytes": m.rss_bytes,
+                                  "gpu_bytes": m.gpu_bytes}) + "\n")
+        log.write(json.dumps({"summary": summary}) + "\n")
+    print(json.dumps(summary))
+    return 0 if summary["passed"] else 1
