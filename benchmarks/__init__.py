@@ -4,6 +4,7 @@
     python -m benchmarks serve ...       what serving adds to the engine, and the server under Poisson load
     python -m benchmarks load ...        open-loop Poisson load on a running server (the images API over HTTP)
     python -m benchmarks overload ...    capacity, then 3x capacity: shed cleanly, nothing fails or hangs
+    python -m benchmarks soak ...        minutes at 80% of capacity: nothing fails, memory and p99 hold
     python -m benchmarks scale ...       one replica at 3x its capacity, the autoscaler's second, per phase (2 GPUs)
     python -m benchmarks startup ...     an engine's cold and warm start in fresh processes, with saved programs or not
     python -m benchmarks api ...         the HTTP API's own CPU time per request, in-process

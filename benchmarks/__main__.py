@@ -7,7 +7,8 @@ import sys
 
 TOOLS = {"engine": "engine", "serve": "serve", "load": "loadgen", "overload": "overload", "api": "api",
          "train-memory": "train_memory", "plot": "plots", "cache-quality": "cache_quality",
-         "scale": "scale", "startup": "startup", "student-quality": "student_quality", "encode": "encode"}
+         "scale": "scale", "startup": "startup", "student-quality": "student_quality", "encode": "encode",
+         "soak": "soak"}
 
 
 def main() -> int:
