@@ -184,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--gateway-replicas", type=int, default=1)
     ap.add_argument("--layout", choices=["direct", "gateway"], default="direct")
+    ap.add_argument("--access-log", action="store_true", help="Ray Serve's log line per request (off by default, as in "
+                                                               "serve_config.gpu.yaml)")
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     a.compile_cache_dir = a.compile_cache_dir if a.compile else None
@@ -199,11 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": a.port})
     t0 = time.perf_counter()
+    logging = {"enable_access_log": a.access_log}  # off, as serve_config.gpu.yaml has it
     if a.layout == "direct":
-        serve.run(build_model_app(app_args(a)), name=a.model_name, route_prefix=f"/models/{a.model_name}")
-        serve.run(build_gateway_app(app_args(a)), name="dit", route_prefix="/")
+        serve.run(build_model_app(app_args(a)), name=a.model_name, route_prefix=f"/models/{a.model_name}",
+                  logging_config=logging)
+        serve.run(build_gateway_app(app_args(a)), name="dit", route_prefix="/", logging_config=logging)
     else:
-        serve.run(build_app(app_args(a)), name="dit", route_prefix="/")
+        serve.run(build_app(app_args(a)), name="dit", route_prefix="/", logging_config=logging)
     log(f"served in {time.perf_counter() - t0:.1f} s (load, compile, graph capture)")
     route = f"/models/{a.model_name}" if a.layout == "direct" else ""
     ours = sequential(a, route, a.sequential)

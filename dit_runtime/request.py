@@ -17,7 +17,9 @@ No torch here: the API's processes import this module and stay small.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
+import os
 import re
 import secrets
 import uuid
@@ -48,6 +50,26 @@ SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")  # the API's `size`: "WxH"
 # out: OpenAI's default of 100, the encoder's best.
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 DEFAULT_OUTPUT_COMPRESSION = 100
+
+
+# A request's id names it in errors and logs. Unique across processes (a random prefix, drawn again in a forked child)
+# without a system call per request: uuid4 reads the OS's randomness every time, and under load each such call is a
+# release and a re-take of the GIL on the request path (py-spy of a replica at its capacity).
+_request_ids = itertools.count()
+_request_id_prefix = uuid.uuid4().hex[:16]
+
+
+def _new_request_id_prefix() -> None:
+    global _request_ids, _request_id_prefix
+    _request_ids, _request_id_prefix = itertools.count(), uuid.uuid4().hex[:16]
+
+
+os.register_at_fork(after_in_child=_new_request_id_prefix)
+
+
+def new_request_id() -> str:
+    """32 hex digits, as a uuid4's: the process's prefix, then a count."""
+    return f"{_request_id_prefix}{next(_request_ids):016x}"
 
 
 class InvalidRequestError(ValueError):
@@ -249,7 +271,7 @@ class GenerationRequest:
     upscale: int = 1  # each image enlarged this many times, nearest pixel (the API's `size`)
     encoding: OutputEncoding = OutputEncoding()  # the API's `output_format` and `output_compression`
     deadline: float | None = None  # Unix time (time.time()) past which it is dropped with DeadlineExceededError
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    request_id: str = field(default_factory=lambda: new_request_id())
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "class_ids", tuple(self.class_ids))
