@@ -112,14 +112,13 @@ def encode_png(image: np.ndarray, level: int = 1, threads: int | None = None, po
 
 def encode_image(image: np.ndarray, encoding: OutputEncoding, pool: Executor | None = None) -> bytes:
     """One uint8 (H, W, C) image -> the bytes of a file in ``encoding``'s format: PNG by ``encode_png`` (faster than
-    Pillow's on the same images, its docstring says by how much), JPEG and WebP by Pillow at ``encoding.quality``.
-    JPEG holds grey and RGB images only (C = 1 or 3)."""
+    Pillow's on the same images, its docstring says by how much), JPEG and WebP by Pillow at ``encoding.quality``
+    (``OutputEncoding.check_channels`` says which images each holds)."""
     if encoding.format == "png":
         return encode_png(image, pool=pool)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
         raise ValueError(f"expected a uint8 (H, W, C) image with 1, 3 or 4 channels, got {image.dtype} {image.shape}")
-    if encoding.format == "jpeg" and image.shape[-1] == 4:
-        raise ValueError("jpeg holds grey or RGB images, these have 4 channels: ask for png or webp")
+    encoding.check_channels(image.shape[-1])
     buffer = io.BytesIO()
     Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format=encoding.format.upper(),
                                                                            quality=encoding.quality)

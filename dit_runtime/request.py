@@ -64,7 +64,8 @@ def _new_request_id_prefix() -> None:
     _request_ids, _request_id_prefix = itertools.count(), uuid.uuid4().hex[:16]
 
 
-os.register_at_fork(after_in_child=_new_request_id_prefix)
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_new_request_id_prefix)
 
 
 def new_request_id() -> str:
@@ -248,6 +249,14 @@ class OutputEncoding:
         if not _is_int(self.compression) or not 0 <= self.compression <= 100:
             raise InvalidRequestError("output_compression", f"output_compression must be an integer in [0, 100], "
                                                             f"got {self.compression!r}")
+
+    def check_channels(self, channels: int) -> None:
+        """Raise ``InvalidRequestError`` when this format cannot hold images of ``channels`` channels: JPEG holds
+        grey and RGB (1 or 3), PNG and WebP also the 4 of a latent served without its VAE."""
+        if self.format == "jpeg" and channels not in (1, 3):
+            raise InvalidRequestError("output_format", f"output_format jpeg holds grey or RGB images, and these have "
+                                                       f"{channels} channels (a latent served without its VAE): ask "
+                                                       "for png or webp")
 
     @property
     def quality(self) -> int:

@@ -232,11 +232,7 @@ class ModelServer:
     def _submit(self, request: GenerationRequest, progress: bool = True):
         if self.engine is None:
             raise self._not_loaded()
-        channels = self.model_spec.channels  # of the images answered (the VAE's, for a latent model with one)
-        if request.encoding.format == "jpeg" and channels not in (1, 3):
-            raise invalid("output_format", f"output_format jpeg holds grey or RGB images, and model {self.name!r} "
-                                           f"answers {channels} channels (a latent served without its VAE): ask for "
-                                           "png or webp")
+        request.encoding.check_channels(self.model_spec.channels)  # of the images answered (the VAE's, if any)
         return self.engine.submit(request, progress=progress)
 
     def _encodes_inline(self, request: GenerationRequest) -> bool:
