@@ -165,9 +165,10 @@ async def soak(url: str, body: dict, pids, load: float = 0.8, seconds: float = 6
             if at >= (window + 1) * window_s:
                 window += 1
                 answered = [o for _, o in report.outcomes]
+                rss = report.memory[-1].rss_bytes / 2**20 if report.memory else 0.0
                 print(f"soak: {at:.0f}/{seconds:g} s, {len(tasks)} sent, {len(answered)} answered, "
-                      f"{sum(o.status != 200 for o in answered)} not 200, replicas' RSS "
-                      f"{report.memory[-1].rss_bytes / 2**20 if report.memory else 0:.0f} MiB", file=sys.stderr, flush=True)
+                      f"{sum(o.status != 200 for o in answered)} not 200, replicas' RSS {rss:.0f} MiB",
+                      file=sys.stderr, flush=True)
             tasks.append(asyncio.create_task(sent(at, len(tasks))))
             next_at += rng.expovariate(report.offered_rps)
         await asyncio.gather(*tasks)
