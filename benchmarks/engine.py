@@ -429,9 +429,12 @@ def student_engine(setup: str, preset: str, buckets: tuple[int, ...], max_queue:
     package = runtime(setup)
     contract = importlib.import_module(package.__name__ + ".contract")
     engine = importlib.import_module(package.__name__ + ".engine")
-    sampling = contract.student_contract(contract.SamplingContract(), contract.Teacher(
-        checkpoint="random", sha256="", segments=4, method="multistep-consistency"), max_guidance_scale=8.0,
-        guidance_scale=4.0)
+    if hasattr(contract, "random_student_contract"):
+        sampling = contract.random_student_contract()
+    else:  # a checkout from before it: the same contract, built by hand
+        sampling = contract.student_contract(contract.SamplingContract(), contract.Teacher(
+            checkpoint="random weights", sha256="", segments=4, method="multistep-consistency"),
+            max_guidance_scale=8.0, guidance_scale=4.0)
     config = engine.EngineConfig(device="cuda", precision="fp16", max_batch_size=max(buckets), batch_buckets=buckets,
                                  compile=True, cuda_graphs=True, max_queue_size=max_queue, feature_cache_rows=0)
     engine.configure_compile(config)

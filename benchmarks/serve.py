@@ -48,7 +48,7 @@ def model_args(a) -> dict:
     if a.checkpoint:
         m["checkpoint"] = a.checkpoint
     else:
-        m.update(preset=a.preset, allow_random_weights=True)
+        m.update(preset=a.preset, allow_random_weights=True, random_weights_as="student" if a.student else "teacher")
     return m
 
 
@@ -166,6 +166,8 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--cuda-graphs", action="store_true")
     ap.add_argument("--compile-cache-dir", default="/tmp/dit-compile-cache")
     ap.add_argument("--max-batch-size", type=int, default=64)
+    ap.add_argument("--student", action="store_true", help="with --preset: serve the random weights as a 4-step "
+                                                           "student (one row per guided image; --steps 1, 2, 4 or 8)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -183,3 +183,10 @@ def student_contract(teacher: SamplingContract, source: Teacher, max_guidance_sc
                                                     guidance_scale=guidance_scale),
                             teacher=source)
 
+
+def random_student_contract() -> SamplingContract:
+    """What a random-weight model is served under to time a 4-step student (benchmarks, a config's
+    ``random_weights_as: student``): a student of a default teacher, guidance up to 8, 4 steps at 4 by default."""
+    return student_contract(SamplingContract(), Teacher(checkpoint="random weights", sha256="", segments=4,
+                                                        method="multistep-consistency"),
+                            max_guidance_scale=8.0, guidance_scale=4.0)

@@ -105,6 +105,10 @@ class ModelArgs(_Args):
     preset: str | None = Field(None, description="random-weight model preset (benchmarks only; needs "
                                                  "allow_random_weights)")
     allow_random_weights: bool = False
+    random_weights_as: Literal["teacher", "student"] = Field(
+        "teacher", description="with `preset`: serve the random weights under a teacher's sampling contract, or a "
+                               "4-step student's (one row per guided image; benchmarks of the served path at student "
+                               "rates)")
     vae: str | None = Field(None, description="local diffusers AutoencoderKL folder that decodes a latent-space "
                                               "checkpoint's samples into images (required for those)")
     device: Literal["cpu", "cuda"] = "cpu"
@@ -176,6 +180,9 @@ class ModelArgs(_Args):
             raise ValueError("give `checkpoint` (a .safetensors file), or `preset` with `allow_random_weights: true`")
         if self.checkpoint is not None and self.preset is not None:
             raise ValueError("give either `checkpoint` or `preset`, not both")
+        if self.random_weights_as != "teacher" and self.preset is None:
+            raise ValueError("random_weights_as applies to `preset` (random weights); a checkpoint carries its own "
+                             "sampling contract")
         if self.preset is not None and not self.allow_random_weights:
             raise ValueError(f"preset {self.preset!r} without a checkpoint serves random weights (noise): set "
                              "`allow_random_weights: true` if that is what you want (benchmarks), or give `checkpoint`")

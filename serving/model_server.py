@@ -27,6 +27,7 @@ import numpy as np
 from dit_runtime.engine import (DeadlineExceededError, Engine, EngineError, EngineStoppedError, GenerationRequest,
                                 GenerationResult, InvalidRequestError, ModelSpec, QueueFullError,
                                 RequestCancelledError, StepEvent, configure_compile)
+from dit_runtime.contract import random_student_contract
 from dit_runtime.engine.engine import settle_threadsafe
 from dit_runtime.images import deflate_threads, encode_image
 from dit_runtime.vae import LatentDecoder
@@ -92,7 +93,9 @@ class ModelServer:
                 verified = time.perf_counter()
                 self.engine = Engine.from_checkpoint(args.checkpoint, config, on_step=self.metrics.on_step)
             else:
-                self.engine = Engine.random_weights(args.preset, config, on_step=self.metrics.on_step)
+                sampling = random_student_contract() if args.random_weights_as == "student" else None
+                self.engine = Engine.random_weights(args.preset, config, sampling=sampling,
+                                                    on_step=self.metrics.on_step)
             built = time.perf_counter()
             self.decoder = self._decoder(args, self.engine.info)
             spec = self.engine.spec

@@ -5,7 +5,8 @@
 # Ray Serve's throughput switches) and runs `python -m benchmarks serve`: the engine alone, what serving adds at one
 # image per request on the model's route and the gateway's, Ray Serve's own floor beside it, and Poisson load.
 # LAYOUT (direct), PRECISION (fp16, or fp8), MAX_BATCH (64), BUCKETS (powers of two), RATES (8,32,128,256 or
-# none), SEQUENTIAL (100), STEPS (25) and GATEWAYS (4) set its arguments; PORT lets two runs share a host. Bounded
+# none), SEQUENTIAL (100), STEPS (25) and GATEWAYS (4) set its arguments; STUDENT=1 serves the random weights as a
+# 4-step student (with STEPS=4: the served path at student rates); PORT lets two runs share a host. Bounded
 # to under 10 minutes (BENCH_TIMEOUT, 560 s).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -23,7 +24,7 @@ timeout --signal=INT "${BENCH_TIMEOUT:-560}" python3 -m benchmarks serve --out "
     --preset dit-10l --device cuda --precision "${PRECISION:-fp16}" --compile --cuda-graphs --max-batch-size "${MAX_BATCH:-64}" \
     --steps "${STEPS:-25}" --sequential "${SEQUENTIAL:-100}" --rates "${RATES:-8,32,128,256}" \
     --gateway-replicas "${GATEWAYS:-4}" --layout "${LAYOUT:-direct}" --port "${PORT:-8000}" \
-    ${BUCKETS:+--batch-buckets $BUCKETS} \
+    ${BUCKETS:+--batch-buckets $BUCKETS} ${STUDENT:+--student} \
     2>&1 | tee "$OUT/serve.log" || status=$?
 echo "[serve.sh] exit status $status; results in $OUT:" >&2
 ls -l "$OUT" >&2

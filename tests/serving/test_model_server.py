@@ -77,3 +77,24 @@ def test_jpeg_of_a_four_channel_answer_is_refused_naming_the_field():
         assert generate(srv, prompt="0", output_format="webp").output_format == "webp"
     finally:
         srv.__del__()
+
+
+def test_random_weights_serve_as_a_student_for_benchmarks_of_the_served_path():
+    """`random_weights_as: student` serves a preset's random weights under a 4-step student's contract: one row per
+    guided image, and only the student's step counts (what `benchmarks serve --student` times on a GPU)."""
+    args = AppArgs.parse({"models": [{"name": "student", "preset": "dit-tiny", "allow_random_weights": True,
+                                      "random_weights_as": "student", "max_batch_size": 4}]})
+    srv = ModelServer(args.models[0], args.limits)
+    try:
+        assert srv.engine is not None, srv.load_error
+        contract = srv.model_spec.contract
+        assert contract.guidance == "embedded" and contract.defaults.num_inference_steps == 4
+        assert generate(srv, prompt="0", guidance_scale=4.0).output_format == "png"
+        assert srv.engine.stats().steps_done == 4  # one row, four steps
+        with pytest.raises(Exception, match="num_inference_steps"):
+            generate(srv, prompt="0", num_inference_steps=25)
+    finally:
+        srv.__del__()
+    with pytest.raises(ValueError, match="random_weights_as applies to `preset`"):
+        AppArgs.parse({"models": [{"name": "x", "checkpoint": "checkpoints/digits-s.safetensors",
+                                   "random_weights_as": "student"}]})
