@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import sys
@@ -124,19 +125,28 @@ async def measure_capacity(http: httpx.AsyncClient, body: dict, clients: int, se
     return done / (time.perf_counter() - started), percentile(latencies, 50) or 0.0, percentile(latencies, 99) or 0.0
 
 
-async def overload(url: str, body: dict, factor: float = 3.0, seconds: float = 10.0, max_requests: int = 2000,
-                   clients: int = 8, capacity_seconds: float = 5.0, timeout: float = 30.0,
-                   seed: int = 0) -> Report:
-    """Measure capacity, then send Poisson arrivals at ``factor`` x capacity; every request is awaited."""
+@contextlib.asynccontextmanager
+async def client_at_capacity(url: str, body: dict, clients: int, capacity_seconds: float, timeout: float):
+    """A client of ``url`` (loopback only), and what ``measure_capacity`` measured through it after one warm-up
+    request: ``(http, (requests/s, service median, service p99))``. Exits when nothing succeeded."""
     host = urlparse(url).hostname
     if host not in ("127.0.0.1", "localhost", "::1"):
         raise SystemExit(f"--url {url}: this load test runs on loopback only (127.0.0.1 or localhost)")
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=200)
     async with httpx.AsyncClient(base_url=url, limits=limits) as http:
         await one_request(http, body, timeout)  # warm-up (first-request costs), not counted
-        capacity, service, service_p99 = await measure_capacity(http, body, clients, capacity_seconds, timeout)
-        if capacity <= 0:
+        measured = await measure_capacity(http, body, clients, capacity_seconds, timeout)
+        if measured[0] <= 0:
             raise SystemExit("no request succeeded while measuring capacity: is the server up and the model right?")
+        yield http, measured
+
+
+async def overload(url: str, body: dict, factor: float = 3.0, seconds: float = 10.0, max_requests: int = 2000,
+                   clients: int = 8, capacity_seconds: float = 5.0, timeout: float = 30.0,
+                   seed: int = 0) -> Report:
+    """Measure capacity, then send Poisson arrivals at ``factor`` x capacity; every request is awaited."""
+    async with client_at_capacity(url, body, clients, capacity_seconds, timeout) as (http, measured):
+        capacity, service, service_p99 = measured
         rate = factor * capacity
         rng = random.Random(seed)
         tasks = []

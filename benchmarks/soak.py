@@ -2,7 +2,8 @@
 
     python -m benchmarks soak --url http://127.0.0.1:8000 --model dit-10l-4step --load 0.8 --seconds 600
 
-1. Capacity: ``--clients`` closed-loop clients for ``--capacity-seconds`` (``overload.measure_capacity``).
+1. Capacity: ``--clients`` closed-loop clients for ``--capacity-seconds`` (``overload.client_at_capacity``; loopback
+   only).
 2. Soak: Poisson arrivals at ``--load`` x that capacity for ``--seconds``, every request awaited (client timeout
    ``--timeout``). Every ``--sample-every`` seconds, the resident memory (RSS) of the model's replica processes on
    this host (found by the title Ray gives them, ``ray::ServeReplica:<app>:<deployment>``) and, where nvidia-smi
@@ -29,12 +30,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import psutil
 
 from serving.config import model_deployment_name
 
-from .overload import Outcome, measure_capacity, one_request
+from .overload import Outcome, client_at_capacity, one_request
 from .stats import percentile
 
 # What the soak holds the server to: memory growth after warm-up, and the last window's p99 against the first's.
@@ -133,12 +133,8 @@ async def soak(url: str, body: dict, pids, load: float = 0.8, seconds: float = 6
                seed: int = 0) -> SoakReport:
     """Measure capacity, then send Poisson arrivals at ``load`` x capacity for ``seconds``, sampling the memory of
     the processes ``pids()`` names; a line of progress per window on stderr."""
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=200)
-    async with httpx.AsyncClient(base_url=url, limits=limits) as http:
-        await one_request(http, body, timeout)  # warm-up (first-request costs), not counted
-        capacity, _, _ = await measure_capacity(http, body, clients, capacity_seconds, timeout)
-        if capacity <= 0:
-            raise SystemExit("no request succeeded while measuring capacity: is the server up and the model right?")
+    async with client_at_capacity(url, body, clients, capacity_seconds, timeout) as (http, measured):
+        capacity = measured[0]
         report = SoakReport(capacity, load * capacity, window_s)
         rng = random.Random(seed)
         started = time.perf_counter()
