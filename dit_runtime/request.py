@@ -263,10 +263,6 @@ class OutputEncoding:
         """The lossy encoders' quality, 0-100."""
         return DEFAULT_OUTPUT_COMPRESSION if self.compression is None else self.compression
 
-    @property
-    def media_type(self) -> str:
-        return f"image/{self.format}"
-
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -280,7 +276,7 @@ class GenerationRequest:
     upscale: int = 1  # each image enlarged this many times, nearest pixel (the API's `size`)
     encoding: OutputEncoding = OutputEncoding()  # the API's `output_format` and `output_compression`
     deadline: float | None = None  # Unix time (time.time()) past which it is dropped with DeadlineExceededError
-    request_id: str = field(default_factory=lambda: new_request_id())
+    request_id: str = field(default_factory=new_request_id)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "class_ids", tuple(self.class_ids))
@@ -397,7 +393,8 @@ class ModelSpec:
             raise InvalidRequestError(param, f"{param}: {e}") from None
         sampling = self.sampling(num_inference_steps=num_inference_steps, sampler=sampler,
                                  guidance_scale=guidance_scale, eta=eta, cache=cache, seed=seed)
-        encoding = OutputEncoding("png" if output_format is None else output_format, output_compression)
+        encoding = OutputEncoding(OutputEncoding.format if output_format is None else output_format,
+                                  output_compression)  # the class's own default format when none is asked for
         request = GenerationRequest(tuple(class_ids * n if len(class_ids) == 1 else class_ids), sampling,
                                     upscale=self.upscale_for(size), encoding=encoding, deadline=deadline)
         self.check(request)
