@@ -86,8 +86,7 @@ class EngineMetrics:
         """Record a finished request (a GenerationResult)."""
         self.queue_wait.observe(result.queue_seconds)
         self.denoise.observe(result.denoise_seconds)
-        # A latent model served without a VAE returns latents instead of decoded images; count those too.
-        self.images.inc(len(result.images if result.images is not None else result.latents))
+        self.images.inc(len(result.images))
 
     def set_load(self, running: int, waiting: int) -> None:
         self.running.set(running)

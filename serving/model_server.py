@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import dataclasses
 import logging
 import os
 import threading
@@ -24,13 +23,14 @@ from typing import AsyncIterator
 
 import numpy as np
 
+from dit_runtime.checkpoint import read_info
+from dit_runtime.contract import random_student_contract
+from dit_runtime.decoders import load_vae
 from dit_runtime.engine import (DeadlineExceededError, Engine, EngineError, EngineStoppedError, GenerationRequest,
                                 GenerationResult, InvalidRequestError, ModelSpec, QueueFullError,
                                 RequestCancelledError, StepEvent, configure_compile)
-from dit_runtime.contract import random_student_contract
 from dit_runtime.engine.engine import settle_threadsafe
 from dit_runtime.images import deflate_threads, encode_image
-from dit_runtime.vae import LatentDecoder
 
 from .autoscaling import OCCUPANCY, QUEUE_WAIT
 from .backend import EncodedImages, Progress, Readiness, StartupTimes, raise_if_error
@@ -72,7 +72,6 @@ class ModelServer:
         self.args = args
         self.limits = limits
         self.engine: Engine | None = None
-        self.decoder: LatentDecoder | None = None
         self.model_spec: ModelSpec | None = None
         self.load_error: str | None = None
         self._stopped = threading.Event()
@@ -91,18 +90,19 @@ class ModelServer:
                 if args.verify_manifest:
                     verify_checkpoint(args.checkpoint)  # before a byte of it is parsed
                 verified = time.perf_counter()
-                self.engine = Engine.from_checkpoint(args.checkpoint, config, on_step=self.metrics.on_step)
+                if read_info(args.checkpoint).space == "latent" and args.vae is None:
+                    raise ValueError(f"{args.checkpoint} is a latent-space model: set `vae:` to a local diffusers "
+                                     "AutoencoderKL folder (the VAE it was trained with) so its samples decode into "
+                                     "images")
+            vae = load_vae(args.vae) if args.vae is not None else None  # the engine moves it to its device
+            vae_loaded = time.perf_counter()
+            if args.checkpoint is not None:
+                self.engine = Engine.from_checkpoint(args.checkpoint, config, on_step=self.metrics.on_step, vae=vae)
             else:
                 sampling = random_student_contract() if args.random_weights_as == "student" else None
                 self.engine = Engine.random_weights(args.preset, config, sampling=sampling,
-                                                    on_step=self.metrics.on_step)
-            built = time.perf_counter()
-            self.decoder = self._decoder(args, self.engine.info)
-            spec = self.engine.spec
-            if self.decoder is not None:  # the API answers decoded images: their side and channels
-                spec = dataclasses.replace(spec, resolution=spec.resolution * self.decoder.upsampling,
-                                           channels=self.decoder.channels)
-            self.model_spec = spec
+                                                    on_step=self.metrics.on_step, vae=vae)
+            self.model_spec = self.engine.spec  # the decoder's images: their side and channels
             self.engine.start()
         except Exception as e:  # reported by check_health and by every request, naming the file
             self.load_error = f"model {self.name!r} failed to load from {source}: {e}"
@@ -110,27 +110,15 @@ class ModelServer:
             return
         runner, done = self.engine.runner, time.perf_counter()
         self.startup = StartupTimes(before_init=before_init, verify=verified - started,
-                                    load=built - verified - runner.compile_seconds - runner.capture_seconds,
+                                    load=done - vae_loaded - runner.compile_seconds - runner.capture_seconds,
                                     compile=runner.compile_seconds, capture=runner.capture_seconds,
-                                    decoder=done - built, total=done - started)
+                                    decoder=vae_loaded - verified, total=done - started)
         self.metrics.record_startup(self.startup)
         store = runner.store  # saved compiled programs: loaded, or compiled and saved for the next start
         programs = f"; compiled programs: {store.loaded} loaded, {store.compiled} compiled" if store else ""
         log.info("model %r loaded from %s in %.1f s (%s%s)", self.name, source, self.startup.total,
                  ", ".join(f"{k} {v:.1f} s" for k, v in self.startup.phases().items()), programs)
         threading.Thread(target=self._refresh_load, name="dit-load-gauges", daemon=True).start()
-
-    @staticmethod
-    def _decoder(args: ModelArgs, info) -> LatentDecoder | None:
-        """The VAE of a latent-space checkpoint; random-weight benchmarks may go without (a view of the latents)."""
-        if info.space != "latent":
-            return None
-        if args.vae is None:
-            if args.checkpoint is None:
-                return None
-            raise ValueError(f"{args.checkpoint} is a latent-space model: set `vae:` to a local diffusers "
-                             "AutoencoderKL folder (the VAE it was trained with) so its samples decode into images")
-        return LatentDecoder.load(args.vae, info.latent_scale, device=args.device)
 
     # ---- Ray Serve hooks ----------------------------------------------------------------------------------------
     def check_health(self) -> None:
@@ -175,9 +163,9 @@ class ModelServer:
         """The request's images, encoded (or the APIError it failed with).
 
         Small answers are encoded on the event loop once the engine wakes it, since a round trip through a thread
-        costs more than the encoding (``_encodes_inline``). Others, and every VAE decode, go from the engine straight
-        to an encoder thread, which wakes this coroutine once with the answer: one cross-thread hand-off instead of
-        two (engine -> loop -> encoder -> loop)."""
+        costs more than the encoding (``_encodes_inline``). Others go from the engine straight to an encoder thread,
+        which wakes this coroutine once with the answer: one cross-thread hand-off instead of two (engine -> loop ->
+        encoder -> loop)."""
         try:
             handle = self._submit(request, progress=False)
             inline = self._encodes_inline(request)
@@ -239,10 +227,10 @@ class ModelServer:
         return self.engine.submit(request, progress=progress)
 
     def _encodes_inline(self, request: GenerationRequest) -> bool:
-        """Whether a request's answer is encoded on the event loop: no VAE to run and at most
-        ``INLINE_ENCODE_MAX_PIXELS`` pixels in all its images."""
+        """Whether a request's answer is encoded on the event loop: at most ``INLINE_ENCODE_MAX_PIXELS`` pixels in
+        all its images."""
         side = self.model_spec.resolution * request.upscale
-        return self.decoder is None and request.num_images * side * side <= INLINE_ENCODE_MAX_PIXELS
+        return request.num_images * side * side <= INLINE_ENCODE_MAX_PIXELS
 
     async def _encoded(self, result: GenerationResult, request: GenerationRequest) -> EncodedImages:
         """The answer of a streamed request's result (on the loop if small, else in an encoder thread)."""
@@ -265,15 +253,8 @@ class ModelServer:
             self.metrics.on_result(outcome)  # after the hand-off: off the answer's path
 
     def _encode(self, result: GenerationResult, request: GenerationRequest) -> EncodedImages:
-        """The result's images as base64 files of the request's format: decoded by the VAE first for a latent model
-        that has one."""
-        if result.images is not None:
-            images = result.images
-        elif self.decoder is not None:
-            images = self.decoder(result.latents)
-        else:
-            images = latents_to_uint8(result.latents)
-        return EncodedImages(b64_images=tuple(encode_images(images, request, self._deflater)),
+        """The result's images as base64 files of the request's format."""
+        return EncodedImages(b64_images=tuple(encode_images(result.images, request, self._deflater)),
                              output_format=request.encoding.format, seed=result.seed,
                              queue_seconds=result.queue_seconds, denoise_seconds=result.denoise_seconds,
                              engine_seconds=result.total_seconds, spec_fingerprint=self.model_spec.fingerprint)
@@ -311,13 +292,6 @@ def encode_images(images: np.ndarray, request: GenerationRequest, pool: Executor
     if scale > 1:
         images = images.repeat(scale, axis=1).repeat(scale, axis=2)
     return [base64.b64encode(encode_image(image, request.encoding, pool=pool)).decode("ascii") for image in images]
-
-
-def latents_to_uint8(latents: np.ndarray) -> np.ndarray:
-    """(n, C, H, W) latents of a model served without a VAE -> uint8 (n, H, W, C): a view of the latent, for
-    benchmarks of latent-space models (random weights); real images need the VAE decoder."""
-    x = np.clip(latents, -1.0, 1.0)
-    return np.round((x + 1.0) * 127.5).astype(np.uint8).transpose(0, 2, 3, 1)
 
 
 class LocalModel:

@@ -21,21 +21,21 @@ import numpy as np
 import torch
 
 from ..checkpoint import CheckpointError, load_model
+from ..decoders import load_vae
 from . import add_checkpoint_argument, denoising_progress
 from ..engine import Engine, EngineConfig, InvalidRequestError, RequestLimits
 from ..images import save_grid, to_pil
 from ..request import NUM_TRAIN_TIMESTEPS, SAMPLERS, rows_per_image
-from ..vae import LatentDecoder
 
 
-def load_vae(folder: str | None, checkpoint: str, latent_scale: float, device: str) -> LatentDecoder:
-    """The decoder of this latent-space checkpoint, with errors saying what is missing."""
+def vae_of(folder: str | None, checkpoint: str) -> torch.nn.Module:
+    """The VAE of this latent-space checkpoint, with errors saying what is missing."""
     if folder is None:
         raise SystemExit(f"dit-sample: {checkpoint} denoises VAE latents (space=latent), so it needs a decoder: pass "
                          "--vae PATH to a local diffusers AutoencoderKL folder (config.json + weights, e.g. a "
                          "download of stabilityai/sd-vae-ft-ema)")
     try:
-        return LatentDecoder.load(folder, latent_scale, device)
+        return load_vae(folder)
     except ValueError as e:
         raise SystemExit(f"dit-sample: --vae {e}") from None
 
@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     config = EngineConfig(device=args.device, max_batch_size=rows, max_queue_size=len(classes) * args.num_images,
                           limits=RequestLimits(max_images_per_request=args.num_images,
                                                max_inference_steps=NUM_TRAIN_TIMESTEPS))
-    engine = Engine(model, info, config)
+    vae = vae_of(args.vae, args.checkpoint) if info.space == "latent" else None
+    engine = Engine(model, info, config, vae=vae)
     try:  # the checkpoint's measured defaults fill in what was not given, as for a request to the server
         requests = [engine.spec.build_request(prompt=c, n=args.num_images, num_inference_steps=args.steps,
                                               sampler=args.sampler, guidance_scale=args.guidance, eta=args.eta,
@@ -82,16 +83,13 @@ def main(argv: list[str] | None = None) -> None:
     except InvalidRequestError as e:
         parser.error(str(e))
     sampling = requests[0].sampling
-    vae = load_vae(args.vae, args.checkpoint, info.latent_scale, args.device) if info.space == "latent" else None
     engine.on_step = denoising_progress(len(requests) * args.num_images * sampling.num_inference_steps)
     denoise_start = time.perf_counter()
     results = engine.generate(requests)
     print(file=sys.stderr)
     denoise_seconds = time.perf_counter() - denoise_start
-    images = [r.images if r.images is not None else vae(r.latents) for r in results]
     labels = [c for r in requests for c in r.class_ids]
-
-    images = np.concatenate(images)  # (N, H, W, C)
+    images = np.concatenate([r.images for r in results])  # (N, H, W, C)
     if args.grid:
         rows_per_class = len(classes) > 1 and args.num_images > 1
         where = save_grid(images, args.grid, ncols=args.num_images if rows_per_class else None,

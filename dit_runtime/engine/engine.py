@@ -14,18 +14,18 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 
 from ..checkpoint import CheckpointInfo, default_class_names, load_model
 from ..contract import SamplingContract
-from ..images import to_uint8
+from ..decoders import Decoder, decoder_for
 from ..model import DiTModel, count_parameters, get_preset
 from ..request import GenerationRequest, ModelSpec
 from .admission import Admission, AdmissionReplay, BusyStepTime
-from .runner import ModelRunner
+from .runner import COMPUTE_DTYPES, ModelRunner
 from .scheduler import RequestState, Scheduler, StepPlan
 from .types import (EngineConfig, EngineError, EngineStats, EngineStoppedError, GenerationResult, StepEvent,
                     StepStats)
@@ -167,30 +167,47 @@ def _settle(future: asyncio.Future, outcome) -> None:
 
 @dataclass
 class _Pending:
-    """Finished samples on their way to the host."""
+    """A finished request's images (and a latent model's samples) on their way to the host."""
 
     state: RequestState
-    samples: torch.Tensor
+    images: torch.Tensor
+    latents: torch.Tensor | None
     event: torch.cuda.Event | None
     finished_at: float
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the host: from a GPU into pinned memory without waiting (record an event after it), else ``t``."""
+    if t.device.type != "cuda":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
 
 
 class Engine:
     """Step-level continuously batched DiT sampling for one model on one device."""
 
     def __init__(self, model: DiTModel, info: CheckpointInfo, config: EngineConfig = EngineConfig(),
-                 on_step: Callable[[StepStats], None] | None = None,
-                 decode: Callable[[torch.Tensor], np.ndarray] | None = None):
+                 on_step: Callable[[StepStats], None] | None = None, vae: torch.nn.Module | None = None):
+        """``vae``: a latent-space model's diffusers ``AutoencoderKL`` (any device and dtype; it moves to the
+        engine's); without one a latent model answers a view of its latents (``decoders.LatentView``)."""
         self.config = config
         self.info = info
-        self.spec = self._spec(model, info, config)
+        if vae is not None:
+            vae = vae.to(config.device, COMPUTE_DTYPES[config.precision])
+        self.decoder: Decoder = decoder_for(info, vae, max_batch=config.decode_batch_size,
+                                            compile=config.compile_decoder)
+        # On a GPU the decoder and the copy to the host run on a stream of their own, beside the next step.
+        cuda = torch.device(config.device).type == "cuda"
+        self._decode_stream = torch.cuda.Stream(torch.device(config.device)) if cuda else None
+        self.spec = self._spec(model, info, config, self.decoder)
         clip = config.clip_denoised if config.clip_denoised is not None else info.space == "pixel"
         self.runner = ModelRunner(model, config, clip_denoised=clip,
                                   num_train_timesteps=info.sampling.num_train_timesteps)
         self.scheduler = Scheduler(config.max_batch_size, config.buckets, model.config.null_class,
                                    cache_rows=config.cache_rows, compute_buckets=config.compute_buckets)
         self.on_step = on_step
-        self._decode = decode if decode is not None else (to_uint8 if info.space == "pixel" else None)
         self._handles: dict[int, RequestHandle] = {}  # by id() of the request's state
         self._inbox: list[RequestState] = []
         self._inbox_images = 0
@@ -211,9 +228,10 @@ class Engine:
 
     # ---- construction -----------------------------------------------------------------------------------------
     @staticmethod
-    def _spec(model: DiTModel, info: CheckpointInfo, config: EngineConfig) -> ModelSpec:
-        """What this engine accepts: the checkpoint's sampling contract with the config's defaults merged over its
-        own (``SamplingContract.with_overrides``); a default the limits refuse fails here, at start-up."""
+    def _spec(model: DiTModel, info: CheckpointInfo, config: EngineConfig, decoder: Decoder) -> ModelSpec:
+        """What this engine accepts and answers: the checkpoint's sampling contract with the config's defaults merged
+        over its own (``SamplingContract.with_overrides``), a default the limits refuse failing here, at start-up;
+        images of the decoder's side and channels."""
         try:
             contract = info.sampling.with_overrides(num_inference_steps=config.default_inference_steps,
                                                     cache=config.default_cache)
@@ -226,7 +244,8 @@ class Engine:
                 fix = " or set default_inference_steps" if name == "num_inference_steps" else ""
                 raise ValueError(f"the checkpoint's default {name} ({value:g}) is above the limit ({bound:g}): raise "
                                  f"the limit{fix}")
-        return ModelSpec(class_names=tuple(info.class_names), resolution=cfg.input_size, channels=cfg.in_channels,
+        return ModelSpec(class_names=tuple(info.class_names), resolution=cfg.input_size * decoder.upsampling,
+                         channels=decoder.channels,
                          space=info.space, parameters=count_parameters(model), max_rows=config.max_batch_size,
                          contract=contract, limits=limits, max_cache_rows=config.cache_rows,
                          precision=config.precision)
@@ -460,16 +479,33 @@ class Engine:
                                    waiting_images=self.scheduler.waiting_images, estimated_wait_seconds=wait))
 
     def _read(self, finished: list[RequestState]) -> None:
-        """The finished requests' samples on their way to the host: one gather and one copy for the step's."""
-        samples = self.runner.read_samples([slot for state in finished for slot in state.slots])
-        event = None
-        if samples.device.type == "cpu" and self.runner.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
-        now, start = time.monotonic(), 0
+        """The finished requests' images on their way to the host: the step's samples gathered, decoded as one batch
+        and copied once. On a GPU this is queued on the decode stream and the loop goes on; an event says when the
+        pixels are on the host. A failed decode fails those requests, not the engine."""
+        now = time.monotonic()
+        samples = self.runner.gather_samples([slot for state in finished for slot in state.slots])
+        stream = self._decode_stream
+        if stream is not None:  # after the step that wrote them; kept alive until the decode stream is done
+            stream.wait_stream(torch.cuda.current_stream(stream.device))
+            samples.record_stream(stream)
+        try:
+            with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                images = to_host(self.decoder(samples))
+                latents = to_host(samples) if self.info.space == "latent" else None
+                event = None
+                if stream is not None:
+                    event = torch.cuda.Event()
+                    event.record(stream)
+        except Exception as e:
+            log.exception("decoding failed")
+            self._finish_all([(state, EngineError(f"decoding the images failed: {e}")) for state in finished])
+            return
+        start = 0
         for state in finished:
             end = start + state.num_images
-            self._pending.append(_Pending(state=state, samples=samples[start:end], event=event, finished_at=now))
+            self._pending.append(_Pending(state=state, images=images[start:end],
+                                          latents=latents[start:end] if latents is not None else None,
+                                          event=event, finished_at=now))
             start = end
 
     def _deliver_pending(self, block: bool) -> None:
@@ -485,14 +521,12 @@ class Engine:
 
     def _deliver(self, p: _Pending) -> None:
         state = p.state
-        samples = p.samples.float()
-        images = self._decode(samples) if self._decode is not None else None
         admitted = state.admitted_at if state.admitted_at is not None else state.submitted_at
-        result = GenerationResult(request_id=state.request.request_id, images=images, seed=state.seed,
+        result = GenerationResult(request_id=state.request.request_id, images=p.images.numpy(), seed=state.seed,
                                   queue_seconds=admitted - state.submitted_at,
                                   denoise_seconds=p.finished_at - admitted,
                                   total_seconds=time.monotonic() - state.submitted_at,
-                                  latents=None if images is not None else samples.numpy())
+                                  latents=p.latents.float().numpy() if p.latents is not None else None)
         self._finish(state, result)
 
     def _finish_all(self, outcomes: list[tuple[RequestState, EngineError]]) -> None:

@@ -400,15 +400,11 @@ class ModelRunner:
             for i, buffer in enumerate((self.cache_interval, self.cache_warmup, self.cache_cooldown, self.cache_order)):
                 buffer[idx] = ints[:, 5 + i]
 
-    def read_samples(self, slots: list[int]) -> torch.Tensor:
-        """Copy the finished samples of ``slots`` to the host (non-blocking on the GPU; wait on an event)."""
+    def gather_samples(self, slots: list[int]) -> torch.Tensor:
+        """The finished samples of ``slots``, (n, C, h, w) float32 on the device: a new tensor, which later steps do
+        not overwrite."""
         idx = torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True)
-        out = self.x[idx]
-        if self.device.type == "cuda":
-            host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-            host.copy_(out, non_blocking=True)
-            return host
-        return out.clone()
+        return self.x[idx]
 
     # ---- start-up ---------------------------------------------------------------------------------------------
     @torch.no_grad()  # not inference mode: a loaded program's guards would refuse it (programs.py)

@@ -62,6 +62,11 @@ class EngineConfig:
     # skips torch.compile's tracing (engine/programs.py). False: inductor's caches alone, and every start traces.
     compile_programs: bool = True
     warmup: bool = True  # compile and capture every bucket at start-up
+    # The images of the requests that finish in one step are decoded together (decoders.py), in batches of at most
+    # this many, which bounds a latent model's VAE activations (SD's VAE: 1 GiB per 128-channel 256x256 tensor
+    # of 64 images in fp16).
+    decode_batch_size: int = 64
+    compile_decoder: bool = False  # torch.compile a latent model's VAE decoder (batches padded to powers of two)
     stall_timeout: float = 120.0  # seconds without a finished step, with work pending, before health() fails
 
     def __post_init__(self) -> None:
@@ -74,7 +79,7 @@ class EngineConfig:
                                                   or not self.max_queue_wait_s > 0):
             problems.append(f"max_queue_wait_s must be a positive number of seconds or None, "
                             f"got {self.max_queue_wait_s!r}")
-        for name in ("max_batch_size", "max_queue_size"):
+        for name in ("max_batch_size", "max_queue_size", "decode_batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.default_inference_steps is not None and not \
@@ -145,13 +150,11 @@ class StepEvent:
 
 @dataclass
 class GenerationResult:
-    """The finished images, uint8 (n, H, W, C), with the seed used and where the time went.
-
-    For a latent-space model served without a VAE, ``images`` is None and ``latents`` holds the raw samples.
-    """
+    """The finished images, uint8 (n, H, W, C) (the engine's decoder's: decoders.py), with the seed used and where
+    the time went. A latent-space model's results also carry its samples, ``latents`` (n, C, h, w) float32."""
 
     request_id: str
-    images: np.ndarray | None
+    images: np.ndarray
     seed: int
     queue_seconds: float  # submit -> admission into the batch
     denoise_seconds: float  # admission -> last step

@@ -337,11 +337,10 @@ def test_latent_model_images_decode_through_its_vae(server, tmp_path):
 
 
 def test_latent_checkpoint_without_a_vae_is_refused_naming_what_to_set(tmp_path):
-    from serving.config import ModelArgs
+    from serving.config import Limits, ModelArgs
     from serving.model_server import ModelServer
 
-    from dit_runtime.checkpoint import read_info
-
     ckpt, _ = tiny_latent_model(tmp_path)
-    with pytest.raises(ValueError, match=r"latent\.safetensors is a latent-space model: set `vae:`"):
-        ModelServer._decoder(ModelArgs(**model_args("latent", ckpt)), read_info(ckpt))
+    server = ModelServer(ModelArgs(**model_args("latent", ckpt, verify_manifest=False)), Limits(**LIMITS))
+    assert server.engine is None  # refused before the engine is built
+    assert re.search(r"latent\.safetensors is a latent-space model: set `vae:`", server.load_error), server.load_error

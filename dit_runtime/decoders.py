@@ -1,0 +1,125 @@
+"""Samples -> images, in one place. The engine hands back images for every model: it decodes the samples of the
+requests that finish in a step as one batch, on the device (and on a CUDA stream of its own, so the next step does
+not wait), and copies uint8 pixels to the host.
+
+- ``PixelDecoder``: a pixel-space model's samples are its images; [-1, 1] -> uint8.
+- ``VAEDecoder``: a latent-space model's samples through the VAE it was trained in (a diffusers ``AutoencoderKL``),
+  batched, in the engine's precision, channels-last, optionally compiled.
+- ``LatentView``: a latent-space model served without its VAE (random-weight benchmarks): the latents' values as
+  pixels, one per latent position, so the path around the engine is measured without a decoder.
+
+``decoder_for`` picks one for a checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointInfo
+
+
+def quantize(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (n, C, H, W), any float dtype -> uint8 (n, H, W, C) on the same device; clipped."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+class Decoder:
+    """A model's samples (n, C, h, w) on the device -> uint8 images (n, h * upsampling, h * upsampling, channels) on
+    the same device."""
+
+    upsampling: int = 1
+    channels: int
+
+    def __call__(self, samples: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class PixelDecoder(Decoder):
+    """A pixel-space model: its samples are the images."""
+
+    def __init__(self, channels: int):
+        self.channels = channels
+
+    def __call__(self, samples: torch.Tensor) -> torch.Tensor:
+        return quantize(samples)
+
+
+class LatentView(PixelDecoder):
+    """A latent-space model served without its VAE: each latent channel read as a pixel channel in [-1, 1], for
+    benchmarks of random weights. Never for real images: a checkpoint of latents needs its VAE."""
+
+
+class VAEDecoder(Decoder):
+    """A diffusers ``AutoencoderKL``'s decoder over a latent model's samples (divided by the checkpoint's
+    ``latent_scale`` first), in batches of at most ``max_batch``.
+
+    ``compile``: torch.compile the decoder with static shapes; batches are then padded to the next power of two so
+    that a few programs serve every batch size."""
+
+    def __init__(self, vae: torch.nn.Module, latent_scale: float, max_batch: int = 64, compile: bool = False):
+        self.vae = vae.eval().requires_grad_(False)
+        param = next(self.vae.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        if self.device.type == "cuda":  # cuDNN's convolutions run NHWC natively
+            self.vae.to(memory_format=torch.channels_last)
+        self.latent_scale = latent_scale
+        self.max_batch = max_batch
+        self.compiled = compile
+        self._decode = torch.compile(self._forward, dynamic=False) if compile else self._forward
+
+    @property
+    def upsampling(self) -> int:
+        """Image pixels per latent pixel along a side: 2 per decoder up-block after the first (8 for SD's VAE)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def channels(self) -> int:
+        return self.vae.config.out_channels
+
+    def _forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z).sample
+
+    @torch.inference_mode()
+    def __call__(self, samples: torch.Tensor) -> torch.Tensor:
+        z = (samples.float() / self.latent_scale).to(self.device, self.dtype)
+        if self.device.type == "cuda":
+            z = z.contiguous(memory_format=torch.channels_last)
+        out = []
+        for chunk in z.split(self.max_batch):
+            n = chunk.shape[0]
+            if self.compiled and n & (n - 1):  # pad to a power of two: one program per power, not per size
+                pad = chunk.new_zeros((1 << n.bit_length()) - n, *chunk.shape[1:])
+                chunk = torch.cat([chunk, pad])
+            out.append(quantize(self._decode(chunk)[:n]))
+        return torch.cat(out) if len(out) > 1 else out[0]
+
+
+def load_vae(folder: str | Path, device: str | torch.device = "cpu",
+             dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A diffusers ``AutoencoderKL`` from a local model folder; errors say what is missing (folder, config.json,
+    diffusers)."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} is not a diffusers AutoencoderKL folder (no config.json); give a local copy of the "
+                         "VAE the model was trained with, e.g. stabilityai/sd-vae-ft-ema")
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError:
+        raise ValueError("decoding latents needs the optional package diffusers (pip install diffusers)") from None
+    return AutoencoderKL.from_pretrained(str(folder)).to(device, dtype)
+
+
+def decoder_for(info: CheckpointInfo, vae: torch.nn.Module | None = None, *, max_batch: int = 64,
+                compile: bool = False) -> Decoder:
+    """The decoder of a checkpoint: its pixels, its VAE (``vae``, for a latent model), or a view of its latents
+    when a latent model has no VAE (benchmarks)."""
+    channels = info.config.in_channels
+    if info.space == "pixel":
+        if vae is not None:
+            raise ValueError("a pixel-space model's samples are its images: it takes no VAE")
+        return PixelDecoder(channels)
+    if vae is None:
+        return LatentView(channels)
+    return VAEDecoder(vae, info.latent_scale, max_batch=max_batch, compile=compile)

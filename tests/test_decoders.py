@@ -1,0 +1,98 @@
+"""Decoding in the engine: every model's results are images; a latent model's VAE runs once per step over the
+requests that finished in it; a failed decode fails those requests and not the engine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dit_runtime.checkpoint import CheckpointInfo, default_class_names
+from dit_runtime.decoders import LatentView, PixelDecoder, VAEDecoder, decoder_for, quantize
+from dit_runtime.engine import Engine, EngineConfig, EngineError, GenerationRequest, SamplingParams
+from dit_runtime.model import DiTModel, get_preset
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def tiny_vae() -> torch.nn.Module:
+    """A random AutoencoderKL of 4 latent channels with one 2x up-block: 8x8 latents -> 16x16 RGB."""
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                                   down_block_types=("DownEncoderBlock2D",) * 2,
+                                   up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4,
+                                   layers_per_block=1).eval()
+
+
+def latent_engine(vae: torch.nn.Module | None, **config) -> Engine:
+    torch.manual_seed(0)
+    model = DiTModel.from_config(get_preset("dit-tiny")).eval()  # 8x8x4 latents
+    info = CheckpointInfo(config=model.config, class_names=default_class_names(10), space="latent",
+                          latent_scale=0.5)
+    return Engine(model, info, EngineConfig(max_batch_size=16, **config), vae=vae)
+
+
+def request(seed: int, n: int = 1) -> GenerationRequest:
+    return GenerationRequest((seed % 10,) * n, SamplingParams(seed=seed, num_inference_steps=3, sampler="ddim",
+                                                              guidance_scale=1.0))
+
+
+def test_decoder_for_each_kind_of_checkpoint():
+    model_config = get_preset("dit-tiny")
+    pixel = CheckpointInfo(config=model_config, class_names=default_class_names(10), space="pixel")
+    latent = CheckpointInfo(config=model_config, class_names=default_class_names(10), space="latent")
+    assert type(decoder_for(pixel)) is PixelDecoder and decoder_for(pixel).channels == 4
+    assert type(decoder_for(latent)) is LatentView
+    vae = decoder_for(latent, tiny_vae())
+    assert isinstance(vae, VAEDecoder) and (vae.upsampling, vae.channels) == (2, 3)
+    with pytest.raises(ValueError, match="pixel-space model"):
+        decoder_for(pixel, tiny_vae())
+
+
+def test_quantize_maps_the_model_range_to_bytes_channels_last():
+    x = torch.tensor([-2.0, -1.0, 0.0, 1.0, 3.0]).view(1, 1, 1, 5).expand(2, 3, 1, 5)
+    out = quantize(x)
+    assert out.dtype == torch.uint8 and out.shape == (2, 1, 5, 3)
+    assert out[0, 0, :, 0].tolist() == [0, 0, 128, 255, 255]
+
+
+def test_a_latent_models_images_are_its_latents_through_its_vae_decoded_once_per_step():
+    vae = tiny_vae()
+    batches = []
+    decode = vae.decode
+    vae.decode = lambda z, *a, **k: batches.append(z.shape[0]) or decode(z, *a, **k)  # observe, then decode
+    engine = latent_engine(vae)
+    assert (engine.spec.resolution, engine.spec.channels) == (16, 3)  # what the API answers
+    results = engine.generate([request(1, n=2), request(2), request(3, n=3)])  # the same steps: one finishing step
+    assert batches == [6]  # the three requests' six images in one decode
+    for result in results:
+        assert result.images.shape == (len(result.latents), 16, 16, 3) and result.images.dtype == np.uint8
+        expected = quantize(decode(torch.from_numpy(result.latents) / 0.5).sample).numpy()
+        # Decoded in a batch of 6 against one request's batch: BLAS may sum in another order, a rounding apart.
+        assert np.abs(result.images.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_a_latent_model_without_a_vae_answers_a_view_of_its_latents():
+    result = latent_engine(None).generate([request(4)])[0]
+    assert result.images.shape == (1, 8, 8, 4)
+    assert np.array_equal(result.images, quantize(torch.from_numpy(result.latents)).numpy())
+
+
+def test_a_failed_decode_fails_its_requests_and_the_engine_serves_on():
+    vae = tiny_vae()
+    decode, failures = vae.decode, [1]
+
+    def sometimes_fails(z, *a, **k):
+        if failures:
+            failures.pop()
+            raise RuntimeError("out of memory (test)")
+        return decode(z, *a, **k)
+
+    vae.decode = sometimes_fails
+    with latent_engine(vae) as engine:
+        first = engine.submit(request(5))
+        with pytest.raises(EngineError, match="decoding the images failed: out of memory"):
+            first.result(timeout=60)
+        second = engine.submit(request(6)).result(timeout=60)
+        engine.health()
+    assert second.images.shape == (1, 16, 16, 3)
