@@ -8,7 +8,7 @@ import sys
 TOOLS = {"engine": "engine", "serve": "serve", "load": "loadgen", "overload": "overload", "api": "api",
          "train-memory": "train_memory", "plot": "plots", "cache-quality": "cache_quality",
          "scale": "scale", "startup": "startup", "student-quality": "student_quality", "encode": "encode",
-         "soak": "soak"}
+         "soak": "soak", "decode": "decode"}
 
 
 def main() -> int:

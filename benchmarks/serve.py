@@ -49,6 +49,11 @@ def model_args(a) -> dict:
         m["checkpoint"] = a.checkpoint
     else:
         m.update(preset=a.preset, allow_random_weights=True, random_weights_as="student" if a.student else "teacher")
+    if a.vae == "sd-random":  # random weights of sd-vae-ft-ema's configuration, written once beside the results
+        from benchmarks.decode import write_random_vae
+        a.vae = str(write_random_vae(a.out / "vae-sd-random"))
+    if a.vae:
+        m["vae"] = a.vae
     return m
 
 
@@ -168,6 +173,9 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-batch-size", type=int, default=64)
     ap.add_argument("--student", action="store_true", help="with --preset: serve the random weights as a 4-step "
                                                            "student (one row per guided image; --steps 1, 2, 4 or 8)")
+    ap.add_argument("--vae", help="a latent model's decoder: a local diffusers AutoencoderKL folder, or sd-random "
+                                  "(random weights of sd-vae-ft-ema's configuration: 256x256 images from dit-10l's "
+                                  "32x32 latents); default none, the latents answered as they are")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,7 +82,9 @@ class VAEDecoder(Decoder):
         return self.vae.decode(z).sample
 
     @torch.inference_mode()
-    def __call__(self, samples: torch.Tensor) -> torch.Tensor:
+    def decode(self, samples: torch.Tensor) -> list[torch.Tensor]:
+        """The images in [-1, 1] (n, C, H, W) in the decoder's dtype, as a list of batches of at most
+        ``max_batch``."""
         z = (samples.float() / self.latent_scale).to(self.device, self.dtype)
         if self.device.type == "cuda":
             z = z.contiguous(memory_format=torch.channels_last)
@@ -92,7 +94,12 @@ class VAEDecoder(Decoder):
             if self.compiled and n & (n - 1):  # pad to a power of two: one program per power, not per size
                 pad = chunk.new_zeros((1 << n.bit_length()) - n, *chunk.shape[1:])
                 chunk = torch.cat([chunk, pad])
-            out.append(quantize(self._decode(chunk)[:n]))
+            out.append(self._decode(chunk)[:n])
+        return out
+
+    @torch.inference_mode()
+    def __call__(self, samples: torch.Tensor) -> torch.Tensor:
+        out = [quantize(x) for x in self.decode(samples)]
         return torch.cat(out) if len(out) > 1 else out[0]
 
 

@@ -1,5 +1,5 @@
-"""The engine benchmark's plumbing that runs without a GPU: two versions of the engine side by side, and the steady
-steps of a full batch timed through the engine's public API."""
+"""The benchmarks' plumbing that runs without a GPU: two versions of the engine side by side, the steady steps of a
+full batch timed through the engine's public API, and the decoder's setups held to one decode."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import json
 import shutil
 import sys
 from pathlib import Path
+
+import pytest
 
 from benchmarks.engine import BASELINE_PACKAGE, EngineSteps, engine_request, load_baseline
 
@@ -55,3 +57,17 @@ def test_serving_runs_plot_side_by_side(tmp_path):
     assert plot([str(tmp_path / "fp16" / "summary.json"), str(tmp_path / "fp8" / "summary.json"), "--out",
                  str(out)]) == 0
     assert Image.open(out).size == Image.open(tmp_path / "load-throughput.png").size == (860, 500)
+
+
+def test_the_decode_benchmark_holds_each_setup_to_the_fp32_decode(tmp_path):
+    pytest.importorskip("diffusers")
+    from benchmarks.decode import main
+
+    assert main(["--config", "tiny", "--latent-side", "8", "--batches", "1", "3", "--setups", "diffusers-eager",
+                 "eager", "--rounds", "2", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "decode.jsonl").read_text().splitlines()]
+    assert [(r["setup"], r["batch"]) for r in rows] == [("diffusers-eager", 1), ("eager", 1),
+                                                        ("diffusers-eager", 3), ("eager", 3)]
+    for row in rows:
+        assert row["image_shape"] == [3, 16, 16] and row["ms_per_image"] > 0
+        assert row["rel_error"] < 1e-5 and row["max_uint8_diff"] <= 1  # fp32 on the CPU: the same decode

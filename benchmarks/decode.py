@@ -1,0 +1,144 @@
+"""A latent model's VAE decoder alone, per image, at the batch sizes the engine decodes: diffusers' eager
+``AutoencoderKL`` (the anchor) beside the engine's ``VAEDecoder`` in each setup, on the same latents.
+
+    python -m benchmarks decode [--batches 1 16 64] [--setups diffusers-eager eager compiled ...] [--vae PATH]
+
+Weights: random, of stabilityai/sd-vae-ft-ema's configuration (``SD_VAE_CONFIG``: 4x32x32 latents -> 256x256 RGB),
+unless ``--vae`` names a local AutoencoderKL folder; ``--config tiny`` is a small one for the CPU tests.
+Setups (each in the device's half precision, fp16 unless named; fp32 on a CPU):
+
+- ``diffusers-eager``: ``vae.decode(z).sample`` as diffusers runs it, NCHW (the anchor);
+- ``eager``: the engine's decoder, channels-last;
+- ``compiled`` / ``compiled-bf16``: the same under torch.compile (inductor fuses each GroupNorm with its SiLU);
+- ``graphs``: compiled with inductor's CUDA graphs (``mode="reduce-overhead"``), to see what launch overhead is left.
+
+Each row: milliseconds per image (median over ``--rounds`` timed calls, CUDA events on a GPU), the first call's
+seconds (compile), and the error against the fp32 eager decode of the same latents: relative L2 of the float images
+and the largest difference in uint8 levels. The anchor's own fp16 error is the tolerance. Rows go to
+``OUT/decode.jsonl`` as they are measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from dit_runtime.decoders import VAEDecoder, load_vae, quantize
+
+SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                     layers_per_block=2, norm_num_groups=32, sample_size=256, scaling_factor=0.18215)
+TINY_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                       down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                       layers_per_block=1, norm_num_groups=4)
+SETUPS = ("diffusers-eager", "eager", "compiled", "compiled-bf16", "graphs")
+
+
+def random_vae(config: dict, seed: int = 0) -> torch.nn.Module:
+    """A diffusers AutoencoderKL of ``config`` with random weights (fp32, on the CPU)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(**config).eval()
+
+
+def write_random_vae(folder: Path, config: dict = SD_VAE_CONFIG) -> Path:
+    """A random AutoencoderKL of ``config`` saved as a diffusers folder (``vae:`` of a served benchmark model)."""
+    if not (folder / "config.json").is_file():
+        random_vae(config).save_pretrained(folder)
+    return folder
+
+
+def timed(fn, z: torch.Tensor, rounds: int) -> tuple[float, float, torch.Tensor]:
+    """(first call's seconds, median seconds of the next ``rounds`` calls, the last output)."""
+    cuda = z.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    out = fn(z)
+    sync()
+    first = time.perf_counter() - start
+    out = fn(z)  # a second warm call: CUDA graphs record on their second
+    times = []
+    for _ in range(rounds):
+        if cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            out = fn(z)
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end) / 1000)
+        else:
+            start = time.perf_counter()
+            out = fn(z)
+            times.append(time.perf_counter() - start)
+    return first, statistics.median(times), out
+
+
+def setup(name: str, vae: torch.nn.Module, device: torch.device, half: torch.dtype):
+    """The decode function (scaled latents (n, 4, h, w) fp32 -> float images) of one setup."""
+    dtype = torch.bfloat16 if name == "compiled-bf16" else half
+    module = vae.to(device, dtype)
+    if name == "diffusers-eager":
+        module = module.to(memory_format=torch.contiguous_format)
+        return lambda z: module.decode(z.to(dtype)).sample
+    if name == "graphs":
+        module = module.to(memory_format=torch.channels_last)
+        forward = torch.compile(lambda z: module.decode(z).sample, mode="reduce-overhead", dynamic=False)
+        return lambda z: forward(z.to(dtype).contiguous(memory_format=torch.channels_last)).clone()
+    decoder = VAEDecoder(module, latent_scale=1.0, max_batch=1 << 20, compile=name != "eager")
+    return lambda z: decoder.decode(z)[0]
+
+
+@torch.inference_mode()
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks decode", description=__doc__.split("\n\n")[0])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--setups", nargs="+", choices=SETUPS, default=list(SETUPS))
+    p.add_argument("--config", choices=["sd-vae-ft-ema", "tiny"], default="sd-vae-ft-ema",
+                   help="the random weights' configuration (without --vae)")
+    p.add_argument("--vae", help="a local diffusers AutoencoderKL folder instead of random weights")
+    p.add_argument("--latent-side", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_out")))
+    a = p.parse_args(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(a.device)
+    half = torch.float16 if device.type == "cuda" else torch.float32
+    reference_vae = load_vae(a.vae) if a.vae else random_vae(SD_VAE_CONFIG if a.config == "sd-vae-ft-ema"
+                                                             else TINY_VAE_CONFIG)
+    reference_vae = reference_vae.to(device)
+    source = a.vae or f"random {a.config}"
+    generator = torch.Generator().manual_seed(0)
+    for batch in a.batches:
+        z = torch.randn(batch, reference_vae.config.latent_channels, a.latent_side, a.latent_side,
+                        generator=generator).to(device)
+        reference = reference_vae.float().decode(z).sample.float()  # fp32 eager: what every setup is held to
+        for name in a.setups:
+            if name == "graphs" and device.type != "cuda":
+                continue
+            vae = load_vae(a.vae) if a.vae else random_vae(SD_VAE_CONFIG if a.config == "sd-vae-ft-ema"
+                                                           else TINY_VAE_CONFIG)
+            torch._dynamo.reset()
+            first, seconds, images = timed(setup(name, vae, device, half), z, a.rounds)
+            images = images.float()
+            row = {"setup": name, "vae": source, "batch": batch, "device": str(device),
+                   "dtype": str(torch.bfloat16 if name == "compiled-bf16" else half).removeprefix("torch."),
+                   "ms_per_image": round(1000 * seconds / batch, 4), "first_call_s": round(first, 2),
+                   "rel_error": float(f"{float((images - reference).norm() / reference.norm()):.3g}"),
+                   "max_uint8_diff": int((quantize(images).int() - quantize(reference).int()).abs().max()),
+                   "image_shape": list(images.shape[1:])}
+            with open(a.out / "decode.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+            del vae
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return 0
