@@ -90,7 +90,7 @@ def setup(name: str, vae: torch.nn.Module, device: torch.device, half: torch.dty
         return lambda z: module.decode(z.to(dtype)).sample
     if name == "graphs":
         module = module.to(memory_format=torch.channels_last)
-        forward = torch.compile(lambda z: module.decode(z).sample, mode="reduce-overhead", dynamic=False)
+        forward = torch.compile(lambda z: module.decode(z).sample, mode="reduce-overhead", dynamic=False)  # per batch
         return lambda z: forward(z.to(dtype).contiguous(memory_format=torch.channels_last)).clone()
     decoder = VAEDecoder(module, latent_scale=1.0, max_batch=1 << 20, compile=name != "eager")
     return lambda z: decoder.decode(z)[0]

@@ -13,6 +13,7 @@ not wait), and copies uint8 pixels to the host.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -35,6 +36,10 @@ class Decoder:
     def __call__(self, samples: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def warm_up(self, sample_shape: tuple[int, ...]) -> float:
+        """Run every batch shape the decoder compiles for once (at start-up, not at a request); returns seconds."""
+        return 0.0
+
 
 class PixelDecoder(Decoder):
     """A pixel-space model: its samples are the images."""
@@ -55,8 +60,8 @@ class VAEDecoder(Decoder):
     """A diffusers ``AutoencoderKL``'s decoder over a latent model's samples (divided by the checkpoint's
     ``latent_scale`` first), in batches of at most ``max_batch``.
 
-    ``compile``: torch.compile the decoder with static shapes; batches are then padded to the next power of two so
-    that a few programs serve every batch size."""
+    ``compile``: torch.compile the decoder with a symbolic batch size: one program serves every batch of two or more
+    (one more, specialised, serves a single image), where static shapes would compile one per size."""
 
     def __init__(self, vae: torch.nn.Module, latent_scale: float, max_batch: int = 64, compile: bool = False):
         self.vae = vae.eval().requires_grad_(False)
@@ -67,7 +72,7 @@ class VAEDecoder(Decoder):
         self.latent_scale = latent_scale
         self.max_batch = max_batch
         self.compiled = compile
-        self._decode = torch.compile(self._forward, dynamic=False) if compile else self._forward
+        self._decode = torch.compile(self._forward, dynamic=True) if compile else self._forward
 
     @property
     def upsampling(self) -> int:
@@ -88,19 +93,21 @@ class VAEDecoder(Decoder):
         z = (samples.float() / self.latent_scale).to(self.device, self.dtype)
         if self.device.type == "cuda":
             z = z.contiguous(memory_format=torch.channels_last)
-        out = []
-        for chunk in z.split(self.max_batch):
-            n = chunk.shape[0]
-            if self.compiled and n & (n - 1):  # pad to a power of two: one program per power, not per size
-                pad = chunk.new_zeros((1 << n.bit_length()) - n, *chunk.shape[1:])
-                chunk = torch.cat([chunk, pad])
-            out.append(self._decode(chunk)[:n])
-        return out
+        return [self._decode(chunk) for chunk in z.split(self.max_batch)]
 
     @torch.inference_mode()
     def __call__(self, samples: torch.Tensor) -> torch.Tensor:
         out = [quantize(x) for x in self.decode(samples)]
         return torch.cat(out) if len(out) > 1 else out[0]
+
+    def warm_up(self, sample_shape: tuple[int, ...]) -> float:
+        """Compiled: a decode of one image and of two (the two programs)."""
+        if not self.compiled:
+            return 0.0
+        start = time.perf_counter()
+        for n in (1, 2):
+            self(torch.zeros(n, *sample_shape, device=self.device))
+        return time.perf_counter() - start
 
 
 def load_vae(folder: str | Path, device: str | torch.device = "cpu",

@@ -96,3 +96,15 @@ def test_a_failed_decode_fails_its_requests_and_the_engine_serves_on():
         second = engine.submit(request(6)).result(timeout=60)
         engine.health()
     assert second.images.shape == (1, 16, 16, 3)
+
+
+def test_a_compiled_decoder_compiles_at_start_up_and_decodes_as_the_eager_one():
+    eager = latent_engine(tiny_vae())
+    compiled = latent_engine(tiny_vae(), compile_decoder=True)
+    assert compiled.decoder_warmup_seconds > 0
+    requests = [request(7, n=3), request(8)]
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a batch of four: no compile at a request
+        got = compiled.generate(requests)
+    for a, b in zip(got, eager.generate(requests)):
+        assert np.array_equal(a.latents, b.latents)
+        assert np.abs(a.images.astype(int) - b.images.astype(int)).max() <= 1  # fused kernels round apart

@@ -221,6 +221,8 @@ class Engine:
         self._steps_done = 0
         self._pending: list[_Pending] = []
         self.warmup_seconds: dict[int, float] = self.runner.warm_up() if config.warmup else {}
+        # A compiled decoder's programs, built now rather than at the first requests that finish together.
+        self.decoder_warmup_seconds = self.decoder.warm_up(self.runner.image_shape) if config.warmup else 0.0
         # The busy step time starts from the warm-up's step of the largest bucket, every row running the blocks.
         step_time = BusyStepTime(config.max_batch_size, self.runner.full_step_seconds if config.warmup else None)
         self.admission = Admission(self._replay_queue, self._lock, step_time, config.max_queue_size,

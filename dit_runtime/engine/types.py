@@ -66,7 +66,7 @@ class EngineConfig:
     # this many, which bounds a latent model's VAE activations (SD's VAE: 1 GiB per 128-channel 256x256 tensor
     # of 64 images in fp16).
     decode_batch_size: int = 64
-    compile_decoder: bool = False  # torch.compile a latent model's VAE decoder (batches padded to powers of two)
+    compile_decoder: bool = False  # torch.compile a latent model's VAE decoder (a symbolic batch size)
     stall_timeout: float = 120.0  # seconds without a finished step, with work pending, before health() fails
 
     def __post_init__(self) -> None:
