@@ -111,6 +111,8 @@ class ModelArgs(_Args):
                                "rates)")
     vae: str | None = Field(None, description="local diffusers AutoencoderKL folder that decodes a latent-space "
                                               "checkpoint's samples into images (required for those)")
+    compile_decoder: bool = Field(False, description="torch.compile the VAE decoder at start-up (one program for "
+                                                     "every batch size)")
     device: Literal["cpu", "cuda"] = "cpu"
     precision: Literal["fp32", "fp16", "bf16", "fp8"] = Field(
         "fp32", description="fp32 on the CPU; fp16 or bf16 on a GPU; fp8: FP8 GEMMs in the blocks (Ada, Hopper or "
@@ -224,7 +226,8 @@ class ModelArgs(_Args):
                             batch_buckets=tuple(self.batch_buckets) if self.batch_buckets else None,
                             compile_cache_dir=self.compile_cache_dir, compile_options=self.compile_options,
                             compile_dynamic=self.compile_dynamic, compile_programs=self.compile_programs,
-                            default_cache=self.default_cache, feature_cache_rows=self.feature_cache_rows)
+                            default_cache=self.default_cache, feature_cache_rows=self.feature_cache_rows,
+                            compile_decoder=self.compile_decoder)
 
     @property
     def guided_images_per_batch(self) -> int:

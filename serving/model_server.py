@@ -109,10 +109,12 @@ class ModelServer:
             log.error(self.load_error)
             return
         runner, done = self.engine.runner, time.perf_counter()
+        decoder_warmup = self.engine.decoder_warmup_seconds
         self.startup = StartupTimes(before_init=before_init, verify=verified - started,
-                                    load=done - vae_loaded - runner.compile_seconds - runner.capture_seconds,
+                                    load=done - vae_loaded - runner.compile_seconds - runner.capture_seconds
+                                    - decoder_warmup,
                                     compile=runner.compile_seconds, capture=runner.capture_seconds,
-                                    decoder=vae_loaded - verified, total=done - started)
+                                    decoder=vae_loaded - verified + decoder_warmup, total=done - started)
         self.metrics.record_startup(self.startup)
         store = runner.store  # saved compiled programs: loaded, or compiled and saved for the next start
         programs = f"; compiled programs: {store.loaded} loaded, {store.compiled} compiled" if store else ""
