@@ -172,12 +172,14 @@ class SamplingContract:
         return cls.of_teacher(steps, SamplingParams(**recorded), supports_guidance)
 
 def student_contract(teacher: SamplingContract, source: Teacher, max_guidance_scale: float,
-                     guidance_scale: float) -> SamplingContract:
-    """The contract of a consistency student of ``teacher``: its schedule, the student sampler at its step counts,
-    guidance as an input over ``[1, max_guidance_scale]``, no feature cache, and ``source.segments`` steps at
-    ``guidance_scale`` as the default."""
+                     guidance_scale: float, step_counts: tuple[int, ...] | None = None) -> SamplingContract:
+    """The contract of a consistency student of ``teacher``: its schedule, the student sampler at its step counts
+    (``step_counts``: those it was trained for with the count as an input; default STUDENT_STEP_COUNTS), guidance as
+    an input over ``[1, max_guidance_scale]``, no feature cache, and ``source.segments`` steps at ``guidance_scale``
+    as the default."""
     return SamplingContract(num_train_timesteps=teacher.num_train_timesteps, prediction="consistency",
-                            samplers=("consistency",), step_counts=STUDENT_STEP_COUNTS, guidance="embedded",
+                            samplers=("consistency",), step_counts=step_counts or STUDENT_STEP_COUNTS,
+                            guidance="embedded",
                             max_guidance_scale=max_guidance_scale, feature_cache=False,
                             defaults=SamplingParams(num_inference_steps=source.segments, sampler="consistency",
                                                     guidance_scale=guidance_scale),

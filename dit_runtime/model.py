@@ -40,6 +40,8 @@ class DiTConfig:
     class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance; > 0 adds the null class
     # A few-step student's guidance scale joins the conditioning (GuidanceEmbedder), so a guided image is one row.
     guidance_embed: bool = False
+    # A student trained for several step counts takes its count as an input too (StepsEmbedder).
+    steps_embed: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -223,6 +225,19 @@ class GuidanceEmbedder(nn.Module):
         w_freq = timestep_embedding((w.float() - 1.0) * GUIDANCE_EMBED_SCALE, self.freq_dim)  # (N, F)
         return self.mlp(w_freq.to(self.mlp[0].weight.dtype))  # (N, D)
 
+    @torch.no_grad()
+    def reset(self) -> None:
+        """The timestep MLP's initialisation, with a zero last layer: adds nothing until trained."""
+        nn.init.normal_(self.mlp[0].weight, std=0.02)
+        nn.init.zeros_(self.mlp[0].bias)
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
+
+
+class StepsEmbedder(GuidanceEmbedder):
+    """A student's step count -> a vector added to the conditioning, as the guidance scale is (a count of n embeds
+    as a scale of n would: 1 step as no guidance, 8 steps across the timesteps' frequencies)."""
+
 
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection, through scaled_dot_product_attention."""
@@ -299,17 +314,20 @@ class DiTModel(nn.Module):
 
     def __init__(self, hidden_dim: int = 1024, num_layers: int = 10, num_heads: int = 16, ffn_dim: int = 4096,
                  input_size: int = 32, patch_size: int = 2, in_channels: int = 4, num_classes: int = 1000,
-                 learn_sigma: bool = True, class_dropout_prob: float = 0.1, guidance_embed: bool = False):
+                 learn_sigma: bool = True, class_dropout_prob: float = 0.1, guidance_embed: bool = False,
+                 steps_embed: bool = False):
         super().__init__()
         self.config = DiTConfig(hidden_dim=hidden_dim, num_layers=num_layers, num_heads=num_heads, ffn_dim=ffn_dim,
                                 input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                                 num_classes=num_classes, learn_sigma=learn_sigma,
-                                class_dropout_prob=class_dropout_prob, guidance_embed=guidance_embed)
+                                class_dropout_prob=class_dropout_prob, guidance_embed=guidance_embed,
+                                steps_embed=steps_embed)
         cfg = self.config
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_dim)
         self.t_embedder = TimestepEmbedder(hidden_dim)
         self.y_embedder = LabelEmbedder(num_classes, hidden_dim, class_dropout_prob)
         self.g_embedder = GuidanceEmbedder(hidden_dim) if guidance_embed else None
+        self.s_embedder = StepsEmbedder(hidden_dim) if steps_embed else None
         # Fixed, not learned; a persistent buffer so checkpoints carry it as the paper's do.
         self.register_buffer("pos_embed", torch.zeros(1, cfg.num_tokens, hidden_dim))
         self.blocks = nn.ModuleList(DiTBlock(hidden_dim, num_heads, ffn_dim) for _ in range(num_layers))
@@ -356,16 +374,13 @@ class DiTModel(nn.Module):
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
-        if self.g_embedder is not None:
-            self.init_guidance_embedder()
+        self.init_student_embedders()
 
-    @torch.no_grad()
-    def init_guidance_embedder(self) -> None:
-        """The guidance embedding's initialisation: the timestep MLP's, with a zero last layer (adds nothing)."""
-        nn.init.normal_(self.g_embedder.mlp[0].weight, std=0.02)
-        nn.init.zeros_(self.g_embedder.mlp[0].bias)
-        nn.init.zeros_(self.g_embedder.mlp[2].weight)
-        nn.init.zeros_(self.g_embedder.mlp[2].bias)
+    def init_student_embedders(self) -> None:
+        """The guidance and step-count embeddings a student adds to its teacher, each adding nothing yet."""
+        for embedder in (self.g_embedder, self.s_embedder):
+            if embedder is not None:
+                embedder.reset()
 
     @torch.no_grad()
     def reset_pos_embed(self) -> None:
@@ -385,22 +400,26 @@ class DiTModel(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)  # (N, C, H, W)
 
-    def condition(self, t: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
-        """Conditioning vector c = embed(t) + embed(y) (+ embed(w), a student's guidance scale), computed once per
-        forward and shared by all blocks. A model without a guidance embedding ignores ``w``."""
+    def condition(self, t: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None,
+                  steps: torch.Tensor | None = None) -> torch.Tensor:
+        """Conditioning vector c = embed(t) + embed(y) (+ embed(w), a student's guidance scale; + embed(steps), its
+        step count), computed once per forward and shared by all blocks. A model without those embeddings ignores
+        ``w`` and ``steps``."""
         c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
-        if self.g_embedder is not None:
-            if w is None:
-                raise ValueError("this model takes its guidance scale as an input: pass w, one scale per sample")
-            c = c + self.g_embedder(w)
+        for embedder, value, name in ((self.g_embedder, w, "w, its guidance scale"),
+                                      (self.s_embedder, steps, "steps, its step count")):
+            if embedder is not None:
+                if value is None:
+                    raise ValueError(f"this model is a student that takes {name} as an input: pass one per sample")
+                c = c + embedder(value)
         return c
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                w: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (N, C, H, W) noisy input; t: (N,) per-sample timesteps; y: (N,) labels; w: (N,) guidance scales (a
-        student's; ignored without a guidance embedding) -> (N, C_out, H, W)."""
+                w: torch.Tensor | None = None, steps: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (N, C, H, W) noisy input; t: (N,) per-sample timesteps; y: (N,) labels; w: (N,) guidance scales and
+        steps: (N,) step counts (a student's; ignored without their embeddings) -> (N, C_out, H, W)."""
         x = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (N, T, D)
-        c = self.condition(t, y, w).to(x.dtype)  # (N, D)
+        c = self.condition(t, y, w, steps).to(x.dtype)  # (N, D)
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)

@@ -66,7 +66,10 @@ def reference_sample(model, request, num_train_timesteps: int = 1000, clip_denoi
         for i in range(s.num_inference_steps):
             step = torch.full((n,), i)
             t = timestep_at(step, steps, num_train_timesteps)
-            out = model(x, t, labels, w) if model.config.guidance_embed else model.forward_with_cfg(x, t, labels, w)
+            if model.config.guidance_embed:  # a student: its scale (and its step count) are inputs
+                out = model(x, t, labels, w, torch.full((n,), s.num_inference_steps))
+            else:
+                out = model.forward_with_cfg(x, t, labels, w)
             res = sampler_step(schedule, out, x, step, steps, torch.full((n,), SAMPLER_IDS[s.sampler]),
                                torch.full((n,), s.eta), prev_x0, counter_noise(keys, step, shape),
                                learn_sigma=model.config.learn_sigma, clip_denoised=clip_denoised)

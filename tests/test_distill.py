@@ -110,6 +110,27 @@ def test_a_student_request_is_the_same_alone_and_in_a_busy_batch(student):
     assert np.array_equal(alone, busy)
 
 
+def test_a_student_trained_for_several_step_counts_takes_the_count_as_an_input(teacher, tmp_path):
+    student = distil(teacher, tmp_path, 4, "--distill.segment_counts", "[4, 1, 2]", "--distill.teacher_steps", "8")
+    model, info = load_model(student)
+    assert info.config.steps_embed and info.sampling.step_counts == (1, 2, 4)
+    assert info.sampling.defaults.num_inference_steps == 2  # segments: the default, one of the counts
+    engine = Engine(model, info, ENGINE)
+    for steps in (1, 4):  # the engine hands each row its request's count, as the plain loop does
+        request = GenerationRequest.of(5, n=2, seed=3, sampler="consistency", num_inference_steps=steps,
+                                       guidance_scale=2.0)
+        got = engine.generate([request])[0].images
+        want = reference_sample(model, request, num_train_timesteps=100, clip_denoised=True)
+        images = np.clip(np.round((want + 1) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+        assert np.abs(got.astype(int) - images.astype(int)).max() <= 1
+    x, t, y, w = torch.randn(2, 1, 16, 16), torch.tensor([99, 49]), torch.tensor([7, 7]), torch.full((2,), 2.0)
+    with torch.no_grad():  # distillation taught the count (its embedding started at zero)
+        assert not torch.equal(model(x, t, y, w, torch.full((2,), 1)), model(x, t, y, w, torch.full((2,), 4)))
+    with pytest.raises(InvalidRequestError) as e:  # 8 steps: not trained for
+        engine.spec.build_request(prompt="3", num_inference_steps=8)
+    assert e.value.field == "num_inference_steps"
+
+
 @pytest.mark.parametrize("field,value", [("num_inference_steps", 3), ("sampler", "ddim"), ("guidance_scale", 3.5),
                                          ("cache", "balanced")])
 def test_the_engine_refuses_what_the_students_contract_does_not_allow(student, field, value):

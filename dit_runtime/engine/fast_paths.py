@@ -135,23 +135,24 @@ class InferenceDiT(nn.Module):
         self.adaln = JoinedAdaLN(model) if joined_adaln else None
         self.sizes = [block.adaLN_modulation[-1].out_features for block in model.blocks]
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                w: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (N, C, H, W), t: (N,), y: (N,), w: (N,) a student's guidance -> (N, C_out, H, W), as DiTModel.forward."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None,
+                steps: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (N, C, H, W), t: (N,), y: (N,), w and steps: (N,) a student's guidance and step count -> (N, C_out, H,
+        W), as DiTModel.forward."""
         m = self.model
         if self.adaln is None:
-            return m(x, t, y, w)
+            return m(x, t, y, w, steps)
         x = m.x_embedder(x) + m.pos_embed.to(x.dtype)  # (N, T, D)
-        modulations = self.adaln(m.condition(t, y, w).to(x.dtype)).split(self.adaln.sizes, dim=1)
+        modulations = self.adaln(m.condition(t, y, w, steps).to(x.dtype)).split(self.adaln.sizes, dim=1)
         for block, modulation in zip(m.blocks, modulations):
             x = block.modulated(x, modulation)  # (N, T, D)
         return m.unpatchify(m.final_layer.modulated(x, modulations[-1]))  # (N, C_out, H, W)
 
-    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-              w: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None,
+              steps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The work before the blocks: tokens (N, T, D) and the conditioning c (N, D)."""
         m = self.model
-        return m.x_embedder(x) + m.pos_embed.to(x.dtype), m.condition(t, y, w).to(x.dtype)
+        return m.x_embedder(x) + m.pos_embed.to(x.dtype), m.condition(t, y, w, steps).to(x.dtype)
 
     def blocks(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Tokens (N, T, D) through every block, modulated by c (N, D) -> (N, T, D)."""

@@ -198,7 +198,9 @@ class ModelRunner:
         x = self.x[image_slot]  # (B, C, H, W) fp32
         t = self._timesteps(image_slot)
         w = self.guidance[image_slot]  # (B,) a student's input (a teacher's guidance is its null rows)
-        out = self.forward(x[row_image].to(self.dtype), t[row_image], row_label, w[row_image])  # (B, C_out, H, W)
+        steps = self.num_steps[image_slot]  # (B,) the step count, another input of a student trained for several
+        out = self.forward(x[row_image].to(self.dtype), t[row_image], row_label, w[row_image],
+                           steps[row_image])  # (B, C_out, H, W)
         self._denoise(bucket, x, out)
 
     def _timesteps(self, image_slot: torch.Tensor) -> torch.Tensor:
@@ -227,8 +229,9 @@ class ModelRunner:
         image_slot, row_image, row_label = self._layout(bucket, IMAGE_SLOT, ROW_IMAGE, ROW_LABEL)
         x = self.x[image_slot]
         t = self._timesteps(image_slot)
-        w = self.guidance[image_slot]
-        tokens, c = self.forward.embed(x[row_image].to(self.dtype), t[row_image], row_label, w[row_image])
+        w, steps = self.guidance[image_slot], self.num_steps[image_slot]
+        tokens, c = self.forward.embed(x[row_image].to(self.dtype), t[row_image], row_label, w[row_image],
+                                       steps[row_image])
         return tokens, c, self.step_index[image_slot[row_image]]
 
     def _final(self, bucket: int, hidden: torch.Tensor, c: torch.Tensor) -> None:

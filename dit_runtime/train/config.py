@@ -187,8 +187,11 @@ class TrainConfig:
 class DistillSection:
     """The student: how many steps it is trained for, over which guidance, against which teacher step."""
 
-    segments: int = _f(4, "consistency segments: the step count the student is trained for (1, 2, 4 or 8)", low=1,
-                       high=8)
+    segments: int = _f(4, "consistency segments: the step count the student is trained for (1, 2, 4 or 8), and "
+                          "its default", low=1, high=8)
+    segment_counts: list[int] | None = _f(None, "train for each of these step counts at once, the count an input of "
+                                                "the student (their boundaries nest on the teacher grid), and serve "
+                                                "only these; default: segments alone, served at 1, 2, 4 and 8")
     teacher_steps: int = _f(40, "the teacher's DDIM solver grid, in steps over its schedule: each target is one "
                                 "teacher step of num_timesteps / teacher_steps timesteps (25 of 1000; LCM skips 20); "
                                 "a multiple of segments, so the segments' boundaries lie on the grid", low=1)
@@ -223,12 +226,17 @@ class DistillConfig:
         """Checks across fields (each field's own type and range were checked when it was set)."""
         _check_run(self.trainer, self.data)
         d = self.distill
-        if d.teacher_steps % d.segments:
-            raise ConfigError(f"distill.teacher_steps ({d.teacher_steps}) must be a multiple of distill.segments "
-                              f"({d.segments}), so every segment boundary is a teacher grid timestep")
-        if d.segments not in STUDENT_STEP_COUNTS:
-            raise ConfigError(f"distill.segments must be one of {', '.join(map(str, STUDENT_STEP_COUNTS))} (the step "
-                              f"counts a student serves), got {d.segments}")
+        for name, count in [("segments", d.segments)] + [("segment_counts", n) for n in d.segment_counts or []]:
+            if count not in STUDENT_STEP_COUNTS:
+                raise ConfigError(f"distill.{name} must be one of {', '.join(map(str, STUDENT_STEP_COUNTS))} (the "
+                                  f"step counts a student serves), got {count}")
+            if d.teacher_steps % count:
+                raise ConfigError(f"distill.teacher_steps ({d.teacher_steps}) must be a multiple of distill.{name} "
+                                  f"({count}), so every segment boundary is a teacher grid timestep")
+        if d.segment_counts is not None:
+            if d.segments not in d.segment_counts or len(set(d.segment_counts)) != len(d.segment_counts):
+                raise ConfigError(f"distill.segment_counts ({d.segment_counts}) must list distinct counts including "
+                                  f"distill.segments ({d.segments}), the default")
         if d.default_guidance_scale is not None and not \
                 d.min_guidance_scale <= d.default_guidance_scale <= d.max_guidance_scale:
             raise ConfigError(f"distill.default_guidance_scale ({d.default_guidance_scale:g}) must be within "

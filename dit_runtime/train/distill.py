@@ -4,7 +4,8 @@ Multistep consistency distillation (Heek et al. 2024, "Multistep Consistency Mod
 models' guided teacher step (Luo et al. 2023). The teacher's timesteps are cut into ``segments`` segments; the student
 learns to map a noisy sample anywhere in a segment to the sample at the segment's lower boundary, stepping as DDIM
 from its own clean-image estimate. Sampled with the ``consistency`` sampler at ``segments`` steps, each step is one
-forward of one row per image, since the guidance scale is an input of the student, not a second row.
+forward of one row per image, since the guidance scale is an input of the student, not a second row. With
+``segment_counts`` the student is trained for several step counts at once, the count a further input.
 
 Each training sample: a clean x0 and its class from the data, a guidance scale w over the teacher's useful range, a
 timestep t on the teacher's solver grid. One guided DDIM step of the teacher (its conditional and null rows in one
@@ -78,16 +79,17 @@ class Distiller(Trainer):
     def _model_config(self, num_classes: int) -> DiTConfig:
         """The teacher's config with a guidance embedding (the data's class count is checked against it once the
         data is loaded)."""
-        return replace(self.teacher_info.config, guidance_embed=True)
+        return replace(self.teacher_info.config, guidance_embed=True,
+                       steps_embed=self.config.distill.segment_counts is not None)
 
     def _build_model(self) -> DiTModel:
-        """The teacher's EMA weights, plus a guidance embedding that adds nothing yet."""
+        """The teacher's EMA weights, plus a guidance embedding (and a step-count one) that add nothing yet."""
         model = DiTModel.from_config(self.model_config)
         missing, unexpected = model.load_state_dict(self._teacher_state, strict=False)
-        if unexpected or any(not k.startswith("g_embedder.") for k in missing):
+        if unexpected or any(not k.startswith(("g_embedder.", "s_embedder.")) for k in missing):
             raise ValueError(f"{self.teacher_path}: weights do not fit its own config (missing {missing}, "
                              f"unexpected {unexpected})")
-        model.init_guidance_embedder()
+        model.init_student_embedders()
         return model
 
     def _init_objective(self) -> None:
@@ -103,15 +105,20 @@ class Distiller(Trainer):
         self.grid = timestep_at(torch.arange(d.teacher_steps + 1, device=device),
                                 torch.full((d.teacher_steps + 1,), d.teacher_steps, device=device),
                                 self.schedule.num_timesteps)  # (N + 1,) grid timesteps, the last -1
-        self.grid_per_segment = d.teacher_steps // d.segments
-        # The segments' ends as the consistency sampler steps to them at `segments` steps; on the grid.
-        self.boundaries = timestep_at(torch.arange(d.segments + 1, device=device),
-                                      torch.full((d.segments + 1,), d.segments, device=device),
-                                      self.schedule.num_timesteps)
-        if not torch.equal(self.grid[::self.grid_per_segment], self.boundaries):
-            raise ValueError(f"with {self.schedule.num_timesteps} timesteps the teacher grid of distill.teacher_steps "
-                             f"{d.teacher_steps} misses the boundaries of {d.segments} segments by rounding; choose "
-                             "another teacher_steps")
+        # Per trained step count: grid steps per segment, and the segments' ends as the consistency sampler steps
+        # to them at that count (on the grid), padded to the largest count.
+        counts = d.segment_counts or [d.segments]
+        self.counts = torch.tensor(counts, device=device)
+        self.grid_per_segment = torch.tensor([d.teacher_steps // k for k in counts], device=device)
+        self.boundaries = torch.full((len(counts), max(counts) + 1), -1, dtype=torch.long, device=device)
+        for i, k in enumerate(counts):
+            ends = timestep_at(torch.arange(k + 1, device=device), torch.full((k + 1,), k, device=device),
+                               self.schedule.num_timesteps)
+            if not torch.equal(self.grid[::d.teacher_steps // k], ends):
+                raise ValueError(f"with {self.schedule.num_timesteps} timesteps the teacher grid of "
+                                 f"distill.teacher_steps {d.teacher_steps} misses the boundaries of {k} segments by "
+                                 "rounding; choose another teacher_steps")
+            self.boundaries[i, :k + 1] = ends
         values = math.prod(self.data.x.shape[1:])
         self.huber_c = d.huber_c if d.huber_c is not None else 0.00054 * math.sqrt(values)
 
@@ -120,8 +127,12 @@ class Distiller(Trainer):
         c = x0.shape[1]
         w = d.min_guidance_scale + (d.max_guidance_scale - d.min_guidance_scale) * torch.rand(n, device=dev)
         index = torch.randint(0, d.teacher_steps, (n,), device=dev)  # (N,) grid step of t
+        # (N,) the step count each sample trains; one count draws nothing (a single-count run's draws as before)
+        which = (torch.randint(0, len(self.counts), (n,), device=dev) if len(self.counts) > 1
+                 else torch.zeros(n, dtype=torch.long, device=dev))
+        steps = self.counts[which]
         t, t_next = self.grid[index], self.grid[index + 1]
-        boundary = self.boundaries[index // self.grid_per_segment + 1]  # the end of t's segment
+        boundary = self.boundaries[which, index // self.grid_per_segment[which] + 1]  # the end of t's segment
         ab_t, ab_next, ab_s = (_bcast(self.schedule.alpha_bar(v), x0) for v in (t, t_next, boundary))
         x_t = q_sample(self.schedule, x0, t, torch.randn_like(x0))
         autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.config.trainer.bf16)
@@ -129,13 +140,13 @@ class Distiller(Trainer):
             eps = self.teacher.forward_with_cfg(x_t, t, y, w)[:, :c].float()  # both rows in one forward
             x0_teacher = self._clipped((x_t - torch.sqrt(1 - ab_t) * eps) / torch.sqrt(ab_t))
             x_next = ddim_to(x0_teacher, x_t, ab_t, ab_next)
-            x0_target = self._clipped(consistency_x0(x_next, self.target(x_next, t_next, y, w)[:, :c].float(),
-                                                     ab_next))
+            target_out = self.target(x_next, t_next, y, w, steps)[:, :c].float()
+            x0_target = self._clipped(consistency_x0(x_next, target_out, ab_next))
             on_boundary = _bcast(t_next == boundary, x0)
             x_s = torch.where(on_boundary, x_next, ddim_to(x0_target, x_next, ab_next, ab_s))
             wanted = x0_landing_on(x_s, x_t, ab_t, ab_s)
         with autocast:
-            out = module(x_t, t, y, w)
+            out = module(x_t, t, y, w, steps)
         x0_student = consistency_x0(x_t, out[:, :c].float(), ab_t)
         if d.loss == "l2":
             return (x0_student - wanted).pow(2).flatten(1).mean(1).mean()
@@ -160,7 +171,8 @@ class Distiller(Trainer):
             scale = min(max(teacher.defaults.guidance_scale, d.min_guidance_scale), d.max_guidance_scale)
         source = Teacher(checkpoint=self.teacher_path.name, sha256=ckpt.sha256_of(self.teacher_path),
                          method="multistep-consistency", segments=d.segments)
-        return student_contract(teacher, source, max_guidance_scale=d.max_guidance_scale, guidance_scale=scale)
+        return student_contract(teacher, source, max_guidance_scale=d.max_guidance_scale, guidance_scale=scale,
+                                step_counts=tuple(sorted(d.segment_counts)) if d.segment_counts else None)
 
     def training_record(self, wall_s: float) -> dict:
         record = super().training_record(wall_s)
