@@ -12,8 +12,8 @@ Setups (each in the device's half precision, fp16 unless named; fp32 on a CPU):
 - ``compiled`` / ``compiled-bf16``: the same under torch.compile (inductor fuses each GroupNorm with its SiLU);
 - ``graphs``: compiled with inductor's CUDA graphs (``mode="reduce-overhead"``), to see what launch overhead is left.
 
-Each row: milliseconds per image (median over ``--rounds`` timed calls, CUDA events on a GPU), the first call's
-seconds (compile), and the error against the fp32 eager decode of the same latents: relative L2 of the float images
+Each row: milliseconds per image (median over ``--rounds`` calls, the setups timed in turn, CUDA events on a GPU),
+the first call's seconds at that batch (a compile, where one is due), and the error against the fp32 eager decode of the same latents: relative L2 of the float images
 and the largest difference in uint8 levels. The anchor's own fp16 error is the tolerance. Rows go to
 ``OUT/decode.jsonl`` as they are measured.
 """
@@ -55,30 +55,30 @@ def write_random_vae(folder: Path, config: dict = SD_VAE_CONFIG) -> Path:
     return folder
 
 
-def timed(fn, z: torch.Tensor, rounds: int) -> tuple[float, float, torch.Tensor]:
-    """(first call's seconds, median seconds of the next ``rounds`` calls, the last output)."""
-    cuda = z.device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+def first_call(fn, z: torch.Tensor) -> float:
+    """Seconds of ``fn``'s first call (a compile), then a second warm call (CUDA graphs record on their second)."""
+    sync = torch.cuda.synchronize if z.device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
-    out = fn(z)
+    fn(z)
     sync()
-    first = time.perf_counter() - start
-    out = fn(z)  # a second warm call: CUDA graphs record on their second
-    times = []
-    for _ in range(rounds):
-        if cuda:
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            out = fn(z)
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end) / 1000)
-        else:
-            start = time.perf_counter()
-            out = fn(z)
-            times.append(time.perf_counter() - start)
-    return first, statistics.median(times), out
+    seconds = time.perf_counter() - start
+    fn(z)
+    return seconds
+
+
+def one_call(fn, z: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Seconds of one call (CUDA events on a GPU) and its output."""
+    if z.device.type == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        out = fn(z)
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / 1000, out
+    start = time.perf_counter()
+    out = fn(z)
+    return time.perf_counter() - start, out
 
 
 def setup(name: str, vae: torch.nn.Module, device: torch.device, half: torch.dtype):
@@ -112,33 +112,36 @@ def main(argv: list[str] | None = None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     device = torch.device(a.device)
     half = torch.float16 if device.type == "cuda" else torch.float32
-    reference_vae = load_vae(a.vae) if a.vae else random_vae(SD_VAE_CONFIG if a.config == "sd-vae-ft-ema"
-                                                             else TINY_VAE_CONFIG)
-    reference_vae = reference_vae.to(device)
+    config = SD_VAE_CONFIG if a.config == "sd-vae-ft-ema" else TINY_VAE_CONFIG
+    fresh_vae = (lambda: load_vae(a.vae)) if a.vae else (lambda: random_vae(config))  # the same weights each call
+    reference_vae = fresh_vae().to(device)
     source = a.vae or f"random {a.config}"
     generator = torch.Generator().manual_seed(0)
+    names = [n for n in a.setups if n != "graphs" or device.type == "cuda"]
+    fns = {name: setup(name, fresh_vae(), device, half) for name in names}  # each batch size reuses them
     for batch in a.batches:
         z = torch.randn(batch, reference_vae.config.latent_channels, a.latent_side, a.latent_side,
                         generator=generator).to(device)
         reference = reference_vae.float().decode(z).sample.float()  # fp32 eager: what every setup is held to
-        for name in a.setups:
-            if name == "graphs" and device.type != "cuda":
-                continue
-            vae = load_vae(a.vae) if a.vae else random_vae(SD_VAE_CONFIG if a.config == "sd-vae-ft-ema"
-                                                           else TINY_VAE_CONFIG)
-            torch._dynamo.reset()
-            first, seconds, images = timed(setup(name, vae, device, half), z, a.rounds)
-            images = images.float()
+        first = {name: first_call(fns[name], z) for name in names}
+        times, outputs = {name: [] for name in names}, {}
+        for _ in range(a.rounds):  # the setups in turn, so that a drifting clock weighs on each alike
+            for name in names:
+                seconds, outputs[name] = one_call(fns[name], z)
+                times[name].append(seconds)
+        for name in names:
+            images = outputs[name].float()
             row = {"setup": name, "vae": source, "batch": batch, "device": str(device),
                    "dtype": str(torch.bfloat16 if name == "compiled-bf16" else half).removeprefix("torch."),
-                   "ms_per_image": round(1000 * seconds / batch, 4), "first_call_s": round(first, 2),
+                   "ms_per_image": round(1000 * statistics.median(times[name]) / batch, 4),
+                   "first_call_s": round(first[name], 2),
                    "rel_error": float(f"{float((images - reference).norm() / reference.norm()):.3g}"),
                    "max_uint8_diff": int((quantize(images).int() - quantize(reference).int()).abs().max()),
                    "image_shape": list(images.shape[1:])}
             with open(a.out / "decode.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
-            del vae
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        del outputs
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return 0

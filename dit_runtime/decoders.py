@@ -110,10 +110,9 @@ class VAEDecoder(Decoder):
         return time.perf_counter() - start
 
 
-def load_vae(folder: str | Path, device: str | torch.device = "cpu",
-             dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """A diffusers ``AutoencoderKL`` from a local model folder; errors say what is missing (folder, config.json,
-    diffusers)."""
+def load_vae(folder: str | Path) -> torch.nn.Module:
+    """A diffusers ``AutoencoderKL`` from a local model folder, on the host in fp32 (an engine moves it to its device
+    and precision); errors say what is missing (folder, config.json, diffusers)."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ValueError(f"{folder} is not a diffusers AutoencoderKL folder (no config.json); give a local copy of the "
@@ -122,7 +121,7 @@ def load_vae(folder: str | Path, device: str | torch.device = "cpu",
         from diffusers import AutoencoderKL
     except ImportError:
         raise ValueError("decoding latents needs the optional package diffusers (pip install diffusers)") from None
-    return AutoencoderKL.from_pretrained(str(folder)).to(device, dtype)
+    return AutoencoderKL.from_pretrained(str(folder))
 
 
 def decoder_for(info: CheckpointInfo, vae: torch.nn.Module | None = None, *, max_batch: int = 64,
