@@ -106,11 +106,12 @@ def refused_at_once(s: dict) -> None:
 
 
 def test_three_times_capacity_is_shed_fast_and_every_accepted_request_finishes(cluster):
-    """digits-q holds one guided image in its batch and one waiting: of 3x its capacity a good part is shed, and
-    the refusals come at once (see refused_at_once). 35 s of overload: 45-65 refusals on two cores, 20 at least."""
+    """digits-q holds one guided image in its batch and one waiting (two closed-loop clients fill it to measure its
+    capacity): of 3x its capacity a good part is shed, and the refusals come at once (see refused_at_once). 35 s of
+    overload and at least 90 requests, so a slow host sends as many: 45-65 refusals on two cores, 20 at least."""
     body = {"model": "digits-q", "prompt": "3", "num_inference_steps": 60}
     report = overload.asyncio.run(overload.overload(cluster.base, body, factor=3.0, seconds=35.0, max_requests=1000,
-                                                    clients=4, capacity_seconds=3.0, timeout=30.0))
+                                                    clients=2, capacity_seconds=3.0, timeout=30.0, min_requests=90))
     s = report.summary()
     figure("overload", **s)
     assert s["failed"] == 0 and s["timed_out"] == 0, s
@@ -154,8 +155,9 @@ def test_a_soak_at_80_percent_of_capacity_fails_nothing_and_holds_its_memory(clu
 
 # ---- deadlines and disconnects ----------------------------------------------------------------------------------
 def test_request_past_its_deadline_gets_504_and_leaves_the_batch(cluster):
-    probe = cluster.generate("/slow", model="digits-slow", prompt="1", num_inference_steps=20, seed=0).json()
-    step_s = probe["timings"]["denoise_seconds"] / 20
+    probe = cluster.generate("/slow", model="digits-slow", prompt="1", num_inference_steps=5, seed=0)
+    assert probe.status_code == 200, probe.text  # 5 steps: well inside the deadline on a host 10x slower than ours
+    step_s = probe.json()["timings"]["denoise_seconds"] / 5
     started = time.perf_counter()
     r = cluster.generate("/slow", model="digits-slow", prompt="1", num_inference_steps=1000, seed=0)
     elapsed = time.perf_counter() - started
@@ -348,7 +350,7 @@ def test_bad_checkpoints_report_unhealthy_naming_the_file_and_the_rest_keeps_ser
     started = time.perf_counter()
     serve._run(app, name="bad", route_prefix="/bad", _blocking=False)
     expect = {"missing": "not found", "truncated": "truncated", "tampered": "does not match the manifest"}
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 240  # three replica starts each: 27 s on our two cores, over 90 s on a CI host
     while time.monotonic() < deadline:
         deployments = serve.status().applications["bad"].deployments
         failing = {n: deployments[model_deployment_name(f"digits-{n}")] for n in expect
@@ -436,7 +438,7 @@ def test_killed_replica_is_replaced_and_every_request_is_answered_then_a_redeplo
         while time.perf_counter() - killed < 10 and chaos_state() == ("HEALTHY", 2):
             time.sleep(0.05)
         noticed_s = time.perf_counter() - killed
-        while time.perf_counter() - killed < 60 and chaos_state() != ("HEALTHY", 2):
+        while time.perf_counter() - killed < 150 and chaos_state() != ("HEALTHY", 2):  # 18.5 s on our two cores
             time.sleep(0.1)
         recovered_s = time.perf_counter() - killed
         time.sleep(1.0)
