@@ -22,10 +22,11 @@ Setups (``--setups``):
                                        weights) on the blocks' attention and MLP linears, compiled: the FP8 recipe
                                        a diffusers user can build today
   ours-eager                           our DiTModel's forward in fp16, eager, the same way
-  ours[-fp8][-nofuse][-nocache][-dynamic][-autotune]
+  ours[-fp8[-blocks]][-nofuse][-nocache][-dynamic][-autotune]
                                        the engine (fp16, compiled, CUDA graphs, the fast paths): a full batch of
                                        never-finishing requests, timed over its steady steps; -fp8 runs it in
-                                       precision fp8, -nofuse leaves out the GELU epilogue, -nocache keeps no
+                                       precision fp8 (-blocks: fc1's output in 1x128 block scales from its
+                                       own GEMM, fast_paths.fp8_blocks), -nofuse leaves out the GELU epilogue, -nocache keeps no
                                        feature cache (one step function instead of three), -dynamic compiles one
                                        program with a symbolic batch size, -autotune uses inductor's max_autotune
                                        GEMM search (minutes per bucket)
@@ -159,9 +160,10 @@ def engine_for(setup: str, preset: str, buckets: tuple[int, ...], max_queue: int
     flags = setup.split("-")[1:]
     options = {"max_autotune": True} if "autotune" in flags else None
     extra = {}
-    if "nofuse" in flags:
+    if "nofuse" in flags or "blocks" in flags:
         fast = importlib.import_module(package.__name__ + ".engine.fast_paths")
-        extra["fast_paths"] = fast.FastPaths(gelu_epilogue=False)
+        extra["fast_paths"] = fast.FastPaths(gelu_epilogue="nofuse" not in flags,
+                                             **({"fp8_blocks": True} if "blocks" in flags else {}))
     if "nocache" in flags:
         extra["feature_cache_rows"] = 0
     if "precision" in engine.EngineConfig.__dataclass_fields__:

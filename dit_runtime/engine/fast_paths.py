@@ -13,7 +13,8 @@ their names, so ``state_dict()`` is unchanged) and returns ``InferenceDiT``, the
 - FP8 linears (``precision: fp8``; fp8.py): the blocks' qkv, proj, fc1 and fc2 as e4m3 weights with one scale per
   output row, quantized once here, times activations quantized per row at run time, through ``torch._scaled_mm``; the
   embedders, the adaLN modulation and the final layer stay in bf16. Under torch.compile the row's amax and its
-  quantization fuse into the kernel that produces the row (LayerNorm + modulate, GELU, attention's output).
+  quantization fuse into the kernel that produces the row (LayerNorm + modulate, GELU, attention's output). With
+  ``fp8_blocks`` the MLP's fc1 is a Triton FP8 GEMM whose epilogue writes GELU's output as e4m3 in 1x128 blocks.
 
 Feature caching (feature_cache.py) runs ``InferenceDiT``'s three parts apart, the blocks over the rows that need them.
 """
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model import DiTModel
-from .fp8 import Fp8Linear, Fp8Mlp, gelu_quantize_rows
+from .fp8 import Fp8BlockMlp, Fp8Linear, Fp8Mlp, gelu_quantize_rows
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class FastPaths:
     gelu_epilogue: bool = True  # CUDA only
     split_k: int = 4  # CUDA only; 1 turns it off
     split_k_max_rows: int = 512  # token rows (batch x tokens) up to which a forward splits K
+    fp8_blocks: bool = False  # precision fp8: fc1 -> GELU -> e4m3 in 1x128 blocks inside fc1's GEMM (Fp8BlockMlp)
 
     def __post_init__(self) -> None:
         if not isinstance(self.split_k, int) or self.split_k < 1:
@@ -188,7 +190,10 @@ def apply_fast_paths(model: DiTModel, options: FastPaths, cuda: bool, fp8: bool 
     for block in model.blocks:
         if fp8:  # the attention's and the MLP's linears; adaLN, the embedders and the final layer stay 16-bit
             block.attn.qkv, block.attn.proj = Fp8Linear(block.attn.qkv), Fp8Linear(block.attn.proj)
-            block.mlp = Fp8Mlp(block.mlp, _gelu_quant_kernel(cuda))
+            if options.fp8_blocks and Fp8BlockMlp.supports(block.mlp):
+                block.mlp = Fp8BlockMlp(block.mlp)
+            else:
+                block.mlp = Fp8Mlp(block.mlp, _gelu_quant_kernel(cuda))
             continue
         if cuda and options.gelu_epilogue:
             block.mlp = GeluEpilogueMlp(block.mlp)

@@ -60,3 +60,71 @@ def gelu_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     its step reads, and a function pickles as its name, where the custom op's object (its dispatcher library) does
     not pickle at all."""
     return gelu_quant_rows(x)
+
+
+# fc1 of the FP8 MLP with its epilogue: the e4m3 GEMM, then per-row x per-column scales, bias, tanh-GELU and the
+# quantization of each 1x128 block of the output to e4m3 with its own scale, while the tile is in registers. A
+# per-row scale could not come out of here (a row's amax spans every N-tile); a 1x128 block lies inside one.
+# Timed per (N, K, rows rounded up to a power of two) at the first call, which warm-up makes before any capture.
+@triton.autotune(configs=[triton.Config({"BM": bm, "BN": bn, "BK": 128, "GROUP": 8}, num_stages=s, num_warps=w)
+                          for bm, bn, s, w in ((128, 128, 4, 8), (128, 256, 3, 8), (256, 128, 3, 8), (64, 128, 4, 4),
+                                               (128, 128, 3, 4), (64, 256, 4, 8))],
+                 key=["N", "K", "M_KEY"])
+@triton.jit
+def _fp8_gemm_gelu_quant_blocks_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, q_ptr, s_ptr, M, M_KEY,
+                                       N: tl.constexpr, K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                                       BK: tl.constexpr, GROUP: tl.constexpr, E4M3: tl.constexpr,
+                                       FLOOR: tl.constexpr, C: tl.constexpr):
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BM)
+    tiles_n = N // BN
+    per_group = GROUP * tiles_n  # GROUP row-tiles walk the columns together, so their B tiles stay in L2
+    first_m = (pid // per_group) * GROUP
+    rows_here = tl.minimum(tiles_m - first_m, GROUP)
+    pid_m = first_m + (pid % per_group) % rows_here
+    pid_n = (pid % per_group) // rows_here
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    in_m = rm < M
+    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * K + rk[None, :]  # (BM, BK) of A, row-major
+    b_ptrs = b_ptr + rn[None, :].to(tl.int64) * K + rk[:, None]  # (BK, BN) of W^T: W's rows, K-major
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for _ in range(0, K, BK):
+        a = tl.load(a_ptrs, mask=in_m[:, None], other=0.0)
+        acc = tl.dot(a, tl.load(b_ptrs), acc)
+        a_ptrs += BK
+        b_ptrs += BK
+    sa = tl.load(sa_ptr + rm, mask=in_m, other=0.0)
+    x = acc * sa[:, None] * tl.load(sb_ptr + rn)[None, :] + tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+    z = C * (x + 0.044715 * x * x * x)
+    g = 0.5 * x * (2.0 - 2.0 / (tl.exp(2.0 * z) + 1.0))  # 0.5 x (1 + tanh z), exact at both ends as above
+    blocks = tl.reshape(g, (BM, BN // 128, 128))
+    scale = tl.maximum(tl.max(tl.abs(blocks), axis=2), FLOOR) / E4M3  # (BM, BN / 128)
+    q = tl.reshape(blocks / scale[:, :, None], (BM, BN))
+    tl.store(q_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], q.to(tl.float8e4nv), mask=in_m[:, None])
+    rb = pid_n * (BN // 128) + tl.arange(0, BN // 128)
+    tl.store(s_ptr + rb[None, :].to(tl.int64) * M + rm[:, None], scale, mask=in_m[:, None])  # column-major
+
+
+@torch.library.custom_op("dit_serve::fp8_gemm_gelu_quant_blocks", mutates_args=())
+def fp8_gemm_gelu_quant_blocks(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                               bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 rows ``a`` (M, K) with scales (M, 1) times e4m3 ``weight`` (N, K) with per-row scales (1, N), plus
+    ``bias`` (N,), through tanh-GELU -> e4m3 (M, N) and fp32 1x128 block scales (M, N / 128), column-major (the layout
+    ``F.scaled_mm``'s ``BlockWise1x128`` takes): ``gelu(a w^T + bias)[m, j] ~= q[m, j] * scale[m, j // 128]``."""
+    m, k = a.shape
+    n = weight.shape[0]
+    q = torch.empty((m, n), dtype=torch.float8_e4m3fn, device=a.device)
+    scale = torch.empty((n // 128, m), dtype=torch.float32, device=a.device).t()
+    grid = lambda meta: (triton.cdiv(m, meta["BM"]) * (n // meta["BN"]),)  # noqa: E731
+    _fp8_gemm_gelu_quant_blocks_kernel[grid](a.contiguous(), weight, a_scale.contiguous(), weight_scale.contiguous(),
+                                             bias, q, scale, m, triton.next_power_of_2(m), N=n, K=k,
+                                             E4M3=E4M3_MAX, FLOOR=AMAX_FLOOR, C=SQRT_2_OVER_PI)
+    return q, scale
+
+
+@fp8_gemm_gelu_quant_blocks.register_fake
+def _(a, a_scale, weight, weight_scale, bias):
+    m, n = a.shape[0], weight.shape[0]
+    return a.new_empty((m, n), dtype=torch.float8_e4m3fn), a.new_empty((n // 128, m), dtype=torch.float32).t()
