@@ -26,10 +26,10 @@ Setups (``--setups``):
                                        the engine (fp16, compiled, CUDA graphs, the fast paths): a full batch of
                                        never-finishing requests, timed over its steady steps; -fp8 runs it in
                                        precision fp8 (-blocks: fc1's output in 1x128 block scales from its
-                                       own GEMM, fast_paths.fp8_blocks), -nofuse leaves out the GELU epilogue, -nocache keeps no
-                                       feature cache (one step function instead of three), -dynamic compiles one
-                                       program with a symbolic batch size, -autotune uses inductor's max_autotune
-                                       GEMM search (minutes per bucket)
+                                       own GEMM, fast_paths.fp8_blocks), -nofuse leaves out the GELU epilogue,
+                                       -nocache keeps no feature cache (one step function instead of three),
+                                       -dynamic compiles one program with a symbolic batch size, -autotune uses
+                                       inductor's max_autotune GEMM search (minutes per bucket)
   baseline[-...]                       the same, for the dit_runtime of another checkout (``--baseline DIR``),
                                        imported under another name: two versions of the engine, side by side
 
@@ -162,8 +162,10 @@ def engine_for(setup: str, preset: str, buckets: tuple[int, ...], max_queue: int
     extra = {}
     if "nofuse" in flags or "blocks" in flags:
         fast = importlib.import_module(package.__name__ + ".engine.fast_paths")
-        extra["fast_paths"] = fast.FastPaths(gelu_epilogue="nofuse" not in flags,
-                                             **({"fp8_blocks": True} if "blocks" in flags else {}))
+        paths = {"gelu_epilogue": "nofuse" not in flags}
+        if "blocks" in flags:  # not given otherwise: a baseline from before it has no such field
+            paths["fp8_blocks"] = True
+        extra["fast_paths"] = fast.FastPaths(**paths)
     if "nocache" in flags:
         extra["feature_cache_rows"] = 0
     if "precision" in engine.EngineConfig.__dataclass_fields__:

@@ -7,8 +7,9 @@
    ``--capacity-seconds`` and on until ``MIN_ANSWERS`` were answered (a short window on a slow host holds one or
    two answers, and their tail); the rate of 200 answers is the capacity.
 2. Overload: Poisson arrivals at ``--factor`` x capacity for ``--seconds`` and on until ``--min-requests`` were
-   sent (at most ``--max-requests``), each with a client timeout of ``--timeout``. Every answer is classed: accepted (200), shed (429/503 with Retry-After and
-   OpenAI's error shape), failed (anything else, or a shed answer without those), timed out (no answer in time).
+   sent (at most ``--max-requests``), each with a client timeout of ``--timeout``. Every answer is classed:
+   accepted (200), shed (429/503 with Retry-After and OpenAI's error shape), failed (anything else, or a shed
+   answer without those), timed out (no answer in time).
 
 Prints one JSON line; the bar (exit status 1 otherwise): nothing failed or timed out, and shed answers came in
 under ``--shed-bar-ms`` (100 ms) at the 99th percentile (the maximum is reported too). Loopback only: ``--url``

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8 import AMAX_FLOOR, E4M3_MAX
+from .fp8 import AMAX_FLOOR, BLOCK, E4M3_MAX
 
 SQRT_2_OVER_PI = 0.7978845608028654
 
@@ -73,8 +73,8 @@ def gelu_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @triton.jit
 def _fp8_gemm_gelu_quant_blocks_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, q_ptr, s_ptr, M, M_KEY,
                                        N: tl.constexpr, K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                                       BK: tl.constexpr, GROUP: tl.constexpr, E4M3: tl.constexpr,
-                                       FLOOR: tl.constexpr, C: tl.constexpr):
+                                       BK: tl.constexpr, GROUP: tl.constexpr, SB: tl.constexpr,
+                                       E4M3: tl.constexpr, FLOOR: tl.constexpr, C: tl.constexpr):
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BM)
     tiles_n = N // BN
@@ -99,11 +99,11 @@ def _fp8_gemm_gelu_quant_blocks_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, q
     x = acc * sa[:, None] * tl.load(sb_ptr + rn)[None, :] + tl.load(bias_ptr + rn).to(tl.float32)[None, :]
     z = C * (x + 0.044715 * x * x * x)
     g = 0.5 * x * (2.0 - 2.0 / (tl.exp(2.0 * z) + 1.0))  # 0.5 x (1 + tanh z), exact at both ends as above
-    blocks = tl.reshape(g, (BM, BN // 128, 128))
-    scale = tl.maximum(tl.max(tl.abs(blocks), axis=2), FLOOR) / E4M3  # (BM, BN / 128)
+    blocks = tl.reshape(g, (BM, BN // SB, SB))
+    scale = tl.maximum(tl.max(tl.abs(blocks), axis=2), FLOOR) / E4M3  # (BM, BN / SB)
     q = tl.reshape(blocks / scale[:, :, None], (BM, BN))
     tl.store(q_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], q.to(tl.float8e4nv), mask=in_m[:, None])
-    rb = pid_n * (BN // 128) + tl.arange(0, BN // 128)
+    rb = pid_n * (BN // SB) + tl.arange(0, BN // SB)
     tl.store(s_ptr + rb[None, :].to(tl.int64) * M + rm[:, None], scale, mask=in_m[:, None])  # column-major
 
 
@@ -116,10 +116,10 @@ def fp8_gemm_gelu_quant_blocks(a: torch.Tensor, a_scale: torch.Tensor, weight: t
     m, k = a.shape
     n = weight.shape[0]
     q = torch.empty((m, n), dtype=torch.float8_e4m3fn, device=a.device)
-    scale = torch.empty((n // 128, m), dtype=torch.float32, device=a.device).t()
+    scale = torch.empty((n // BLOCK, m), dtype=torch.float32, device=a.device).t()
     grid = lambda meta: (triton.cdiv(m, meta["BM"]) * (n // meta["BN"]),)  # noqa: E731
     _fp8_gemm_gelu_quant_blocks_kernel[grid](a.contiguous(), weight, a_scale.contiguous(), weight_scale.contiguous(),
-                                             bias, q, scale, m, triton.next_power_of_2(m), N=n, K=k,
+                                             bias, q, scale, m, triton.next_power_of_2(m), N=n, K=k, SB=BLOCK,
                                              E4M3=E4M3_MAX, FLOOR=AMAX_FLOOR, C=SQRT_2_OVER_PI)
     return q, scale
 
@@ -127,4 +127,4 @@ def fp8_gemm_gelu_quant_blocks(a: torch.Tensor, a_scale: torch.Tensor, weight: t
 @fp8_gemm_gelu_quant_blocks.register_fake
 def _(a, a_scale, weight, weight_scale, bias):
     m, n = a.shape[0], weight.shape[0]
-    return a.new_empty((m, n), dtype=torch.float8_e4m3fn), a.new_empty((n // 128, m), dtype=torch.float32).t()
+    return a.new_empty((m, n), dtype=torch.float8_e4m3fn), a.new_empty((n // BLOCK, m), dtype=torch.float32).t()
