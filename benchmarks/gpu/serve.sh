@@ -8,7 +8,8 @@
 # none), SEQUENTIAL (100), STEPS (25) and GATEWAYS (4) set its arguments; STUDENT=1 serves the random weights as a
 # 4-step student (with STEPS=4: the served path at student rates); VAE=sd-random decodes with a random VAE of
 # sd-vae-ft-ema's configuration (256x256 images; diffusers from the bundle); PORT lets two runs share a host. Bounded
-# to under 10 minutes (BENCH_TIMEOUT, 560 s).
+# to under 10 minutes (BENCH_TIMEOUT, 560 s). A cold host compiles each bucket first (the student's seven, 1-64: 298 s),
+# which leaves the served phases little of that: BUCKETS="1 8 64" for a first run.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-out/serve}
