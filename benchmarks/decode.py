@@ -13,9 +13,9 @@ Setups (each in the device's half precision, fp16 unless named; fp32 on a CPU):
 - ``graphs``: compiled with inductor's CUDA graphs (``mode="reduce-overhead"``), to see what launch overhead is left.
 
 Each row: milliseconds per image (median over ``--rounds`` calls, the setups timed in turn, CUDA events on a GPU),
-the first call's seconds at that batch (a compile, where one is due), and the error against the fp32 eager decode of the same latents: relative L2 of the float images
-and the largest difference in uint8 levels. The anchor's own fp16 error is the tolerance. Rows go to
-``OUT/decode.jsonl`` as they are measured.
+the first call's seconds at that batch (a compile, where one is due), and the error against the fp32 eager decode
+of the same latents: relative L2 of the float images and the largest difference in uint8 levels. The anchor's own
+fp16 error is the tolerance. Rows go to ``OUT/decode.jsonl`` as they are measured.
 """
 
 from __future__ import annotations
