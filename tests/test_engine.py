@@ -433,24 +433,32 @@ def test_gpu_restart_loads_every_program_with_the_feature_cache(precision, tmp_p
     np.testing.assert_array_equal(got, want)
 
 
-def test_compiled_admission_noise_is_counter_noise_and_compiles_once_per_kind():
-    """A compiling engine draws admitted images' initial noise through a compiled function (one or two kernels
-    instead of ~100 launches): the same numbers as counter_noise up to float rounding, and after warm-up's one
-    image and two images no admitted count compiles again."""
+def test_admission_writes_counter_noise_and_settings_and_compiles_only_at_warm_up():
+    """Admission writes each admitted image's slot (initial noise, step count, guidance) through one program per
+    bucket, its rows padded with rows that write the scratch slot: the noise is counter_noise's up to float
+    rounding, the other slots are left alone, and after warm-up no admitted count compiles again."""
     from torch._dynamo.utils import counters
 
-    config = EngineConfig(max_batch_size=8, compile=True)
+    config = EngineConfig(max_batch_size=8, batch_buckets=(1, 4, 8), compile=True, feature_cache_rows=0)
     configure_compile(config)
     runner = ModelRunner(random_model(), config, clip_denoised=False, num_train_timesteps=1000)
-    keys = torch.tensor([noise_key(seed, 0) for seed in range(7)])
-    before = counters["stats"]["unique_graphs"]
-    for n in (1, 2):  # as warm_up does
-        runner.initial_noise(keys[:n])
-    assert counters["stats"]["unique_graphs"] == before + 2  # it is compiled: one graph per kind
+    runner.warm_up()
     compiled = sum(counters["stats"].values()), dict(counters["frames"])
-    for n in (1, 3, 7):
-        want = counter_noise(keys[:n], torch.full((n,), INITIAL_NOISE_COUNTER), runner.image_shape)
-        torch.testing.assert_close(runner.initial_noise(keys[:n]), want, rtol=1e-5, atol=1e-5)
+    untouched = runner.x[7].clone()
+    slot = 0
+    for n in (1, 3, 2):  # buckets 1 and 4 (padded)
+        request = GenerationRequest.of(1, n=n, seed=n, num_inference_steps=10 + n, guidance_scale=1.5 + n)
+        state = RequestState(request=request, seed=n, submitted_at=0.0, slots=list(range(slot, slot + n)))
+        with torch.no_grad():  # as the engine's step (the programs' guards check the grad mode)
+            runner.admit([state])
+        keys = torch.tensor([noise_key(n, i) for i in range(n)])
+        want = counter_noise(keys, torch.full((n,), INITIAL_NOISE_COUNTER), runner.image_shape)
+        torch.testing.assert_close(runner.x[state.slots], want, rtol=1e-5, atol=1e-5)
+        assert runner.num_steps[state.slots].tolist() == [10 + n] * n
+        assert runner.guidance[state.slots].tolist() == [1.5 + n] * n
+        assert runner.step_index[state.slots].tolist() == [0] * n
+        slot += n
+    assert torch.equal(runner.x[7], untouched), "padding wrote a slot other than the scratch slot"
     assert (sum(counters["stats"].values()), dict(counters["frames"])) == compiled, "recompiled for a new count"
 
 
@@ -472,7 +480,7 @@ def test_a_restart_loads_its_compiled_programs_and_traces_nothing(tmp_path):
             return engine.runner, engine.submit(request).result(timeout=600).latents
 
     first, first_latents = latents(random_model(seed=0), config)
-    programs = 3  # the step at bucket 2; the initial noise for one image and for any other count
+    programs = 2  # the step and the admission, at bucket 2
     assert (first.store.loaded, first.store.compiled) == (0, programs)
     traced = dict(counters["frames"])
     second, got = latents(random_model(seed=1), config)

@@ -50,11 +50,11 @@ COMPUTE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bf
 # Steps the host may enqueue ahead of the GPU.
 _LOOKAHEAD = 2
 # The parts of a feature-cached step that run at every compute bucket: compiled once for a symbolic row count.
-_SYMBOLIC_PARTS = ("blocks", "update")
+_SYMBOLIC_PARTS = ("blocks", "update", "admit")
 # The runner's own machinery, which no compiled step reads: left out when a program is saved (programs.py), since torch
 # pickles the program's `self` (this runner) with the state of its guards, and CUDA graphs, events and loaded programs
 # do not pickle.
-_MACHINERY = ("_fns", "_noise", "_programs", "_noise_programs", "store", "_graphs", "_graph_pool", "_in_flight")
+_MACHINERY = ("_fns", "_programs", "store", "_graphs", "_graph_pool", "_in_flight", "_staging")
 
 
 class LayoutRow(IntEnum):
@@ -70,6 +70,52 @@ class LayoutRow(IntEnum):
 
 
 IMAGE_SLOT, ROW_IMAGE, ROW_LABEL, COND_ROW, UNCOND_ROW, ROW_CACHE, ROW_REAL = LayoutRow
+
+
+class AdmitColumn(IntEnum):
+    """The integer columns of the admission buffer, one row per admitted image (its floats: eta, guidance)."""
+
+    SLOT = 0
+    KEY = 1  # and KEY + 1: the image's noise key (diffusion.noise_key)
+    STEPS = 3
+    SAMPLER = 4
+    CACHE = 5  # to CACHE + 3: the feature-cache schedule (request.is_full_step's interval, warm-up, cool-down), order
+
+
+_ADMIT_INTS = AdmitColumn.CACHE + 4
+
+
+class HostStaging:
+    """Host copies of a device buffer to upload from, reused: on a GPU pinned, one more than the steps the host may
+    run ahead, so a copy is refilled only once its upload is done (it was queued at least that many uploads ago, so
+    this is almost never a wait), where a fresh pinned buffer per upload would cost an allocation each time."""
+
+    def __init__(self, device_buffer: torch.Tensor):
+        self.device_buffer = device_buffer
+        cuda = device_buffer.device.type == "cuda"
+        self._host = [torch.zeros_like(device_buffer, device="cpu", pin_memory=cuda)
+                      for _ in range(_LOOKAHEAD + 1 if cuda else 1)]
+        self._uploaded = [torch.cuda.Event() if cuda else None for _ in self._host]
+        self._next = 0
+
+    def take(self) -> torch.Tensor:
+        """The next host copy, free to fill (its contents are what was last written to it)."""
+        done = self._uploaded[self._next]
+        if done is not None:
+            done.synchronize()  # returns at once if the event was never recorded
+        return self._host[self._next]
+
+    def upload(self, rows: int | None = None) -> None:
+        """Queue the copy of the taken host copy (its first ``rows`` along the first dimension; None: all of it) to
+        the device buffer, on the current stream."""
+        host = self._host[self._next]
+        if rows is None:
+            self.device_buffer.copy_(host, non_blocking=True)
+        else:
+            self.device_buffer[:rows].copy_(host[:rows], non_blocking=True)
+        if self._uploaded[self._next] is not None:
+            self._uploaded[self._next].record()
+        self._next = (self._next + 1) % len(self._host)
 
 
 def is_full_step_on_device(step: torch.Tensor, interval: torch.Tensor, warmup: torch.Tensor,
@@ -123,6 +169,15 @@ class ModelRunner:
         self.guidance = torch.ones(n, device=dev)
         self.key = torch.zeros(n, 2, dtype=torch.int64, device=dev)
         self.layout = torch.zeros(len(LayoutRow), max(config.buckets), dtype=torch.int64, device=dev)
+        # Admission: the admitted images' settings, padded to a bucket with rows that write the scratch slot.
+        self.admit_ints = torch.zeros(max(config.buckets), _ADMIT_INTS, dtype=torch.int64, device=dev)
+        self.admit_floats = torch.zeros(max(config.buckets), 2, device=dev)
+        self.finished_slots = torch.zeros(config.max_batch_size, dtype=torch.int64, device=dev)
+        self._staging = {name: HostStaging(getattr(self, name))
+                         for name in ("layout", "admit_ints", "admit_floats", "finished_slots")}
+        self._admit_padding = (self._padding_row(), [0.0, 1.0])
+        for name, row in zip(("admit_ints", "admit_floats"), self._admit_padding):
+            getattr(self, name)[:] = torch.tensor(row, dtype=getattr(self, name).dtype)
         self._in_flight: deque[torch.cuda.Event] = deque()
         self._graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}
         self.compile_seconds = self.capture_seconds = 0.0  # of the warm-up (warm_up)
@@ -130,10 +185,8 @@ class ModelRunner:
         if config.cache_rows:
             self._init_cache(config.cache_rows, max(config.buckets))
         self._fns = {"step": self._step, "full": self._full, "forecast": self._forecast, "embed": self._embed,
-                     "blocks": self._blocks, "update": self._update, "head": self._head}
+                     "blocks": self._blocks, "update": self._update, "head": self._head, "admit": self._admit}
         self._programs: dict[tuple[str, int], object] = {}  # (part, bucket) -> its compiled program, at warm-up
-        self._noise = self._initial_noise  # admission's initial noise: eager, compiled, or a program per count
-        self._noise_programs: dict[int, object] = {}  # 1: for one image; 2: for any other count
         self.store: ProgramStore | None = None
         if config.compile:  # inductor's cache and Dynamo's limits are the process's (process_settings.py)
             options = dict(config.compile_options) if config.compile_options else None
@@ -141,9 +194,8 @@ class ModelRunner:
                 self._fns = {name: torch.compile(fn, fullgraph=True, options=options,
                                                  dynamic=name in _SYMBOLIC_PARTS or bool(config.compile_dynamic))
                              for name, fn in self._fns.items()}
-                self._noise = torch.compile(self._initial_noise, fullgraph=True, options=options, dynamic=True)
             if config.compile_cache_dir and config.compile_programs and config.warmup and \
-                    ProgramStore.supported(self._noise):
+                    ProgramStore.supported(self._fns["step"]):
                 self.store = ProgramStore(os.path.join(config.compile_cache_dir, "programs"), self._identity())
 
     def __getstate__(self) -> dict:
@@ -347,67 +399,74 @@ class ModelRunner:
         """The functions a step may run, each compiled and captured per bucket of its own."""
         buckets, compute = self.config.buckets, self.config.compute_buckets
         if self.cache is None:
-            return {"step": buckets}
-        return {"full": buckets, "forecast": buckets, "embed": buckets, "blocks": compute, "update": compute,
-                "head": buckets}
+            return {"admit": buckets, "step": buckets}
+        return {"admit": buckets, "full": buckets, "forecast": buckets, "embed": buckets, "blocks": compute,
+                "update": compute, "head": buckets}
 
     # ---- plan bookkeeping -------------------------------------------------------------------------------------
     def set_layout(self, layout: Layout) -> None:
         """Upload the rows/images layout; called only when requests joined or left."""
-        host = torch.zeros_like(self.layout, device="cpu", pin_memory=self.device.type == "cuda")
+        staging = self._staging["layout"]
+        host = staging.take()
+        host.zero_()
         lists = (layout.image_slot, layout.row_image, layout.row_label, layout.cond_row, layout.uncond_row,
                  layout.row_cache)  # in LayoutRow's order, up to ROW_REAL
         host[:ROW_REAL, :layout.bucket] = torch.from_numpy(np.array(lists, dtype=np.int64))
         host[ROW_REAL, :layout.rows] = 1  # the rows before the padding
-        self.layout.copy_(host, non_blocking=True)
+        staging.upload()
 
-    def initial_noise(self, key: torch.Tensor) -> torch.Tensor:
-        """The initial noise x_T of the images with noise keys ``key`` (N, 2). About a hundred small tensor
-        operations, each its own kernel launch when eager, ahead of a lone request's first step: compiled with the
-        step (one or two kernels, for any N; warm-up compiles it for one image and for any other count)."""
-        program = self._noise_programs.get(min(key.shape[0], 2))
-        return (program or self._noise)(key)
-
-    def _initial_noise(self, key: torch.Tensor) -> torch.Tensor:
-        counter = torch.full((key.shape[0],), INITIAL_NOISE_COUNTER, dtype=torch.int64, device=key.device)
-        return counter_noise(key, counter, self.image_shape)
+    def _padding_row(self) -> list[int]:
+        """An admission row that writes the scratch slot (AdmitColumn's order): one step, no feature cache."""
+        return [self.config.max_batch_size, 0, 0, 1, 0, 1, 0, 0, 0]
 
     def admit(self, states: list[RequestState]) -> None:
-        """Initialise the slots of newly admitted requests: initial noise and their sampler settings (two uploads,
-        one of integers and one of floats, whatever the count)."""
-        ints, floats = [], []  # per image: slot, noise key (2), steps, sampler[, cache schedule (4)]; eta, guidance
+        """Initialise the slots of newly admitted requests: their initial noise and sampler settings. The settings
+        go up in two uploads (integers, floats) padded to a bucket, and one program per bucket (graph-captured on a
+        GPU) writes the slots: a lone request's admission is two copies and a replay, not a dozen launches."""
+        ints, floats = [], []
         for state in states:
             s = state.request.sampling
             settings = [s.num_inference_steps, SAMPLER_IDS[s.sampler]]
-            if self.cache is not None:
-                settings += [*s.cache_policy.schedule(s.num_inference_steps), s.cache_policy.order]
+            settings += [*s.cache_policy.schedule(s.num_inference_steps), s.cache_policy.order] if \
+                self.cache is not None else self._padding_row()[AdmitColumn.CACHE:]
             for image_index, slot in enumerate(state.slots):
                 ints.append([slot, *noise_key(state.seed, image_index), *settings])
                 floats.append([float(s.eta), float(s.guidance_scale)])
         if not ints:
             return
-        pin = self.device.type == "cuda"
-        ints = torch.tensor(ints, dtype=torch.int64, pin_memory=pin).to(self.device, non_blocking=True)
-        floats = torch.tensor(floats, dtype=torch.float32, pin_memory=pin).to(self.device, non_blocking=True)
-        # The noise programs take a tensor of its own, of contiguous strides, as at warm-up (their guards check them).
-        idx, key = ints[:, 0], ints[:, 1:3].clone(memory_format=torch.contiguous_format)
+        bucket = next(b for b in self.config.buckets if b >= len(ints))
+        for name, rows, padding in zip(("admit_ints", "admit_floats"), (ints, floats), self._admit_padding):
+            staging = self._staging[name]
+            host = staging.take()
+            host[:bucket] = torch.tensor(rows + [padding] * (bucket - len(rows)), dtype=host.dtype)
+            staging.upload(bucket)
+        self._run("admit", bucket)
+
+    def _admit(self, count: int) -> None:
+        """Write the first ``count`` rows of the admission buffers into their slots (padding rows: the scratch
+        slot, written several times over)."""
+        ints, floats = self.admit_ints[:count], self.admit_floats[:count]
+        idx, key = ints[:, AdmitColumn.SLOT], ints[:, AdmitColumn.KEY:AdmitColumn.KEY + 2]
         self.key[idx] = key
-        self.x[idx] = self.initial_noise(key)
+        counter = torch.full((count,), INITIAL_NOISE_COUNTER, dtype=torch.int64, device=key.device)
+        self.x[idx] = counter_noise(key, counter, self.image_shape)
         self.prev_x0[idx] = 0.0
         self.step_index[idx] = 0
-        self.num_steps[idx] = ints[:, 3]
-        self.sampler[idx] = ints[:, 4]
+        self.num_steps[idx] = ints[:, AdmitColumn.STEPS]
+        self.sampler[idx] = ints[:, AdmitColumn.SAMPLER]
         self.eta[idx] = floats[:, 0]
         self.guidance[idx] = floats[:, 1]
         if self.cache is not None:
             for i, buffer in enumerate((self.cache_interval, self.cache_warmup, self.cache_cooldown, self.cache_order)):
-                buffer[idx] = ints[:, 5 + i]
+                buffer[idx] = ints[:, AdmitColumn.CACHE + i]
 
     def gather_samples(self, slots: list[int]) -> torch.Tensor:
         """The finished samples of ``slots``, (n, C, h, w) float32 on the device: a new tensor, which later steps do
         not overwrite."""
-        idx = torch.tensor(slots, dtype=torch.int64).to(self.device, non_blocking=True)
-        return self.x[idx]
+        staging = self._staging["finished_slots"]
+        staging.take()[:len(slots)] = torch.tensor(slots, dtype=torch.int64)
+        staging.upload(len(slots))
+        return self.x[self.finished_slots[:len(slots)]]
 
     # ---- start-up ---------------------------------------------------------------------------------------------
     @torch.no_grad()  # not inference mode: a loaded program's guards would refuse it (programs.py)
@@ -429,9 +488,6 @@ class ModelRunner:
                     self.compile_seconds += self._timed(self._prepare, part, bucket)
                     if self.config.cuda_graphs:
                         self.capture_seconds += self._timed(self._capture, part, bucket)
-            if bucket == self.config.compute_buckets[0]:  # with the first bucket, the admissions' initial noise:
-                for n in (1, 2):  # compiled once for one image (a size of 1 is its own case), once for any other
-                    self.compile_seconds += self._timed(self._prepare_noise, n)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             timings[bucket] = time.perf_counter() - start
@@ -453,13 +509,6 @@ class ModelRunner:
         if self.store is not None:  # a symbolic part's first program serves its other buckets too (its guards say)
             self._programs[(part, bucket)] = self.store.program(part, str(bucket), self._fns[part], self, bucket)
         self._program(part, bucket)(bucket)
-
-    def _prepare_noise(self, n: int) -> None:
-        key = torch.zeros(n, 2, dtype=torch.int64, device=self.device)  # not a view: admission's keys are not
-        if self.store is not None:
-            self._noise_programs[n] = self.store.program("initial_noise", "1" if n == 1 else "n", self._noise, self,
-                                                         key)
-        self.initial_noise(key)
 
     def _timed(self, fn, *args) -> float:
         """Seconds ``fn(*args)`` took, its GPU work included."""
@@ -489,4 +538,4 @@ class ModelRunner:
 
     def _state_tensors(self) -> list[torch.Tensor]:
         return [self.x, self.prev_x0, self.step_index, self.num_steps, self.sampler, self.eta, self.guidance,
-                self.key, self.layout]
+                self.key, self.layout, self.admit_ints, self.admit_floats]
