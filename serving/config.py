@@ -117,6 +117,10 @@ class ModelArgs(_Args):
     precision: Literal["fp32", "fp16", "bf16", "fp8"] = Field(
         "fp32", description="fp32 on the CPU; fp16 or bf16 on a GPU; fp8: FP8 GEMMs in the blocks (Ada, Hopper or "
                             "newer), bf16 elsewhere")
+    fp8_min_rows: int | None = Field(None, ge=0, description="precision fp8: forwards of fewer token rows (batch x "
+                                                             "tokens; one guided dit-10l image is 512) run in bf16, "
+                                                             "where FP8 does not pay; 0: FP8 at every size; default: "
+                                                             "the engine's (FastPaths.fp8_min_rows)")
     compile: bool = False
     cuda_graphs: bool = False
     max_batch_size: int = Field(32, ge=1, description="rows per forward pass (a guided image takes two)")
@@ -216,9 +220,11 @@ class ModelArgs(_Args):
 
     def engine_config(self, limits: Limits | None = None):
         """The engine's config for this model; ``limits`` caps what one request may ask for."""
-        from dit_runtime.engine.types import EngineConfig  # imports torch: only where an engine runs
+        from dit_runtime.engine.fast_paths import FastPaths  # imports torch: only where an engine runs
+        from dit_runtime.engine.types import EngineConfig
         limits = limits or Limits()
-        return EngineConfig(device=self.device, precision=self.precision, max_batch_size=self.max_batch_size,
+        fast_paths = FastPaths() if self.fp8_min_rows is None else FastPaths(fp8_min_rows=self.fp8_min_rows)
+        return EngineConfig(fast_paths=fast_paths, device=self.device, precision=self.precision, max_batch_size=self.max_batch_size,
                             max_queue_size=self.max_queue_size, max_queue_wait_s=self.max_queue_wait_s,
                             limits=limits.request_limits(),
                             default_inference_steps=limits.default_inference_steps, compile=self.compile,

@@ -13,12 +13,18 @@ from dit_runtime.checkpoint import CheckpointInfo, default_class_names
 from dit_runtime.diffusion import INITIAL_NOISE_COUNTER, counter_noise, noise_key
 from dit_runtime.engine import (DeadlineExceededError, Engine, EngineConfig, GenerationRequest, GenerationResult,
                                 InvalidRequestError, QueueFullError, RequestCancelledError, SamplingParams, StepEvent)
+from dit_runtime.engine.fast_paths import FastPaths
 from dit_runtime.engine.process_settings import configure_compile
 from dit_runtime.engine.runner import ModelRunner
 from dit_runtime.engine.scheduler import RequestState, Scheduler
 from dit_runtime.model import DiTModel, get_preset
 from dit_runtime.request import CACHE_POLICIES
 from model_helpers import model_reordering_tolerance, reference_sample
+
+
+def every_size_in(precision: str) -> FastPaths:
+    """The fast paths that run ``precision`` at every size: dit-tiny's forwards are all below fp8_min_rows."""
+    return FastPaths(fp8_min_rows=0) if precision == "fp8" else FastPaths()
 
 
 def random_model(seed: int = 0) -> DiTModel:
@@ -386,7 +392,7 @@ def test_gpu_compiled_graphs_match_fp32_and_never_recompile(precision, cache_row
     ref = requests(ref_engine)
     ref_engine.stop()
     fast_config = EngineConfig(device="cuda", precision=precision, max_batch_size=8, compile=True,
-                               cuda_graphs=True, feature_cache_rows=cache_rows)
+                               cuda_graphs=True, feature_cache_rows=cache_rows, fast_paths=every_size_in(precision))
     configure_compile(fast_config)
     fast_engine = engine(fast_config)
     compiled_after_warmup = sum(counters["stats"].values()), dict(counters["frames"])
@@ -411,7 +417,7 @@ def test_gpu_restart_loads_every_program_with_the_feature_cache(precision, tmp_p
     from torch._dynamo.utils import counters
 
     config = EngineConfig(device="cuda", precision=precision, max_batch_size=8, compile=True, cuda_graphs=True,
-                          compile_cache_dir=str(tmp_path))
+                          compile_cache_dir=str(tmp_path), fast_paths=every_size_in(precision))
     configure_compile(config, engines=2)
     info = CheckpointInfo(config=random_model().config, class_names=default_class_names(10), space="latent")
     presets = list(CACHE_POLICIES)

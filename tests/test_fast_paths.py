@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -120,9 +122,29 @@ def test_the_fp8_mlp_computes_the_mlp_to_e4m3_precision():
     mlp = model.blocks[0].mlp.to(torch.bfloat16)
     x = torch.randn(4, 16, 32, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     expected = mlp.float()(x.float())
-    out = apply_fast_paths(model.to(torch.bfloat16), FastPaths(), cuda=False, fp8=True).model.blocks[0].mlp(x)
+    out = apply_fast_paths(model.to(torch.bfloat16), FastPaths(fp8_min_rows=0), cuda=False,
+                           fp8=True).model.blocks[0].mlp(x)
     rel = ((out.float() - expected).norm() / expected.norm()).item()
     assert rel < 2 * 2 ** -4, rel  # two FP8 GEMMs in a row, each within one e4m3 rounding (see above)
+
+
+@torch.no_grad()
+def test_an_fp8_engine_runs_forwards_below_fp8_min_rows_in_bf16_and_the_rest_in_fp8():
+    """Per-size precision: a forward of fewer token rows than ``fp8_min_rows`` is the bf16 model's, bit for bit (the
+    same modules, GEMMs and weights); one of that many or more is the all-FP8 model's, bit for bit, and not bf16's."""
+    model = tiny_model().to(torch.bfloat16)  # 16 tokens per image
+    bf16 = apply_fast_paths(copy.deepcopy(model), FastPaths(), cuda=False)
+    fp8 = apply_fast_paths(copy.deepcopy(model), FastPaths(fp8_min_rows=0), cuda=False, fp8=True)
+    by_size = apply_fast_paths(copy.deepcopy(model), FastPaths(fp8_min_rows=64), cuda=False, fp8=True)
+    gen = torch.Generator().manual_seed(4)
+    for batch in (2, 4, 8):  # 32, 64 and 128 token rows: below, at and above fp8_min_rows
+        x = torch.randn(batch, 4, 8, 8, generator=gen).to(torch.bfloat16)
+        t, y = torch.full((batch,), 500.0), torch.arange(batch) % 10
+        out = by_size(x, t, y)
+        if batch * 16 < 64:
+            assert torch.equal(out, bf16(x, t, y))
+        else:
+            assert torch.equal(out, fp8(x, t, y)) and not torch.equal(out, bf16(x, t, y))
 
 
 def mlp_128(seed: int = 3, width: int = 256, ffn: int = 512) -> torch.nn.Module:
@@ -171,7 +193,8 @@ def test_the_block_scaled_fp8_mlp_computes_the_mlp_to_e4m3_precision():
     assert out.dtype == torch.bfloat16 and out.shape == expected.shape
     rel = ((out.float() - expected).norm() / expected.norm()).item()
     assert 2 ** -8 < rel < 2 * 2 ** -4, rel
-    fast = apply_fast_paths(tiny_model().to(torch.bfloat16), FastPaths(fp8_blocks=True), cuda=False, fp8=True)
+    fast = apply_fast_paths(tiny_model().to(torch.bfloat16), FastPaths(fp8_blocks=True, fp8_min_rows=0), cuda=False,
+                            fp8=True)
     assert isinstance(fast.model.blocks[0].mlp, Fp8Mlp)
     assert Fp8BlockMlp.supports(mlp) and not Fp8BlockMlp.supports(tiny_model().blocks[0].mlp)
 

@@ -59,14 +59,15 @@ def _gib(n: int) -> str:
 
 def print_table(reports: list[dict]) -> None:
     batch = reports[0]["training_memory"]["batch_size_per_gpu"]
-    header = ["model", "params", "embed", "per block", "final", "fp32", "fp16/bf16", "fp8", "cache/row", "GFLOPs/img",
-              f"train/GPU b={batch}", "+ckpt"]
+    header = ["model", "params", "embed", "per block", "final", "fp32", "fp16/bf16", "fp8 (fp8 only)", "cache/row",
+              "GFLOPs/img", f"train/GPU b={batch}", "+ckpt"]
     rows = []
     for r in reports:
         b, mem = r["breakdown"], r["training_memory"]
         rows.append([r["name"], f"{r['parameters']:,}", _human(b["embeddings"]), _human(b["per_block"]),
                      _human(b["final_layer"]), _gib(r["weight_bytes"]["fp32"]), _gib(r["weight_bytes"]["bf16"]),
-                     _gib(r["weight_bytes"]["fp8"]), _gib(r["feature_cache_bytes_per_row"]),
+                     f"{_gib(r['weight_bytes']['fp8'])} ({_gib(r['weight_bytes']['fp8_only'])})",
+                     _gib(r["feature_cache_bytes_per_row"]),
                      f"{r['flops_per_image']['total'] / 1e9:.1f}", _gib(mem["without_checkpointing"]["peak"]),
                      _gib(mem["with_checkpointing"]["peak"])])
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]

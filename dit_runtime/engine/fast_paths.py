@@ -15,6 +15,8 @@ their names, so ``state_dict()`` is unchanged) and returns ``InferenceDiT``, the
   embedders, the adaLN modulation and the final layer stay in bf16. Under torch.compile the row's amax and its
   quantization fuse into the kernel that produces the row (LayerNorm + modulate, GELU, attention's output). With
   ``fp8_blocks`` the MLP's fc1 is a Triton FP8 GEMM whose epilogue writes GELU's output as e4m3 in 1x128 blocks.
+  FP8 pays only on forwards of many token rows: below ``fp8_min_rows`` (one guided image is 512) the blocks run in
+  bf16 with the 16-bit fast paths above, each bucket compiled for one of the two (``BySize``).
 
 Feature caching (feature_cache.py) runs ``InferenceDiT``'s three parts apart, the blocks over the rows that need them.
 """
@@ -43,12 +45,18 @@ class FastPaths:
     split_k: int = 4  # CUDA only; 1 turns it off
     split_k_max_rows: int = 512  # token rows (batch x tokens) up to which a forward splits K
     fp8_blocks: bool = False  # precision fp8: fc1 -> GELU -> e4m3 in 1x128 blocks inside fc1's GEMM (Fp8BlockMlp)
+    # precision fp8: forwards of fewer token rows (batch x tokens) run the blocks in bf16, with the fast paths of a
+    # 16-bit engine, from a bf16 copy of the blocks' linears (+1x the FP8 weights' memory); 0: FP8 at every size.
+    # Measured at dit-10l's widths on an H200: the MLP in fp8 is 3.4x slower than fp16 at 512 rows (one guided
+    # image), even at 8,192; the whole fp8 step 1.24x faster than fp16 at 16,384 (docs/benchmarks.md, FP8).
+    fp8_min_rows: int = 16384
 
     def __post_init__(self) -> None:
         if not isinstance(self.split_k, int) or self.split_k < 1:
             raise ValueError(f"split_k must be a positive integer, got {self.split_k!r}")
-        if not isinstance(self.split_k_max_rows, int) or self.split_k_max_rows < 0:
-            raise ValueError(f"split_k_max_rows must be a non-negative integer, got {self.split_k_max_rows!r}")
+        for name in ("split_k_max_rows", "fp8_min_rows"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
 
 
 class SplitKLinear(nn.Module):
@@ -81,6 +89,18 @@ def _gelu_quant_kernel(cuda: bool):
         except ImportError as e:  # no Triton: the torch ops, which inductor fuses less well
             log.warning("Triton is missing (%s): fc1's GELU and its FP8 quantization run as torch ops", e)
     return gelu_quantize_rows
+
+
+class BySize(nn.Module):
+    """``small`` for inputs of fewer than ``min_rows`` token rows, else ``large`` (the same function in another
+    precision): chosen when a bucket's forward is traced, its shape static, so each compiled bucket holds one."""
+
+    def __init__(self, small: nn.Module, large: nn.Module, min_rows: int):
+        super().__init__()
+        self.small, self.large, self.min_rows = small, large, min_rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.small if x.numel() // x.shape[-1] < self.min_rows else self.large)(x)
 
 
 class GeluEpilogueMlp(nn.Module):
@@ -179,25 +199,31 @@ def apply_fast_paths(model: DiTModel, options: FastPaths, cuda: bool, fp8: bool 
 
     The CUDA-only paths are skipped elsewhere: on the CPU a request must meet the same GEMMs alone and in a full
     batch. Split-K is skipped, with a log line, where it does not divide both reductions it cuts. With ``fp8`` the
-    blocks' linears become ``Fp8Linear``s, which take the place of the GELU epilogue and split-K.
+    blocks' linears become ``Fp8Linear``s, which take the place of the GELU epilogue and split-K in forwards of
+    ``fp8_min_rows`` token rows or more.
     """
     cfg = model.config
-    splits = options.split_k if cuda and not fp8 else 1
+    splits = options.split_k if cuda else 1
     if splits > 1 and (cfg.hidden_dim % splits or cfg.ffn_dim % splits):
         log.info("split_k %d does not divide hidden_dim %d and ffn_dim %d; not splitting", splits, cfg.hidden_dim,
                  cfg.ffn_dim)
         splits = 1
     for block in model.blocks:
+        attn, mlp = block.attn, block.mlp
         if fp8:  # the attention's and the MLP's linears; adaLN, the embedders and the final layer stay 16-bit
-            block.attn.qkv, block.attn.proj = Fp8Linear(block.attn.qkv), Fp8Linear(block.attn.proj)
-            if options.fp8_blocks and Fp8BlockMlp.supports(block.mlp):
-                block.mlp = Fp8BlockMlp(block.mlp)
-            else:
-                block.mlp = Fp8Mlp(block.mlp, _gelu_quant_kernel(cuda))
-            continue
+            large = (Fp8Linear(attn.qkv), Fp8Linear(attn.proj),
+                     Fp8BlockMlp(mlp) if options.fp8_blocks and Fp8BlockMlp.supports(mlp) else
+                     Fp8Mlp(mlp, _gelu_quant_kernel(cuda)))
+            if not options.fp8_min_rows:
+                attn.qkv, attn.proj, block.mlp = large
+                continue
         if cuda and options.gelu_epilogue:
-            block.mlp = GeluEpilogueMlp(block.mlp)
+            mlp = GeluEpilogueMlp(mlp)
         if splits > 1:
-            block.attn.proj = SplitKLinear(block.attn.proj, splits, options.split_k_max_rows)
-            block.mlp.fc2 = SplitKLinear(block.mlp.fc2, splits, options.split_k_max_rows)
+            attn.proj = SplitKLinear(attn.proj, splits, options.split_k_max_rows)
+            mlp.fc2 = SplitKLinear(mlp.fc2, splits, options.split_k_max_rows)
+        if fp8:
+            attn.qkv, attn.proj, mlp = (BySize(small, big, options.fp8_min_rows)
+                                        for small, big in zip((attn.qkv, attn.proj, mlp), large))
+        block.mlp = mlp
     return InferenceDiT(model, options.joined_adaln)

@@ -200,6 +200,18 @@ def test_compile_settings_reach_the_engine_with_static_shapes_by_default(ckpt):
     assert config.compile_programs is False
 
 
+def test_fp8_min_rows_reaches_the_engine_and_a_bad_one_names_the_field(ckpt):
+    """One key decides which forwards of an fp8 deployment stay bf16; unset, the engine's default holds."""
+    from dit_runtime.engine.fast_paths import FastPaths
+
+    default, every_size = AppArgs.parse({"models": [model_args("a", ckpt), model_args("b", ckpt, fp8_min_rows=0)]}
+                                        ).models
+    assert default.engine_config().fast_paths.fp8_min_rows == FastPaths.fp8_min_rows > 0
+    assert every_size.engine_config().fast_paths.fp8_min_rows == 0
+    message = error_of({"models": [model_args("c", ckpt, fp8_min_rows=-1)]})
+    assert "fp8_min_rows" in message, message
+
+
 def test_gateway_resources_pin_it_and_bad_ones_name_the_field(ckpt):
     from serving.app import _gateway_deployment
 
