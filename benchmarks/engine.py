@@ -13,7 +13,8 @@ Parts (``--parts``; forward, latency and load by default):
             teacher: one guided image at each ``--student-steps`` count (one row a step) against the teacher's
             ``--teacher-steps`` DDIM steps (two rows), and images/s with a full batch of ``--batches``' largest
             rows (``--student-images`` images through each, all submitted at once); the student of each of the
-            ``ours`` and ``baseline`` setups given (ours alone by default), the teacher ours
+            ``ours`` and ``baseline`` setups given (ours alone by default), the teacher ours; and where a lone
+            4-step request's time goes, from a torch.profiler trace (``OUT/one-image-<setup>.trace.json``)
 
 Setups (``--setups``):
   diffusers-eager, diffusers-compile   diffusers' DiTTransformer2DModel in fp16, eager or torch.compile'd; timed
@@ -477,6 +478,11 @@ def bench_students(rec: Recorder, preset: str, setups: list[str], student_steps:
         rec.add({"part": "students", "what": "one image", "model": preset, "who": who, "setup": setup,
                  "steps": steps, "guidance": 4.0, "rows_per_image": 1 if who == "student" else 2, "runs": len(ts),
                  "ms_median": round(statistics.median(ts) * 1e3, 3), "ms_min": round(min(ts) * 1e3, 3), **seen})
+    for setup in students:
+        steps = min(4, max(student_steps))
+        rec.add({"part": "students", "what": "one image, where the time goes", "model": preset, "setup": setup,
+                 "steps": steps, **one_image_timeline(calls[("student", setup, steps)],
+                                                      rec.path.parent / f"one-image-{setup}.trace.json")})
 
     def throughput(engine, setup: str, steps: int, sampler: str, n: int) -> float:
         package, classes = runtime(setup), engine.info.config.num_classes
@@ -507,6 +513,35 @@ def bench_students(rec: Recorder, preset: str, setups: list[str], student_steps:
     for student in students.values():
         student.stop()
     torch.cuda.empty_cache()
+
+
+def one_image_timeline(call, trace: Path, n: int = 20) -> dict:
+    """Where a lone request's time goes, from torch.profiler's timeline of ``n`` requests (host and GPU on one clock;
+    the trace is written to ``trace`` for Perfetto): medians, in ms, of the time from the call to its first GPU
+    kernel or copy, from there to its last one's end, the GPU's busy time in between, and from the last one's end to
+    the result in the caller's hands. The profiler slows the host, so these add up to more than an untraced call."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            with record_function("one_image"):
+                call()
+    prof.export_chrome_trace(str(trace))
+    events = prof.events()
+    device = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
+    parts = collections.defaultdict(list)
+    for request in (e.time_range for e in events if e.name == "one_image"):
+        mine = [(a, b) for a, b in device if request.start <= a <= request.end]
+        if not mine:
+            return {"error": "no GPU work inside a request in the profile", "trace": trace.name}
+        first, last = mine[0][0], max(b for _, b in mine)
+        parts["to_first_kernel_ms"].append(first - request.start)
+        parts["gpu_span_ms"].append(last - first)
+        parts["gpu_busy_ms"].append(sum(b - a for a, b in mine))
+        parts["after_last_kernel_ms"].append(request.end - last)
+        parts["traced_total_ms"].append(request.end - request.start)
+    return {name: round(statistics.median(us) / 1e3, 3) for name, us in parts.items()} | {"trace": trace.name}
 
 
 # ---- part 3: the engine under load ----------------------------------------------------------------------------
