@@ -186,5 +186,8 @@ def test_client_that_disconnects_from_the_model_route_frees_its_batch_rows(base,
     started = time.perf_counter()
     while slow_load(base)["running_requests"] and time.perf_counter() - started < 10:
         time.sleep(0.02)
-    # 1000 steps of several milliseconds would run for seconds more
-    assert time.perf_counter() - started < 1.5 and slow_load(base)["running_requests"] == 0
+    after = slow_load(base)
+    assert after["running_requests"] == 0, after
+    # Freed long before its 1000 steps could run out: counted in the engine's steps, which a slow host slows along
+    # with its noticing the disconnect (a bound of 1.5 s in seconds failed at 1.63 s on a slow host).
+    assert after["steps_done"] - before["steps_done"] < 500, (before, after)
