@@ -151,6 +151,11 @@ class SamplingContract:
             values["teacher"] = Teacher(**values["teacher"])
         return cls(**values)
 
+    @property
+    def null_row(self) -> bool:
+        """Whether a guided image of this model takes a null-class row beside its own (``rows_per_image``)."""
+        return self.guidance == "null-row"
+
     @classmethod
     def of_teacher(cls, num_train_timesteps: int, defaults: SamplingParams,
                    supports_guidance: bool) -> "SamplingContract":
@@ -192,3 +197,17 @@ def random_student_contract() -> SamplingContract:
     return student_contract(SamplingContract(), Teacher(checkpoint="random weights", sha256="", segments=4,
                                                         method="multistep-consistency"),
                             max_guidance_scale=8.0, guidance_scale=4.0)
+
+
+def recorded_contract(path) -> SamplingContract | None:
+    """The contract recorded in a checkpoint's header, read without torch (the serving config sizes a model's
+    batches by it before a replica loads the weights). None where none can be read: a file from before contracts (a
+    teacher's), or one the replica will report as unreadable when it loads it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            recorded = (f.metadata() or {}).get("sampling")
+        return SamplingContract.from_json(recorded) if recorded is not None else None
+    except Exception:  # noqa: BLE001 -- sizing falls back to a teacher's; loading names the problem
+        return None

@@ -11,8 +11,10 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
                       model_validator)
+
+from dit_runtime.contract import recorded_contract
 
 from dit_runtime.request import RequestLimits, rows_per_image
 
@@ -98,6 +100,8 @@ class Autoscaling(_Args):
 
 class ModelArgs(_Args):
     """One served model size: where its weights come from, how its engine runs, and its Ray resources."""
+
+    _null_row: bool = PrivateAttr(True)  # a guided image takes a null row (set from the contract at validation)
 
     name: str = Field(description="the `model` id clients ask for, e.g. digits-s or dit-10l")
     checkpoint: str | None = Field(None, description="a .safetensors checkpoint; relative paths are resolved "
@@ -210,10 +214,15 @@ class ModelArgs(_Args):
             raise ValueError("device 'cuda' needs num_gpus > 0 (a fraction such as 0.5 shares a GPU)")
         if self.device == "cpu" and self.num_gpus > 0:
             raise ValueError(f"num_gpus {self.num_gpus} with device 'cpu' reserves a GPU that is not used")
+        if self.checkpoint is not None:
+            contract = recorded_contract(self.checkpoint)
+            self._null_row = contract is None or contract.null_row
+        else:
+            self._null_row = self.random_weights_as == "teacher"
         if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.guided_images_per_batch:
             raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) below the "
                              f"{self.guided_images_per_batch} guided one-image requests that fill a batch "
-                             f"(max_batch_size {self.max_batch_size}, {rows_per_image(null_row=True)} rows an image) "
+                             f"(max_batch_size {self.max_batch_size}, {rows_per_image(self._null_row)} rows an image) "
                              "would keep the engine's batch from filling")
         self.engine_config()  # the engine's own checks (precision vs device, buckets ...), reported here
         return self
@@ -237,9 +246,10 @@ class ModelArgs(_Args):
 
     @property
     def guided_images_per_batch(self) -> int:
-        """Guided one-image requests that fill one forward pass (at least one). The config is read before any
-        checkpoint, so what is sized by requests in flight assumes guided images: the common case, and the larger."""
-        return max(1, self.max_batch_size // rows_per_image(null_row=True))
+        """Guided one-image requests that fill one forward pass (at least one): what is sized by requests in flight
+        assumes guided images, the common case and the larger. A student's guided image is one row (its contract,
+        read from the checkpoint's header); a teacher's two."""
+        return max(1, self.max_batch_size // rows_per_image(self._null_row))
 
     @property
     def ongoing_requests_cap(self) -> int:

@@ -136,15 +136,24 @@ def test_limits_defaults_and_ranges_are_request_limits_own():
 
 
 @pytest.mark.parametrize("max_batch_size", [2, 7, 32, 33])
-def test_guided_images_per_batch_is_as_many_guided_requests_as_one_batch_runs(ckpt, max_batch_size):
+@pytest.mark.parametrize("model", ["teacher", "student", "random student"])
+def test_guided_images_per_batch_is_as_many_guided_requests_as_one_batch_runs(ckpt, model, max_batch_size):
     """What the config sizes by requests in flight (max_ongoing_requests' floor, Ray's target_ongoing_requests)
-    counts the guided one-image requests whose rows (the engine's rule) fill one batch, and no more."""
-    m = AppArgs.parse({"models": [model_args("a", ckpt, max_batch_size=max_batch_size)]}).models[0]
+    counts the guided one-image requests whose rows (the engine's rule) fill one batch, and no more: two rows each
+    for a teacher, one for a student (its contract, read from the checkpoint's header)."""
+    weights = {"teacher": {"checkpoint": str(ckpt)},
+               "student": {"checkpoint": str(ROOT / "checkpoints" / "digits-s-4step.safetensors")},
+               "random student": {"checkpoint": None, "preset": "dit-tiny", "allow_random_weights": True,
+                                  "random_weights_as": "student"}}[model]
+    m = AppArgs.parse({"models": [model_args("a", ckpt, max_batch_size=max_batch_size) | weights]}).models[0]
     k = m.guided_images_per_batch
-    guided = GenerationRequest.of(0, guidance_scale=2.0)
+    guided = GenerationRequest.of(0, guidance_scale=2.0, sampler="ddim" if model == "teacher" else "consistency",
+                                  num_inference_steps=4)
+    assert guided.rows == (2 if model == "teacher" else 1)
     assert k * guided.rows <= max_batch_size < (k + 1) * guided.rows
     assert m.ray_autoscaling_config()["target_ongoing_requests"] == k
-    too_few = model_args("a", ckpt, max_batch_size=max_batch_size, max_ongoing_requests=k - 1) if k > 1 else None
+    too_few = (model_args("a", ckpt, max_batch_size=max_batch_size, max_ongoing_requests=k - 1) | weights
+               if k > 1 else None)
     assert too_few is None or "would keep the engine's batch from filling" in error_of({"models": [too_few]})
 
 
