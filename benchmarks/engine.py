@@ -14,7 +14,7 @@ Parts (``--parts``; forward, latency and load by default):
             ``--teacher-steps`` DDIM steps (two rows), and images/s with a full batch of ``--batches``' largest
             rows (``--student-images`` images through each, all submitted at once); the student of each of the
             ``ours`` and ``baseline`` setups given (ours alone by default), the teacher ours; and where a lone
-            4-step request's time goes, from a torch.profiler trace (``OUT/one-image-<setup>.trace.json``)
+            4-step request's time goes, from a torch.profiler trace (``OUT/one-image-<setup>.trace.json.gz``)
 
 Setups (``--setups``):
   diffusers-eager, diffusers-compile   diffusers' DiTTransformer2DModel in fp16, eager or torch.compile'd; timed
@@ -482,7 +482,7 @@ def bench_students(rec: Recorder, preset: str, setups: list[str], student_steps:
         steps = min(4, max(student_steps))
         rec.add({"part": "students", "what": "one image, where the time goes", "model": preset, "setup": setup,
                  "steps": steps, **one_image_timeline(calls[("student", setup, steps)],
-                                                      rec.path.parent / f"one-image-{setup}.trace.json")})
+                                                      rec.path.parent / f"one-image-{setup}.trace.json.gz")})
 
     def throughput(engine, setup: str, steps: int, sampler: str, n: int) -> float:
         package, classes = runtime(setup), engine.info.config.num_classes
@@ -515,10 +515,30 @@ def bench_students(rec: Recorder, preset: str, setups: list[str], student_steps:
     torch.cuda.empty_cache()
 
 
+LAUNCH_GAP_US = 20.0  # idle GPU time between two kernels up to this: launch latency (a graph's node to node)
+
+
+def gpu_gaps(kernels: list[tuple[float, float]]) -> dict:
+    """Idle time between the GPU work of one request (``(start, end)`` in microseconds, any order), split by
+    ``LAUNCH_GAP_US``: the short gaps are kernel launch latency, inside a CUDA graph or between back-to-back launches
+    (fewer kernels cut them); the long ones are the GPU waiting for the host (a slower host path cuts them)."""
+    short = long = 0.0
+    reached = None
+    for a, b in sorted(kernels):
+        if reached is not None and a > reached:
+            if a - reached <= LAUNCH_GAP_US:
+                short += a - reached
+            else:
+                long += a - reached
+        reached = b if reached is None else max(reached, b)
+    return {"kernels": len(kernels), "launch_gaps_ms": short / 1e3, "host_gaps_ms": long / 1e3}
+
+
 def one_image_timeline(call, trace: Path, n: int = 20) -> dict:
     """Where a lone request's time goes, from torch.profiler's timeline of ``n`` requests (host and GPU on one clock;
-    the trace is written to ``trace`` for Perfetto): medians, in ms, of the time from the call to its first GPU
-    kernel or copy, from there to its last one's end, the GPU's busy time in between, and from the last one's end to
+    the trace is written to ``trace``, gzipped, for Perfetto): medians, in ms, of the time from the call to its first
+    GPU kernel or copy, from there to its last one's end, the GPU's busy time in between and its idle time split by
+    ``gpu_gaps`` (launch latency, or waiting for the host), the kernels per request, and from the last one's end to
     the result in the caller's hands. The profiler slows the host, so these add up to more than an untraced call."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
@@ -527,7 +547,7 @@ def one_image_timeline(call, trace: Path, n: int = 20) -> dict:
         for _ in range(n):
             with record_function("one_image"):
                 call()
-    prof.export_chrome_trace(str(trace))
+    prof.export_chrome_trace(str(trace))  # a .gz name is written compressed
     events = prof.events()
     device = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
     parts = collections.defaultdict(list)
@@ -536,12 +556,14 @@ def one_image_timeline(call, trace: Path, n: int = 20) -> dict:
         if not mine:
             return {"error": "no GPU work inside a request in the profile", "trace": trace.name}
         first, last = mine[0][0], max(b for _, b in mine)
-        parts["to_first_kernel_ms"].append(first - request.start)
-        parts["gpu_span_ms"].append(last - first)
-        parts["gpu_busy_ms"].append(sum(b - a for a, b in mine))
-        parts["after_last_kernel_ms"].append(request.end - last)
-        parts["traced_total_ms"].append(request.end - request.start)
-    return {name: round(statistics.median(us) / 1e3, 3) for name, us in parts.items()} | {"trace": trace.name}
+        parts["to_first_kernel_ms"].append((first - request.start) / 1e3)
+        parts["gpu_span_ms"].append((last - first) / 1e3)
+        parts["gpu_busy_ms"].append(sum(b - a for a, b in mine) / 1e3)
+        for name, value in gpu_gaps(mine).items():
+            parts[name].append(value)
+        parts["after_last_kernel_ms"].append((request.end - last) / 1e3)
+        parts["traced_total_ms"].append((request.end - request.start) / 1e3)
+    return {name: round(statistics.median(values), 3) for name, values in parts.items()} | {"trace": trace.name}
 
 
 # ---- part 3: the engine under load ----------------------------------------------------------------------------

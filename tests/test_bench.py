@@ -71,3 +71,15 @@ def test_the_decode_benchmark_holds_each_setup_to_the_fp32_decode(tmp_path):
     for row in rows:
         assert row["image_shape"] == [3, 16, 16] and row["ms_per_image"] > 0
         assert row["rel_error"] < 1e-5 and row["max_uint8_diff"] <= 1  # fp32 on the CPU: the same decode
+
+
+def test_a_requests_gpu_idle_time_splits_into_launch_latency_and_waiting_for_the_host():
+    """Overlapping copies count once; a gap up to LAUNCH_GAP_US is launch latency, a longer one the host's."""
+    from benchmarks.engine import LAUNCH_GAP_US, gpu_gaps
+
+    kernels = [(0.0, 10.0), (12.0, 30.0), (20.0, 25.0), (30.0, 40.0), (40.0 + LAUNCH_GAP_US, 70.0),
+               (170.0, 180.0)]
+    gaps = gpu_gaps(list(reversed(kernels)))
+    assert gaps["kernels"] == 6
+    assert gaps["launch_gaps_ms"] * 1e3 == pytest.approx(2.0 + LAUNCH_GAP_US)
+    assert gaps["host_gaps_ms"] * 1e3 == pytest.approx(100.0)
