@@ -521,7 +521,7 @@ LAUNCH_GAP_US = 20.0  # idle GPU time between two kernels up to this: launch lat
 def gpu_gaps(kernels: list[tuple[float, float]]) -> dict:
     """Idle time between the GPU work of one request (``(start, end)`` in microseconds, any order), split by
     ``LAUNCH_GAP_US``: the short gaps are kernel launch latency, inside a CUDA graph or between back-to-back launches
-    (fewer kernels cut them); the long ones are the GPU waiting for the host (a slower host path cuts them)."""
+    (fewer kernels cut them); the long ones are the GPU waiting for the host (a faster host path cuts them)."""
     short = long = 0.0
     reached = None
     for a, b in sorted(kernels):

@@ -15,7 +15,6 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
                       model_validator)
 
 from dit_runtime.contract import recorded_contract
-
 from dit_runtime.request import RequestLimits, rows_per_image
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
