@@ -441,13 +441,10 @@ class Engine:
 
     def _execute(self, plan: StepPlan) -> bool:
         """Run ``plan`` on the runner; False when its forward failed (its requests failed with it)."""
-        if plan.admitted:
-            self.runner.admit(plan.admitted)
-        if plan.layout_changed:
-            self.runner.set_layout(plan.layout)
         try:
             self.runner.execute(plan.layout.bucket, plan.compute_bucket, plan.updated_bucket,
-                                forecast=plan.compute_rows < plan.layout.rows)
+                                forecast=plan.compute_rows < plan.layout.rows, admitted=plan.admitted,
+                                layout=plan.layout if plan.layout_changed else None)
         except Exception as e:  # a failed forward fails the requests in it, not the engine or the queue
             log.exception("engine step failed")
             self._finish_all(self.scheduler.abort_running(EngineError(f"generation failed: {e}")))

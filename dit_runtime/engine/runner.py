@@ -85,34 +85,45 @@ class AdmitColumn(IntEnum):
 _ADMIT_INTS = AdmitColumn.CACHE + 4
 
 
+def step_input_views(buffer, rows: int) -> tuple:
+    """The three parts of the step inputs' flat int64 buffer (a tensor, or its numpy array on the host), for
+    ``rows`` positions: the admission's integers (rows, _ADMIT_INTS), its floats (rows, 2) float32 (eta, guidance),
+    two to an int64 element, and the layout (len(LayoutRow), rows). Admission first, so either part uploads alone."""
+    ints, floats = rows * _ADMIT_INTS, rows * _ADMIT_INTS + rows
+    if isinstance(buffer, np.ndarray):
+        return (buffer[:ints].reshape(rows, _ADMIT_INTS), buffer[ints:floats].view(np.float32).reshape(rows, 2),
+                buffer[floats:].reshape(len(LayoutRow), rows))
+    return (buffer[:ints].view(rows, _ADMIT_INTS), buffer[ints:floats].view(torch.float32).view(rows, 2),
+            buffer[floats:].view(len(LayoutRow), rows))
+
+
 class HostStaging:
-    """Host copies of a device buffer to upload from, reused: on a GPU pinned, one more than the steps the host may
-    run ahead, so a copy is refilled only once its upload is done (it was queued at least that many uploads ago, so
-    this is almost never a wait), where a fresh pinned buffer per upload would cost an allocation each time."""
+    """Host copies of a flat device buffer to upload from, reused: on a GPU pinned, one more than the steps the host
+    may run ahead, so a copy is refilled only once its upload is done (it was queued at least that many uploads ago,
+    so this is almost never a wait), where a fresh pinned buffer per upload would cost an allocation each time. The
+    host copies are filled through numpy, which costs a fraction of a torch call per write."""
 
     def __init__(self, device_buffer: torch.Tensor):
         self.device_buffer = device_buffer
         cuda = device_buffer.device.type == "cuda"
         self._host = [torch.zeros_like(device_buffer, device="cpu", pin_memory=cuda)
                       for _ in range(_LOOKAHEAD + 1 if cuda else 1)]
+        self._arrays = [host.numpy() for host in self._host]
         self._uploaded = [torch.cuda.Event() if cuda else None for _ in self._host]
         self._next = 0
 
-    def take(self) -> torch.Tensor:
+    def take(self) -> np.ndarray:
         """The next host copy, free to fill (its contents are what was last written to it)."""
         done = self._uploaded[self._next]
         if done is not None:
             done.synchronize()  # returns at once if the event was never recorded
-        return self._host[self._next]
+        return self._arrays[self._next]
 
-    def upload(self, rows: int | None = None) -> None:
-        """Queue the copy of the taken host copy (its first ``rows`` along the first dimension; None: all of it) to
-        the device buffer, on the current stream."""
+    def upload(self, start: int = 0, stop: int | None = None) -> None:
+        """Queue the copy of the taken host copy's elements ``start:stop`` to the device buffer, on the current
+        stream."""
         host = self._host[self._next]
-        if rows is None:
-            self.device_buffer.copy_(host, non_blocking=True)
-        else:
-            self.device_buffer[:rows].copy_(host[:rows], non_blocking=True)
+        self.device_buffer[start:stop].copy_(host[start:stop], non_blocking=True)
         if self._uploaded[self._next] is not None:
             self._uploaded[self._next].record()
         self._next = (self._next + 1) % len(self._host)
@@ -168,16 +179,18 @@ class ModelRunner:
         self.eta = torch.zeros(n, device=dev)
         self.guidance = torch.ones(n, device=dev)
         self.key = torch.zeros(n, 2, dtype=torch.int64, device=dev)
-        self.layout = torch.zeros(len(LayoutRow), max(config.buckets), dtype=torch.int64, device=dev)
-        # Admission: the admitted images' settings, padded to a bucket with rows that write the scratch slot.
-        self.admit_ints = torch.zeros(max(config.buckets), _ADMIT_INTS, dtype=torch.int64, device=dev)
-        self.admit_floats = torch.zeros(max(config.buckets), 2, device=dev)
+        # What the host hands a step, in one buffer so that a step that admits requests makes one upload: the
+        # admitted images' settings (padded to a bucket with rows that write the scratch slot) and the layout.
+        rows = max(config.buckets)
+        self.step_inputs = torch.zeros(rows * (_ADMIT_INTS + 1 + len(LayoutRow)), dtype=torch.int64, device=dev)
+        self.admit_ints, self.admit_floats, self.layout = step_input_views(self.step_inputs, rows)
+        self._layout_start = rows * (_ADMIT_INTS + 1)  # where the layout begins in step_inputs
         self.finished_slots = torch.zeros(config.max_batch_size, dtype=torch.int64, device=dev)
-        self._staging = {name: HostStaging(getattr(self, name))
-                         for name in ("layout", "admit_ints", "admit_floats", "finished_slots")}
+        self._staging = {"step_inputs": HostStaging(self.step_inputs),
+                         "finished_slots": HostStaging(self.finished_slots)}
         self._admit_padding = (self._padding_row(), [0.0, 1.0])
-        for name, row in zip(("admit_ints", "admit_floats"), self._admit_padding):
-            getattr(self, name)[:] = torch.tensor(row, dtype=getattr(self, name).dtype)
+        self.admit_ints[:] = torch.tensor(self._admit_padding[0])
+        self.admit_floats[:] = torch.tensor(self._admit_padding[1])
         self._in_flight: deque[torch.cuda.Event] = deque()
         self._graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}
         self.compile_seconds = self.capture_seconds = 0.0  # of the warm-up (warm_up)
@@ -355,17 +368,24 @@ class ModelRunner:
         hidden = torch.where(self.row_full[:bucket].view(-1, 1, 1), self.tokens_out[:bucket], predicted)
         self._final(bucket, hidden, self.condition[:bucket])
 
-    def execute(self, bucket: int, compute: int = 0, updated: int = 0, forecast: bool = False) -> None:
-        """Run one step on the current layout (asynchronous on the GPU). With a feature cache: ``compute`` is the
-        bucket of the rows that run the blocks (0: none does), ``updated`` that of those with a cache entry (0:
+    def execute(self, bucket: int, compute: int = 0, updated: int = 0, forecast: bool = False,
+                admitted: list[RequestState] = (), layout: Layout | None = None) -> None:
+        """Run one step (asynchronous on the GPU): first initialise the slots of the ``admitted`` requests and
+        upload a new ``layout`` (None: the current one stays), then the step. With a feature cache: ``compute`` is
+        the bucket of the rows that run the blocks (0: none does), ``updated`` that of those with a cache entry (0:
         none), ``forecast`` whether any row forecasts the blocks.
 
-        The host may run at most ``_LOOKAHEAD`` steps ahead of the GPU: enough to keep it fed, few enough that
-        progress events and step timings describe work that has actually been done. Waiting on an old step's
-        event is the only synchronisation in the loop; nothing reads a result back.
+        The host writes everything the step needs before the first upload, so the GPU meets one copy and the
+        step's programs back to back, not a copy, a wait for the host, another copy. It may run at most
+        ``_LOOKAHEAD`` steps ahead of the GPU: enough to keep it fed, few enough that progress events and step
+        timings describe work that has actually been done. Waiting on an old step's event is the only
+        synchronisation in the loop; nothing reads a result back.
         """
         if self._in_flight and len(self._in_flight) >= _LOOKAHEAD:
             self._in_flight.popleft().synchronize()
+        admit_bucket = self._upload_inputs(admitted, layout)
+        if admit_bucket:
+            self._run("admit", admit_bucket)
         if self.cache is None:
             self._run("step", bucket)
         elif not forecast:
@@ -404,43 +424,54 @@ class ModelRunner:
                 "update": compute, "head": buckets}
 
     # ---- plan bookkeeping -------------------------------------------------------------------------------------
-    def set_layout(self, layout: Layout) -> None:
-        """Upload the rows/images layout; called only when requests joined or left."""
-        staging = self._staging["layout"]
+    def _upload_inputs(self, admitted: list[RequestState], layout: Layout | None) -> int:
+        """Write the admitted requests' settings and the new layout (either may be absent) into the next host copy
+        of ``step_inputs`` and upload what changed in one copy; returns the admission's bucket (0: none)."""
+        if not admitted and layout is None:
+            return 0
+        staging = self._staging["step_inputs"]
         host = staging.take()
-        host.zero_()
-        lists = (layout.image_slot, layout.row_image, layout.row_label, layout.cond_row, layout.uncond_row,
-                 layout.row_cache)  # in LayoutRow's order, up to ROW_REAL
-        host[:ROW_REAL, :layout.bucket] = torch.from_numpy(np.array(lists, dtype=np.int64))
-        host[ROW_REAL, :layout.rows] = 1  # the rows before the padding
-        staging.upload()
+        ints, floats, lists = step_input_views(host, max(self.config.buckets))
+        bucket = self._stage_admission(ints, floats, admitted)
+        if layout is not None:
+            lists[:] = 0
+            lists[:ROW_REAL, :layout.bucket] = (layout.image_slot, layout.row_image, layout.row_label,
+                                                layout.cond_row, layout.uncond_row, layout.row_cache)  # to ROW_REAL
+            lists[ROW_REAL, :layout.rows] = 1  # the rows before the padding
+        staging.upload(self._layout_start if not bucket else 0, None if layout is not None else self._layout_start)
+        return bucket
 
     def _padding_row(self) -> list[int]:
         """An admission row that writes the scratch slot (AdmitColumn's order): one step, no feature cache."""
         return [self.config.max_batch_size, 0, 0, 1, 0, 1, 0, 0, 0]
 
     def admit(self, states: list[RequestState]) -> None:
-        """Initialise the slots of newly admitted requests: their initial noise and sampler settings. The settings
-        go up in two uploads (integers, floats) padded to a bucket, and one program per bucket (graph-captured on a
-        GPU) writes the slots: a lone request's admission is two copies and a replay, not a dozen launches."""
-        ints, floats = [], []
+        """Initialise the slots of newly admitted requests alone, outside a step (``execute`` does it as a step's
+        first part)."""
+        bucket = self._upload_inputs(states, None)
+        if bucket:
+            self._run("admit", bucket)
+
+    def _stage_admission(self, ints: np.ndarray, floats: np.ndarray, states: list[RequestState]) -> int:
+        """Write the settings of the admitted requests' images into a host copy's admission rows, padded to a
+        bucket; returns the bucket (0: none admitted). One program per bucket (graph-captured on a GPU) then writes
+        the slots: a lone request's admission is part of one copy and a replay, not a dozen launches."""
+        rows, values = [], []
         for state in states:
             s = state.request.sampling
             settings = [s.num_inference_steps, SAMPLER_IDS[s.sampler]]
             settings += [*s.cache_policy.schedule(s.num_inference_steps), s.cache_policy.order] if \
                 self.cache is not None else self._padding_row()[AdmitColumn.CACHE:]
             for image_index, slot in enumerate(state.slots):
-                ints.append([slot, *noise_key(state.seed, image_index), *settings])
-                floats.append([float(s.eta), float(s.guidance_scale)])
-        if not ints:
-            return
-        bucket = next(b for b in self.config.buckets if b >= len(ints))
-        for name, rows, padding in zip(("admit_ints", "admit_floats"), (ints, floats), self._admit_padding):
-            staging = self._staging[name]
-            host = staging.take()
-            host[:bucket] = torch.tensor(rows + [padding] * (bucket - len(rows)), dtype=host.dtype)
-            staging.upload(bucket)
-        self._run("admit", bucket)
+                rows.append([slot, *noise_key(state.seed, image_index), *settings])
+                values.append([float(s.eta), float(s.guidance_scale)])
+        if not rows:
+            return 0
+        n = len(rows)
+        bucket = next(b for b in self.config.buckets if b >= n)
+        ints[:n], floats[:n] = rows, values
+        ints[n:bucket], floats[n:bucket] = self._admit_padding
+        return bucket
 
     def _admit(self, count: int) -> None:
         """Write the first ``count`` rows of the admission buffers into their slots (padding rows: the scratch
@@ -464,8 +495,8 @@ class ModelRunner:
         """The finished samples of ``slots``, (n, C, h, w) float32 on the device: a new tensor, which later steps do
         not overwrite."""
         staging = self._staging["finished_slots"]
-        staging.take()[:len(slots)] = torch.tensor(slots, dtype=torch.int64)
-        staging.upload(len(slots))
+        staging.take()[:len(slots)] = slots
+        staging.upload(0, len(slots))
         return self.x[self.finished_slots[:len(slots)]]
 
     # ---- start-up ---------------------------------------------------------------------------------------------
@@ -538,4 +569,4 @@ class ModelRunner:
 
     def _state_tensors(self) -> list[torch.Tensor]:
         return [self.x, self.prev_x0, self.step_index, self.num_steps, self.sampler, self.eta, self.guidance,
-                self.key, self.layout, self.admit_ints, self.admit_floats]
+                self.key, self.step_inputs]
