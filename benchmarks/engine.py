@@ -8,13 +8,15 @@ Parts (``--parts``; forward, latency and load by default):
   load      the engine under Poisson arrivals with mixed step counts: step-level vs request-level batching vs one
             request at a time, and each ``--load-caches`` mix of feature-cache presets ("half": every other
             request balanced, the rest off) (images/s, p50/p99 latency per preset, ``OUT/load.png``)
-  accuracy  one forward's relative error against fp32 in fp16, bf16 and fp8, on random non-zero weights
+  accuracy  one forward's relative error against fp32 in fp16, bf16, fp8 and fp8 with fc1's block scales (fp8 at
+            every size), on random non-zero weights
   students  a few-step student (the same model with a guidance embedding, random weights) beside its guided
             teacher: one guided image at each ``--student-steps`` count (one row a step) against the teacher's
             ``--teacher-steps`` DDIM steps (two rows), and images/s with a full batch of ``--batches``' largest
             rows (``--student-images`` images through each, all submitted at once); the student of each of the
-            ``ours`` and ``baseline`` setups given (ours alone by default), the teacher ours; and where a lone
-            4-step request's time goes, from a torch.profiler trace (``OUT/one-image-<setup>.trace.json.gz``)
+            ``ours`` and ``baseline`` setups given (ours alone by default; ``ours-nosplitk``: without split-K), the
+            teacher ours; and where a lone 4-step request's time goes, from a torch.profiler trace
+            (``OUT/one-image-<setup>.trace.json.gz``), with the kernels that took the most GPU time
 
 Setups (``--setups``):
   diffusers-eager, diffusers-compile   diffusers' DiTTransformer2DModel in fp16, eager or torch.compile'd; timed
@@ -347,11 +349,15 @@ def bench_accuracy(rec: Recorder, preset: str, batch: int = 16) -> None:
         torch.nn.init.normal_(p, std=0.02)
     x, t, y = inputs(preset, batch, torch.float32)
     expected = apply_fast_paths(copy.deepcopy(reference), FastPaths(), cuda=True)(x, t, y).float()
-    for precision in ("fp16", "bf16", "fp8"):
-        dtype = COMPUTE_DTYPES[precision]
+    # fp8 at every size (fp8_min_rows 0: at this batch an fp8 engine would run the blocks in bf16), per-row and with
+    # fc1's output in 1x128 blocks
+    paths = {"fp16": FastPaths(), "bf16": FastPaths(), "fp8": FastPaths(fp8_min_rows=0),
+             "fp8-blocks": FastPaths(fp8_min_rows=0, fp8_blocks=True)}
+    for precision, options in paths.items():
+        dtype = COMPUTE_DTYPES[precision.split("-")[0]]
         model = copy.deepcopy(reference).to(dtype)
         model.pos_embed = model.pos_embed.float()
-        forward = apply_fast_paths(model, FastPaths(), cuda=True, fp8=precision == "fp8")
+        forward = apply_fast_paths(model, options, cuda=True, fp8=precision.startswith("fp8"))
         out = forward(x.to(dtype), t, y).float()
         rec.add({"part": "accuracy", "model": preset, "precision": precision, "batch": batch,
                  "relative_error": round(((out - expected).norm() / expected.norm()).item(), 5)})
@@ -429,8 +435,8 @@ def _diffusers_one_image(preset: str, setup: str, steps: int, guidance: float, d
 
 # ---- part: few-step students --------------------------------------------------------------------------------
 def student_engine(setup: str, preset: str, buckets: tuple[int, ...], max_queue: int):
-    """A started fp16 engine of ``setup`` (ours or baseline), compiled and graph-captured, over a random-weight
-    student of ``preset``."""
+    """A started fp16 engine of ``setup`` (ours or baseline; -nosplitk: without split-K), compiled and
+    graph-captured, over a random-weight student of ``preset``."""
     package = runtime(setup)
     contract = importlib.import_module(package.__name__ + ".contract")
     engine = importlib.import_module(package.__name__ + ".engine")
@@ -440,8 +446,12 @@ def student_engine(setup: str, preset: str, buckets: tuple[int, ...], max_queue:
         sampling = contract.student_contract(contract.SamplingContract(), contract.Teacher(
             checkpoint="random weights", sha256="", segments=4, method="multistep-consistency"),
             max_guidance_scale=8.0, guidance_scale=4.0)
+    extra = {}
+    if "nosplitk" in setup.split("-")[1:]:
+        extra["fast_paths"] = importlib.import_module(package.__name__ + ".engine.fast_paths").FastPaths(split_k=1)
     config = engine.EngineConfig(device="cuda", precision="fp16", max_batch_size=max(buckets), batch_buckets=buckets,
-                                 compile=True, cuda_graphs=True, max_queue_size=max_queue, feature_cache_rows=0)
+                                 compile=True, cuda_graphs=True, max_queue_size=max_queue, feature_cache_rows=0,
+                                 **extra)
     engine.configure_compile(config)
     return engine.Engine.random_weights(preset, config, sampling=sampling).start()
 
@@ -450,7 +460,7 @@ def bench_students(rec: Recorder, preset: str, setups: list[str], student_steps:
                    max_rows: int, images: int, rounds: int, clock: GpuClock | None = None) -> None:
     """One guided image, and images/s at a full batch, of a student (of each setup: ours, baseline) against our
     guided teacher, in turn."""
-    setups = [s for s in setups if s in ("ours", "baseline")] or ["ours"]
+    setups = [s for s in setups if s.split("-")[0] in ("ours", "baseline")] or ["ours"]
     teacher = engine_for("ours-nocache", preset, (2, max_rows), max_queue=images)
     students = {setup: student_engine(setup, preset, (1, max_rows), max_queue=images) for setup in setups}
 
@@ -515,6 +525,7 @@ def bench_students(rec: Recorder, preset: str, setups: list[str], student_steps:
     torch.cuda.empty_cache()
 
 
+TOP_KERNELS = 25  # the GPU work of a lone request listed by name, the most time first
 LAUNCH_GAP_US = 20.0  # idle GPU time between two kernels up to this: launch latency (a graph's node to node)
 
 
@@ -539,7 +550,7 @@ def one_image_timeline(call, trace: Path, n: int = 20) -> dict:
     the trace is written to ``trace``, gzipped, for Perfetto): medians, in ms, of the time from the call to its first
     GPU kernel or copy, from there to its last one's end, the GPU's busy time in between and its idle time split by
     ``gpu_gaps`` (launch latency, or waiting for the host), the kernels per request, and from the last one's end to
-    the result in the caller's hands. The profiler slows the host, so these add up to more than an untraced call."""
+    the result in the caller's hands; and the ``TOP_KERNELS`` kernels that took the most GPU time, per request. The profiler slows the host, so these add up to more than an untraced call."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -549,12 +560,19 @@ def one_image_timeline(call, trace: Path, n: int = 20) -> dict:
                 call()
     prof.export_chrome_trace(str(trace))  # a .gz name is written compressed
     events = prof.events()
-    device = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
+    device = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+                    if e.device_type == DeviceType.CUDA)
     parts = collections.defaultdict(list)
-    for request in (e.time_range for e in events if e.name == "one_image"):
-        mine = [(a, b) for a, b in device if request.start <= a <= request.end]
+    by_name = collections.defaultdict(lambda: [0, 0.0])  # kernel name -> [count, microseconds] over all requests
+    requests = [e.time_range for e in events if e.name == "one_image"]
+    for request in requests:
+        mine = [(a, b) for a, b, _ in device if request.start <= a <= request.end]
         if not mine:
             return {"error": "no GPU work inside a request in the profile", "trace": trace.name}
+        for a, b, name in device:
+            if request.start <= a <= request.end:
+                by_name[name][0] += 1
+                by_name[name][1] += b - a
         first, last = mine[0][0], max(b for _, b in mine)
         parts["to_first_kernel_ms"].append((first - request.start) / 1e3)
         parts["gpu_span_ms"].append((last - first) / 1e3)
@@ -563,7 +581,11 @@ def one_image_timeline(call, trace: Path, n: int = 20) -> dict:
             parts[name].append(value)
         parts["after_last_kernel_ms"].append((request.end - last) / 1e3)
         parts["traced_total_ms"].append((request.end - request.start) / 1e3)
-    return {name: round(statistics.median(values), 3) for name, values in parts.items()} | {"trace": trace.name}
+    top = sorted(by_name.items(), key=lambda item: -item[1][1])[:TOP_KERNELS]
+    return {name: round(statistics.median(values), 3) for name, values in parts.items()} | {
+        "kernels_by_time": [{"name": name[:100], "per_request": round(count / len(requests), 2),
+                             "us_per_request": round(us / len(requests), 1)} for name, (count, us) in top],
+        "trace": trace.name}
 
 
 # ---- part 3: the engine under load ----------------------------------------------------------------------------
