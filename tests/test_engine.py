@@ -15,8 +15,8 @@ from dit_runtime.engine import (DeadlineExceededError, Engine, EngineConfig, Gen
                                 InvalidRequestError, QueueFullError, RequestCancelledError, SamplingParams, StepEvent)
 from dit_runtime.engine.fast_paths import FastPaths
 from dit_runtime.engine.process_settings import configure_compile
-from dit_runtime.engine.runner import ModelRunner
-from dit_runtime.engine.scheduler import RequestState, Scheduler
+from dit_runtime.engine.runner import IMAGE_SLOT, ROW_LABEL, ROW_REAL, AdmitColumn, ModelRunner
+from dit_runtime.engine.scheduler import Layout, RequestState, Scheduler
 from dit_runtime.model import DiTModel, get_preset
 from dit_runtime.request import CACHE_POLICIES
 from model_helpers import model_reordering_tolerance, reference_sample
@@ -466,6 +466,41 @@ def test_admission_writes_counter_noise_and_settings_and_compiles_only_at_warm_u
         slot += n
     assert torch.equal(runner.x[7], untouched), "padding wrote a slot other than the scratch slot"
     assert (sum(counters["stats"].values()), dict(counters["frames"])) == compiled, "recompiled for a new count"
+
+
+@torch.no_grad()
+def test_a_step_that_admits_uploads_its_inputs_in_one_copy_and_each_part_leaves_the_other_alone():
+    """Admission's settings (integers, and eta and guidance as float32 pairs in int64 elements) and the layout share
+    one device buffer: a step that admits and lays out uploads it once, and what the programs read through their
+    views is what the host wrote; admission alone leaves the device's layout as it was, a new layout alone the
+    admission's rows."""
+    config = EngineConfig(max_batch_size=4, batch_buckets=(1, 4), compile=False, warmup=False, feature_cache_rows=0)
+    runner = ModelRunner(random_model(), config, clip_denoised=False, num_train_timesteps=1000)
+    staging = runner._staging["step_inputs"]
+    uploads = []
+    upload = staging.upload
+    staging.upload = lambda *args: (uploads.append(args), upload(*args))
+    request = GenerationRequest.of(2, n=2, seed=5, num_inference_steps=7, guidance_scale=2.5, eta=0.25)
+    state = RequestState(request=request, seed=5, submitted_at=0.0, slots=[1, 2])
+    layout = Layout(bucket=4, rows=4, images=2, image_slot=[1, 2, 4, 4], row_image=[0, 1, 0, 1],
+                    row_label=[2, 2, 10, 10], cond_row=[0, 1, 0, 0], uncond_row=[2, 3, 0, 0], row_cache=[0] * 4)
+    runner.execute(4, admitted=[state], layout=layout)
+    assert len(uploads) == 1
+    assert runner.admit_ints[:2, AdmitColumn.SLOT].tolist() == [1, 2]
+    assert runner.admit_ints[:2, AdmitColumn.STEPS].tolist() == [7, 7]
+    assert runner.admit_floats[:2].tolist() == [[0.25, 2.5], [0.25, 2.5]]
+    assert runner.layout[ROW_LABEL].tolist() == [2, 2, 10, 10] and runner.layout[ROW_REAL].tolist() == [1] * 4
+    assert runner.num_steps[[1, 2]].tolist() == [7, 7] and runner.guidance[[1, 2]].tolist() == [2.5, 2.5]
+    before = runner.layout.clone()
+    runner.admit([RequestState(request=GenerationRequest.of(3, seed=6, num_inference_steps=9), seed=6,
+                               submitted_at=0.0, slots=[3])])
+    assert torch.equal(runner.layout, before) and runner.num_steps[3].item() == 9
+    admission = runner.admit_ints.clone()
+    runner.execute(1, layout=Layout(bucket=1, rows=1, images=1, image_slot=[3], row_image=[0], row_label=[3],
+                                    cond_row=[0], uncond_row=[0], row_cache=[0]))
+    assert torch.equal(runner.admit_ints, admission) and runner.layout[IMAGE_SLOT, :2].tolist() == [3, 0]
+    layout_start = runner.admit_floats.numel() // 2 + runner.admit_ints.numel()  # floats: two to an element
+    assert uploads == [(0, None), (0, layout_start), (layout_start, None)]  # all; the admission's part; the layout's
 
 
 def test_a_restart_loads_its_compiled_programs_and_traces_nothing(tmp_path):
