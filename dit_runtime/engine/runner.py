@@ -184,7 +184,7 @@ class ModelRunner:
         rows = max(config.buckets)
         self.step_inputs = torch.zeros(rows * (_ADMIT_INTS + 1 + len(LayoutRow)), dtype=torch.int64, device=dev)
         self.admit_ints, self.admit_floats, self.layout = step_input_views(self.step_inputs, rows)
-        self._layout_start = rows * (_ADMIT_INTS + 1)  # where the layout begins in step_inputs
+        self._layout_start = self.step_inputs.numel() - self.layout.numel()  # where the layout begins
         self.finished_slots = torch.zeros(config.max_batch_size, dtype=torch.int64, device=dev)
         self._staging = {"step_inputs": HostStaging(self.step_inputs),
                          "finished_slots": HostStaging(self.finished_slots)}
