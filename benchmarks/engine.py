@@ -550,7 +550,8 @@ def one_image_timeline(call, trace: Path, n: int = 20) -> dict:
     the trace is written to ``trace``, gzipped, for Perfetto): medians, in ms, of the time from the call to its first
     GPU kernel or copy, from there to its last one's end, the GPU's busy time in between and its idle time split by
     ``gpu_gaps`` (launch latency, or waiting for the host), the kernels per request, and from the last one's end to
-    the result in the caller's hands; and the ``TOP_KERNELS`` kernels that took the most GPU time, per request. The profiler slows the host, so these add up to more than an untraced call."""
+    the result in the caller's hands; and the ``TOP_KERNELS`` kernels that took the most GPU time, per request. The
+    profiler slows the host, so these add up to more than an untraced call."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -566,13 +567,13 @@ def one_image_timeline(call, trace: Path, n: int = 20) -> dict:
     by_name = collections.defaultdict(lambda: [0, 0.0])  # kernel name -> [count, microseconds] over all requests
     requests = [e.time_range for e in events if e.name == "one_image"]
     for request in requests:
-        mine = [(a, b) for a, b, _ in device if request.start <= a <= request.end]
-        if not mine:
+        named = [(a, b, name) for a, b, name in device if request.start <= a <= request.end]
+        if not named:
             return {"error": "no GPU work inside a request in the profile", "trace": trace.name}
-        for a, b, name in device:
-            if request.start <= a <= request.end:
-                by_name[name][0] += 1
-                by_name[name][1] += b - a
+        for a, b, name in named:
+            by_name[name][0] += 1
+            by_name[name][1] += b - a
+        mine = [(a, b) for a, b, _ in named]
         first, last = mine[0][0], max(b for _, b in mine)
         parts["to_first_kernel_ms"].append((first - request.start) / 1e3)
         parts["gpu_span_ms"].append((last - first) / 1e3)
