@@ -10,7 +10,11 @@ Setups (each in the device's half precision, fp16 unless named; fp32 on a CPU):
 - ``diffusers-eager``: ``vae.decode(z).sample`` as diffusers runs it, NCHW (the anchor);
 - ``eager``: the engine's decoder, channels-last;
 - ``compiled`` / ``compiled-bf16``: the same under torch.compile (inductor fuses each GroupNorm with its SiLU);
-- ``graphs``: compiled with inductor's CUDA graphs (``mode="reduce-overhead"``), to see what launch overhead is left.
+- ``graphs``: compiled with inductor's CUDA graphs (``mode="reduce-overhead"``), to see what launch overhead is left;
+- ``compiled-cudnn-bench`` / ``graphs-cudnn-bench``: the same with ``torch.backends.cudnn.benchmark`` on during their
+  calls (cuDNN times its convolution algorithms for each new shape and keeps the fastest);
+- ``autotune``: ``mode="max-autotune-no-cudagraphs"`` at a static batch (inductor times its Triton convolution and
+  GEMM templates against cuDNN's for each convolution; slow to compile).
 
 Each row: milliseconds per image (median over ``--rounds`` calls, the setups timed in turn, CUDA events on a GPU),
 the first call's seconds at that batch (a compile, where one is due), and the error against the fp32 eager decode
@@ -37,7 +41,9 @@ SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out
 TINY_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                        layers_per_block=1, norm_num_groups=4)
-SETUPS = ("diffusers-eager", "eager", "compiled", "compiled-bf16", "graphs")
+SETUPS = ("diffusers-eager", "eager", "compiled", "compiled-bf16", "graphs", "compiled-cudnn-bench",
+          "graphs-cudnn-bench", "autotune")
+CUDA_ONLY = ("graphs", "graphs-cudnn-bench", "autotune")
 
 
 def random_vae(config: dict, seed: int = 0) -> torch.nn.Module:
@@ -81,16 +87,30 @@ def one_call(fn, z: torch.Tensor) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - start, out
 
 
+def with_cudnn_benchmark(fn):
+    """``fn`` run with cuDNN's algorithm search on (for its calls only, so the other setups keep the default)."""
+    def call(z):
+        before, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, True
+        try:
+            return fn(z)
+        finally:
+            torch.backends.cudnn.benchmark = before
+    return call
+
+
 def setup(name: str, vae: torch.nn.Module, device: torch.device, half: torch.dtype):
     """The decode function (scaled latents (n, 4, h, w) fp32 -> float images) of one setup."""
+    if name.endswith("-cudnn-bench"):
+        return with_cudnn_benchmark(setup(name.removesuffix("-cudnn-bench"), vae, device, half))
     dtype = torch.bfloat16 if name == "compiled-bf16" else half
     module = vae.to(device, dtype)
     if name == "diffusers-eager":
         module = module.to(memory_format=torch.contiguous_format)
         return lambda z: module.decode(z.to(dtype)).sample
-    if name == "graphs":
+    if name in ("graphs", "autotune"):
         module = module.to(memory_format=torch.channels_last)
-        forward = torch.compile(lambda z: module.decode(z).sample, mode="reduce-overhead", dynamic=False)  # per batch
+        mode = "reduce-overhead" if name == "graphs" else "max-autotune-no-cudagraphs"
+        forward = torch.compile(lambda z: module.decode(z).sample, mode=mode, dynamic=False)  # per batch
         return lambda z: forward(z.to(dtype).contiguous(memory_format=torch.channels_last)).clone()
     decoder = VAEDecoder(module, latent_scale=1.0, max_batch=1 << 20, compile=name != "eager")
     return lambda z: decoder.decode(z)[0]
@@ -117,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     reference_vae = fresh_vae().to(device)
     source = a.vae or f"random {a.config}"
     generator = torch.Generator().manual_seed(0)
-    names = [n for n in a.setups if n != "graphs" or device.type == "cuda"]
+    names = [n for n in a.setups if n not in CUDA_ONLY or device.type == "cuda"]
     fns = {name: setup(name, fresh_vae(), device, half) for name in names}  # each batch size reuses them
     for batch in a.batches:
         z = torch.randn(batch, reference_vae.config.latent_channels, a.latent_side, a.latent_side,
