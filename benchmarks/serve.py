@@ -155,7 +155,8 @@ def loadgen(a, out: Path, rate: str, prefix: str) -> dict:
 
     path = out / "loadgen.jsonl"
     lg.main(["--url", f"http://127.0.0.1:{a.port}{prefix}", "--model", a.model_name, "--steps", str(a.steps),
-             "--rates", rate, "--duration", str(a.duration), "--warmup", "0", "--out", str(path)])
+             "--rates", rate, "--duration", str(a.duration), "--warmup", "0", "--n", str(a.images_per_request),
+             "--out", str(path)])
     return json.loads(path.read_text().splitlines()[-1])
 
 
@@ -191,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rates", default="8,32,128,256", help="comma-separated req/s of the load phases, or none")
     ap.add_argument("--duration", type=float, default=10)
+    ap.add_argument("--images-per-request", type=int, default=1, help="n of each load request (rates are requests/s)")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--gateway-replicas", type=int, default=1)
     ap.add_argument("--layout", choices=["direct", "gateway"], default="direct")
