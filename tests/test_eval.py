@@ -172,6 +172,11 @@ def test_dit_eval_rejects_a_non_digit_checkpoint(tmp_path, capsys):
     assert "dit-eval measures digit models" in capsys.readouterr().err
 
 
+def test_dit_eval_refuses_fp8_options_without_fp8(capsys):
+    assert dit_eval([str(SHIPPED[0]), "--fp8-blocks"]) == 2
+    assert "--fp8-blocks and --fp8-min-rows apply to --precision fp8 only (given: fp32)" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_shipped_checkpoint_meets_the_bar_at_its_default_sampling(path, classifier):

@@ -2,6 +2,7 @@
 
     dit-eval checkpoints/digits-s.safetensors [--samples-per-class 50] [--json]
     dit-eval checkpoints/digits-m.safetensors --device cuda --precision fp8 --compile --cuda-graphs
+    dit-eval checkpoints/digits-m.safetensors --device cuda --precision fp8 --fp8-blocks --fp8-min-rows 0
     dit-eval checkpoints/digits-s.safetensors --cache balanced
 
 The images come from the serving engine (its offline loop), configured as the flags say, so the figures hold for
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 
 from ..checkpoint import CheckpointError, load_model, load_state_dict, save_checkpoint
-from ..engine import Engine, InvalidRequestError, configure_compile
+from ..engine import Engine, FastPaths, InvalidRequestError, configure_compile
 from ..request import CACHE_POLICIES
 from ..evaluation import (MIN_CLASSIFIER_ACCURACY, MIN_DIVERSITY_RATIO, MIN_SAMPLE_ACCURACY, eval_config, evaluate,
                           save_sample_grid, train_digit_classifier)
@@ -40,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "fp8"],
                    help="the engine's precision (all but fp32 need cuda; fp8 a GPU with FP8 tensor cores)")
+    p.add_argument("--fp8-blocks", action="store_true",
+                   help="precision fp8: fc1's GEMM writes GELU's output as e4m3 in 1x128 blocks (FastPaths.fp8_blocks)")
+    p.add_argument("--fp8-min-rows", type=int,
+                   help="precision fp8: forwards of fewer token rows run in bf16 (0: fp8 at every size; default: the "
+                        "engine's FastPaths.fp8_min_rows)")
     p.add_argument("--compile", action="store_true", help="torch.compile the engine's step")
     p.add_argument("--cuda-graphs", action="store_true", help="capture the engine's step as CUDA graphs")
     p.add_argument("--grid", help="sample-grid PNG path (default: <checkpoint stem>-samples.png beside it)")
@@ -96,11 +102,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.samples_per_class < 2:
         print("dit-eval: --samples-per-class must be at least 2 (diversity needs pairs)", file=sys.stderr)
         return 2
+    if args.precision != "fp8" and (args.fp8_blocks or args.fp8_min_rows is not None):
+        print(f"dit-eval: --fp8-blocks and --fp8-min-rows apply to --precision fp8 only (given: {args.precision})",
+              file=sys.stderr)
+        return 2
     try:
         model, info = load_model(args.checkpoint, device=args.device)
         k = args.samples_per_class
+        fast_paths = FastPaths(fp8_blocks=args.fp8_blocks, **({} if args.fp8_min_rows is None else
+                                                               {"fp8_min_rows": args.fp8_min_rows}))
         config = eval_config(k, args.batch_size, device=args.device, precision=args.precision,
-                             compile=args.compile, cuda_graphs=args.cuda_graphs)
+                             compile=args.compile, cuda_graphs=args.cuda_graphs, fast_paths=fast_paths)
         configure_compile(config)
         engine = Engine(model, info, config)
         # The checkpoint's measured defaults fill in what was not given, as for a request to the server.
