@@ -13,6 +13,8 @@
     python -m benchmarks cache-quality . feature caching's quality on the digit checkpoints, preset by preset (CPU)
     python -m benchmarks student-quality a few-step student against its teacher at 1-8 steps, on the digits (CPU)
     python -m benchmarks encode ...      the image encoders of each output_format on the same images (CPU)
+    python -m benchmarks decode ...      a latent model's VAE decoder per image: diffusers' eager against ours
+    python -m benchmarks anchor ...      diffusers' DiT + VAE + PNG in one process: images/s a served student must beat
 
 ``benchmarks/gpu/*.sh`` run them on a GPU host (the offline bundle installed first, results to $OUT).
 """

@@ -8,7 +8,7 @@ import sys
 TOOLS = {"engine": "engine", "serve": "serve", "load": "loadgen", "overload": "overload", "api": "api",
          "train-memory": "train_memory", "plot": "plots", "cache-quality": "cache_quality",
          "scale": "scale", "startup": "startup", "student-quality": "student_quality", "encode": "encode",
-         "soak": "soak", "decode": "decode"}
+         "soak": "soak", "decode": "decode", "anchor": "anchor"}
 
 
 def main() -> int:

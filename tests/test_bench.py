@@ -73,6 +73,18 @@ def test_the_decode_benchmark_holds_each_setup_to_the_fp32_decode(tmp_path):
         assert row["rel_error"] < 1e-5 and row["max_uint8_diff"] <= 1  # fp32 on the CPU: the same decode
 
 
+def test_the_anchor_writes_one_decoded_png_per_image_and_times_each_stage(tmp_path):
+    pytest.importorskip("diffusers")
+    from benchmarks.anchor import main
+
+    assert main(["--config", "tiny", "--batches", "3", "--rounds", "2", "--no-compile", "--device", "cpu",
+                 "--out", str(tmp_path)]) == 0
+    row, = [json.loads(line) for line in (tmp_path / "anchor.jsonl").read_text().splitlines()]
+    assert row["batch"] == 3 and row["image_shape"] == [16, 16]  # 8x8 latents through the tiny VAE's one upsampling
+    assert row["images_per_s"] > 0 and all(row[k] > 0 for k in ("dit_ms", "decode_ms", "encode_ms"))
+    assert row["png_bytes_mean"] > 0
+
+
 def test_a_requests_gpu_idle_time_splits_into_launch_latency_and_waiting_for_the_host():
     """Overlapping copies count once; a gap up to LAUNCH_GAP_US is launch latency, a longer one the host's."""
     from benchmarks.engine import LAUNCH_GAP_US, gpu_gaps
