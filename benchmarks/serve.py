@@ -12,7 +12,8 @@
    overhead = latency - engine time. Ray Serve's floor for the model's route is timed in the same run: a route
    with none of our code that waits as long as the engine on another thread, then answers a body of the same size
    (the control: what any model behind Ray Serve pays).
-3. ``benchmarks.loadgen`` at each of ``--rates`` (Poisson arrivals) on the model's route: images/s, p50/p99, shed.
+3. ``benchmarks.loadgen`` at each of ``--rates`` (Poisson arrivals) on the model's route: images/s, p50/p99, shed;
+   with ``--floor-load`` on the floor's route too, the control for where the served rate tops out.
 Every result is written to ``--out`` as soon as it exists; ``summary.json`` last.
 """
 
@@ -193,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rates", default="8,32,128,256", help="comma-separated req/s of the load phases, or none")
     ap.add_argument("--duration", type=float, default=10)
     ap.add_argument("--images-per-request", type=int, default=1, help="n of each load request (rates are requests/s)")
+    ap.add_argument("--floor-load", action="store_true",
+                    help="also offer each rate to Ray Serve's floor route (none of our code): where a ceiling is Ray's")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--gateway-replicas", type=int, default=1)
     ap.add_argument("--layout", choices=["direct", "gateway"], default="direct")
@@ -236,7 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     summary["ray_floor"] = floor
     summary["ours_over_floor_p50_ms"] = ours["overhead_p50_ms"] - floor["overhead_p50_ms"]
     write(a.out, "overhead.json", {k: v for k, v in summary.items() if k != "load"})
-    summary["load"] = [loadgen(a, a.out, rate, route) for rate in ([] if a.rates == "none" else a.rates.split(","))]
+    rates = [] if a.rates == "none" else a.rates.split(",")
+    summary["load"] = [loadgen(a, a.out, rate, route) for rate in rates]
+    if a.floor_load:  # the control: Ray Serve alone under the same arrivals
+        summary["floor_load"] = [loadgen(a, a.out, rate, "/floor") for rate in rates]
     write(a.out, "summary.json", summary)
     shut_down()
     return 0

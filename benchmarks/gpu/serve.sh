@@ -5,11 +5,12 @@
 # Ray Serve's throughput switches) and runs `python -m benchmarks serve`: the engine alone, what serving adds at one
 # image per request on the model's route and the gateway's, Ray Serve's own floor beside it, and Poisson load.
 # LAYOUT (direct), PRECISION (fp16, or fp8), MAX_BATCH (64), BUCKETS (powers of two), RATES (8,32,128,256 or
-# none), SEQUENTIAL (100), N (images per load request, 1), STEPS (25) and GATEWAYS (4) set its arguments; STUDENT=1 serves the random weights as a
-# 4-step student (with STEPS=4: the served path at student rates); VAE=sd-random decodes with a random VAE of
-# sd-vae-ft-ema's configuration (256x256 images; diffusers from the bundle); PORT lets two runs share a host. Bounded
-# to under 10 minutes (BENCH_TIMEOUT, 560 s). A cold host compiles each bucket first (the student's seven, 1-64: 298 s),
-# which leaves the served phases little of that: BUCKETS="1 8 64" for a first run.
+# none), SEQUENTIAL (100), N (images per load request, 1), STEPS (25) and GATEWAYS (4) set its arguments;
+# FLOOR_LOAD=1 offers the same rates to Ray Serve's floor route (the control for a served ceiling); STUDENT=1 serves
+# the random weights as a 4-step student (with STEPS=4: the served path at student rates); VAE=sd-random decodes
+# with a random VAE of sd-vae-ft-ema's configuration (256x256 images; diffusers from the bundle); PORT lets two runs
+# share a host. Bounded to under 10 minutes (BENCH_TIMEOUT, 560 s). A cold host compiles each bucket first (the
+# student's seven, 1-64: 298 s), which leaves the served phases little of that: BUCKETS="1 8 64" for a first run.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-out/serve}
@@ -26,7 +27,7 @@ timeout --signal=INT "${BENCH_TIMEOUT:-560}" python3 -m benchmarks serve --out "
     --preset dit-10l --device cuda --precision "${PRECISION:-fp16}" --compile --cuda-graphs --max-batch-size "${MAX_BATCH:-64}" \
     --steps "${STEPS:-25}" --sequential "${SEQUENTIAL:-100}" --rates "${RATES:-8,32,128,256}" \
     --images-per-request "${N:-1}" --gateway-replicas "${GATEWAYS:-4}" --layout "${LAYOUT:-direct}" --port "${PORT:-8000}" \
-    ${BUCKETS:+--batch-buckets $BUCKETS} ${STUDENT:+--student} ${VAE:+--vae $VAE} \
+    ${BUCKETS:+--batch-buckets $BUCKETS} ${STUDENT:+--student} ${FLOOR_LOAD:+--floor-load} ${VAE:+--vae $VAE} \
     2>&1 | tee "$OUT/serve.log" || status=$?
 echo "[serve.sh] exit status $status; results in $OUT:" >&2
 ls -l "$OUT" >&2
