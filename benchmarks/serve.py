@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import http.client
 import json
 import os
+import re
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .stats import percentile
@@ -139,26 +142,73 @@ def deploy_floor(wait_s: float, answer_chars: int) -> str:
     @serve.deployment(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
     @serve.ingress(api)
     class Floor:
+        def __init__(self):  # a thread per request in flight (under load too), as many as the replica admits
+            self.waiters = ThreadPoolExecutor(1000)
+
         @api.post("/v1/images/generations")
         async def generate(self, body: dict) -> dict:
             def wait() -> float:
                 start = time.perf_counter()
                 time.sleep(wait_s)
                 return time.perf_counter() - start
-            return {**answer, "waited_s": await asyncio.get_running_loop().run_in_executor(None, wait)}
+            return {**answer, "waited_s": await asyncio.get_running_loop().run_in_executor(self.waiters, wait)}
 
     serve.run(Floor.bind(), name="floor", route_prefix="/floor")
     return "/floor"
 
 
+def process_role(pid: int, args: str) -> str | None:
+    """Which part of the serving stack a process on this host is, from its command line (None: not one)."""
+    if pid == os.getpid():
+        return "load client (this process)"
+    replica = re.search(r"ServeReplica:([^:\s]+):([^\s.]+)", args)
+    if replica:
+        return f"replica {replica[1]}:{replica[2]}"
+    for needle, role in (("ProxyActor", "Ray proxy"), ("haproxy", "HAProxy"), ("ServeController", "Serve controller"),
+                         ("raylet", "Ray core"), ("gcs_server", "Ray core")):
+        if needle in args:
+            return role
+    return None
+
+
+def cpu_seconds_by_role() -> dict[str, float]:
+    """CPU seconds (user + system) each part of the serving stack on this host has used so far (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    used = collections.defaultdict(float)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            args = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()  # after the name: state is field 0
+        except OSError:  # gone meanwhile
+            continue
+        role = process_role(int(entry.name), args)
+        if role is not None:
+            used[role] += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return dict(used)
+
+
 def loadgen(a, out: Path, rate: str, prefix: str) -> dict:
+    """One Poisson phase on ``prefix``: loadgen's row, with the CPU milliseconds each part of the stack spent per
+    answered request during it (also appended to ``cpu.jsonl``): where a request's CPU goes under load."""
     from benchmarks import loadgen as lg
 
     path = out / "loadgen.jsonl"
+    before = cpu_seconds_by_role()
     lg.main(["--url", f"http://127.0.0.1:{a.port}{prefix}", "--model", a.model_name, "--steps", str(a.steps),
              "--rates", rate, "--duration", str(a.duration), "--warmup", "0", "--n", str(a.images_per_request),
              "--out", str(path)])
-    return json.loads(path.read_text().splitlines()[-1])
+    after = cpu_seconds_by_role()
+    row = json.loads(path.read_text().splitlines()[-1])
+    answered = max(row.get("ok") or 0, 1)
+    row["cpu_ms_per_request"] = {role: round(1000 * (after[role] - before.get(role, 0.0)) / answered, 3)
+                                 for role in sorted(after)}
+    with open(out / "cpu.jsonl", "a") as f:
+        f.write(json.dumps({"route": prefix, "label": row.get("label"), "images_per_request": a.images_per_request,
+                            "ok": row.get("ok"), "cpu_ms_per_request": row["cpu_ms_per_request"]}) + "\n")
+    log(f"CPU ms per request at {row.get('label')} on {prefix}: {json.dumps(row['cpu_ms_per_request'])}")
+    return row
 
 
 def add_model_arguments(ap: argparse.ArgumentParser) -> None:
