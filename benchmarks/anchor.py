@@ -28,22 +28,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dit_runtime.model import get_preset
-
 from .decode import SD_VAE_CONFIG, TINY_VAE_CONFIG, random_vae
+from .engine import diffusers_dit_arguments
 
-NULL_CLASS = 1000  # diffusers' DiT takes the class count as the null label (num_embeds_ada_norm)
-
-
-def dit_config(name: str) -> dict:
-    """diffusers' DiTTransformer2DModel arguments: ``dit-10l``'s dimensions, or a tiny one for the CPU."""
-    if name == "tiny":
-        return dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=1,
-                    sample_size=8, patch_size=2, num_embeds_ada_norm=NULL_CLASS, norm_eps=1e-6)
-    cfg = get_preset(name)
-    return dict(num_attention_heads=cfg.num_heads, attention_head_dim=cfg.hidden_dim // cfg.num_heads,
-                in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_layers=cfg.num_layers,
-                sample_size=cfg.input_size, patch_size=cfg.patch_size, num_embeds_ada_norm=NULL_CLASS, norm_eps=1e-6)
+TINY_DIT = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=1,
+                sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_eps=1e-6)  # for the CPU tests
 
 
 def png(image: np.ndarray) -> bytes:
@@ -61,7 +50,9 @@ class Anchor:
         self.device, self.guidance = device, guidance
         self.dtype = torch.float16 if device.type == "cuda" else torch.float32
         torch.manual_seed(0)
-        dit = DiTTransformer2DModel(**dit_config(config)).to(device, self.dtype).eval().requires_grad_(False)
+        arguments = TINY_DIT if config == "tiny" else diffusers_dit_arguments(config)
+        self.null_class = arguments["num_embeds_ada_norm"]  # diffusers' DiT: the class count is the null label
+        dit = DiTTransformer2DModel(**arguments).to(device, self.dtype).eval().requires_grad_(False)
         vae = random_vae(SD_VAE_CONFIG if config != "tiny" else TINY_VAE_CONFIG).to(device, self.dtype)
         vae = vae.to(memory_format=torch.channels_last).requires_grad_(False)
         self.channels, self.side = dit.config.in_channels, dit.config.sample_size
@@ -81,8 +72,8 @@ class Anchor:
         """``batch`` PNG files, and the seconds of each stage."""
         g = torch.Generator(device=self.device).manual_seed(seed)
         x = torch.randn(batch, self.channels, self.side, self.side, generator=g, device=self.device, dtype=self.dtype)
-        labels = torch.randint(0, NULL_CLASS, (batch,), generator=g, device=self.device)
-        y = torch.cat([labels, torch.full_like(labels, NULL_CLASS)])
+        labels = torch.randint(0, self.null_class, (batch,), generator=g, device=self.device)
+        y = torch.cat([labels, torch.full_like(labels, self.null_class)])
         times, start = {}, time.perf_counter()
         for t in self.scheduler.timesteps:
             out = self.dit(torch.cat([x, x]), t.expand(2 * batch).to(self.device), y, return_dict=False)[0]

@@ -222,18 +222,24 @@ def random_dit(preset: str, dtype) -> DiTModel:
     return model.to(dtype).eval().requires_grad_(False)
 
 
-def diffusers_dit(preset: str, dtype):
-    """diffusers' DiTTransformer2DModel at the same dimensions (FFN is 4 x hidden there, as in our presets)."""
-    from diffusers import DiTTransformer2DModel
-
+def diffusers_dit_arguments(preset: str) -> dict:
+    """diffusers' DiTTransformer2DModel arguments at a preset's dimensions (FFN is 4 x hidden there, as in our
+    presets; the null class is ``num_embeds_ada_norm``, the class count)."""
     cfg = get_preset(preset)
     if cfg.ffn_dim != 4 * cfg.hidden_dim:
         raise ValueError(f"{preset}: diffusers' DiT fixes FFN at 4 x hidden")
+    return dict(num_attention_heads=cfg.num_heads, attention_head_dim=cfg.hidden_dim // cfg.num_heads,
+                in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_layers=cfg.num_layers,
+                sample_size=cfg.input_size, patch_size=cfg.patch_size, num_embeds_ada_norm=cfg.num_classes,
+                norm_eps=1e-6)
+
+
+def diffusers_dit(preset: str, dtype):
+    """diffusers' DiTTransformer2DModel at the same dimensions, random weights, on the GPU."""
+    from diffusers import DiTTransformer2DModel
+
     torch.manual_seed(0)
-    model = DiTTransformer2DModel(num_attention_heads=cfg.num_heads, attention_head_dim=cfg.hidden_dim // cfg.num_heads,
-                                  in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_layers=cfg.num_layers,
-                                  sample_size=cfg.input_size, patch_size=cfg.patch_size,
-                                  num_embeds_ada_norm=cfg.num_classes, norm_eps=1e-6)
+    model = DiTTransformer2DModel(**diffusers_dit_arguments(preset))
     return model.to("cuda", dtype).eval().requires_grad_(False)
 
 

@@ -85,6 +85,17 @@ def test_the_anchor_writes_one_decoded_png_per_image_and_times_each_stage(tmp_pa
     assert row["png_bytes_mean"] > 0
 
 
+def test_the_serve_benchmark_tells_the_stacks_processes_apart_by_command_line():
+    from benchmarks.serve import process_role
+
+    assert process_role(1, "ray::ServeReplica:dit-10l:ModelDeployment") == "replica dit-10l:ModelDeployment"
+    assert process_role(1, "ray::SERVE_REPLICA::floor#Floor#x:ServeReplica:floor:Floor.__init__") == \
+        "replica floor:Floor"
+    assert process_role(1, "ray::ProxyActor") == "Ray proxy"
+    assert process_role(1, "/usr/sbin/haproxy -f /tmp/haproxy.cfg") == "HAProxy"
+    assert process_role(1, "python -m http.server") is None
+
+
 def test_a_requests_gpu_idle_time_splits_into_launch_latency_and_waiting_for_the_host():
     """Overlapping copies count once; a gap up to LAUNCH_GAP_US is launch latency, a longer one the host's."""
     from benchmarks.engine import LAUNCH_GAP_US, gpu_gaps
