@@ -59,6 +59,7 @@ from pathlib import Path
 
 import torch
 
+from dit_runtime.engine import freeze_startup_heap
 from dit_runtime.model import DiTModel, get_preset
 from dit_runtime.sizing import forward_flops
 
@@ -300,6 +301,7 @@ def bench_forward(rec: Recorder, preset: str, batches: list[int], setups: list[s
             engines += [engine] if engine is not None else []
         except Exception as e:  # one setup failing must not lose the others
             rec.add({"part": "forward", "model": preset, "setup": setup, "error": repr(e)[:500]})
+    freeze_startup_heap()
     for b in batches:
         timers, per_round, clocks = {}, collections.defaultdict(list), collections.defaultdict(list)
         for setup, make in built.items():
@@ -400,6 +402,7 @@ def bench_latency(rec: Recorder, preset: str, setups: list[str], steps: int = 50
             rec.add({"part": "latency", "model": preset, "setup": setup, "error": repr(e)[:500]})
             for key in [k for k in calls if k[0] == setup]:
                 calls.pop(key)
+    freeze_startup_heap()
     times = collections.defaultdict(list)
     t0 = time.time()
     for _ in range(rounds):
@@ -469,6 +472,7 @@ def bench_students(rec: Recorder, preset: str, setups: list[str], student_steps:
     setups = [s for s in setups if s.split("-")[0] in ("ours", "baseline")] or ["ours"]
     teacher = engine_for("ours-nocache", preset, (2, max_rows), max_queue=images)
     students = {setup: student_engine(setup, preset, (1, max_rows), max_queue=images) for setup in setups}
+    freeze_startup_heap()  # as a replica does once warm: no collection while timing walks the compiled programs
 
     def one_image(engine, setup: str, steps: int, sampler: str):
         request = engine_request(runtime(setup), 1, 0, steps, sampler, 4.0)

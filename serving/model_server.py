@@ -28,7 +28,7 @@ from dit_runtime.contract import random_student_contract
 from dit_runtime.decoders import load_vae
 from dit_runtime.engine import (DeadlineExceededError, Engine, EngineError, EngineStoppedError, GenerationRequest,
                                 GenerationResult, InvalidRequestError, ModelSpec, QueueFullError,
-                                RequestCancelledError, StepEvent, configure_compile)
+                                RequestCancelledError, StepEvent, configure_compile, freeze_startup_heap)
 from dit_runtime.engine.engine import settle_threadsafe
 from dit_runtime.images import deflate_threads, encode_image
 
@@ -120,6 +120,8 @@ class ModelServer:
         programs = f"; compiled programs: {store.loaded} loaded, {store.compiled} compiled" if store else ""
         log.info("model %r loaded from %s in %.1f s (%s%s)", self.name, source, self.startup.total,
                  ", ".join(f"{k} {v:.1f} s" for k, v in self.startup.phases().items()), programs)
+        # This replica's process is warm: no collection while serving walks the heap that start-up built.
+        log.info("start-up heap collected and frozen in %.2f s", freeze_startup_heap())
         threading.Thread(target=self._refresh_load, name="dit-load-gauges", daemon=True).start()
 
     # ---- Ray Serve hooks ----------------------------------------------------------------------------------------

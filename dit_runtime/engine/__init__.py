@@ -13,11 +13,11 @@ A process that builds compiled engines calls ``configure_compile`` first (induct
 from ..request import GenerationRequest, InvalidRequestError, ModelSpec, RequestLimits, SamplingParams
 from .engine import Engine, RequestHandle
 from .fast_paths import FastPaths
-from .process_settings import configure_compile
+from .process_settings import configure_compile, freeze_startup_heap
 from .types import (DeadlineExceededError, EngineConfig, EngineError, EngineStats, EngineStoppedError,
                     GenerationResult, QueueFullError, RequestCancelledError, StepEvent, StepStats)
 
 __all__ = ["Engine", "RequestHandle", "EngineConfig", "FastPaths", "GenerationRequest", "SamplingParams",
            "ModelSpec", "RequestLimits", "GenerationResult", "StepEvent", "StepStats", "EngineStats", "EngineError",
            "InvalidRequestError", "QueueFullError", "DeadlineExceededError", "RequestCancelledError",
-           "EngineStoppedError", "configure_compile"]
+           "EngineStoppedError", "configure_compile", "freeze_startup_heap"]

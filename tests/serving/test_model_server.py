@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 
 import pytest
@@ -22,6 +23,13 @@ def server(checkpoints):
     assert srv.engine is not None, srv.load_error
     yield srv
     srv.__del__()
+    gc.unfreeze()  # the replica froze this test process's heap; the other tests' garbage is collected as before
+
+
+def test_a_warm_replica_puts_its_start_up_heap_out_of_the_collectors_reach(server):
+    tracked = gc.get_objects()  # the generations a collection walks; frozen objects are in none of them
+    assert not any(o is server.engine or o is server.engine.runner for o in tracked)
+    assert gc.get_freeze_count() > 0
 
 
 def generate(server: ModelServer, size: str | None = None, **fields) -> EncodedImages | APIError:
