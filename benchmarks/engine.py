@@ -28,8 +28,9 @@ Setups (``--setups``):
   ours[-fp8[-blocks]][-nofuse][-nocache][-dynamic][-autotune]
                                        the engine (fp16, compiled, CUDA graphs, the fast paths): a full batch of
                                        never-finishing requests, timed over its steady steps; -fp8 runs it in
-                                       precision fp8 (-blocks: fc1's output in 1x128 block scales from its
-                                       own GEMM, fast_paths.fp8_blocks), -nofuse leaves out the GELU epilogue,
+                                       precision fp8 with per-row scales and a GELU pass (-blocks: fc1's output
+                                       in 1x128 block scales from its own GEMM, fast_paths.fp8_blocks, the
+                                       engine's default for fp8), -nofuse leaves out the GELU epilogue,
                                        -nocache keeps no feature cache (one step function instead of three),
                                        -dynamic compiles one program with a symbolic batch size, -autotune uses
                                        inductor's max_autotune GEMM search (minutes per bucket)
@@ -164,11 +165,11 @@ def engine_for(setup: str, preset: str, buckets: tuple[int, ...], max_queue: int
     flags = setup.split("-")[1:]
     options = {"max_autotune": True} if "autotune" in flags else None
     extra = {}
-    if "nofuse" in flags or "blocks" in flags:
+    if "nofuse" in flags or "fp8" in flags:
         fast = importlib.import_module(package.__name__ + ".engine.fast_paths")
         paths = {"gelu_epilogue": "nofuse" not in flags}
-        if "blocks" in flags:  # not given otherwise: a baseline from before it has no such field
-            paths["fp8_blocks"] = True
+        if "fp8_blocks" in fast.FastPaths.__dataclass_fields__:  # a baseline from before it has no such field
+            paths["fp8_blocks"] = "blocks" in flags
         extra["fast_paths"] = fast.FastPaths(**paths)
     if "nocache" in flags:
         extra["feature_cache_rows"] = 0
@@ -359,7 +360,7 @@ def bench_accuracy(rec: Recorder, preset: str, batch: int = 16) -> None:
     expected = apply_fast_paths(copy.deepcopy(reference), FastPaths(), cuda=True)(x, t, y).float()
     # fp8 at every size (fp8_min_rows 0: at this batch an fp8 engine would run the blocks in bf16), per-row and with
     # fc1's output in 1x128 blocks
-    paths = {"fp16": FastPaths(), "bf16": FastPaths(), "fp8": FastPaths(fp8_min_rows=0),
+    paths = {"fp16": FastPaths(), "bf16": FastPaths(), "fp8": FastPaths(fp8_min_rows=0, fp8_blocks=False),
              "fp8-blocks": FastPaths(fp8_min_rows=0, fp8_blocks=True)}
     for precision, options in paths.items():
         dtype = COMPUTE_DTYPES[precision.split("-")[0]]

@@ -40,16 +40,18 @@ def parameter_breakdown(config: DiTConfig) -> dict[str, int]:
 
 def weight_bytes(config: DiTConfig) -> dict[str, int]:
     """Weight memory in each engine precision; fp8 as the engine holds it (fast_paths.apply_fast_paths, applied on
-    the meta device): the quantized weights in one byte each with an fp32 scale per output row, and every weight in
-    bf16 (the quantized ones' too, for forwards below ``FastPaths.fp8_min_rows``); ``fp8_only`` with that at 0."""
+    the meta device): the quantized weights in one byte each with an fp32 scale per output row (fc2 of a block-scaled
+    MLP: per 128x128 tile), and every weight in bf16 (the quantized ones' too, for forwards below
+    ``FastPaths.fp8_min_rows``); ``fp8_only`` with that at 0."""
     from .engine.fast_paths import FastPaths, apply_fast_paths
-    from .engine.fp8 import Fp8Linear
+    from .engine.fp8 import Fp8BlockMlp, Fp8Linear
 
     out = {precision: n * count_parameters(DiTModel.on_meta(config)) for precision, n in BYTES_PER_PARAM.items()}
     for name, min_rows in (("fp8", FastPaths.fp8_min_rows), ("fp8_only", 0)):
         fp8 = apply_fast_paths(DiTModel.on_meta(config).to(torch.bfloat16),
                                FastPaths(joined_adaln=False, fp8_min_rows=min_rows), cuda=False, fp8=True).model
         quantized = [t for m in fp8.modules() if isinstance(m, Fp8Linear) for t in (m.weight, m.weight_scale)]
+        quantized += [t for m in fp8.modules() if isinstance(m, Fp8BlockMlp) for t in (m.fc2_weight, m.fc2_scale)]
         out[name] = sum(t.numel() * t.element_size() for t in [*fp8.parameters(), *quantized])
     return out
 

@@ -124,6 +124,10 @@ class ModelArgs(_Args):
                                                              "tokens; one guided dit-10l image is 512) run in bf16, "
                                                              "where FP8 does not pay; 0: FP8 at every size; default: "
                                                              "the engine's (FastPaths.fp8_min_rows)")
+    fp8_blocks: bool | None = Field(None, description="precision fp8: the MLP's fc1 writes GELU's output as e4m3 in "
+                                                      "1x128 blocks from its GEMM and fc2 takes them (widths multiples "
+                                                      "of 128); false: per-row scales and a GELU pass; default: the "
+                                                      "engine's (FastPaths.fp8_blocks, on)")
     compile: bool = False
     cuda_graphs: bool = False
     max_batch_size: int = Field(32, ge=1, description="rows per forward pass (a guided image takes two)")
@@ -231,7 +235,8 @@ class ModelArgs(_Args):
         from dit_runtime.engine.fast_paths import FastPaths  # imports torch: only where an engine runs
         from dit_runtime.engine.types import EngineConfig
         limits = limits or Limits()
-        fast_paths = FastPaths() if self.fp8_min_rows is None else FastPaths(fp8_min_rows=self.fp8_min_rows)
+        given = {"fp8_min_rows": self.fp8_min_rows, "fp8_blocks": self.fp8_blocks}
+        fast_paths = FastPaths(**{name: value for name, value in given.items() if value is not None})
         return EngineConfig(fast_paths=fast_paths, device=self.device, precision=self.precision, max_batch_size=self.max_batch_size,
                             max_queue_size=self.max_queue_size, max_queue_wait_s=self.max_queue_wait_s,
                             limits=limits.request_limits(),

@@ -173,8 +173,9 @@ def test_dit_eval_rejects_a_non_digit_checkpoint(tmp_path, capsys):
 
 
 def test_dit_eval_refuses_fp8_options_without_fp8(capsys):
-    assert dit_eval([str(SHIPPED[0]), "--fp8-blocks"]) == 2
-    assert "--fp8-blocks and --fp8-min-rows apply to --precision fp8 only (given: fp32)" in capsys.readouterr().err
+    for flag in ("--fp8-blocks", "--no-fp8-blocks"):
+        assert dit_eval([str(SHIPPED[0]), flag]) == 2
+        assert "--fp8-blocks and --fp8-min-rows apply to --precision fp8 only (given: fp32)" in capsys.readouterr().err
 
 
 @pytest.mark.slow

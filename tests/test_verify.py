@@ -37,12 +37,15 @@ def test_json_lists_every_preset_with_the_modules_exact_parameter_count(capsys):
                                                                     "fp16": 2 * report["parameters"],
                                                                     "bf16": 2 * report["parameters"]}
         # fp8: the blocks' attention and MLP weights (4d^2 + 2d*ffn per block) at one byte plus an fp32 scale per
-        # output row (qkv 3d, proj d, fc1 ffn, fc2 d), and every weight in bf16 (the blocks' too: forwards below
-        # fp8_min_rows run them; fp8_only: without that copy).
+        # output row (qkv 3d, proj d, fc1 ffn, fc2 d; fc2 one per 128x128 tile where both widths are multiples of
+        # 128, the block-scaled MLP), and every weight in bf16 (the blocks' too: forwards below fp8_min_rows run
+        # them; fp8_only: without that copy).
         d, f, L = config.hidden_dim, config.ffn_dim, config.num_layers
         fp8_params = L * (4 * d * d + 2 * d * f)
-        assert weights["fp8"] == fp8_params + 4 * L * (5 * d + f) + 2 * report["parameters"]
-        assert weights["fp8_only"] == fp8_params + 4 * L * (5 * d + f) + 2 * (report["parameters"] - fp8_params)
+        fc2_scales = (d // 128) * (f // 128) if d % 128 == 0 and f % 128 == 0 else d
+        scales = 4 * L * (4 * d + f + fc2_scales)
+        assert weights["fp8"] == fp8_params + scales + 2 * report["parameters"]
+        assert weights["fp8_only"] == fp8_params + scales + 2 * (report["parameters"] - fp8_params)
         # A cached row: two Taylor terms of the blocks' residual (tokens x width, 16-bit) and its last full step.
         assert report["feature_cache_bytes_per_row"] == 2 * config.num_tokens * d * 2 + 8
 

@@ -41,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "fp8"],
                    help="the engine's precision (all but fp32 need cuda; fp8 a GPU with FP8 tensor cores)")
-    p.add_argument("--fp8-blocks", action="store_true",
-                   help="precision fp8: fc1's GEMM writes GELU's output as e4m3 in 1x128 blocks (FastPaths.fp8_blocks)")
+    p.add_argument("--fp8-blocks", action=argparse.BooleanOptionalAction,
+                   help="precision fp8: fc1's GEMM writes GELU's output as e4m3 in 1x128 blocks, or (--no-fp8-blocks) "
+                        "per-row scales and a GELU pass (default: the engine's FastPaths.fp8_blocks, on)")
     p.add_argument("--fp8-min-rows", type=int,
                    help="precision fp8: forwards of fewer token rows run in bf16 (0: fp8 at every size; default: the "
                         "engine's FastPaths.fp8_min_rows)")
@@ -102,15 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.samples_per_class < 2:
         print("dit-eval: --samples-per-class must be at least 2 (diversity needs pairs)", file=sys.stderr)
         return 2
-    if args.precision != "fp8" and (args.fp8_blocks or args.fp8_min_rows is not None):
+    if args.precision != "fp8" and (args.fp8_blocks is not None or args.fp8_min_rows is not None):
         print(f"dit-eval: --fp8-blocks and --fp8-min-rows apply to --precision fp8 only (given: {args.precision})",
               file=sys.stderr)
         return 2
     try:
         model, info = load_model(args.checkpoint, device=args.device)
         k = args.samples_per_class
-        fast_paths = FastPaths(fp8_blocks=args.fp8_blocks, **({} if args.fp8_min_rows is None else
-                                                               {"fp8_min_rows": args.fp8_min_rows}))
+        given = {"fp8_blocks": args.fp8_blocks, "fp8_min_rows": args.fp8_min_rows}
+        fast_paths = FastPaths(**{name: value for name, value in given.items() if value is not None})
         config = eval_config(k, args.batch_size, device=args.device, precision=args.precision,
                              compile=args.compile, cuda_graphs=args.cuda_graphs, fast_paths=fast_paths)
         configure_compile(config)

@@ -209,16 +209,20 @@ def test_compile_settings_reach_the_engine_with_static_shapes_by_default(ckpt):
     assert config.compile_programs is False
 
 
-def test_fp8_min_rows_reaches_the_engine_and_a_bad_one_names_the_field(ckpt):
-    """One key decides which forwards of an fp8 deployment stay bf16; unset, the engine's default holds."""
+def test_fp8_keys_reach_the_engine_and_a_bad_one_names_the_field(ckpt):
+    """One key decides which forwards of an fp8 deployment stay bf16, one whether its MLP runs block-scaled; unset,
+    the engine's defaults hold."""
     from dit_runtime.engine.fast_paths import FastPaths
 
-    default, every_size = AppArgs.parse({"models": [model_args("a", ckpt), model_args("b", ckpt, fp8_min_rows=0)]}
-                                        ).models
+    default, every_size = AppArgs.parse({"models": [model_args("a", ckpt),
+                                                    model_args("b", ckpt, fp8_min_rows=0, fp8_blocks=False)]}).models
     assert default.engine_config().fast_paths.fp8_min_rows == FastPaths.fp8_min_rows > 0
+    assert default.engine_config().fast_paths.fp8_blocks is FastPaths.fp8_blocks is True
     assert every_size.engine_config().fast_paths.fp8_min_rows == 0
-    message = error_of({"models": [model_args("c", ckpt, fp8_min_rows=-1)]})
-    assert "fp8_min_rows" in message, message
+    assert every_size.engine_config().fast_paths.fp8_blocks is False
+    for key, bad in (("fp8_min_rows", -1), ("fp8_blocks", "sometimes")):
+        message = error_of({"models": [model_args("c", ckpt, **{key: bad})]})
+        assert key in message, message
 
 
 def test_gateway_resources_pin_it_and_bad_ones_name_the_field(ckpt):
