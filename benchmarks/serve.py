@@ -56,8 +56,8 @@ def model_args(a) -> dict:
     if a.vae == "sd-random":  # random weights of sd-vae-ft-ema's configuration, written once beside the results
         from benchmarks.decode import write_random_vae
         a.vae = str(write_random_vae(a.out / "vae-sd-random"))
-    if a.vae:
-        m["vae"] = a.vae
+    if a.vae:  # with --compile the decoder is compiled too (compile_decoder), as a deployment that cares would
+        m.update(vae=a.vae, compile_decoder=a.compile)
     return m
 
 
@@ -227,7 +227,8 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
                                                            "student (one row per guided image; --steps 1, 2, 4 or 8)")
     ap.add_argument("--vae", help="a latent model's decoder: a local diffusers AutoencoderKL folder, or sd-random "
                                   "(random weights of sd-vae-ft-ema's configuration: 256x256 images from dit-10l's "
-                                  "32x32 latents); default none, the latents answered as they are")
+                                  "32x32 latents), compiled with --compile; default none, the latents answered as "
+                                  "they are")
 
 
 def main(argv: list[str] | None = None) -> int:
