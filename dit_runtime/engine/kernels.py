@@ -115,6 +115,7 @@ def _fp8_gemm_gelu_quant_blocks_kernel(a_desc, b_desc, q_desc, sa_ptr, sb_ptr, b
 
 @triton.jit
 def _grouped_tile(tile, per_group, tiles_m, GROUP: tl.constexpr):
+    """A tile's (row, column) of tiles: GROUP row-tiles walk the columns together, so their W tiles stay in L2."""
     first_m = (tile // per_group) * GROUP
     rows_here = tl.minimum(tiles_m - first_m, GROUP)
     return first_m + (tile % per_group) % rows_here, (tile % per_group) // rows_here
