@@ -43,8 +43,8 @@ from .metrics import EngineMetrics
 log = logging.getLogger("ray.serve")
 
 LOAD_REFRESH_S = 1.0  # how often the running/waiting gauges are refreshed while the engine is idle
-# Threads that turn finished requests into answers (VAE decode, PNG, base64) off the event loop; zlib, numpy and
-# torch release the GIL for most of it, so a few run in parallel when many requests finish in one step.
+# Threads that turn finished requests' images into answers (PNG, JPEG or WebP, base64) off the event loop; zlib,
+# numpy and Pillow release the GIL for most of it, so a few run in parallel when many requests finish in one step.
 ENCODE_THREADS = 4
 # Answers of at most this many pixels (all images of a request, no VAE) are encoded on the event loop instead: a
 # 64x64 PNG takes about 0.1 ms to write, less than the wake-ups of a hand-off to a thread and back.
