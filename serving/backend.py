@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Protocol
 
 from ray import serve
@@ -87,12 +87,24 @@ class StartupTimes:
 
 
 @dataclass(frozen=True)
+class ReplicaLoad:
+    """The load of the replica that answered a readiness check, as /readyz reports it."""
+
+    running_requests: int
+    running_images: int
+    waiting_requests: int
+    waiting_images: int
+    steps_done: int
+    estimated_wait_s: float  # a one-image request at the defaults, queued now, until admission
+
+
+@dataclass(frozen=True)
 class Readiness:
     """A model's readiness (loaded, its engine loop healthy) and its load when ready."""
 
     ready: bool
     detail: str | None = None
-    load: dict[str, int] = field(default_factory=dict)  # running/waiting requests and images, steps done
+    load: ReplicaLoad | None = None  # None when not ready
     startup: StartupTimes | None = None  # of the replica that answered
 
 

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
 
@@ -384,7 +385,7 @@ class Frontend:
 
     async def readyz(self) -> JSONResponse:
         answers = await asyncio.gather(*(self.backends[n].ready() for n in self.model_names))
-        models = {n: {"ready": a.ready, "detail": a.detail, **({"load": a.load} if a.ready else {}),
+        models = {n: {"ready": a.ready, "detail": a.detail, **({"load": asdict(a.load)} if a.load is not None else {}),
                       **({"startup_s": a.startup.phases()} if a.startup is not None else {})}
                   for n, a in zip(self.model_names, answers)}
         ok = all(a.ready for a in answers)

@@ -33,7 +33,7 @@ from dit_runtime.engine.engine import settle_threadsafe
 from dit_runtime.images import deflate_threads, encode_image
 
 from .autoscaling import OCCUPANCY, QUEUE_WAIT
-from .backend import EncodedImages, Progress, Readiness, StartupTimes, raise_if_error
+from .backend import EncodedImages, Progress, Readiness, ReplicaLoad, StartupTimes, raise_if_error
 from .config import AuthArgs, Limits, ModelArgs
 from .errors import APIError, invalid
 from .frontend import Frontend
@@ -150,9 +150,8 @@ class ModelServer:
         except Exception as e:
             return Readiness(False, str(e))
         stats = self.engine.stats()
-        load = {"running_requests": stats.running_requests, "running_images": stats.running_images,
-                "waiting_requests": stats.waiting_requests, "waiting_images": stats.waiting_images,
-                "steps_done": stats.steps_done, "estimated_wait_s": round(stats.estimated_wait_seconds, 4)}
+        load = ReplicaLoad(stats.running_requests, stats.running_images, stats.waiting_requests,
+                           stats.waiting_images, stats.steps_done, round(stats.estimated_wait_seconds, 4))
         return Readiness(True, None, load, startup=self.startup)
 
     def record_autoscaling_stats(self) -> dict[str, float]:

@@ -16,7 +16,7 @@ import pytest
 
 from dit_runtime.contract import SamplingContract
 from dit_runtime.request import GenerationRequest, ModelSpec, RequestLimits, SamplingParams
-from serving.backend import EncodedImages, Progress, Readiness
+from serving.backend import EncodedImages, Progress, Readiness, ReplicaLoad
 from serving.config import AuthArgs, Limits
 from serving.errors import APIError
 from serving.frontend import Frontend
@@ -50,7 +50,8 @@ class FakeModel:
         yield await self.generate(request)
 
     async def ready(self) -> Readiness:
-        return Readiness(True, None, {"running_requests": 0})
+        return Readiness(True, None, ReplicaLoad(running_requests=0, running_images=0, waiting_requests=1,
+                                                 waiting_images=2, steps_done=5, estimated_wait_s=0.25))
 
 
 def call(frontend: Frontend, method: str, path: str, **kwargs) -> httpx.Response:
@@ -163,5 +164,7 @@ def test_models_and_readiness_come_from_the_spec(api):
     assert card["samplers"] == ["ddpm", "ddim", "dpm-solver++"] and card["precision"] == "bf16"
     assert card["max_images_per_request"] == 4
     assert call(api, "GET", "/readyz").json() == {"status": "ready", "models": {
-        "fake": {"ready": True, "detail": None, "load": {"running_requests": 0}}}}
+        "fake": {"ready": True, "detail": None, "load": {
+            "running_requests": 0, "running_images": 0, "waiting_requests": 1, "waiting_images": 2, "steps_done": 5,
+            "estimated_wait_s": 0.25}}}}
     assert call(api, "GET", "/v1/models/other").status_code == 404
