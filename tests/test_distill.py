@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from dit_runtime.checkpoint import load_model, read_info, sha256_of
 from dit_runtime.engine import Engine, EngineConfig, GenerationRequest, InvalidRequestError
@@ -129,6 +133,54 @@ def test_a_student_trained_for_several_step_counts_takes_the_count_as_an_input(t
     with pytest.raises(InvalidRequestError) as e:  # 8 steps: not trained for
         engine.spec.build_request(prompt="3", num_inference_steps=8)
     assert e.value.field == "num_inference_steps"
+
+
+# Runs under torchrun: distils through the public Distiller, then every rank writes its student and target weights.
+DDP_WORKER = """
+import sys, torch.distributed as dist
+from safetensors.torch import save_file
+from dit_runtime.train.config import DistillConfig, load_config, parse_overrides
+from dit_runtime.train.distill import Distiller
+
+teacher, out, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
+config = load_config(None, parse_overrides(overrides) + [("checkpointing.output_dir", out)], DistillConfig)
+distiller = Distiller(config, teacher, command=["dit-distill", "(ddp test)"])
+distiller.run()
+rank = distiller.dist.rank
+for part in ("model", "target"):
+    state = getattr(distiller, part).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, f"{out}/{part}-rank{rank}.safetensors")
+sys.stdout.write(f"world {distiller.dist.world_size} global_batch {distiller.global_batch}\\n")
+sys.stdout.flush()
+dist.destroy_process_group()
+"""
+
+
+def test_two_process_gloo_distillation_keeps_student_and_target_equal_on_every_rank(teacher, tmp_path):
+    """dit-distill under torchrun: the EMA target network is updated from the all-reduced student on each rank,
+    so both ranks end with the same two networks, and the checkpoint records the run's two ranks."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(DDP_WORKER)
+    steps = 4
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+           str(teacher), str(tmp_path), *STUDENT, "--trainer.max_steps", str(steps)]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("world 2 global_batch 16") == 2
+    for part in ("model", "target"):
+        rank0, rank1 = (load_file(tmp_path / f"{part}-rank{r}.safetensors") for r in (0, 1))
+        assert rank0.keys() == rank1.keys()
+        assert all(torch.equal(rank0[k], rank1[k]) for k in rank0), part
+    model, target = (load_file(tmp_path / f"{part}-rank0.safetensors") for part in ("model", "target"))
+    teacher_weights = load_file(teacher)
+    # Training moved the guidance embedding's zero-initialised last layer, and the target followed part of the way.
+    key = "g_embedder.mlp.2.weight"
+    assert model[key].abs().sum() > 0 and target[key].abs().sum() > 0 and not torch.equal(model[key], target[key])
+    assert not torch.equal(model["final_layer.linear.weight"], teacher_weights["final_layer.linear.weight"])
+    info = read_info(tmp_path / "model.safetensors")
+    assert info.sampling.prediction == "consistency" and info.sampling.teacher.sha256 == sha256_of(teacher)
+    assert info.training["hardware"].startswith("2 x ") and info.training["samples_seen"] == steps * 16
 
 
 @pytest.mark.parametrize("field,value", [("num_inference_steps", 3), ("sampler", "ddim"), ("guidance_scale", 3.5),
