@@ -1,6 +1,7 @@
 """Image encoding on the CPU: the encoders a served image goes through, on the same images, per ``output_format``.
 
     python -m benchmarks encode [--out DIR]
+    python -m benchmarks encode --throughput [--threads 1 2 4 8 16]
 
 Images: the 4-channel latent view a random-weight 32x32x4 model answers (noise), crops of the shipped digits sample
 grid (real outputs) from 32x32 to 256x256, and a 256x256 photograph when scikit-learn (the test extra) is installed.
@@ -8,6 +9,11 @@ Encoders: ours (``dit_runtime.images.encode_png``, on one thread and with its de
 runs it), Pillow's PNG at compress levels 1 and 6 (its default), and Pillow's JPEG and WebP at qualities 100 (the
 API's default) and 75. Each is timed warm, the encoders in turn, median of 7 rounds; each row gives microseconds per
 image and the file's bytes. Rows go to ``OUT/encode.jsonl`` as they are measured, and a table to stdout.
+
+``--throughput``: the 256x256 images as a replica encodes answers under load: requests of four images, base64 PNG
+(``images.encode_base64``), on a pool of encoder threads beside a pool as large that deflates the slices, for each of
+``--threads`` (default: 1, 2, 4 and so on up to the CPUs this process may use, and that count); median images/s of
+``--rounds``, to ``OUT/encode-throughput.jsonl``. A replica sizes both pools to ``images.encode_threads()``.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dit_runtime.images import deflate_threads, encode_image, encode_png
+from dit_runtime.images import deflate_threads, encode_base64, encode_image, encode_png, encode_threads
 from dit_runtime.request import OutputEncoding
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,13 +56,52 @@ def images() -> dict[str, np.ndarray]:
     return cases
 
 
+def throughput(out: Path, threads: list[int], rounds: int, requests: int = 64, n: int = 4) -> int:
+    """Images/s of requests of ``n`` base64 PNGs on ``threads`` encoder threads (and as many deflating), per image."""
+    encoding = OutputEncoding("png")
+    cpus = encode_threads()
+    print(f"{cpus} CPUs for this process; requests of {n} images, {requests} a round", flush=True)
+    rows = []
+    with open(out / "encode-throughput.jsonl", "w") as log:
+        for name, image in images().items():
+            if image.shape[:2] != (256, 256):
+                continue
+            batch = np.stack([image] * n)
+            for count in threads:
+                with ThreadPoolExecutor(count, thread_name_prefix="encode") as encoder, \
+                        ThreadPoolExecutor(count, thread_name_prefix="png") as deflater:
+                    answer = lambda _: encode_base64(batch, encoding, pool=deflater)  # noqa: E731
+                    list(encoder.map(answer, range(count)))  # every thread started and warm
+                    rates = []
+                    for _ in range(rounds):
+                        start = time.perf_counter()
+                        list(encoder.map(answer, range(requests)))
+                        rates.append(requests * n / (time.perf_counter() - start))
+                row = {"image": name, "threads": count, "cpus": cpus, "requests": requests, "images_per_request": n,
+                       "images_per_s": round(statistics.median(rates), 1)}
+                rows.append(row)
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                print(json.dumps(row), flush=True)
+    print("\n| image | threads | images/s |\n| --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['image']} | {r['threads']} | {r['images_per_s']:,.1f} |")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks encode", description=__doc__.split("\n")[0])
     p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--throughput", action="store_true", help="images/s of a replica's encoder pools by thread count")
+    p.add_argument("--threads", type=int, nargs="+", help="with --throughput: the pool sizes to time")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.throughput:
+        cpus = encode_threads()
+        counts = args.threads or sorted({*(2 ** i for i in range(cpus.bit_length())), cpus})
+        return throughput(out, counts, args.rounds)
     rows = []
     with ThreadPoolExecutor(deflate_threads(), thread_name_prefix="png") as pool, \
             open(out / "encode.jsonl", "w") as log:

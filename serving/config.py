@@ -156,6 +156,8 @@ class ModelArgs(_Args):
                                                      "(static shapes: 2.5% more throughput at 256 rows)")
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
+    encode_threads: int | None = Field(None, ge=1, description="threads that encode the replica's answers (PNG, "
+                                       "JPEG, WebP); default: the CPUs the replica's process may run on")
     # Ray's router may hold at most this many requests on a replica. The default leaves room for a full batch plus
     # the engine's queue, so the engine (not Ray's default of 5) decides what runs and what is shed.
     max_ongoing_requests: int | None = Field(None, ge=1)

@@ -12,16 +12,13 @@ one (no ``@serve.batch``) and Ray's ``max_ongoing_requests`` is set high enough 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import os
 import threading
 import time
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
-
-import numpy as np
 
 from dit_runtime.checkpoint import read_info
 from dit_runtime.contract import random_student_contract
@@ -30,7 +27,7 @@ from dit_runtime.engine import (DeadlineExceededError, Engine, EngineError, Engi
                                 GenerationResult, InvalidRequestError, ModelSpec, QueueFullError,
                                 RequestCancelledError, StepEvent, configure_compile, freeze_startup_heap)
 from dit_runtime.engine.engine import settle_threadsafe
-from dit_runtime.images import deflate_threads, encode_image
+from dit_runtime.images import encode_base64, encode_threads
 
 from .autoscaling import OCCUPANCY, QUEUE_WAIT
 from .backend import EncodedImages, Progress, Readiness, ReplicaLoad, StartupTimes, raise_if_error
@@ -43,9 +40,6 @@ from .metrics import EngineMetrics
 log = logging.getLogger("ray.serve")
 
 LOAD_REFRESH_S = 1.0  # how often the running/waiting gauges are refreshed while the engine is idle
-# Threads that turn finished requests' images into answers (PNG, JPEG or WebP, base64) off the event loop; zlib,
-# numpy and Pillow release the GIL for most of it, so a few run in parallel when many requests finish in one step.
-ENCODE_THREADS = 4
 # Answers of at most this many pixels (all images of a request, no VAE) are encoded on the event loop instead: a
 # 64x64 PNG takes about 0.1 ms to write, less than the wake-ups of a hand-off to a thread and back.
 INLINE_ENCODE_MAX_PIXELS = 64 * 64
@@ -75,9 +69,12 @@ class ModelServer:
         self.model_spec: ModelSpec | None = None
         self.load_error: str | None = None
         self._stopped = threading.Event()
-        self._encoder = ThreadPoolExecutor(ENCODE_THREADS, thread_name_prefix="dit-encode")
-        # A large PNG's deflate slices, apart from the encoder's pool: an encoder thread waits on them.
-        self._deflater = ThreadPoolExecutor(deflate_threads(), thread_name_prefix="dit-png")
+        # Threads that turn finished requests' images into answers (PNG, JPEG or WebP, base64) off the event loop;
+        # zlib, numpy and Pillow let go of the GIL for most of it, so they run in parallel when many requests finish
+        # in one step. A large PNG's deflate slices go to a pool of their own, which an encoder thread waits on.
+        threads = args.encode_threads or encode_threads()
+        self._encoder = ThreadPoolExecutor(threads, thread_name_prefix="dit-encode")
+        self._deflater = ThreadPoolExecutor(threads, thread_name_prefix="dit-png")
         self.metrics = EngineMetrics(args.name, args.max_batch_size)
         self.startup: StartupTimes | None = None
         source = args.checkpoint or f"random weights of preset {args.preset!r}"
@@ -257,7 +254,8 @@ class ModelServer:
 
     def _encode(self, result: GenerationResult, request: GenerationRequest) -> EncodedImages:
         """The result's images as base64 files of the request's format."""
-        return EncodedImages(b64_images=tuple(encode_images(result.images, request, self._deflater)),
+        return EncodedImages(b64_images=tuple(encode_base64(result.images, request.encoding, request.upscale,
+                                                            self._deflater)),
                              output_format=request.encoding.format, seed=result.seed,
                              queue_seconds=result.queue_seconds, denoise_seconds=result.denoise_seconds,
                              engine_seconds=result.total_seconds, spec_fingerprint=self.model_spec.fingerprint)
@@ -286,15 +284,6 @@ class ModelServer:
             stats = self.engine.stats()
             self.metrics.set_load(stats.running_requests, stats.waiting_requests)
             self.metrics.record_startup(self.startup)
-
-
-def encode_images(images: np.ndarray, request: GenerationRequest, pool: Executor | None = None) -> list[str]:
-    """uint8 (n, H, W, C) -> base64 files of ``request.encoding`` (``images.encode_image``), upscaled
-    ``request.upscale`` times (nearest pixel); a large PNG's deflate runs in slices on ``pool``."""
-    scale = request.upscale
-    if scale > 1:
-        images = images.repeat(scale, axis=1).repeat(scale, axis=2)
-    return [base64.b64encode(encode_image(image, request.encoding, pool=pool)).decode("ascii") for image in images]
 
 
 class LocalModel:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import time
 
 import pytest
@@ -48,6 +49,17 @@ def test_an_answer_is_the_same_encoded_on_the_loop_or_in_an_encoder_thread(serve
     in_thread = generate(server, **fields)
     assert len(on_loop.b64_images) == fields.get("n", 1) and server.model_spec.resolution == 16
     assert in_thread.b64_images == on_loop.b64_images and in_thread.seed == on_loop.seed == 5
+
+
+def test_the_encoder_pools_take_as_many_threads_as_the_process_may_use_cores_unless_configured(server, checkpoints):
+    cores = len(os.sched_getaffinity(0))
+    assert server._encoder._max_workers == server._deflater._max_workers == cores
+    args = AppArgs.parse({"models": [model_args("digits-s", checkpoints["digits-s"], encode_threads=cores + 3)]})
+    configured = ModelServer(args.models[0], args.limits)
+    try:
+        assert configured._encoder._max_workers == configured._deflater._max_workers == cores + 3
+    finally:
+        configured.__del__()
 
 
 def test_an_engine_error_comes_back_as_an_api_error_on_both_paths(server, monkeypatch):

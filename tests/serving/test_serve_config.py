@@ -115,6 +115,7 @@ def test_random_weights_need_the_explicit_flag():
     ({"max_ongoing_requests": 2}, "would keep the engine's batch from filling"),
     ({"autoscaling": {"min_replicas": 3, "max_replicas": 2}}, "models[0].autoscaling"),
     ({"max_batch_sise": 8}, "models[0].max_batch_sise"),  # a typo is an error, not a silent default
+    ({"encode_threads": 0}, "models[0].encode_threads"),
 ])
 def test_bad_model_field_is_named(ckpt, change, field):
     assert field in error_of({"models": [model_args("a", ckpt, **change)]})
