@@ -12,8 +12,10 @@
    overhead = latency - engine time. Ray Serve's floor for the model's route is timed in the same run: a route
    with none of our code that waits as long as the engine on another thread, then answers a body of the same size
    (the control: what any model behind Ray Serve pays).
-3. ``benchmarks.loadgen`` at each of ``--rates`` (Poisson arrivals) on the model's route: images/s, p50/p99, shed;
-   with ``--floor-load`` on the floor's route too, the control for where the served rate tops out.
+3. ``benchmarks.loadgen`` at each of ``--rates`` (Poisson arrivals) on the model's route: images/s, p50/p99, shed,
+   and each serving process's CPU per request; with ``--floor-load`` on the floor's route too, the control for where
+   the served rate tops out; with ``--profile``, py-spy's account of each process's GIL time per request by part of
+   the stack (``benchmarks.cpu_profile``).
 Every result is written to ``--out`` as soon as it exists; ``summary.json`` last.
 """
 
@@ -32,6 +34,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from . import cpu_profile
 from .stats import percentile
 
 
@@ -171,10 +174,8 @@ def process_role(pid: int, args: str) -> str | None:
     return None
 
 
-def cpu_seconds_by_role() -> dict[str, float]:
-    """CPU seconds (user + system) each part of the serving stack on this host has used so far (Linux /proc)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    used = collections.defaultdict(float)
+def serving_processes():
+    """(pid, role, /proc stat fields after the name) of each process of the serving stack on this host (Linux)."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -185,7 +186,15 @@ def cpu_seconds_by_role() -> dict[str, float]:
             continue
         role = process_role(int(entry.name), args)
         if role is not None:
-            used[role] += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            yield int(entry.name), role, fields
+
+
+def cpu_seconds_by_role() -> dict[str, float]:
+    """CPU seconds (user + system) each part of the serving stack on this host has used so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    used = collections.defaultdict(float)
+    for _, role, fields in serving_processes():
+        used[role] += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
     return dict(used)
 
 
@@ -195,6 +204,11 @@ def loadgen(a, out: Path, rate: str, prefix: str) -> dict:
     from benchmarks import loadgen as lg
 
     path = out / "loadgen.jsonl"
+    phase = f"{prefix.strip('/').replace('/', '_') or 'root'}-{rate}"
+    recordings = []
+    if a.profile:  # the Python processes a request goes through: replicas (gateway, model) and Ray's proxy
+        pids = {pid: role for pid, role, _ in serving_processes() if role.startswith("replica") or role == "Ray proxy"}
+        recordings = cpu_profile.record(pids, a.duration, out, phase)
     before = cpu_seconds_by_role()
     lg.main(["--url", f"http://127.0.0.1:{a.port}{prefix}", "--model", a.model_name, "--steps", str(a.steps),
              "--rates", rate, "--duration", str(a.duration), "--warmup", "0", "--n", str(a.images_per_request),
@@ -202,6 +216,15 @@ def loadgen(a, out: Path, rate: str, prefix: str) -> dict:
     after = cpu_seconds_by_role()
     row = json.loads(path.read_text().splitlines()[-1])
     answered = max(row.get("ok") or 0, 1)
+    for recording in recordings:
+        recording.wait(timeout=30)
+        parts = cpu_profile.ms_per_request(recording.path, answered) if recording.path.exists() else {}
+        with open(out / "profile.jsonl", "a") as f:
+            f.write(json.dumps({"layout": a.layout, "route": prefix, "label": row.get("label"),
+                                "process": recording.role,
+                                "images_per_request": a.images_per_request, "ok": row.get("ok"),
+                                "gil_ms_per_request": parts}) + "\n")
+        log(f"GIL ms per request in {recording.role} at {row.get('label')}: {json.dumps(parts)}")
     row["cpu_ms_per_request"] = {role: round(1000 * (after[role] - before.get(role, 0.0)) / answered, 3)
                                  for role in sorted(after)}
     with open(out / "cpu.jsonl", "a") as f:
@@ -250,9 +273,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--gateway-replicas", type=int, default=1)
     ap.add_argument("--layout", choices=["direct", "gateway"], default="direct")
+    ap.add_argument("--profile", action="store_true",
+                    help="py-spy each replica and Ray's proxy during every load phase: GIL time per request by part "
+                         "of the stack (benchmarks/cpu_profile.py), in profile.jsonl")
     ap.add_argument("--access-log", action="store_true", help="Ray Serve's log line per request (off by default, as in "
                                                                "serve_config.gpu.yaml)")
     a = ap.parse_args(argv)
+    if a.profile:
+        cpu_profile.py_spy()  # missing: say so now, not after the engine's start
     a.out.mkdir(parents=True, exist_ok=True)
     a.compile_cache_dir = a.compile_cache_dir if a.compile else None
 

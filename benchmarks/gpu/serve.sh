@@ -9,8 +9,10 @@
 # FLOOR_LOAD=1 offers the same rates to Ray Serve's floor route (the control for a served ceiling); STUDENT=1 serves
 # the random weights as a 4-step student (with STEPS=4: the served path at student rates); VAE=sd-random decodes
 # with a random VAE of sd-vae-ft-ema's configuration (256x256 images; diffusers from the bundle); PORT lets two runs
-# share a host. Bounded to under 10 minutes (BENCH_TIMEOUT, 560 s). A cold host compiles each bucket first (the
-# student's seven, 1-64: 298 s), which leaves the served phases little of that: BUCKETS="1 8 64" for a first run.
+# share a host; PROFILE=1 adds py-spy's account of each serving process's Python time per request (py-spy from .whl/
+# when not installed: `pip download py-spy -d .whl` here, and carry .whl). Bounded to under 10 minutes
+# (BENCH_TIMEOUT, 560 s). A cold host compiles each bucket first (the student's seven, 1-64: 298 s), which leaves the
+# served phases little of that: BUCKETS="1 8 64" for a first run.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-out/serve}
@@ -18,6 +20,10 @@ mkdir -p "$OUT"
 if ! python3 -c "import ray, fastapi, pydantic, diffusers" 2>/dev/null; then
     [ -d /tmp/site/ray ] || bash .bundle/install.sh /tmp/site
     export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+if [ -n "${PROFILE:-}" ] && ! command -v py-spy >/dev/null; then
+    python3 -m pip install -q --no-index --find-links .whl --target /tmp/py-spy py-spy
+    export PATH="/tmp/py-spy/bin:$PATH"
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
 export RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=1   # as the Docker image runs it
@@ -28,6 +34,7 @@ timeout --signal=INT "${BENCH_TIMEOUT:-560}" python3 -m benchmarks serve --out "
     --steps "${STEPS:-25}" --sequential "${SEQUENTIAL:-100}" --rates "${RATES:-8,32,128,256}" \
     --images-per-request "${N:-1}" --gateway-replicas "${GATEWAYS:-4}" --layout "${LAYOUT:-direct}" --port "${PORT:-8000}" \
     ${BUCKETS:+--batch-buckets $BUCKETS} ${STUDENT:+--student} ${FLOOR_LOAD:+--floor-load} ${VAE:+--vae $VAE} \
+    ${PROFILE:+--profile} \
     2>&1 | tee "$OUT/serve.log" || status=$?
 echo "[serve.sh] exit status $status; results in $OUT:" >&2
 ls -l "$OUT" >&2
