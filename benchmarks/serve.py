@@ -234,6 +234,25 @@ def loadgen(a, out: Path, rate: str, prefix: str) -> dict:
     return row
 
 
+def soak_phase(a, route: str) -> dict:
+    """``benchmarks.soak`` on the model's route for ``--soak`` seconds at 0.8x its measured capacity: its windows,
+    memory samples and summary to ``soak.jsonl``, as ``python -m benchmarks soak`` writes them."""
+    from serving.config import model_deployment_name
+
+    from . import soak
+
+    app = a.model_name if a.layout == "direct" else "dit"
+    deployment = model_deployment_name(a.model_name)
+    body = {"model": a.model_name, "prompt": "3", "n": a.images_per_request, "num_inference_steps": a.steps}
+    pids = lambda: soak.replica_pids(app, deployment)  # noqa: E731
+    report = asyncio.run(soak.soak(f"http://127.0.0.1:{a.port}{route}", body, pids, load=0.8, seconds=a.soak,
+                                   window_s=min(60.0, a.soak / 5)))
+    summary = report.summary()
+    soak.write_report(report, a.out / "soak.jsonl")
+    log(f"soak: {json.dumps(summary)}")
+    return summary
+
+
 def add_model_arguments(ap: argparse.ArgumentParser) -> None:
     """The served model's options, shared with ``benchmarks.scale`` (``model_args`` reads them)."""
     ap.add_argument("--out", type=Path, required=True)
@@ -273,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--gateway-replicas", type=int, default=1)
     ap.add_argument("--layout", choices=["direct", "gateway"], default="direct")
+    ap.add_argument("--soak", type=float, metavar="SECONDS",
+                    help="last, soak the model's route this long at 0.8x its capacity (benchmarks/soak.py's bar)")
     ap.add_argument("--profile", action="store_true",
                     help="py-spy each replica and Ray's proxy during every load phase: GIL time per request by part "
                          "of the stack (benchmarks/cpu_profile.py), in profile.jsonl")
@@ -322,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     summary["load"] = [loadgen(a, a.out, rate, route) for rate in rates]
     if a.floor_load:  # the control: Ray Serve alone under the same arrivals
         summary["floor_load"] = [loadgen(a, a.out, rate, "/floor") for rate in rates]
+    if a.soak:
+        summary["soak"] = soak_phase(a, route)
     write(a.out, "summary.json", summary)
     shut_down()
     return 0

@@ -124,6 +124,17 @@ class SoakReport:
                           (gpu is None or gpu < MAX_MEMORY_GROWTH) and drift is not None and drift <= MAX_P99_DRIFT}
 
 
+def write_report(report: SoakReport, path: Path) -> None:
+    """The windows' rows, the memory samples and the summary, a JSON line each."""
+    with open(path, "w") as log:
+        for row in report.windows():
+            log.write(json.dumps(row) + "\n")
+        for m in report.memory:
+            log.write(json.dumps({"memory_at_s": round(m.at, 1), "rss_bytes": m.rss_bytes,
+                                  "gpu_bytes": m.gpu_bytes}) + "\n")
+        log.write(json.dumps({"summary": report.summary()}) + "\n")
+
+
 def _ms(x: float | None) -> float | None:
     return None if x is None else round(1000 * x, 1)
 
@@ -201,12 +212,6 @@ def main(argv: list[str] | None = None) -> int:
     report = asyncio.run(soak(a.url, body, lambda: replica_pids(a.app, deployment), a.load, a.seconds, a.window,
                               a.sample_every, a.clients, a.capacity_seconds, a.timeout))
     summary = report.summary()
-    with open(out / "soak.jsonl", "w") as log:
-        for row in report.windows():
-            log.write(json.dumps(row) + "\n")
-        for m in report.memory:
-            log.write(json.dumps({"memory_at_s": round(m.at, 1), "rss_bytes": m.rss_bytes,
-                                  "gpu_bytes": m.gpu_bytes}) + "\n")
-        log.write(json.dumps({"summary": summary}) + "\n")
+    write_report(report, out / "soak.jsonl")
     print(json.dumps(summary))
     return 0 if summary["passed"] else 1

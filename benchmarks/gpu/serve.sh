@@ -12,11 +12,28 @@
 # share a host; PROFILE=1 adds py-spy's account of each serving process's Python time per request (py-spy from .whl/
 # when not installed: `pip download py-spy -d .whl` here, and carry .whl). Bounded to under 10 minutes
 # (BENCH_TIMEOUT, 560 s). A cold host compiles each bucket first (the student's seven, 1-64: 298 s), which leaves the
-# served phases little of that: BUCKETS="1 8 64" for a first run.
+# served phases little of that: BUCKETS="1 8 64" for a first run. SOAK=600 ends with the soak (benchmarks/soak.py)
+# on the model's route at 0.8x its capacity. Longer than one call allows: DETACH=1 starts the run in the background
+# (in out/detached, with BENCH_TIMEOUT raised to fit) and returns at once; a later call on the same machine with
+# COLLECT=1 waits for it (up to 560 s) and copies its results to OUT.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-out/serve}
 mkdir -p "$OUT"
+detached=$PWD/out/detached
+if [ -n "${COLLECT:-}" ]; then
+    for _ in $(seq 560); do [ -e "$detached/done" ] && break; sleep 1; done
+    cp -r "$detached"/. "$OUT"/ || true
+    [ -e "$detached/done" ] || { echo "[serve.sh] the detached run has not finished (or did not survive)" >&2; exit 1; }
+    exit "$(cat "$detached/done")"
+fi
+if [ -n "${DETACH:-}" ]; then
+    rm -rf "$detached" && mkdir -p "$detached"
+    OUT=$detached DETACH= BENCH_TIMEOUT=${BENCH_TIMEOUT:-1500} setsid nohup bash "$0" > "$detached/serve.sh.log" 2>&1 \
+        < /dev/null &
+    echo "[serve.sh] detached (pid $!): collect with COLLECT=1 bash benchmarks/gpu/serve.sh" >&2
+    exit 0
+fi
 if ! python3 -c "import ray, fastapi, pydantic, diffusers" 2>/dev/null; then
     [ -d /tmp/site/ray ] || bash .bundle/install.sh /tmp/site
     export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
@@ -34,8 +51,9 @@ timeout --signal=INT "${BENCH_TIMEOUT:-560}" python3 -m benchmarks serve --out "
     --steps "${STEPS:-25}" --sequential "${SEQUENTIAL:-100}" --rates "${RATES:-8,32,128,256}" \
     --images-per-request "${N:-1}" --gateway-replicas "${GATEWAYS:-4}" --layout "${LAYOUT:-direct}" --port "${PORT:-8000}" \
     ${BUCKETS:+--batch-buckets $BUCKETS} ${STUDENT:+--student} ${FLOOR_LOAD:+--floor-load} ${VAE:+--vae $VAE} \
-    ${PROFILE:+--profile} \
+    ${PROFILE:+--profile} ${SOAK:+--soak $SOAK} \
     2>&1 | tee "$OUT/serve.log" || status=$?
 echo "[serve.sh] exit status $status; results in $OUT:" >&2
 ls -l "$OUT" >&2
+[ "$OUT" != "$detached" ] || echo "$status" > "$detached/done"
 exit "$status"
