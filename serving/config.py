@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
-from dit_runtime.contract import recorded_contract
+from dit_runtime.contract import SamplingContract, random_student_contract, recorded_contract
 from dit_runtime.request import RequestLimits, rows_per_image
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -101,6 +101,7 @@ class ModelArgs(_Args):
     """One served model size: where its weights come from, how its engine runs, and its Ray resources."""
 
     _null_row: bool = PrivateAttr(True)  # a guided image takes a null row (set from the contract at validation)
+    _contract: SamplingContract | None = PrivateAttr(None)  # the checkpoint's, read at validation (None: unreadable)
 
     name: str = Field(description="the `model` id clients ask for, e.g. digits-s or dit-10l")
     checkpoint: str | None = Field(None, description="a .safetensors checkpoint; relative paths are resolved "
@@ -139,6 +140,10 @@ class ModelArgs(_Args):
                                                            "(EngineConfig.max_queue_wait_s)")
     max_queue_size: int = Field(256, ge=1, description="images waiting for a batch slot, a memory guard; past it, 429")
     batch_buckets: list[int] | None = None
+    default_inference_steps: int | None = Field(None, ge=1, description="this model's steps when a request names "
+                                                "none, over `limits.default_inference_steps` (a 4-step student "
+                                                "beside 50-step teachers); default: the app's, else the "
+                                                "checkpoint's recommended one")
     default_cache: str = Field("off", description="the `cache` preset of a request that names none: off, "
                                                   "balanced or fast (docs/benchmarks.md has their quality and speed)")
     feature_cache_rows: int | None = Field(None, ge=0, description="image rows whose feature cache the replica "
@@ -220,10 +225,13 @@ class ModelArgs(_Args):
         if self.device == "cpu" and self.num_gpus > 0:
             raise ValueError(f"num_gpus {self.num_gpus} with device 'cpu' reserves a GPU that is not used")
         if self.checkpoint is not None:
-            contract = recorded_contract(self.checkpoint)
-            self._null_row = contract is None or contract.null_row
+            self._contract = recorded_contract(self.checkpoint)
+            self._null_row = self._contract is None or self._contract.null_row
         else:
+            self._contract = random_student_contract() if self.random_weights_as == "student" else None
             self._null_row = self.random_weights_as == "teacher"
+        if self.default_inference_steps is not None:
+            self.check_default_steps(self.default_inference_steps)
         if self.max_ongoing_requests is not None and self.max_ongoing_requests < self.guided_images_per_batch:
             raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) below the "
                              f"{self.guided_images_per_batch} guided one-image requests that fill a batch "
@@ -231,6 +239,25 @@ class ModelArgs(_Args):
                              "would keep the engine's batch from filling")
         self.engine_config()  # the engine's own checks (precision vs device, buckets ...), reported here
         return self
+
+    def default_steps(self, limits: Limits) -> int | None:
+        """This model's default step count: its own ``default_inference_steps``, else the app's; None: the
+        checkpoint's recommended one."""
+        return self.default_inference_steps if self.default_inference_steps is not None \
+            else limits.default_inference_steps
+
+    def check_default_steps(self, steps: int) -> None:
+        """A ValueError when the checkpoint's contract refuses ``steps`` as a default (a student takes only the
+        counts it was trained for), saying which it takes."""
+        if self._contract is None:
+            return
+        try:
+            self._contract.with_overrides(num_inference_steps=steps)
+        except ValueError as e:
+            counts = self._contract.step_counts
+            why = f"a student of {', '.join(map(str, counts))} steps" if counts else str(e)
+            raise ValueError(f"default_inference_steps {steps} does not fit model {self.name!r} ({why}): set the "
+                             "model's own `default_inference_steps`") from None
 
     def engine_config(self, limits: Limits | None = None):
         """The engine's config for this model; ``limits`` caps what one request may ask for."""
@@ -242,7 +269,7 @@ class ModelArgs(_Args):
         return EngineConfig(fast_paths=fast_paths, device=self.device, precision=self.precision, max_batch_size=self.max_batch_size,
                             max_queue_size=self.max_queue_size, max_queue_wait_s=self.max_queue_wait_s,
                             limits=limits.request_limits(),
-                            default_inference_steps=limits.default_inference_steps, compile=self.compile,
+                            default_inference_steps=self.default_steps(limits), compile=self.compile,
                             cuda_graphs=self.cuda_graphs,
                             batch_buckets=tuple(self.batch_buckets) if self.batch_buckets else None,
                             compile_cache_dir=self.compile_cache_dir, compile_options=self.compile_options,
@@ -339,6 +366,25 @@ class AppArgs(_Args):
             raise ValueError(f"model names must be unique; repeated: {', '.join(dupes)}")
         return models
 
+    @model_validator(mode="after")
+    def _default_steps_fit(self) -> "AppArgs":
+        """Each model's default step count within the limits and its checkpoint's contract, told at validation
+        rather than when its replica starts."""
+        for i, m in enumerate(self.models):
+            steps = m.default_steps(self.limits)
+            if steps is None:
+                continue
+            source = f"models[{i}].default_inference_steps" if m.default_inference_steps is not None \
+                else "limits.default_inference_steps"
+            if steps > self.limits.max_inference_steps:
+                raise ValueError(f"{source} ({steps}) must be <= limits.max_inference_steps "
+                                 f"({self.limits.max_inference_steps})")
+            try:
+                m.check_default_steps(steps)
+            except ValueError as e:
+                raise ValueError(f"{source}: {e}") from None
+        return self
+
     @classmethod
     def parse(cls, raw: dict | "AppArgs") -> "AppArgs":
         """Validate, raising a ValueError whose lines name each bad field (``models[0].checkpoint: ...``)."""
@@ -358,5 +404,5 @@ def format_errors(e: ValidationError) -> str:
         # The input, unless there is none, it is a whole section, or the message gives it (", got ...") already.
         said = err["type"] == "missing" or isinstance(err["input"], dict) or ", got " in msg
         got = "" if said else f" (got {err['input']!r})"
-        lines.append(f"  {loc or '<root>'}: {msg}{got}")
+        lines.append(f"  {loc}: {msg}{got}" if loc else f"  {msg}{got}")  # a check across sections names its fields
     return "\n".join(lines)

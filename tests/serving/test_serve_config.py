@@ -167,6 +167,25 @@ def test_bad_limits_and_duplicates_are_named(ckpt):
     assert "models" in error_of({"models": []})
 
 
+def test_a_student_beside_teachers_takes_its_own_default_steps_and_a_misfit_is_told_at_validation(ckpt):
+    """An app-wide default of 25 steps suits a teacher, not a 4-step student: the config names the field to set, and
+    a model's own default_inference_steps is the one its engine uses."""
+    student = ROOT / "checkpoints" / "digits-s-4step.safetensors"
+    limits = {"max_inference_steps": 100, "default_inference_steps": 25}
+    message = error_of({"models": [model_args("t", ckpt), model_args("s", student)], "limits": limits})
+    assert "limits.default_inference_steps: default_inference_steps 25 does not fit model 's' (a student of 1, 2, " \
+           "4, 8 steps): set the model's own `default_inference_steps`" in message, message
+    args = AppArgs.parse({"models": [model_args("t", ckpt), model_args("s", student, default_inference_steps=2)],
+                          "limits": limits})
+    teacher, student_args = args.models
+    assert teacher.engine_config(args.limits).default_inference_steps == 25
+    assert student_args.engine_config(args.limits).default_inference_steps == 2
+    assert "models[0]: default_inference_steps 3 does not fit model 's'" in error_of(
+        {"models": [model_args("s", student, default_inference_steps=3)]})
+    assert "models[0].default_inference_steps (120) must be <=" in error_of(
+        {"models": [model_args("t", ckpt, default_inference_steps=120)], "limits": limits})
+
+
 def test_app_builder_refuses_a_bad_config_naming_the_field():
     """build_app (serve_config.yaml's import_path) validates its args before binding any deployment."""
     from serving.app import build_app
