@@ -56,6 +56,14 @@ def images() -> dict[str, np.ndarray]:
     return cases
 
 
+def emit(row: dict, rows: list[dict], log) -> None:
+    """A measured row: kept for the table, to the JSON lines file at once, and to stdout."""
+    rows.append(row)
+    log.write(json.dumps(row) + "\n")
+    log.flush()
+    print(json.dumps(row), flush=True)
+
+
 def throughput(out: Path, threads: list[int], rounds: int, requests: int = 64, n: int = 4) -> int:
     """Images/s of requests of ``n`` base64 PNGs on ``threads`` encoder threads (and as many deflating), per image."""
     encoding = OutputEncoding("png")
@@ -79,10 +87,7 @@ def throughput(out: Path, threads: list[int], rounds: int, requests: int = 64, n
                         rates.append(requests * n / (time.perf_counter() - start))
                 row = {"image": name, "threads": count, "cpus": cpus, "requests": requests, "images_per_request": n,
                        "images_per_s": round(statistics.median(rates), 1)}
-                rows.append(row)
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-                print(json.dumps(row), flush=True)
+                emit(row, rows, log)
     print("\n| image | threads | images/s |\n| --- | --- | --- |")
     for r in rows:
         print(f"| {r['image']} | {r['threads']} | {r['images_per_s']:,.1f} |")
@@ -128,10 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             for k, fn in encoders.items():
                 row = {"image": name, "encoder": k, "us": round(statistics.median(times[k]) * 1e6, 1),
                        "bytes": len(fn(image)), "cpus": os.cpu_count()}
-                rows.append(row)
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-                print(json.dumps(row), flush=True)
+                emit(row, rows, log)
     print("\n| image | encoder | us per image | bytes |\n| --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['image']} | {r['encoder']} | {r['us']:,.1f} | {r['bytes']:,} |")
