@@ -245,8 +245,8 @@ def soak_phase(a, route: str) -> dict:
     deployment = model_deployment_name(a.model_name)
     body = {"model": a.model_name, "prompt": "3", "n": a.images_per_request, "num_inference_steps": a.steps}
     pids = lambda: soak.replica_pids(app, deployment)  # noqa: E731
-    # Closed-loop clients enough to keep two batches of images in flight: capacity is the engine's, not the clients'.
-    clients = max(8, 2 * a.max_batch_size // a.images_per_request)
+    # Closed-loop clients enough to keep one batch of images in flight: a full batch's rate, with no queue behind it.
+    clients = max(8, a.max_batch_size // a.images_per_request)
     report = asyncio.run(soak.soak(f"http://127.0.0.1:{a.port}{route}", body, pids, load=0.8, seconds=a.soak,
                                    window_s=min(60.0, a.soak / 5), clients=clients))
     summary = report.summary()
