@@ -409,21 +409,38 @@ def test_gpu_compiled_graphs_match_fp32_and_never_recompile(precision, cache_row
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("precision", ["fp16", "fp8"])
-def test_gpu_restart_loads_every_program_with_the_feature_cache(precision, tmp_path):
+@pytest.mark.parametrize("setup", ["fp16", "fp8", "fp8-blocks"])
+def test_gpu_restart_loads_every_program_with_the_feature_cache(setup, tmp_path):
     """The served GPU setup (compiled, CUDA graphs, the default feature cache) restarted on its compile_cache_dir:
-    every program loads, the symbolic-row parts of a cached step and fp8's custom op included, none is compiled or
-    traced, and the samples are bit for bit the first engine's (the same programs on the same inputs)."""
+    every program loads, the symbolic-row parts of a cached step and fp8's custom ops included (``fp8-blocks``: a
+    model 128 wide, so its MLPs take the block-scaled path and its Triton GEMM), none is compiled or traced, and the
+    samples are bit for bit the first engine's (the same programs on the same inputs)."""
     from torch._dynamo.utils import counters
 
+    from dit_runtime.engine.fp8 import Fp8BlockMlp
+
+    precision = setup.removesuffix("-blocks")
     config = EngineConfig(device="cuda", precision=precision, max_batch_size=8, compile=True, cuda_graphs=True,
                           compile_cache_dir=str(tmp_path), fast_paths=every_size_in(precision))
     configure_compile(config, engines=2)
-    info = CheckpointInfo(config=random_model().config, class_names=default_class_names(10), space="latent")
+
+    def model() -> DiTModel:
+        if setup != "fp8-blocks":
+            return random_model()
+        torch.manual_seed(0)
+        wide = DiTModel.from_config(dataclasses.replace(get_preset("dit-tiny"), hidden_dim=128, ffn_dim=512))
+        for p in wide.parameters():
+            torch.nn.init.normal_(p, std=0.05)
+        wide.reset_pos_embed()
+        return wide.eval()
+
+    info = CheckpointInfo(config=model().config, class_names=default_class_names(10), space="latent")
     presets = list(CACHE_POLICIES)
 
     def run():
-        with Engine(random_model(), info, config) as eng:
+        with Engine(model(), info, config) as eng:
+            blocks = any(isinstance(m, Fp8BlockMlp) for m in eng.runner.model.modules())
+            assert blocks == (setup == "fp8-blocks"), "the MLPs did not take the path the setup names"
             handles = [eng.submit(GenerationRequest.of(i, n=1 + i % 2, seed=i, num_inference_steps=20,
                                                        cache=presets[i % len(presets)]))
                        for i in range(5)]
