@@ -106,3 +106,29 @@ def test_a_requests_gpu_idle_time_splits_into_launch_latency_and_waiting_for_the
     assert gaps["kernels"] == 6
     assert gaps["launch_gaps_ms"] * 1e3 == pytest.approx(2.0 + LAUNCH_GAP_US)
     assert gaps["host_gaps_ms"] * 1e3 == pytest.approx(100.0)
+
+
+def test_the_cpu_profile_files_each_stack_under_its_innermost_known_frame_and_divides_by_requests(tmp_path):
+    """py-spy's collapsed stacks (outermost frame first) as ``benchmarks serve --profile`` reads them."""
+    from benchmarks.cpu_profile import SAMPLES_PER_S, ms_per_request, part_of
+
+    loop = "Thread.run (threading.py:982);Engine._loop (dit_runtime/engine/engine.py:396)"
+    step = f"{loop};ModelRunner._full (dit_runtime/engine/runner.py:318);ModelRunner._layout (dit_runtime/engine/" \
+           "runner.py:258);ModelRunner._layout.<locals>.<listcomp> (dit_runtime/engine/runner.py:258)"
+    encode = "ModelServer._answer (serving/model_server.py:240);encode_base64 (dit_runtime/images.py:150);" \
+             "b64encode (base64.py:58)"
+    asgi = "send_with_request_id (ray/serve/_private/http_util.py:737);RequestResponseCycle.send " \
+           "(uvicorn/protocols/http/httptools_impl.py:522)"
+    torch_frame = f"{step};Module._call_impl (torch/nn/modules/module.py:1789)"
+    assert part_of(step) == "denoising step (eager)"
+    assert part_of(f"{loop};Scheduler.schedule (dit_runtime/engine/scheduler.py:203)").startswith("engine")
+    assert part_of(encode) == "base64" and part_of(encode.rpartition(";")[0]) == "image encoding"
+    assert part_of(asgi).startswith("ASGI") and part_of(asgi.partition(";")[0]) == "Ray Serve"
+    assert part_of(torch_frame) == "torch (its Python)" and part_of("<module> (mine.py:1)") == "other"
+    path = tmp_path / "profile.txt"
+    path.write_text(f"{step} 30\n{encode} 10\n{asgi} 20\n")
+    parts = ms_per_request(path, requests=5)
+    per_sample = 1000 / SAMPLES_PER_S / 5
+    assert parts == {"denoising step (eager)": 30 * per_sample, "ASGI (FastAPI, Starlette, uvicorn)": 20 * per_sample,
+                     "base64": 10 * per_sample}
+    assert list(parts) == ["denoising step (eager)", "ASGI (FastAPI, Starlette, uvicorn)", "base64"]  # largest first
