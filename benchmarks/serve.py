@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["soak"] = soak_phase(a, route)
     write(a.out, "summary.json", summary)
     shut_down()
-    return 0
+    return 1 if a.soak and not summary["soak"]["passed"] else 0  # as `benchmarks soak` exits
 
 
 def shut_down(timeout_s: float = 60.0) -> None:
