@@ -53,6 +53,7 @@ import json
 import os
 import platform
 import random
+import re
 import statistics
 import sys
 import time
@@ -104,9 +105,23 @@ def cuda_time(fn, iters: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
+# Kinds of GPU kernel by name, first match wins: where a step's time goes, whichever library named its kernels.
+KERNEL_KINDS = (("ours (Triton)", r"^_(fp8_gemm|gelu_quant)"),
+                ("GEMM (cuBLAS, CUTLASS)", r"gemm|xmma|nvjet|cutlass|scaled_mm"),
+                ("attention", r"flash|fmha|attention|sdpa"),
+                ("fused elementwise and reductions (inductor)", r"^triton_"),
+                ("copies", r"memcpy|memset|copy"))
+
+
+def kernel_kind(name: str) -> str:
+    """The kind (``KERNEL_KINDS``) of a kernel, by its name; ``other`` when none matches."""
+    return next((kind for kind, pattern in KERNEL_KINDS if re.search(pattern, name, re.IGNORECASE)), "other")
+
+
 def kernel_profile(timer: "EngineSteps", steps: int = 10) -> dict:
     """The GPU time of one engine step summed over the kernels the profiler saw (the rest of a step is the GPU
-    idle), kernels per step, and the top kernels by time, over every step ``timer`` ran for ``steps`` timed ones."""
+    idle), kernels per step, that time by kind of kernel, and the top kernels by time, over every step ``timer`` ran
+    for ``steps`` timed ones."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -118,7 +133,12 @@ def kernel_profile(timer: "EngineSteps", steps: int = 10) -> dict:
             per_kernel[event.name] += event.device_time
     ran = timer.steps_run
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:8]
+    by_kind = collections.defaultdict(float)
+    for name, t in per_kernel.items():
+        by_kind[kernel_kind(name)] += t
     return {"kernel_ms_per_step": round(sum(per_kernel.values()) / ran / 1e3, 3), "profiled_steps": ran,
+            "kernel_ms_by_kind": {kind: round(t / ran / 1e3, 3) for kind, t in sorted(by_kind.items(),
+                                                                                      key=lambda kv: -kv[1])},
             "top_kernels": [{"kernel": name[:90], "ms_per_step": round(t / ran / 1e3, 3)} for name, t in top]}
 
 

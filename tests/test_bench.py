@@ -132,3 +132,18 @@ def test_the_cpu_profile_files_each_stack_under_its_innermost_known_frame_and_di
     assert parts == {"denoising step (eager)": 30 * per_sample, "ASGI (FastAPI, Starlette, uvicorn)": 20 * per_sample,
                      "base64": 10 * per_sample}
     assert list(parts) == ["denoising step (eager)", "ASGI (FastAPI, Starlette, uvicorn)", "base64"]  # largest first
+
+
+def test_the_kernel_profile_files_kernels_by_kind_whichever_library_named_them():
+    from benchmarks.engine import kernel_kind
+
+    assert kernel_kind("_fp8_gemm_gelu_quant_blocks_kernel") == "ours (Triton)"  # before the GEMMs' rule
+    assert kernel_kind("_gelu_quant_rows_kernel") == "ours (Triton)"
+    for gemm in ("sm90_xmma_gemm_e4m3e4m3_e4m3f32_f32_tn_n_tilesize128x128x128", "nvjet_tst_192x192_64x4_1x2_h_bz_TNT",
+                 "void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal>"):
+        assert kernel_kind(gemm) == "GEMM (cuBLAS, CUTLASS)", gemm
+    assert kernel_kind("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits>") == "attention"
+    assert kernel_kind("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention"
+    assert kernel_kind("triton_per_fused_add_native_layer_norm_0") == "fused elementwise and reductions (inductor)"
+    assert kernel_kind("Memcpy DtoD (Device -> Device)") == "copies"
+    assert kernel_kind("void at::native::vectorized_elementwise_kernel<4>") == "other"
