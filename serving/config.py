@@ -368,21 +368,23 @@ class AppArgs(_Args):
 
     @model_validator(mode="after")
     def _default_steps_fit(self) -> "AppArgs":
-        """Each model's default step count within the limits and its checkpoint's contract, told at validation
-        rather than when its replica starts."""
+        """Each model's default step count within the limits, and the app's default within the contract of each
+        model that has none of its own (a model's own was checked with it), told at validation rather than when a
+        replica starts."""
         for i, m in enumerate(self.models):
             steps = m.default_steps(self.limits)
             if steps is None:
                 continue
-            source = f"models[{i}].default_inference_steps" if m.default_inference_steps is not None \
-                else "limits.default_inference_steps"
+            own = m.default_inference_steps is not None
+            source = f"models[{i}].default_inference_steps" if own else "limits.default_inference_steps"
             if steps > self.limits.max_inference_steps:
                 raise ValueError(f"{source} ({steps}) must be <= limits.max_inference_steps "
                                  f"({self.limits.max_inference_steps})")
-            try:
-                m.check_default_steps(steps)
-            except ValueError as e:
-                raise ValueError(f"{source}: {e}") from None
+            if not own:
+                try:
+                    m.check_default_steps(steps)
+                except ValueError as e:
+                    raise ValueError(f"{source}: {e}") from None
         return self
 
     @classmethod
