@@ -22,15 +22,22 @@ OUT=${OUT:-out/serve}
 mkdir -p "$OUT"
 detached=$PWD/out/detached
 if [ -n "${COLLECT:-}" ]; then
-    for _ in $(seq 560); do [ -e "$detached/done" ] && break; sleep 1; done
+    for _ in $(seq 560); do
+        [ -e "$detached/done" ] && break
+        kill -0 "$(cat "$detached/pid")" 2>/dev/null || break   # gone without finishing: say so now, not in 560 s
+        sleep 1
+    done
     cp -r "$detached"/. "$OUT"/ || true
-    [ -e "$detached/done" ] || { echo "[serve.sh] the detached run has not finished (or did not survive)" >&2; exit 1; }
+    [ -e "$detached/done" ] || { kill -0 "$(cat "$detached/pid")" 2>/dev/null \
+        && echo "[serve.sh] the detached run is still going: collect again" >&2 \
+        || echo "[serve.sh] the detached run ended without finishing (see serve.sh.log)" >&2; exit 1; }
     exit "$(cat "$detached/done")"
 fi
 if [ -n "${DETACH:-}" ]; then
     rm -rf "$detached" && mkdir -p "$detached"
     OUT=$detached DETACH= BENCH_TIMEOUT=${BENCH_TIMEOUT:-1500} setsid nohup bash "$0" > "$detached/serve.sh.log" 2>&1 \
         < /dev/null &
+    echo $! > "$detached/pid"
     echo "[serve.sh] detached (pid $!): collect with COLLECT=1 bash benchmarks/gpu/serve.sh" >&2
     exit 0
 fi
@@ -42,6 +49,7 @@ if [ -n "${PROFILE:-}" ] && ! command -v py-spy >/dev/null; then
     python3 -m pip install -q --no-index --find-links .whl --target /tmp/py-spy py-spy
     export PATH="/tmp/py-spy/bin:$PATH"
 fi
+[ "$OUT" != "$detached" ] || echo $$ > "$detached/pid"   # the detached run itself, for COLLECT's liveness check
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
 export RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=1   # as the Docker image runs it
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv" || true
