@@ -19,7 +19,11 @@ Setups (each in the device's half precision, fp16 unless named; fp32 on a CPU):
 Each row: milliseconds per image (median over ``--rounds`` calls, the setups timed in turn, CUDA events on a GPU),
 the first call's seconds at that batch (a compile, where one is due), and the error against the fp32 eager decode
 of the same latents: relative L2 of the float images and the largest difference in uint8 levels. The anchor's own
-fp16 error is the tolerance. Rows go to ``OUT/decode.jsonl`` as they are measured.
+fp16 error is the tolerance. On a GPU each row also has the decoder's rate (``tflops``: its FLOPs per image, counted
+once by ``decode_flops``, over the time) against the card's measured fp16 matmul rate, and with
+``--profile-kernels`` its kernels' time per image by kind (``DECODER_KERNEL_KINDS``) with the convolutions' own rate:
+whether a faster decode is ours to win or cuDNN's convolution kernels' to give. Rows go to ``OUT/decode.jsonl`` as
+they are measured.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ import torch
 
 from dit_runtime.decoders import VAEDecoder, load_vae, quantize
 
+from .engine import KERNEL_KINDS, kernel_times, kernels_by_kind, matmul_peak
+
 SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
                      down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                      layers_per_block=2, norm_num_groups=32, sample_size=256, scaling_factor=0.18215)
@@ -44,6 +50,26 @@ TINY_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_o
 SETUPS = ("diffusers-eager", "eager", "compiled", "compiled-bf16", "graphs", "compiled-cudnn-bench",
           "graphs-cudnn-bench", "autotune")
 CUDA_ONLY = ("graphs", "graphs-cudnn-bench", "autotune")
+# A decoder's kernels by kind. Inductor's fused kernels first: it names them after the ops they fuse
+# (``triton_poi_fused_convolution_native_group_norm_0`` is a GroupNorm pass, not a convolution); cuDNN's
+# convolutions are implicit GEMMs, named for it, so they come before the GEMMs' rule.
+CONVOLUTIONS = "convolutions (cuDNN, inductor templates)"
+DECODER_KERNEL_KINDS = ((KERNEL_KINDS[3][0], r"^triton_(poi|per|red)_"), KERNEL_KINDS[2],
+                        (CONVOLUTIONS, r"conv|fprop|implicit|nhwc"), KERNEL_KINDS[1], KERNEL_KINDS[4])
+
+
+def decode_flops(vae: torch.nn.Module, latent_shape: tuple[int, ...]) -> tuple[int, int]:
+    """FLOPs of decoding one latent of ``latent_shape`` (channels, h, w), in all and in convolutions, counted by
+    torch's FlopCounterMode on a copy of ``vae`` on the meta device (no arithmetic is done)."""
+    import copy
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    meta = copy.deepcopy(vae).to("meta")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        meta.decode(torch.empty(1, *latent_shape, device="meta"))
+    counts = counter.get_flop_counts()["Global"]
+    return counter.get_total_flops(), int(counts.get(torch.ops.aten.convolution, 0))
 
 
 def random_vae(config: dict, seed: int = 0) -> torch.nn.Module:
@@ -127,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latent-side", type=int, default=32)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--profile-kernels", action="store_true",
+                   help="on a GPU, each setup's kernel time per image by kind, from torch.profiler")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_out")))
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
@@ -137,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     reference_vae = fresh_vae().to(device)
     source = a.vae or f"random {a.config}"
     generator = torch.Generator().manual_seed(0)
+    flops, conv_flops = decode_flops(reference_vae, (reference_vae.config.latent_channels, a.latent_side,
+                                                      a.latent_side))
+    peak = matmul_peak() if device.type == "cuda" else None
     names = [n for n in a.setups if n not in CUDA_ONLY or device.type == "cuda"]
     fns = {name: setup(name, fresh_vae(), device, half) for name in names}  # each batch size reuses them
     for batch in a.batches:
@@ -157,7 +188,16 @@ def main(argv: list[str] | None = None) -> int:
                    "first_call_s": round(first[name], 2),
                    "rel_error": float(f"{float((images - reference).norm() / reference.norm()):.3g}"),
                    "max_uint8_diff": int((quantize(images).int() - quantize(reference).int()).abs().max()),
-                   "image_shape": list(images.shape[1:])}
+                   "image_shape": list(images.shape[1:]), "gflop_per_image": round(flops / 1e9, 2)}
+            if peak:
+                row["tflops"] = round(flops / (row["ms_per_image"] / 1e3) / 1e12, 1)
+                row["of_matmul_peak"] = round(row["tflops"] * 1e12 / peak, 3)
+            if a.profile_kernels and device.type == "cuda":
+                calls = 3
+                row.update(kernels_by_kind(kernel_times(lambda: [fns[name](z) for _ in range(calls)]),
+                                           calls * batch, "image", DECODER_KERNEL_KINDS))
+                conv_ms = row["kernel_ms_by_kind"].get(CONVOLUTIONS)
+                row["conv_tflops"] = round(conv_flops / (conv_ms / 1e3) / 1e12, 1) if conv_ms else None
             with open(a.out / "decode.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)

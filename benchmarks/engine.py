@@ -113,33 +113,45 @@ KERNEL_KINDS = (("ours (Triton)", r"^_(fp8_gemm|gelu_quant)"),
                 ("copies", r"memcpy|memset|copy"))
 
 
-def kernel_kind(name: str) -> str:
-    """The kind (``KERNEL_KINDS``) of a kernel, by its name; ``other`` when none matches."""
-    return next((kind for kind, pattern in KERNEL_KINDS if re.search(pattern, name, re.IGNORECASE)), "other")
+def kernel_kind(name: str, kinds: tuple[tuple[str, str], ...] = KERNEL_KINDS) -> str:
+    """The kind (of ``kinds``) of a kernel, by its name; ``other`` when none matches."""
+    return next((kind for kind, pattern in kinds if re.search(pattern, name, re.IGNORECASE)), "other")
+
+
+def kernel_times(run) -> dict[str, float]:
+    """GPU microseconds per kernel name over one call of ``run``, from torch.profiler (the time the GPU was idle in
+    between is in no kernel)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    per_kernel = collections.defaultdict(float)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[event.name] += event.device_time
+    return per_kernel
+
+
+def kernels_by_kind(per_kernel: dict[str, float], count: int, unit: str, kinds=KERNEL_KINDS, top: int = 8) -> dict:
+    """``kernel_times``' microseconds over ``count`` units of work (steps, images) as milliseconds per ``unit``: in
+    all (``kernel_ms_per_<unit>``), by kind, and the top kernels."""
+    by_kind = collections.defaultdict(float)
+    for name, t in per_kernel.items():
+        by_kind[kernel_kind(name, kinds)] += t
+    ms = lambda t: round(t / count / 1e3, 4)  # noqa: E731
+    return {f"kernel_ms_per_{unit}": ms(sum(per_kernel.values())),
+            "kernel_ms_by_kind": {kind: ms(t) for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [{"kernel": name[:90], f"ms_per_{unit}": ms(t)}
+                            for name, t in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:top]]}
 
 
 def kernel_profile(timer: "EngineSteps", steps: int = 10) -> dict:
     """The GPU time of one engine step summed over the kernels the profiler saw (the rest of a step is the GPU
     idle), kernels per step, that time by kind of kernel, and the top kernels by time, over every step ``timer`` ran
     for ``steps`` timed ones."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        timer(steps)
-        torch.cuda.synchronize()
-    per_kernel = collections.defaultdict(float)
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            per_kernel[event.name] += event.device_time
-    ran = timer.steps_run
-    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:8]
-    by_kind = collections.defaultdict(float)
-    for name, t in per_kernel.items():
-        by_kind[kernel_kind(name)] += t
-    return {"kernel_ms_per_step": round(sum(per_kernel.values()) / ran / 1e3, 3), "profiled_steps": ran,
-            "kernel_ms_by_kind": {kind: round(t / ran / 1e3, 3) for kind, t in sorted(by_kind.items(),
-                                                                                      key=lambda kv: -kv[1])},
-            "top_kernels": [{"kernel": name[:90], "ms_per_step": round(t / ran / 1e3, 3)} for name, t in top]}
+    per_kernel = kernel_times(lambda: timer(steps))
+    return {"profiled_steps": timer.steps_run, **kernels_by_kind(per_kernel, timer.steps_run, "step")}
 
 
 def matmul_peak(dtype=torch.float16, n: int = 8192) -> float:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks.engine import BASELINE_PACKAGE, EngineSteps, engine_request, load_baseline
 
@@ -71,6 +72,41 @@ def test_the_decode_benchmark_holds_each_setup_to_the_fp32_decode(tmp_path):
     for row in rows:
         assert row["image_shape"] == [3, 16, 16] and row["ms_per_image"] > 0
         assert row["rel_error"] < 1e-5 and row["max_uint8_diff"] <= 1  # fp32 on the CPU: the same decode
+
+
+def test_the_decoders_flop_count_is_every_convolutions_own_arithmetic():
+    """decode_flops (counted on the meta device) against each Conv2d's 2 * c_in * c_out * k_h * k_w * h_out * w_out
+    (over groups), read off a real decode's module outputs."""
+    pytest.importorskip("diffusers")
+    from benchmarks.decode import TINY_VAE_CONFIG, decode_flops, random_vae
+
+    vae = random_vae(TINY_VAE_CONFIG)
+    expected = []
+    def count(conv, _, out):
+        k_h, k_w = conv.kernel_size
+        expected.append(2 * conv.in_channels * conv.out_channels // conv.groups * k_h * k_w * out[0, 0].numel())
+    hooks = [m.register_forward_hook(count) for m in vae.decoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    hooks += [vae.post_quant_conv.register_forward_hook(count)] if vae.post_quant_conv is not None else []
+    with torch.no_grad():
+        vae.decode(torch.randn(1, 4, 8, 8))
+    for hook in hooks:
+        hook.remove()
+    total, convolutions = decode_flops(vae, (4, 8, 8))
+    assert len(expected) > 5 and convolutions == sum(expected)
+    assert total >= convolutions  # and the mid-block attention's matmuls
+
+
+def test_the_decoders_kernels_are_filed_by_what_they_compute():
+    from benchmarks.decode import CONVOLUTIONS, DECODER_KERNEL_KINDS
+    from benchmarks.engine import kernel_kind
+
+    kind = lambda name: kernel_kind(name, DECODER_KERNEL_KINDS)  # noqa: E731
+    assert kind("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128x64") == CONVOLUTIONS
+    assert kind("triton_tem_fused_convolution_0") == CONVOLUTIONS  # inductor's convolution template
+    assert kind("triton_poi_fused_convolution_native_group_norm_silu_3") == "fused elementwise and reductions " \
+                                                                            "(inductor)"  # named for what it fuses
+    assert kind("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention"
+    assert kind("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NTN") == "GEMM (cuBLAS, CUTLASS)"
 
 
 def test_the_anchor_writes_one_decoded_png_per_image_and_times_each_stage(tmp_path):
