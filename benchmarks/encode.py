@@ -13,7 +13,8 @@ image and the file's bytes. Rows go to ``OUT/encode.jsonl`` as they are measured
 ``--throughput``: the 256x256 images as a replica encodes answers under load: requests of four images, base64 PNG
 (``images.encode_base64``), on a pool of encoder threads beside a pool as large that deflates the slices, for each of
 ``--threads`` (default: 1, 2, 4 and so on up to the CPUs this process may use, and that count); median images/s of
-``--rounds``, to ``OUT/encode-throughput.jsonl``. A replica sizes both pools to ``images.encode_threads()``.
+``--rounds``, to ``OUT/encode-throughput.jsonl``. A replica sizes both pools to ``images.encode_threads()``
+(its CPUs, at most ``MAX_ENCODE_THREADS``: this benchmark's figures).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dit_runtime.images import deflate_threads, encode_base64, encode_image, encode_png, encode_threads
+from dit_runtime.images import deflate_threads, encode_base64, encode_image, encode_png, usable_cpus
 from dit_runtime.request import OutputEncoding
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +68,7 @@ def emit(row: dict, rows: list[dict], log) -> None:
 def throughput(out: Path, threads: list[int], rounds: int, requests: int = 64, n: int = 4) -> int:
     """Images/s of requests of ``n`` base64 PNGs on ``threads`` encoder threads (and as many deflating), per image."""
     encoding = OutputEncoding("png")
-    cpus = encode_threads()
+    cpus = usable_cpus()
     print(f"{cpus} CPUs for this process; requests of {n} images, {requests} a round", flush=True)
     rows = []
     with open(out / "encode-throughput.jsonl", "w") as log:
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.throughput:
-        cpus = encode_threads()
+        cpus = usable_cpus()
         counts = args.threads or sorted({*(2 ** i for i in range(cpus.bit_length())), cpus})
         return throughput(out, counts, args.rounds)
     rows = []

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from dit_runtime.cli.sample import main as sample
+from dit_runtime import images
 from dit_runtime.images import PARALLEL_DEFLATE_BYTES, encode_png, make_grid, save_grid, to_uint8
 
 
@@ -62,6 +63,14 @@ def test_png_writer_deflates_large_images_in_slices_that_read_back_as_one(thread
             for given in (None, pool):
                 decoded = Image.open(io.BytesIO(encode_png(image, threads=threads, pool=given)))
                 np.testing.assert_array_equal(np.asarray(decoded), image)
+
+
+@pytest.mark.parametrize("cpus", [1, 3, 16, 128])
+def test_a_server_encodes_on_its_cpus_up_to_the_measured_cap(monkeypatch, cpus):
+    monkeypatch.setattr(images.os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    assert images.usable_cpus() == cpus
+    assert images.encode_threads() == min(cpus, images.MAX_ENCODE_THREADS)
+    assert images.deflate_threads() == min(cpus, images.MAX_ENCODE_THREADS, images.MAX_DEFLATE_SLICES)
 
 
 def test_png_writer_takes_strided_views_and_refuses_what_is_not_an_image():

@@ -10,6 +10,7 @@ import time
 import pytest
 from serve_helpers import model_args
 
+from dit_runtime import images
 from serving import model_server
 from serving.backend import EncodedImages
 from serving.config import AppArgs
@@ -51,9 +52,10 @@ def test_an_answer_is_the_same_encoded_on_the_loop_or_in_an_encoder_thread(serve
     assert in_thread.b64_images == on_loop.b64_images and in_thread.seed == on_loop.seed == 5
 
 
-def test_the_encoder_pools_take_as_many_threads_as_the_process_may_use_cores_unless_configured(server, checkpoints):
+def test_the_encoder_pools_take_the_process_cores_up_to_their_cap_unless_configured(server, checkpoints):
     cores = len(os.sched_getaffinity(0))
-    assert server._encoder._max_workers == server._deflater._max_workers == cores
+    expected = min(cores, images.MAX_ENCODE_THREADS)
+    assert server._encoder._max_workers == server._deflater._max_workers == expected
     args = AppArgs.parse({"models": [model_args("digits-s", checkpoints["digits-s"], encode_threads=cores + 3)]})
     configured = ModelServer(args.models[0], args.limits)
     try:
