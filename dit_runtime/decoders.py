@@ -60,10 +60,14 @@ class VAEDecoder(Decoder):
     """A diffusers ``AutoencoderKL``'s decoder over a latent model's samples (divided by the checkpoint's
     ``latent_scale`` first), in batches of at most ``max_batch``.
 
-    ``compile``: torch.compile the decoder with a symbolic batch size: one program serves every batch of two or more
-    (one more, specialised, serves a single image), where static shapes would compile one per size."""
+    ``compile``: torch.compile the decoder with a symbolic batch size: a few programs serve every batch size up to
+    ``max_batch``, where static shapes would compile one per size. A symbolic program holds only for the range of
+    sizes its guards allow: one image is specialised, torch's convolution tells 2-15 images from 16 and more, and
+    diffusers' upsampler branches at 64. So ``warm_up`` decodes every size once. ``compile_options``: inductor's
+    (``torch.compile``'s ``options``)."""
 
-    def __init__(self, vae: torch.nn.Module, latent_scale: float, max_batch: int = 64, compile: bool = False):
+    def __init__(self, vae: torch.nn.Module, latent_scale: float, max_batch: int = 64, compile: bool = False,
+                 compile_options: dict | None = None):
         self.vae = vae.eval().requires_grad_(False)
         param = next(self.vae.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -72,7 +76,7 @@ class VAEDecoder(Decoder):
         self.latent_scale = latent_scale
         self.max_batch = max_batch
         self.compiled = compile
-        self._decode = torch.compile(self._forward, dynamic=True) if compile else self._forward
+        self._decode = torch.compile(self._forward, dynamic=True, options=compile_options) if compile else self._forward
 
     @property
     def upsampling(self) -> int:
@@ -101,11 +105,12 @@ class VAEDecoder(Decoder):
         return torch.cat(out) if len(out) > 1 else out[0]
 
     def warm_up(self, sample_shape: tuple[int, ...]) -> float:
-        """Compiled: a decode of one image and of two (the two programs)."""
+        """Compiled: a decode of every batch size up to ``max_batch``, so that each program the decoder needs is built
+        now. A size first met at a request would compile there: on an H100, a stall of about 30 s under load."""
         if not self.compiled:
             return 0.0
         start = time.perf_counter()
-        for n in (1, 2):
+        for n in range(1, self.max_batch + 1):
             self(torch.zeros(n, *sample_shape, device=self.device))
         return time.perf_counter() - start
 

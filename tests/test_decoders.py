@@ -98,12 +98,14 @@ def test_a_failed_decode_fails_its_requests_and_the_engine_serves_on():
     assert second.images.shape == (1, 16, 16, 3)
 
 
-def test_a_compiled_decoder_compiles_at_start_up_and_decodes_as_the_eager_one():
+def test_a_compiled_decoder_compiles_at_start_up_for_every_batch_and_decodes_as_the_eager_one():
     eager = latent_engine(tiny_vae())
-    compiled = latent_engine(tiny_vae(), compile_decoder=True)
+    compiled = latent_engine(tiny_vae(), compile_decoder=True, decode_batch_size=20)
     assert compiled.decoder_warmup_seconds > 0
     requests = [request(7, n=3), request(8)]
-    with torch._dynamo.config.patch(error_on_recompile=True):  # a batch of four: no compile at a request
+    with torch._dynamo.config.patch(error_on_recompile=True):  # no compile at a request, whatever its batch
+        for n in (1, 2, 15, 16, 17, 20, 41):  # 41: two full batches and one
+            assert compiled.decoder(torch.zeros(n, 4, 8, 8)).shape == (n, 16, 16, 3)
         got = compiled.generate(requests)
     for a, b in zip(got, eager.generate(requests)):
         assert np.array_equal(a.latents, b.latents)
