@@ -14,7 +14,9 @@ Setups (each in the device's half precision, fp16 unless named; fp32 on a CPU):
 - ``compiled-cudnn-bench`` / ``graphs-cudnn-bench``: the same with ``torch.backends.cudnn.benchmark`` on during their
   calls (cuDNN times its convolution algorithms for each new shape and keeps the fastest);
 - ``autotune``: ``mode="max-autotune-no-cudagraphs"`` at a static batch (inductor times its Triton convolution and
-  GEMM templates against cuDNN's for each convolution; slow to compile).
+  GEMM templates against cuDNN's for each convolution, and tunes its own kernels' launch settings; slow to compile);
+- ``tuned``: compiled as the engine does (a symbolic batch size), with inductor's coordinate-descent tuning of its own
+  kernels' launch settings: the part of ``autotune`` that sped up the GroupNorm passes, without the template search.
 
 Each row: milliseconds per image (median over ``--rounds`` calls, the setups timed in turn, CUDA events on a GPU),
 the first call's seconds at that batch (a compile, where one is due), and the error against the fp32 eager decode
@@ -48,8 +50,8 @@ TINY_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_o
                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                        layers_per_block=1, norm_num_groups=4)
 SETUPS = ("diffusers-eager", "eager", "compiled", "compiled-bf16", "graphs", "compiled-cudnn-bench",
-          "graphs-cudnn-bench", "autotune")
-CUDA_ONLY = ("graphs", "graphs-cudnn-bench", "autotune")
+          "graphs-cudnn-bench", "autotune", "tuned")
+CUDA_ONLY = ("graphs", "graphs-cudnn-bench", "autotune", "tuned")
 # A decoder's kernels by kind. Inductor's fused kernels first: it names them after the ops they fuse
 # (``triton_poi_fused_convolution_native_group_norm_0`` is a GroupNorm pass, not a convolution); cuDNN's
 # convolutions are implicit GEMMs, named for it, so they come before the GEMMs' rule.
@@ -138,7 +140,8 @@ def setup(name: str, vae: torch.nn.Module, device: torch.device, half: torch.dty
         mode = "reduce-overhead" if name == "graphs" else "max-autotune-no-cudagraphs"
         forward = torch.compile(lambda z: module.decode(z).sample, mode=mode, dynamic=False)  # per batch
         return lambda z: forward(z.to(dtype).contiguous(memory_format=torch.channels_last)).clone()
-    decoder = VAEDecoder(module, latent_scale=1.0, max_batch=1 << 20, compile=name != "eager")
+    decoder = VAEDecoder(module, latent_scale=1.0, max_batch=1 << 20, compile=name != "eager",
+                         compile_options={"coordinate_descent_tuning": True} if name == "tuned" else None)
     return lambda z: decoder.decode(z)[0]
 
 
