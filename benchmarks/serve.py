@@ -29,6 +29,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -56,9 +57,9 @@ def model_args(a) -> dict:
         m["checkpoint"] = a.checkpoint
     else:
         m.update(preset=a.preset, allow_random_weights=True, random_weights_as="student" if a.student else "teacher")
-    if a.vae == "sd-random":  # random weights of sd-vae-ft-ema's configuration, written once beside the results
+    if a.vae == "sd-random":  # random weights of sd-vae-ft-ema's configuration (335 MB), written once, not in OUT
         from benchmarks.decode import write_random_vae
-        a.vae = str(write_random_vae(a.out / "vae-sd-random"))
+        a.vae = str(write_random_vae(Path(tempfile.gettempdir()) / "dit-serve-vae-sd-random"))
     if a.vae:  # with --compile the decoder is compiled too (compile_decoder), as a deployment that cares would
         m.update(vae=a.vae, compile_decoder=a.compile)
     return m

@@ -52,6 +52,7 @@ fi
 [ "$OUT" != "$detached" ] || echo $$ > "$detached/pid"   # the detached run itself, for COLLECT's liveness check
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
 export RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=1   # as the Docker image runs it
+export TORCH_LOGS=${TORCH_LOGS:-recompiles}   # a program compiled while serving: its guard, in OUT/recompiles.txt
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv" || true
 status=0
 timeout --signal=INT "${BENCH_TIMEOUT:-560}" python3 -m benchmarks serve --out "$OUT" --model-name dit-10l \
@@ -61,6 +62,7 @@ timeout --signal=INT "${BENCH_TIMEOUT:-560}" python3 -m benchmarks serve --out "
     ${BUCKETS:+--batch-buckets $BUCKETS} ${STUDENT:+--student} ${FLOOR_LOAD:+--floor-load} ${VAE:+--vae $VAE} \
     ${PROFILE:+--profile} ${SOAK:+--soak $SOAK} \
     2>&1 | tee "$OUT/serve.log" || status=$?
+grep -rh "__recompiles\]" /tmp/ray/session_latest/logs/ 2>/dev/null | cut -c1-600 > "$OUT/recompiles.txt" || true
 echo "[serve.sh] exit status $status; results in $OUT:" >&2
 ls -l "$OUT" >&2
 [ "$OUT" != "$detached" ] || echo "$status" > "$detached/done"
