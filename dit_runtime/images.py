@@ -152,12 +152,13 @@ def encode_image(image: np.ndarray, encoding: OutputEncoding, pool: Executor | N
 
 
 def encode_base64(images: np.ndarray, encoding: OutputEncoding, upscale: int = 1,
-                  pool: Executor | None = None) -> list[str]:
-    """uint8 (n, H, W, C) -> base64 files of ``encoding`` (``encode_image``), each image upscaled ``upscale`` times
-    (nearest pixel); a large PNG's deflate runs in slices on ``pool``."""
+                  pool: Executor | None = None) -> list[bytes]:
+    """uint8 (n, H, W, C) -> base64 files (ASCII bytes, as they go into a JSON body) of ``encoding``
+    (``encode_image``), each image upscaled ``upscale`` times (nearest pixel); a large PNG's deflate runs in slices
+    on ``pool``."""
     if upscale > 1:
         images = images.repeat(upscale, axis=1).repeat(upscale, axis=2)
-    return [base64.b64encode(encode_image(image, encoding, pool=pool)).decode("ascii") for image in images]
+    return [base64.b64encode(encode_image(image, encoding, pool=pool)) for image in images]
 
 
 def make_grid(images: np.ndarray, ncols: int | None = None, padding: int = 2) -> np.ndarray:

@@ -49,7 +49,7 @@ ANSWERING_STATES = ("RUNNING", "STOPPING")
 class EncodedImages:
     """A finished request as the API sends it: base64 image files, the seed used and the engine's timings."""
 
-    b64_images: tuple[str, ...]  # files of the request's output_format
+    b64_images: tuple[bytes, ...]  # files of the request's output_format, base64 (ASCII)
     output_format: str
     seed: int
     queue_seconds: float  # submit -> admission into the batch

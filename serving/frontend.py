@@ -44,7 +44,7 @@ from .config import AuthArgs, Limits
 from .errors import ERROR_TYPES, APIError, invalid
 from .metrics import GatewayMetrics
 from .protocol import (ErrorResponse, ImageData, ImageGenerationRequest, ImagesResponse, ModelCard, ModelList,
-                       ProgressEvent, SamplingDefaults, Timings)
+                       ProgressEvent, SamplingDefaults, Timings, images_response_json)
 
 log = logging.getLogger("ray.serve")
 
@@ -279,7 +279,10 @@ class Frontend:
                 raise APIError(504, f"model {model!r} did not answer within the request's deadline",
                                code="deadline_exceeded") from None
             status = 200
-            return Response(self._images_response(images, started).model_dump_json(), media_type="application/json")
+            return Response(images_response_json(images.b64_images, created=int(time.time()),
+                                                 output_format=images.output_format, seed=images.seed,
+                                                 timings=self._timings(images, started)),
+                            media_type="application/json")
         except APIError as e:
             status = e.status
             return _error_response(e)
@@ -303,13 +306,19 @@ class Frontend:
         return self.backends[model]
 
     @staticmethod
-    def _images_response(images: EncodedImages, started: float | None) -> ImagesResponse:
-        return ImagesResponse(
-            created=int(time.time()), data=[ImageData(b64_json=b) for b in images.b64_images],
-            output_format=images.output_format, seed=images.seed,
-            timings=Timings(queue_seconds=images.queue_seconds, denoise_seconds=images.denoise_seconds,
-                            engine_seconds=images.engine_seconds,
-                            server_seconds=None if started is None else time.perf_counter() - started))
+    def _timings(images: EncodedImages, started: float | None) -> Timings:
+        return Timings(queue_seconds=images.queue_seconds, denoise_seconds=images.denoise_seconds,
+                       engine_seconds=images.engine_seconds,
+                       server_seconds=None if started is None else time.perf_counter() - started)
+
+    @classmethod
+    def _images_response(cls, images: EncodedImages, started: float | None) -> ImagesResponse:
+        """The answer as a model, for a stream's last event (a plain answer's JSON is composed:
+        ``images_response_json``)."""
+        return ImagesResponse(created=int(time.time()),
+                              data=[ImageData(b64_json=b.decode("ascii")) for b in images.b64_images],
+                              output_format=images.output_format, seed=images.seed,
+                              timings=cls._timings(images, started))
 
     async def _stream(self, model: str, backend: ModelBackend, request, started: float) -> StreamingResponse:
         events = backend.stream(request)

@@ -8,7 +8,9 @@ request reaches the model as one resolved ``GenerationRequest``, and two APIs in
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import random
 import time
 
 import httpx
@@ -20,6 +22,7 @@ from serving.backend import EncodedImages, Progress, Readiness, ReplicaLoad
 from serving.config import AuthArgs, Limits
 from serving.errors import APIError
 from serving.frontend import Frontend
+from serving.protocol import ImageData, ImagesResponse, Timings, images_response_json
 
 SPEC = ModelSpec(class_names=("zero", "one", "two", "three"), resolution=16, channels=1, space="pixel",
                  parameters=1000, max_rows=8,
@@ -40,7 +43,7 @@ class FakeModel:
 
     async def generate(self, request: GenerationRequest) -> EncodedImages:
         self.requests.append(request)
-        return EncodedImages(("PNG",) * request.num_images, "png", seed=request.sampling.seed or 7, queue_seconds=0.0,
+        return EncodedImages((b"UE5H",) * request.num_images, "png", seed=request.sampling.seed or 7, queue_seconds=0.0,
                              denoise_seconds=0.0, engine_seconds=0.001)
 
     async def stream(self, request: GenerationRequest):
@@ -77,11 +80,23 @@ def test_a_request_reaches_the_model_once_resolved_against_its_spec(api, model):
     r = call(api, "POST", "/v1/images/generations", json={"prompt": "Two", "n": 2, "size": "32x32"})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert [d["b64_json"] for d in body["data"]] == ["PNG", "PNG"] and body["timings"]["server_seconds"] > 0
+    assert [d["b64_json"] for d in body["data"]] == ["UE5H", "UE5H"] and body["timings"]["server_seconds"] > 0
     (request,) = model.requests
     assert request.class_ids == (2, 2) and request.upscale == 2
     assert request.sampling == SamplingParams(num_inference_steps=7, sampler="ddim", guidance_scale=3.0)
     assert started + Limits().request_timeout_s <= request.deadline <= time.time() + Limits().request_timeout_s
+
+
+@pytest.mark.parametrize("n, server_seconds", [(1, 0.25), (4, None), (0, 1e-7)])
+def test_the_composed_answer_is_the_json_pydantic_would_write(n, server_seconds):
+    rng = random.Random(n)
+    files = [base64.b64encode(rng.randbytes(rng.randrange(1, 3000))) for _ in range(n)]
+    timings = Timings(queue_seconds=0.5, denoise_seconds=1 / 3, engine_seconds=2.0, server_seconds=server_seconds)
+    fields = dict(created=1_767_000_000, output_format="webp", seed=2**63 - 1, timings=timings)
+    body = images_response_json(files, **fields)
+    expected = ImagesResponse(data=[ImageData(b64_json=f.decode()) for f in files], **fields)
+    assert body == expected.model_dump_json().encode()
+    assert ImagesResponse.model_validate_json(body) == expected
 
 
 def test_the_cache_preset_travels_with_the_request(api, model):
