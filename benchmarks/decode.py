@@ -56,8 +56,10 @@ CUDA_ONLY = ("graphs", "graphs-cudnn-bench", "autotune", "tuned")
 # (``triton_poi_fused_convolution_native_group_norm_0`` is a GroupNorm pass, not a convolution); cuDNN's
 # convolutions are implicit GEMMs, named for it, so they come before the GEMMs' rule.
 CONVOLUTIONS = "convolutions (cuDNN, inductor templates)"
-DECODER_KERNEL_KINDS = ((KERNEL_KINDS[3][0], r"^triton_(poi|per|red)_"), KERNEL_KINDS[2],
-                        (CONVOLUTIONS, r"conv|fprop|implicit|nhwc"), KERNEL_KINDS[1], KERNEL_KINDS[4])
+_KINDS = dict(KERNEL_KINDS)
+DECODER_KERNEL_KINDS = (("fused elementwise and reductions (inductor)", r"^triton_(poi|per|red)_"),
+                        ("attention", _KINDS["attention"]), (CONVOLUTIONS, r"conv|fprop|implicit|nhwc"),
+                        ("GEMM (cuBLAS, CUTLASS)", _KINDS["GEMM (cuBLAS, CUTLASS)"]), ("copies", _KINDS["copies"]))
 
 
 def decode_flops(vae: torch.nn.Module, latent_shape: tuple[int, ...]) -> tuple[int, int]:

@@ -62,8 +62,8 @@ class VAEDecoder(Decoder):
 
     ``compile``: torch.compile the decoder with a symbolic batch size: a few programs serve every batch size up to
     ``max_batch``, where static shapes would compile one per size. A symbolic program holds only for the range of
-    sizes its guards allow: one image is specialised, torch's convolution tells 2-15 images from 16 and more, and
-    diffusers' upsampler branches at 64. So ``warm_up`` decodes every size once. ``compile_options``: inductor's
+    sizes its guards allow: one image is specialised, and on the CPU torch's convolution tells 2-15 images from 16 and
+    more, and diffusers' upsampler branches at 64. So ``warm_up`` decodes every size once. ``compile_options``: inductor's
     (``torch.compile``'s ``options``)."""
 
     def __init__(self, vae: torch.nn.Module, latent_scale: float, max_batch: int = 64, compile: bool = False,
