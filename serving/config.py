@@ -115,8 +115,8 @@ class ModelArgs(_Args):
                                "rates)")
     vae: str | None = Field(None, description="local diffusers AutoencoderKL folder that decodes a latent-space "
                                               "checkpoint's samples into images (required for those)")
-    compile_decoder: bool = Field(False, description="torch.compile the VAE decoder at start-up (one program for "
-                                                     "every batch size)")
+    compile_decoder: bool = Field(False, description="torch.compile the VAE decoder at start-up, with a symbolic "
+                                                     "batch size, and decode every batch size once then")
     device: Literal["cpu", "cuda"] = "cpu"
     precision: Literal["fp32", "fp16", "bf16", "fp8"] = Field(
         "fp32", description="fp32 on the CPU; fp16 or bf16 on a GPU; fp8: FP8 GEMMs in the blocks (Ada, Hopper or "
