@@ -16,7 +16,9 @@ Setups (each in the device's half precision, fp16 unless named; fp32 on a CPU):
 - ``autotune``: ``mode="max-autotune-no-cudagraphs"`` at a static batch (inductor times its Triton convolution and
   GEMM templates against cuDNN's for each convolution, and tunes its own kernels' launch settings; slow to compile);
 - ``tuned``: compiled as the engine does (a symbolic batch size), with inductor's coordinate-descent tuning of its own
-  kernels' launch settings: the part of ``autotune`` that sped up the GroupNorm passes, without the template search.
+  kernels' launch settings: the part of ``autotune`` that sped up the GroupNorm passes, without the template search;
+- ``engine-graphs``: the engine's decoder with ``decoder_cuda_graphs``: its symbolic-batch program captured as CUDA
+  graphs at ``decoders.graph_batches`` of the largest ``--batches``, each batch padded to the next.
 
 Each row: milliseconds per image (median over ``--rounds`` calls, the setups timed in turn, CUDA events on a GPU),
 the first call's seconds at that batch (a compile, where one is due), and the error against the fp32 eager decode
@@ -50,8 +52,8 @@ TINY_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_o
                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                        layers_per_block=1, norm_num_groups=4)
 SETUPS = ("diffusers-eager", "eager", "compiled", "compiled-bf16", "graphs", "compiled-cudnn-bench",
-          "graphs-cudnn-bench", "autotune", "tuned")
-CUDA_ONLY = ("graphs", "graphs-cudnn-bench", "autotune", "tuned")
+          "graphs-cudnn-bench", "autotune", "tuned", "engine-graphs")
+CUDA_ONLY = ("graphs", "graphs-cudnn-bench", "autotune", "tuned", "engine-graphs")
 # A decoder's kernels by kind. Inductor's fused kernels first: it names them after the ops they fuse
 # (``triton_poi_fused_convolution_native_group_norm_0`` is a GroupNorm pass, not a convolution); cuDNN's
 # convolutions are implicit GEMMs, named for it, so they come before the GEMMs' rule.
@@ -128,10 +130,13 @@ def with_cudnn_benchmark(fn):
     return call
 
 
-def setup(name: str, vae: torch.nn.Module, device: torch.device, half: torch.dtype):
-    """The decode function (scaled latents (n, 4, h, w) fp32 -> float images) of one setup."""
+def setup(name: str, vae: torch.nn.Module, device: torch.device, half: torch.dtype, latent_shape: tuple[int, ...],
+          max_batch: int):
+    """The decode function (scaled latents (n, 4, h, w) fp32 -> float images) of one setup, for batches of at most
+    ``max_batch`` latents of ``latent_shape``."""
     if name.endswith("-cudnn-bench"):
-        return with_cudnn_benchmark(setup(name.removesuffix("-cudnn-bench"), vae, device, half))
+        return with_cudnn_benchmark(setup(name.removesuffix("-cudnn-bench"), vae, device, half, latent_shape,
+                                          max_batch))
     dtype = torch.bfloat16 if name == "compiled-bf16" else half
     module = vae.to(device, dtype)
     if name == "diffusers-eager":
@@ -142,6 +147,10 @@ def setup(name: str, vae: torch.nn.Module, device: torch.device, half: torch.dty
         mode = "reduce-overhead" if name == "graphs" else "max-autotune-no-cudagraphs"
         forward = torch.compile(lambda z: module.decode(z).sample, mode=mode, dynamic=False)  # per batch
         return lambda z: forward(z.to(dtype).contiguous(memory_format=torch.channels_last)).clone()
+    if name == "engine-graphs":  # a view of the graph's static output: read before the next call
+        decoder = VAEDecoder(module, latent_scale=1.0, max_batch=max_batch, compile=True, cuda_graphs=True)
+        decoder.warm_up(latent_shape)
+        return lambda z: decoder.decode(z)[0]
     decoder = VAEDecoder(module, latent_scale=1.0, max_batch=1 << 20, compile=name != "eager",
                          compile_options={"coordinate_descent_tuning": True} if name == "tuned" else None)
     return lambda z: decoder.decode(z)[0]
@@ -170,11 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     reference_vae = fresh_vae().to(device)
     source = a.vae or f"random {a.config}"
     generator = torch.Generator().manual_seed(0)
-    flops, conv_flops = decode_flops(reference_vae, (reference_vae.config.latent_channels, a.latent_side,
-                                                      a.latent_side))
+    latent_shape = (reference_vae.config.latent_channels, a.latent_side, a.latent_side)
+    flops, conv_flops = decode_flops(reference_vae, latent_shape)
     peak = matmul_peak() if device.type == "cuda" else None
     names = [n for n in a.setups if n not in CUDA_ONLY or device.type == "cuda"]
-    fns = {name: setup(name, fresh_vae(), device, half) for name in names}  # each batch size reuses them
+    fns = {name: setup(name, fresh_vae(), device, half, latent_shape, max(a.batches))  # each batch reuses them
+           for name in names}
     for batch in a.batches:
         z = torch.randn(batch, reference_vae.config.latent_channels, a.latent_side, a.latent_side,
                         generator=generator).to(device)

@@ -61,7 +61,7 @@ def model_args(a) -> dict:
         from benchmarks.decode import write_random_vae
         a.vae = str(write_random_vae(Path(tempfile.gettempdir()) / "dit-serve-vae-sd-random"))
     if a.vae:  # with --compile the decoder is compiled too (compile_decoder), as a deployment that cares would
-        m.update(vae=a.vae, compile_decoder=a.compile)
+        m.update(vae=a.vae, compile_decoder=a.compile, decoder_cuda_graphs=a.decoder_graphs)
     return m
 
 
@@ -270,6 +270,8 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-batch-size", type=int, default=64)
     ap.add_argument("--student", action="store_true", help="with --preset: serve the random weights as a 4-step "
                                                            "student (one row per guided image; --steps 1, 2, 4 or 8)")
+    ap.add_argument("--decoder-graphs", action="store_true",
+                    help="with --vae and --compile: the decoder as CUDA graphs (decoder_cuda_graphs)")
     ap.add_argument("--vae", help="a latent model's decoder: a local diffusers AutoencoderKL folder, or sd-random "
                                   "(random weights of sd-vae-ft-ema's configuration: 256x256 images from dit-10l's "
                                   "32x32 latents), compiled with --compile; default none, the latents answered as "

@@ -3,12 +3,13 @@ requests that finished in it; a failed decode fails those requests and not the e
 
 from __future__ import annotations
 
+import copy
 import numpy as np
 import pytest
 import torch
 
 from dit_runtime.checkpoint import CheckpointInfo, default_class_names
-from dit_runtime.decoders import LatentView, PixelDecoder, VAEDecoder, decoder_for, quantize
+from dit_runtime.decoders import LatentView, PixelDecoder, VAEDecoder, decoder_for, graph_batches, quantize
 from dit_runtime.engine import Engine, EngineConfig, EngineError, GenerationRequest, SamplingParams
 from dit_runtime.model import DiTModel, get_preset
 
@@ -110,3 +111,30 @@ def test_a_compiled_decoder_compiles_at_start_up_for_every_batch_and_decodes_as_
     for a, b in zip(got, eager.generate(requests)):
         assert np.array_equal(a.latents, b.latents)
         assert np.abs(a.images.astype(int) - b.images.astype(int)).max() <= 1  # fused kernels round apart
+
+
+def test_decoder_graphs_are_captured_at_every_fourth_batch_and_need_a_compiled_decoder_on_a_gpu():
+    assert graph_batches(64) == [1, 2, *range(4, 65, 4)]
+    assert graph_batches(10) == [1, 2, 4, 8, 10] and graph_batches(1) == [1]
+    with pytest.raises(ValueError, match="compiled .*compile_decoder.* CUDA"):
+        VAEDecoder(tiny_vae(), latent_scale=1.0, compile=True, cuda_graphs=True)  # on the CPU
+    with pytest.raises(ValueError, match="decoder_cuda_graphs needs compile_decoder and device 'cuda'"):
+        EngineConfig(decoder_cuda_graphs=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_graph_captured_decoder_decodes_every_batch_as_the_compiled_one_without_compiling():
+    vae = tiny_vae().to("cuda", torch.float16)
+    compiled = VAEDecoder(vae, latent_scale=1.0, max_batch=20, compile=True)
+    graphed = VAEDecoder(copy.deepcopy(vae), latent_scale=1.0, max_batch=20, compile=True, cuda_graphs=True)
+    compiled.warm_up((4, 8, 8))
+    graphed.warm_up((4, 8, 8))
+    assert list(graphed._graphs) == graph_batches(20)
+    torch.manual_seed(1)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for n in (1, 3, 5, 17, 20, 41):  # padded to 4, 8, 20; 41: two full batches and one
+            z = torch.randn(n, 4, 8, 8, device="cuda")
+            got, want = graphed(z), compiled(z)
+            assert got.shape == (n, 16, 16, 3)
+            assert (got.int() - want.int()).abs().max() <= 1  # batch sizes apart: kernels may round apart

@@ -3,19 +3,19 @@
 #   OUT=/tmp/out bash benchmarks/gpu/serve.sh
 # Serves dit-10l (random weights, fp16, compiled, CUDA graphs) as the Docker image does (direct ingress with HAProxy,
 # Ray Serve's throughput switches) and runs `python -m benchmarks serve`: the engine alone, what serving adds at one
-# image per request on the model's route and the gateway's, Ray Serve's own floor beside it, and Poisson load.
-# LAYOUT (direct), PRECISION (fp16, or fp8), MAX_BATCH (64), BUCKETS (powers of two), RATES (8,32,128,256 or
-# none), SEQUENTIAL (100), N (images per load request, 1), STEPS (25) and GATEWAYS (4) set its arguments;
-# FLOOR_LOAD=1 offers the same rates to Ray Serve's floor route (the control for a served ceiling); STUDENT=1 serves
-# the random weights as a 4-step student (with STEPS=4: the served path at student rates); VAE=sd-random decodes
-# with a random VAE of sd-vae-ft-ema's configuration (256x256 images; diffusers from the bundle); PORT lets two runs
-# share a host; PROFILE=1 adds py-spy's account of each serving process's Python time per request (py-spy from .whl/
-# when not installed: `pip download py-spy -d .whl` here, and carry .whl). Bounded to under 10 minutes
+# image per request on the model's route and the gateway's, Ray Serve's own floor beside it, and Poisson load. LAYOUT
+# (direct), PRECISION (fp16, or fp8), MAX_BATCH (64), BUCKETS (powers of two), RATES (8,32,128,256 or none), SEQUENTIAL
+# (100), N (images per load request, 1), STEPS (25) and GATEWAYS (4) set its arguments; FLOOR_LOAD=1 offers the same
+# rates to Ray Serve's floor route (the control for a served ceiling); STUDENT=1 serves the random weights as a 4-step
+# student (with STEPS=4: the served path at student rates); VAE=sd-random decodes with a random VAE of sd-vae-ft-ema's
+# configuration (256x256 images; diffusers from the bundle), DECODER_GRAPHS=1 captures it as CUDA graphs; PORT lets two
+# runs share a host; PROFILE=1 adds py-spy's account of each serving process's Python time per request (py-spy from
+# .whl/ when not installed: `pip download py-spy -d .whl` here, and carry .whl). Bounded to under 10 minutes
 # (BENCH_TIMEOUT, 560 s). A cold host compiles each bucket first (the student's seven, 1-64: 298 s), which leaves the
-# served phases little of that: BUCKETS="1 8 64" for a first run. SOAK=600 ends with the soak (benchmarks/soak.py)
-# on the model's route at 0.8x its capacity. Longer than one call allows: DETACH=1 starts the run in the background
-# (in out/detached, with BENCH_TIMEOUT raised to fit) and returns at once; a later call on the same machine with
-# COLLECT=1 waits for it (up to 560 s) and copies its results to OUT.
+# served phases little of that: BUCKETS="1 8 64" for a first run. SOAK=600 ends with the soak (benchmarks/soak.py) on
+# the model's route at 0.8x its capacity. Longer than one call allows: DETACH=1 starts the run in the background (in
+# out/detached, with BENCH_TIMEOUT raised to fit) and returns at once; a later call on the same machine with COLLECT=1
+# waits for it (up to 560 s) and copies its results to OUT.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-out/serve}
@@ -60,6 +60,7 @@ timeout --signal=INT "${BENCH_TIMEOUT:-560}" python3 -m benchmarks serve --out "
     --steps "${STEPS:-25}" --sequential "${SEQUENTIAL:-100}" --rates "${RATES:-8,32,128,256}" \
     --images-per-request "${N:-1}" --gateway-replicas "${GATEWAYS:-4}" --layout "${LAYOUT:-direct}" --port "${PORT:-8000}" \
     ${BUCKETS:+--batch-buckets $BUCKETS} ${STUDENT:+--student} ${FLOOR_LOAD:+--floor-load} ${VAE:+--vae $VAE} \
+    ${DECODER_GRAPHS:+--decoder-graphs} \
     ${PROFILE:+--profile} ${SOAK:+--soak $SOAK} \
     2>&1 | tee "$OUT/serve.log" || status=$?
 grep -rh "__recompiles\]" /tmp/ray/session_latest/logs/ 2>/dev/null | cut -c1-600 > "$OUT/recompiles.txt" || true

@@ -67,6 +67,8 @@ class EngineConfig:
     # of 64 images in fp16).
     decode_batch_size: int = 64
     compile_decoder: bool = False  # torch.compile a latent model's VAE decoder (a symbolic batch size)
+    # ... and capture it as CUDA graphs, a batch padded to the next graph's (decoders.graph_batches)
+    decoder_cuda_graphs: bool = False
     stall_timeout: float = 120.0  # seconds without a finished step, with work pending, before health() fails
 
     def __post_init__(self) -> None:
@@ -92,6 +94,8 @@ class EngineConfig:
             problems.append(f"default_cache {self.default_cache} needs a feature cache, but feature_cache_rows is 0")
         if self.cuda_graphs and not str(self.device).startswith("cuda"):
             problems.append("cuda_graphs needs device 'cuda'")
+        if self.decoder_cuda_graphs and not (self.compile_decoder and str(self.device).startswith("cuda")):
+            problems.append("decoder_cuda_graphs needs compile_decoder and device 'cuda'")
         rows = self.feature_cache_rows
         if rows is not None and (not isinstance(rows, int) or not 0 <= rows <= self.max_batch_size):
             problems.append(f"feature_cache_rows must be an integer in [0, max_batch_size = {self.max_batch_size}], "
