@@ -102,7 +102,7 @@ class VAEDecoder(Decoder):
     @torch.inference_mode()
     def decode(self, samples: torch.Tensor) -> list[torch.Tensor]:
         """The images in [-1, 1] (n, C, H, W) in the decoder's dtype, as a list of batches of at most
-        ``max_batch``."""
+        ``max_batch`` (with ``cuda_graphs``, views of the graphs' static outputs: read them before the next call)."""
         z = (samples.float() / self.latent_scale).to(self.device, self.dtype)
         if self.device.type == "cuda":
             z = z.contiguous(memory_format=torch.channels_last)
