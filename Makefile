@@ -30,8 +30,9 @@ serve-metrics: setup
 	$(VENV)/bin/ray start --head --metrics-export-port=8080 --disable-usage-stats
 	$(VENV)/bin/serve run serve_config.yaml
 
-# PYTHONFAULTHANDLER: a crash in native code (Ray's core worker, torch), at the interpreter's exit included, prints
-# every thread's Python stack instead of only "Segmentation fault".
+# PYTHONFAULTHANDLER: a crash in native code (Ray's core worker, torch) during the tests prints every thread's Python
+# stack instead of only "Segmentation fault". The process then ends without the interpreter's teardown
+# (tests/conftest.py, pytest_unconfigure), where such a crash had no Python frame to print.
 test: setup sysdeps
 	PYTHONFAULTHANDLER=1 $(PY) -m pytest -q tests
 
