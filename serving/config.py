@@ -164,7 +164,8 @@ class ModelArgs(_Args):
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     encode_threads: int | None = Field(None, ge=1, description="threads that encode the replica's answers (PNG, "
-                                       "JPEG, WebP); default: the CPUs the replica's process may run on")
+                                       "JPEG, WebP); default: the CPUs the replica's process may run on, at most 4 "
+                                       "(more measured slower: docs/benchmarks.md)")
     # Ray's router may hold at most this many requests on a replica. The default leaves room for a full batch plus
     # the engine's queue, so the engine (not Ray's default of 5) decides what runs and what is shed.
     max_ongoing_requests: int | None = Field(None, ge=1)
