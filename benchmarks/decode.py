@@ -10,6 +10,9 @@ Setups (each in the device's half precision, fp16 unless named; fp32 on a CPU):
 - ``diffusers-eager``: ``vae.decode(z).sample`` as diffusers runs it, NCHW (the anchor);
 - ``eager``: the engine's decoder, channels-last;
 - ``compiled`` / ``compiled-bf16``: the same under torch.compile (inductor fuses each GroupNorm with its SiLU);
+- ``-fused`` after a setup of the engine's decoder (``eager``, ``compiled``, ``tuned``, ``engine-graphs``): each
+  GroupNorm and its SiLU as our Triton kernels (``fuse_norms=True``, ``decoders.GroupNormSiLU``) in place of
+  inductor's;
 - ``graphs``: compiled with inductor's CUDA graphs (``mode="reduce-overhead"``), to see what launch overhead is left;
 - ``compiled-cudnn-bench`` / ``graphs-cudnn-bench``: the same with ``torch.backends.cudnn.benchmark`` on during their
   calls (cuDNN times its convolution algorithms for each new shape and keeps the fastest);
@@ -52,14 +55,17 @@ TINY_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_o
                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                        layers_per_block=1, norm_num_groups=4)
 SETUPS = ("diffusers-eager", "eager", "compiled", "compiled-bf16", "graphs", "compiled-cudnn-bench",
-          "graphs-cudnn-bench", "autotune", "tuned", "engine-graphs")
-CUDA_ONLY = ("graphs", "graphs-cudnn-bench", "autotune", "tuned", "engine-graphs")
+          "graphs-cudnn-bench", "autotune", "tuned", "engine-graphs", "eager-fused", "compiled-fused",
+          "tuned-fused", "engine-graphs-fused")
+CUDA_ONLY = ("graphs", "graphs-cudnn-bench", "autotune", "tuned", "engine-graphs", "eager-fused", "compiled-fused",
+             "tuned-fused", "engine-graphs-fused")
 # A decoder's kernels by kind. Inductor's fused kernels first: it names them after the ops they fuse
 # (``triton_poi_fused_convolution_native_group_norm_0`` is a GroupNorm pass, not a convolution); cuDNN's
 # convolutions are implicit GEMMs, named for it, so they come before the GEMMs' rule.
 CONVOLUTIONS = "convolutions (cuDNN, inductor templates)"
 _KINDS = dict(KERNEL_KINDS)
-DECODER_KERNEL_KINDS = (("fused elementwise and reductions (inductor)", r"^triton_(poi|per|red)_"),
+DECODER_KERNEL_KINDS = (("GroupNorm + SiLU (ours, Triton)", r"_group_norm_(stats|finalize|apply)_kernel"),
+                        ("fused elementwise and reductions (inductor)", r"^triton_(poi|per|red)_"),
                         ("attention", _KINDS["attention"]), (CONVOLUTIONS, r"conv|fprop|implicit|nhwc"),
                         ("GEMM (cuBLAS, CUTLASS)", _KINDS["GEMM (cuBLAS, CUTLASS)"]), ("copies", _KINDS["copies"]))
 
@@ -147,12 +153,16 @@ def setup(name: str, vae: torch.nn.Module, device: torch.device, half: torch.dty
         mode = "reduce-overhead" if name == "graphs" else "max-autotune-no-cudagraphs"
         forward = torch.compile(lambda z: module.decode(z).sample, mode=mode, dynamic=False)  # per batch
         return lambda z: forward(z.to(dtype).contiguous(memory_format=torch.channels_last)).clone()
+    fuse_norms = name.endswith("-fused")
+    name = name.removesuffix("-fused")
     if name == "engine-graphs":  # a view of the graph's static output: read before the next call
-        decoder = VAEDecoder(module, latent_scale=1.0, max_batch=max_batch, compile=True, cuda_graphs=True)
+        decoder = VAEDecoder(module, latent_scale=1.0, max_batch=max_batch, compile=True, cuda_graphs=True,
+                             fuse_norms=fuse_norms)
         decoder.warm_up(latent_shape)
         return lambda z: decoder.decode(z)[0]
     decoder = VAEDecoder(module, latent_scale=1.0, max_batch=1 << 20, compile=name != "eager",
-                         compile_options={"coordinate_descent_tuning": True} if name == "tuned" else None)
+                         compile_options={"coordinate_descent_tuning": True} if name == "tuned" else None,
+                         fuse_norms=fuse_norms)
     return lambda z: decoder.decode(z)[0]
 
 

@@ -4,7 +4,8 @@ not wait), and copies uint8 pixels to the host.
 
 - ``PixelDecoder``: a pixel-space model's samples are its images; [-1, 1] -> uint8.
 - ``VAEDecoder``: a latent-space model's samples through the VAE it was trained in (a diffusers ``AutoencoderKL``),
-  batched, in the engine's precision, channels-last, optionally compiled.
+  batched, in the engine's precision, channels-last, optionally compiled, and on a GPU optionally with each GroupNorm
+  and its SiLU as our Triton kernels (``GroupNormSiLU``).
 - ``LatentView``: a latent-space model served without its VAE (random-weight benchmarks): the latents' values as
   pixels, one per latent position, so the path around the engine is measured without a decoder.
 
@@ -66,18 +67,23 @@ class VAEDecoder(Decoder):
     more, and diffusers' upsampler branches at 64. So ``warm_up`` decodes every size once. ``compile_options``:
     inductor's (``torch.compile``'s ``options``).
 
+    ``fuse_norms`` (on a GPU): each GroupNorm that a SiLU follows, and the SiLU, become one ``GroupNormSiLU``
+    (``fuse_group_norm_silu``). Off by default until it is timed on a GPU (docs/benchmarks.md, "The VAE decoder").
+
     ``cuda_graphs`` (compiled, on a GPU): the compiled decoder captured as a CUDA graph at each of
     ``graph_batches(max_batch)``; a batch is padded to the next of them, into a static input whose other rows the
     images do not see (every layer of the decoder works per image). One replay then takes the place of the compiled
     program's launches from Python, which held a replica's GIL 3.2 ms for each request of four images on an H100."""
 
     def __init__(self, vae: torch.nn.Module, latent_scale: float, max_batch: int = 64, compile: bool = False,
-                 compile_options: dict | None = None, cuda_graphs: bool = False):
+                 compile_options: dict | None = None, cuda_graphs: bool = False, fuse_norms: bool = False):
         self.vae = vae.eval().requires_grad_(False)
         param = next(self.vae.parameters())
         self.device, self.dtype = param.device, param.dtype
         if self.device.type == "cuda":  # cuDNN's convolutions run NHWC natively
             self.vae.to(memory_format=torch.channels_last)
+            if fuse_norms:
+                fuse_group_norm_silu(self.vae)
         self.latent_scale = latent_scale
         self.max_batch = max_batch
         self.compiled = compile
@@ -147,6 +153,55 @@ class VAEDecoder(Decoder):
                 static_out = self._decode(static_in)
             self._graphs[n] = (graph, static_in, static_out)
         return time.perf_counter() - start
+
+
+class GroupNormSiLU(torch.nn.GroupNorm):
+    """A GroupNorm, then a SiLU if ``silu``: on a GPU's channels-last activations our Triton kernels
+    (``engine.kernels.group_norm_silu``: inductor's own GroupNorm passes over channels-last tensors took half of a
+    compiled decode), elsewhere torch's ops. The same parameters as the GroupNorm it replaces."""
+
+    kernel = None  # engine.kernels' (group_norm_silu, group_norm_supported), once a module is built on a GPU
+
+    def __init__(self, norm: torch.nn.GroupNorm, silu: bool):
+        super().__init__(norm.num_groups, norm.num_channels, norm.eps, norm.affine, norm.weight.device,
+                         norm.weight.dtype)
+        self.weight, self.bias, self.silu = norm.weight, norm.bias, silu
+        if norm.weight.is_cuda and GroupNormSiLU.kernel is None:  # Triton: imported on a GPU only
+            from .engine.kernels import group_norm_silu, group_norm_supported
+
+            GroupNormSiLU.kernel = (group_norm_silu, group_norm_supported)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = GroupNormSiLU.kernel
+        if kernel is not None and kernel[1](x, self.num_groups):
+            return kernel[0](x, self.weight, self.bias, self.num_groups, self.eps, self.silu)
+        y = super().forward(x)
+        return torch.nn.functional.silu(y) if self.silu else y
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, silu={self.silu}"
+
+
+def fuse_group_norm_silu(vae: torch.nn.Module) -> int:
+    """In place, each GroupNorm of ``vae`` that a SiLU follows becomes a ``GroupNormSiLU`` and the SiLU an identity:
+    both norms of each of diffusers' ``ResnetBlock2D`` without a time embedding (the pattern: norm1 -> SiLU -> conv1
+    -> norm2 -> SiLU -> conv2), and a decoder's ``conv_norm_out`` + ``conv_act``. Other GroupNorms (attention's)
+    stay. Returns how many were fused."""
+    fused = 0
+    for module in list(vae.modules()):
+        if (isinstance(getattr(module, "norm1", None), torch.nn.GroupNorm)
+                and isinstance(getattr(module, "norm2", None), torch.nn.GroupNorm)
+                and isinstance(getattr(module, "nonlinearity", None), torch.nn.SiLU)
+                and getattr(module, "time_emb_proj", None) is None and hasattr(module, "conv2")):
+            module.norm1, module.norm2 = GroupNormSiLU(module.norm1, True), GroupNormSiLU(module.norm2, True)
+            module.nonlinearity = torch.nn.Identity()
+            fused += 2
+        if (isinstance(getattr(module, "conv_norm_out", None), torch.nn.GroupNorm)
+                and isinstance(getattr(module, "conv_act", None), torch.nn.SiLU)):
+            module.conv_norm_out = GroupNormSiLU(module.conv_norm_out, True)
+            module.conv_act = torch.nn.Identity()
+            fused += 1
+    return fused
 
 
 def graph_batches(max_batch: int) -> list[int]:

@@ -107,6 +107,8 @@ def test_the_decoders_kernels_are_filed_by_what_they_compute():
                                                                             "(inductor)"  # named for what it fuses
     assert kind("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention"
     assert kind("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NTN") == "GEMM (cuBLAS, CUTLASS)"
+    for ours in ("_group_norm_stats_kernel", "_group_norm_finalize_kernel", "_group_norm_apply_kernel"):
+        assert kind(ours) == "GroupNorm + SiLU (ours, Triton)"
 
 
 def test_the_anchor_writes_one_decoded_png_per_image_and_times_each_stage(tmp_path):

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dit_runtime.checkpoint import CheckpointInfo, default_class_names
-from dit_runtime.decoders import LatentView, PixelDecoder, VAEDecoder, decoder_for, graph_batches, quantize
+from dit_runtime.decoders import (GroupNormSiLU, LatentView, PixelDecoder, VAEDecoder, decoder_for,
+                                  fuse_group_norm_silu, graph_batches, quantize)
 from dit_runtime.engine import Engine, EngineConfig, EngineError, GenerationRequest, SamplingParams
 from dit_runtime.model import DiTModel, get_preset
 
@@ -138,3 +139,59 @@ def test_a_graph_captured_decoder_decodes_every_batch_as_the_compiled_one_withou
             got, want = graphed(z), compiled(z)
             assert got.shape == (n, 16, 16, 3)
             assert (got.int() - want.int()).abs().max() <= 1  # batch sizes apart: kernels may round apart
+
+
+def test_each_groupnorm_that_a_silu_follows_is_fused_with_it_and_the_decode_is_unchanged():
+    vae, z = tiny_vae(), torch.randn(3, 4, 8, 8)
+    with torch.no_grad():
+        want = vae.decode(z).sample
+        fused = fuse_group_norm_silu(vae)
+        got = vae.decode(z).sample  # on the CPU, GroupNormSiLU runs torch's ops
+    resnets = [m for m in vae.modules() if type(m).__name__ == "ResnetBlock2D"]
+    assert fused == 2 * len(resnets) + 2  # and the encoder's and the decoder's conv_norm_out
+    assert all(isinstance(r.norm1, GroupNormSiLU) and isinstance(r.nonlinearity, torch.nn.Identity) for r in resnets)
+    assert isinstance(vae.decoder.conv_norm_out, GroupNormSiLU) and isinstance(vae.decoder.conv_act, torch.nn.Identity)
+    plain = [name for name, m in vae.named_modules() if type(m) is torch.nn.GroupNorm]
+    assert plain and all(".attentions." in name for name in plain)  # no SiLU after attention's norm
+    assert set(vae.state_dict()) == set(tiny_vae().state_dict())  # the same parameters, under the same names
+    assert torch.equal(got, want)
+    assert fuse_group_norm_silu(vae) == 0  # once only
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_group_norm_kernel_is_torchs_group_norm_rounded_once(dtype):
+    from dit_runtime.engine.kernels import group_norm_silu, group_norm_supported
+
+    torch.manual_seed(0)
+    # the decoder's widths; a spatial size that is no multiple of a tile; a mean 30 standard deviations from zero
+    for n, c, h, w, groups, silu, offset in [(2, 128, 64, 64, 32, True, 0.0), (3, 512, 7, 9, 32, False, 0.0),
+                                             (1, 256, 128, 96, 32, True, 30.0), (5, 8, 16, 16, 4, True, 1.0)]:
+        x = (torch.randn(n, c, h, w, device="cuda") + offset).to(dtype).contiguous(memory_format=torch.channels_last)
+        weight, bias = torch.randn(c, device="cuda", dtype=dtype), torch.randn(c, device="cuda", dtype=dtype)
+        assert group_norm_supported(x, groups)
+        want = torch.nn.functional.group_norm(x.float(), groups, weight.float(), bias.float(), eps=1e-6)
+        want = (torch.nn.functional.silu(want) if silu else want).to(dtype)
+        got = group_norm_silu(x, weight, bias, groups, 1e-6, silu)
+        assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
+        tolerance = 2 * torch.finfo(dtype).eps  # fp32 moments summed in another order: a rounding apart at most
+        torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+    odd = torch.zeros(1, 6, 4, 4, device="cuda").contiguous(memory_format=torch.channels_last)
+    assert not group_norm_supported(x.contiguous(), groups) and not group_norm_supported(odd, 3)  # torch's, then
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_decoder_with_fused_norms_compiles_and_captures_once_and_decodes_as_the_unfused_one():
+    vae = tiny_vae().to("cuda", torch.float16)
+    unfused = VAEDecoder(copy.deepcopy(vae), latent_scale=1.0, max_batch=20)
+    fused = VAEDecoder(vae, latent_scale=1.0, max_batch=20, compile=True, cuda_graphs=True, fuse_norms=True)
+    assert isinstance(vae.decoder.conv_norm_out, GroupNormSiLU)
+    fused.warm_up((4, 8, 8))
+    torch.manual_seed(2)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for n in (1, 2, 15, 16, 20, 41):
+            z = torch.randn(n, 4, 8, 8, device="cuda")
+            assert (fused(z).int() - unfused(z).int()).abs().max() <= 1  # fp16 activations rounded apart
+    assert copy.deepcopy(vae).decoder.conv_norm_out.silu  # a fused VAE still copies (the kernels are the class's)
