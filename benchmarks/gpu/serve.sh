@@ -15,7 +15,8 @@
 # served phases little of that: BUCKETS="1 8 64" for a first run. SOAK=600 ends with the soak (benchmarks/soak.py) on
 # the model's route at 0.8x its capacity. Longer than one call allows: DETACH=1 starts the run in the background (in
 # out/detached, with BENCH_TIMEOUT raised to fit) and returns at once; a later call on the same machine with COLLECT=1
-# waits for it (up to 560 s) and copies its results to OUT.
+# waits for it (up to 560 s) and copies its results to OUT. Any program compiled while serving is in OUT/recompiles.txt,
+# Ray's errors (a replica that died and was restarted) in OUT/ray-errors.txt.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-out/serve}
@@ -64,6 +65,9 @@ timeout --signal=INT "${BENCH_TIMEOUT:-560}" python3 -m benchmarks serve --out "
     ${PROFILE:+--profile} ${SOAK:+--soak $SOAK} \
     2>&1 | tee "$OUT/serve.log" || status=$?
 grep -rh "__recompiles\]" /tmp/ray/session_latest/logs/ 2>/dev/null | cut -c1-600 > "$OUT/recompiles.txt" || true
+# a replica that died (and Serve restarted) says why only in Ray's logs: each error with its traceback, by file
+grep -r -A25 -E "Traceback|Error|died|OutOfMemory" /tmp/ray/session_latest/logs/serve/ /tmp/ray/session_latest/logs/*.err \
+    2>/dev/null | grep -v -i "warn" | tail -400 > "$OUT/ray-errors.txt" || true
 echo "[serve.sh] exit status $status; results in $OUT:" >&2
 ls -l "$OUT" >&2
 [ "$OUT" != "$detached" ] || echo "$status" > "$detached/done"
