@@ -257,6 +257,7 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, g
                     silu: bool) -> torch.Tensor:
     """``F.group_norm(x, groups, weight, bias, eps)``, then SiLU if ``silu``, for a channels-last (N, C, H, W) ``x``
     (``group_norm_supported``); channels-last out, in ``x``'s dtype, moments in fp32."""
+    x = x.contiguous(memory_format=torch.channels_last)  # as traced: a compiled caller may lay its input out anew
     n, c, h, w = x.shape
     hw = h * w
     block = GROUP_NORM_TILE // c
