@@ -3,7 +3,8 @@
     python -m benchmarks serve --out OUT --preset dit-10l --device cuda --precision fp16 --compile --cuda-graphs
 
 1. The engine alone, in this process: one-image requests one at a time, and what the model server's handler adds
-   around the same engine (``ModelServer.generate``: no HTTP, no Ray).
+   around the same engine (``ModelServer.generate``: no HTTP, no Ray). ``--no-engine-alone`` leaves it out: on a cold
+   host it builds the engine once more than the replica does (with a compiled decoder, 204 s on an H100).
 2. The model served by Ray Serve in one of the two layouts (``--layout``):
    - ``direct`` (serve_config.gpu.yaml, the Docker image): one application per model under Ray Serve's direct
      ingress with HAProxy, timed on the model's own route and on the gateway's single URL;
@@ -313,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="py-spy each replica and Ray's proxy during every load phase: GIL time per request by part "
                          "of the stack (benchmarks/cpu_profile.py), in profile.jsonl")
+    ap.add_argument("--no-engine-alone", dest="engine_alone", action="store_false",
+                    help="leave out the engine's in-process phase (1.), which builds the engine once more")
     ap.add_argument("--access-log", action="store_true", help="Ray Serve's log line per request (off by default, as in "
                                                                "serve_config.gpu.yaml)")
     a = ap.parse_args(argv)
@@ -321,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     a.compile_cache_dir = a.compile_cache_dir if a.compile else None
 
-    alone = engine_alone(a, a.out)
+    alone = engine_alone(a, a.out) if a.engine_alone else None
     if a.layout == "direct":  # read by Ray Serve's controller when it starts
         os.environ.update({"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"})
     import ray
