@@ -67,7 +67,7 @@ timeout --signal=INT "${BENCH_TIMEOUT:-560}" python3 -m benchmarks serve --out "
     2>&1 | tee "$OUT/serve.log" || status=$?
 grep -rh "__recompiles\]" /tmp/ray/session_latest/logs/ 2>/dev/null | cut -c1-600 > "$OUT/recompiles.txt" || true
 # a replica that died (and Serve restarted) says why only in Ray's logs: each error with its traceback, by file
-grep -r -A25 -E "Traceback|Error|died|OutOfMemory" /tmp/ray/session_latest/logs/serve/ /tmp/ray/session_latest/logs/*.err \
+grep -r -i -A25 -E "traceback|error|died|failed to load|out of memory" /tmp/ray/session_latest/logs/serve/ /tmp/ray/session_latest/logs/*.err \
     2>/dev/null | grep -v -i "warn" | tail -400 > "$OUT/ray-errors.txt" || true
 echo "[serve.sh] exit status $status; results in $OUT:" >&2
 ls -l "$OUT" >&2
