@@ -165,40 +165,43 @@ def _(a, a_scale, weight, weight_scale, bias):
 # took 0.81 ms of a 1.70 ms decode per image on an H100 (``python -m benchmarks decode --setups compiled
 # --profile-kernels``); reading each GroupNorm's input twice and writing its output once is 680 MB an image of
 # sd-vae-ft-ema's decoder at 256x256, about 0.2 ms at the card's memory bandwidth. Here a program loads whole pixel
-# rows, ``BLOCK_HW`` x C (contiguous), and folds them into per-group moments; a second kernel turns each image's
+# rows, ``BLOCK_HW`` x C (contiguous), and folds them into per-channel, then per-group moments; a second kernel turns each image's
 # moments into per-channel scales and shifts, and a third applies them with the SiLU. Moments are combined as
 # (count, mean, M2) (Chan et al.), so a large mean does not cancel the variance away.
 @triton.jit
 def _group_norm_stats_kernel(x_ptr, part_ptr, HW, PER_PROGRAM, C: tl.constexpr, G: tl.constexpr,
                              BLOCK_HW: tl.constexpr):
+    # Each channel's (mean, M2) over this program's pixel rows, reduced along the rows of each tile (no reshape of the
+    # tile), then the channels of each group combined once at the end.
     n = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
     CG: tl.constexpr = C // G
     cols = tl.arange(0, C)
-    count = tl.zeros([G], dtype=tl.float32)
-    mean = tl.zeros([G], dtype=tl.float32)
-    m2 = tl.zeros([G], dtype=tl.float32)
+    mean = tl.zeros([C], dtype=tl.float32)
+    m2 = tl.zeros([C], dtype=tl.float32)
     base = x_ptr + n * HW * C
+    left = tl.maximum(HW - s * PER_PROGRAM * BLOCK_HW, 0)  # rows from this program's first on
     for i in range(PER_PROGRAM):  # tiles past the last (in the last program) are all masked and count 0
-        t = s * PER_PROGRAM + i
-        rows = t * BLOCK_HW + tl.arange(0, BLOCK_HW)
-        inside = rows < HW
-        x = tl.load(base + rows[:, None] * C + cols[None, :], mask=inside[:, None], other=0.0).to(tl.float32)
-        x = tl.reshape(x, (BLOCK_HW, G, CG))
-        k = (tl.minimum(tl.maximum(HW - t * BLOCK_HW, 0), BLOCK_HW) * CG).to(tl.float32)
-        tile_mean = tl.sum(tl.sum(x, axis=2), axis=0) / tl.maximum(k, 1.0)
-        d = tl.where(inside[:, None, None], x - tile_mean[None, :, None], 0.0)
-        tile_m2 = tl.sum(tl.sum(d * d, axis=2), axis=0)
-        total = count + k
+        rows = (s * PER_PROGRAM + i) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+        inside = rows[:, None] < HW
+        x = tl.load(base + rows[:, None] * C + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+        seen = tl.minimum(left, i * BLOCK_HW).to(tl.float32)
+        total = tl.minimum(left, (i + 1) * BLOCK_HW).to(tl.float32)
+        k = total - seen
+        tile_mean = tl.sum(x, axis=0) / tl.maximum(k, 1.0)
+        d = tl.where(inside, x - tile_mean[None, :], 0.0)
         weight = k / tl.maximum(total, 1.0)
         delta = tile_mean - mean
         mean += delta * weight
-        m2 += tile_m2 + delta * delta * count * weight
-        count = total
+        m2 += tl.sum(d * d, axis=0) + delta * delta * seen * weight
+    rows_seen = tl.minimum(left, PER_PROGRAM * BLOCK_HW).to(tl.float32)
+    group_mean = tl.sum(tl.reshape(mean, (G, CG)), axis=1) / CG  # (G,): its channels have equal counts
+    spread = tl.reshape(mean, (G, CG)) - group_mean[:, None]
+    group_m2 = tl.sum(tl.reshape(m2, (G, CG)), axis=1) + rows_seen * tl.sum(spread * spread, axis=1)
     out = part_ptr + (n * tl.num_programs(1) + s) * 3 * G + tl.arange(0, G)
-    tl.store(out, count)
-    tl.store(out + G, mean)
-    tl.store(out + 2 * G, m2)
+    tl.store(out, tl.zeros([G], dtype=tl.float32) + rows_seen * CG)
+    tl.store(out + G, group_mean)
+    tl.store(out + 2 * G, group_m2)
 
 
 @triton.jit
