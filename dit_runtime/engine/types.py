@@ -69,6 +69,8 @@ class EngineConfig:
     compile_decoder: bool = False  # torch.compile a latent model's VAE decoder (a symbolic batch size)
     # ... and capture it as CUDA graphs, a batch padded to the next graph's (decoders.graph_batches)
     decoder_cuda_graphs: bool = False
+    # each GroupNorm of the decoder that a SiLU follows, with it, as our Triton kernels (decoders.GroupNormSiLU)
+    decoder_fused_norms: bool = False
     stall_timeout: float = 120.0  # seconds without a finished step, with work pending, before health() fails
 
     def __post_init__(self) -> None:
@@ -96,6 +98,8 @@ class EngineConfig:
             problems.append("cuda_graphs needs device 'cuda'")
         if self.decoder_cuda_graphs and not (self.compile_decoder and str(self.device).startswith("cuda")):
             problems.append("decoder_cuda_graphs needs compile_decoder and device 'cuda'")
+        if self.decoder_fused_norms and not str(self.device).startswith("cuda"):
+            problems.append("decoder_fused_norms needs device 'cuda' (Triton kernels)")
         rows = self.feature_cache_rows
         if rows is not None and (not isinstance(rows, int) or not 0 <= rows <= self.max_batch_size):
             problems.append(f"feature_cache_rows must be an integer in [0, max_batch_size = {self.max_batch_size}], "

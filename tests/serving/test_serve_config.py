@@ -108,6 +108,7 @@ def test_random_weights_need_the_explicit_flag():
     ({"precision": "float8"}, "models[0].precision"),
     ({"cuda_graphs": True}, "cuda_graphs needs device 'cuda'"),
     ({"decoder_cuda_graphs": True}, "decoder_cuda_graphs needs compile_decoder and device 'cuda'"),
+    ({"decoder_fused_norms": True}, "decoder_fused_norms needs device 'cuda' (Triton kernels)"),
     ({"precision": "fp16"}, "precision fp16 is for an NVIDIA GPU"),
     ({"precision": "fp8"}, "precision fp8 is for an NVIDIA GPU; use fp32 on cpu"),
     ({"dtype": "float16"}, "`dtype` is now `precision`"),
