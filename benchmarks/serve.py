@@ -104,19 +104,15 @@ def engine_alone(a, out: Path) -> dict:
     server.__del__()  # stops the engine and the server's threads
     server = None  # and its engine, decoder and CUDA graphs with it
     gc.collect()
-    release_gpu_memory()  # this process's cached blocks and graph pools, which the replica's GPU needs
+    import torch
+
+    if torch.cuda.is_available():  # this process's cached blocks and graph pools, which the replica's GPU needs
+        torch.cuda.empty_cache()
     row = {"requests": a.sequential, "steps": a.steps, "engine_p50_ms": 1000 * percentile(engine, 50),
            "handler_overhead_p50_ms": 1000 * percentile(handler, 50),
            "handler_overhead_p95_ms": 1000 * percentile(handler, 95)}
     write(out, "engine_alone.json", row)
     return row
-
-
-def release_gpu_memory() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def sequential(a, prefix: str, count: int) -> dict:
