@@ -108,11 +108,17 @@ class VAEDecoder(Decoder):
     @torch.inference_mode()
     def decode(self, samples: torch.Tensor) -> list[torch.Tensor]:
         """The images in [-1, 1] (n, C, H, W) in the decoder's dtype, as a list of batches of at most
-        ``max_batch`` (with ``cuda_graphs``, views of the graphs' static outputs: read them before the next call)."""
+        ``max_batch`` (with ``cuda_graphs``, the last is a view of its graph's static output: read it before the next
+        call)."""
         z = (samples.float() / self.latent_scale).to(self.device, self.dtype)
         if self.device.type == "cuda":
             z = z.contiguous(memory_format=torch.channels_last)
-        return [self._replay(chunk) if self._graphs else self._decode(chunk) for chunk in z.split(self.max_batch)]
+        chunks = z.split(self.max_batch)
+        if not self._graphs:
+            return [self._decode(chunk) for chunk in chunks]
+        # A replay overwrites its graph's static output, and the graphs share one memory pool: every batch but the
+        # last is copied out before the next replay.
+        return [self._replay(chunk).clone() for chunk in chunks[:-1]] + [self._replay(chunks[-1])]
 
     def _replay(self, z: torch.Tensor) -> torch.Tensor:
         """``z`` through the graph of the smallest captured batch that holds it; its rows of the static output."""
