@@ -171,34 +171,34 @@ def _(a, a_scale, weight, weight_scale, bias):
 @triton.jit
 def _group_norm_stats_kernel(x_ptr, part_ptr, HW, PER_PROGRAM, C: tl.constexpr, G: tl.constexpr,
                              BLOCK_HW: tl.constexpr):
-    # Each channel's (mean, M2) over this program's pixel rows, reduced along the rows of each tile (no reshape of the
-    # tile), then the channels of each group combined once at the end.
+    # Each place in the tile keeps its own running (mean, M2) over this program's tiles (Welford's update: a load and
+    # a few multiply-adds a value, nothing shared between threads inside the loop); the places are combined into
+    # channels, then groups, once at the end. Reducing each tile across its rows instead, two barriers a tile, made
+    # this pass 2.6x the apply kernel's time on an H100, for half its bytes.
     n = tl.program_id(0).to(tl.int64)
-    s = tl.program_id(1)
+    first = tl.program_id(1) * PER_PROGRAM * BLOCK_HW
     CG: tl.constexpr = C // G
     cols = tl.arange(0, C)
-    mean = tl.zeros([C], dtype=tl.float32)
-    m2 = tl.zeros([C], dtype=tl.float32)
     base = x_ptr + n * HW * C
-    left = tl.maximum(HW - s * PER_PROGRAM * BLOCK_HW, 0)  # rows from this program's first on
-    for i in range(PER_PROGRAM):  # tiles past the last (in the last program) are all masked and count 0
-        rows = (s * PER_PROGRAM + i) * BLOCK_HW + tl.arange(0, BLOCK_HW)
-        inside = rows[:, None] < HW
-        x = tl.load(base + rows[:, None] * C + cols[None, :], mask=inside, other=0.0).to(tl.float32)
-        seen = tl.minimum(left, i * BLOCK_HW).to(tl.float32)
-        total = tl.minimum(left, (i + 1) * BLOCK_HW).to(tl.float32)
-        k = total - seen
-        tile_mean = tl.sum(x, axis=0) / tl.maximum(k, 1.0)
-        d = tl.where(inside, x - tile_mean[None, :], 0.0)
-        weight = k / tl.maximum(total, 1.0)
-        delta = tile_mean - mean
-        mean += delta * weight
-        m2 += tl.sum(d * d, axis=0) + delta * delta * seen * weight
-    rows_seen = tl.minimum(left, PER_PROGRAM * BLOCK_HW).to(tl.float32)
-    group_mean = tl.sum(tl.reshape(mean, (G, CG)), axis=1) / CG  # (G,): its channels have equal counts
-    spread = tl.reshape(mean, (G, CG)) - group_mean[:, None]
-    group_m2 = tl.sum(tl.reshape(m2, (G, CG)), axis=1) + rows_seen * tl.sum(spread * spread, axis=1)
-    out = part_ptr + (n * tl.num_programs(1) + s) * 3 * G + tl.arange(0, G)
+    count = tl.zeros([BLOCK_HW, 1], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_HW, C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_HW, C], dtype=tl.float32)
+    for i in range(PER_PROGRAM):  # rows past the image (in the last program) are masked and count 0
+        rows = first + i * BLOCK_HW + tl.arange(0, BLOCK_HW)[:, None]
+        inside = rows < HW
+        x = tl.load(base + rows * C + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+        count += inside.to(tl.float32)
+        delta = tl.where(inside, x - mean, 0.0)
+        mean += delta * (1.0 / tl.maximum(count, 1.0))
+        m2 += delta * (x - mean)
+    rows_seen = tl.sum(count, axis=0)  # (1,)
+    channel_mean = tl.sum(count * mean, axis=0) / tl.maximum(rows_seen, 1.0)  # (C,)
+    apart = mean - channel_mean[None, :]
+    channel_m2 = tl.sum(m2 + count * apart * apart, axis=0)
+    group_mean = tl.sum(tl.reshape(channel_mean, (G, CG)), axis=1) / CG  # (G,): its channels have equal counts
+    spread = tl.reshape(channel_mean, (G, CG)) - group_mean[:, None]
+    group_m2 = tl.sum(tl.reshape(channel_m2, (G, CG)), axis=1) + rows_seen * tl.sum(spread * spread, axis=1)
+    out = part_ptr + (n * tl.num_programs(1) + tl.program_id(1)) * 3 * G + tl.arange(0, G)
     tl.store(out, tl.zeros([G], dtype=tl.float32) + rows_seen * CG)
     tl.store(out + G, group_mean)
     tl.store(out + 2 * G, group_m2)
