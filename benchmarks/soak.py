@@ -7,13 +7,17 @@
 2. Soak: Poisson arrivals at ``--load`` x that capacity for ``--seconds``, every request awaited (client timeout
    ``--timeout``). Every ``--sample-every`` seconds, the resident memory (RSS) of the model's replica processes on
    this host (found by the title Ray gives them, ``ray::ServeReplica:<app>:<deployment>``) and, where nvidia-smi
-   runs, the GPU memory they hold.
+   runs, the GPU memory they hold. Sampled on a thread: psutil's scan of every process and nvidia-smi take tens of
+   milliseconds or more, and on the event loop they would hold up every send and every answer meanwhile.
 
-The report, per ``--window`` seconds of the soak: requests, failures, latency p50 and p99; and memory at the end of
-the first window (warm-up) against the last sample. The bar (exit status 1 otherwise): nothing failed or timed out,
-the replicas' RSS and GPU memory grew less than 1% after warm-up, and the last window's p99 is within 10% of the
-first's. Progress goes to stderr once a window; the windows' rows, the memory samples and the summary to
-``OUT/soak.jsonl``, the summary also to stdout as one JSON line.
+The report, per ``--window`` seconds of the soak: requests, failures, latency p50 and p99, the p99 of the two parts
+the server times (``queue_p99_ms``: waiting for a batch slot; ``denoise_p99_ms``: its own steps), and how late this
+client's event loop woke at worst (``client_lag_max_ms``). So a window's p99 spike reads as queueing (a burst, or a
+slow engine), the denoising, or neither (the HTTP path, encoding); with a late loop, it is the client's. And the
+memory at the end of the first window (warm-up) against the last sample. The bar (exit status 1 otherwise): nothing
+failed or timed out, the replicas' RSS and GPU memory grew less than 1% after warm-up, and the last window's p99 is
+within 10% of the first's. Progress goes to stderr once a window; the windows' rows, the memory samples and the
+summary to ``OUT/soak.jsonl``, the summary also to stdout as one JSON line.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from .stats import percentile
 # What the soak holds the server to: memory growth after warm-up, and the last window's p99 against the first's.
 MAX_MEMORY_GROWTH = 0.01
 MAX_P99_DRIFT = 0.10
+LAG_TICK_S = 0.01  # how often the client's event loop is asked to wake, to see how late it does
 
 
 def replica_pids(app: str, deployment: str) -> set[int]:
@@ -76,6 +81,19 @@ class MemorySample:
     gpu_bytes: int | None
 
 
+def memory_sample(pids, at: float) -> MemorySample:
+    """The RSS and GPU memory of the processes ``pids()`` names, now (blocking: psutil over every process, then
+    nvidia-smi)."""
+    found = pids()
+    rss = 0
+    for pid in found:
+        try:
+            rss += psutil.Process(pid).memory_info().rss
+        except psutil.NoSuchProcess:  # a replica that ended since it was found
+            pass
+    return MemorySample(at, rss, gpu_memory(found))
+
+
 @dataclass
 class SoakReport:
     capacity_rps: float
@@ -83,7 +101,21 @@ class SoakReport:
     window_s: float
     outcomes: list[tuple[float, Outcome]] = field(default_factory=list)  # (seconds into the soak it was sent, ...)
     memory: list[MemorySample] = field(default_factory=list)
+    loop_lag: list[tuple[float, float]] = field(default_factory=list)  # (seconds into the soak, how late it woke)
     wall_seconds: float = 0.0
+
+    async def sample_memory(self, pids, started: float, every_s: float) -> None:
+        """A memory sample every ``every_s`` seconds until cancelled, each taken on a thread."""
+        while True:
+            self.memory.append(await asyncio.to_thread(memory_sample, pids, time.perf_counter() - started))
+            await asyncio.sleep(every_s)
+
+    async def watch_loop(self, started: float) -> None:
+        """How late the event loop wakes from a ``LAG_TICK_S`` sleep, until cancelled."""
+        while True:
+            asleep = time.perf_counter()
+            await asyncio.sleep(LAG_TICK_S)
+            self.loop_lag.append((asleep - started, time.perf_counter() - asleep - LAG_TICK_S))
 
     def windows(self) -> list[dict]:
         """Per window of ``window_s`` (by send time): requests, failures, and the accepted ones' p50 and p99."""
@@ -92,10 +124,17 @@ class SoakReport:
         for k in range(count):
             mine = [o for at, o in self.outcomes if k * self.window_s <= at < (k + 1) * self.window_s or
                     (k == count - 1 and at >= (k + 1) * self.window_s)]
-            accepted = [o.seconds for o in mine if o.status == 200]
+            ok = [o for o in mine if o.status == 200]
+            accepted = [o.seconds for o in ok]
+            queued = [o.queue_seconds for o in ok if o.queue_seconds is not None]
+            denoised = [o.denoise_seconds for o in ok if o.denoise_seconds is not None]
+            lag = [late for at, late in self.loop_lag if k * self.window_s <= at < (k + 1) * self.window_s or
+                   (k == count - 1 and at >= (k + 1) * self.window_s)]
             rows.append({"window": k, "from_s": k * self.window_s, "requests": len(mine), "accepted": len(accepted),
                          "failed": len(mine) - len(accepted),
-                         "p50_ms": _ms(percentile(accepted, 50)), "p99_ms": _ms(percentile(accepted, 99))})
+                         "p50_ms": _ms(percentile(accepted, 50)), "p99_ms": _ms(percentile(accepted, 99)),
+                         "queue_p99_ms": _ms(percentile(queued, 99)), "denoise_p99_ms": _ms(percentile(denoised, 99)),
+                         "client_lag_max_ms": _ms(max(lag, default=None))})
         return rows
 
     def growth(self, key: str) -> float | None:
@@ -116,6 +155,7 @@ class SoakReport:
         return {"capacity_rps": round(self.capacity_rps, 2), "offered_rps": round(self.offered_rps, 2),
                 "sent": len(self.outcomes), "failed": failed, "timed_out": timed_out,
                 "wall_seconds": round(self.wall_seconds, 1), "first_p99_ms": first, "last_p99_ms": last,
+                "client_lag_max_ms": _ms(max((late for _, late in self.loop_lag), default=None)),
                 "p99_drift": None if drift is None else round(drift, 4),
                 "rss_growth": None if rss is None else round(rss, 5),
                 "gpu_growth": None if gpu is None else round(gpu, 5),
@@ -150,17 +190,11 @@ async def soak(url: str, body: dict, pids, load: float = 0.8, seconds: float = 6
         rng = random.Random(seed)
         started = time.perf_counter()
 
-        async def sample() -> None:
-            while True:
-                found = pids()
-                rss = sum(psutil.Process(p).memory_info().rss for p in found if psutil.pid_exists(p))
-                report.memory.append(MemorySample(time.perf_counter() - started, rss, gpu_memory(found)))
-                await asyncio.sleep(sample_every_s)
-
         async def sent(at: float, k: int) -> None:
             report.outcomes.append((at, await one_request(http, {**body, "seed": k}, timeout)))
 
-        sampler = asyncio.create_task(sample())
+        watchers = [asyncio.create_task(report.sample_memory(pids, started, sample_every_s)),
+                    asyncio.create_task(report.watch_loop(started))]
         print(f"soak: capacity {capacity:.1f} requests/s; {report.offered_rps:.1f}/s for {seconds:g} s",
               file=sys.stderr, flush=True)
         tasks, next_at, window = [], started, 0
@@ -173,16 +207,17 @@ async def soak(url: str, body: dict, pids, load: float = 0.8, seconds: float = 6
                 window += 1
                 answered = [o for _, o in report.outcomes]
                 rss = report.memory[-1].rss_bytes / 2**20 if report.memory else 0.0
+                late = max((late for t, late in report.loop_lag if t >= at - window_s), default=0.0)
                 print(f"soak: {at:.0f}/{seconds:g} s, {len(tasks)} sent, {len(answered)} answered, "
-                      f"{sum(o.status != 200 for o in answered)} not 200, replicas' RSS {rss:.0f} MiB",
-                      file=sys.stderr, flush=True)
+                      f"{sum(o.status != 200 for o in answered)} not 200, replicas' RSS {rss:.0f} MiB, "
+                      f"this client's loop late by {1000 * late:.0f} ms at most", file=sys.stderr, flush=True)
             tasks.append(asyncio.create_task(sent(at, len(tasks))))
             next_at += rng.expovariate(report.offered_rps)
         await asyncio.gather(*tasks)
         report.wall_seconds = time.perf_counter() - started
-        sampler.cancel()
-        rss = sum(psutil.Process(p).memory_info().rss for p in pids() if psutil.pid_exists(p))
-        report.memory.append(MemorySample(report.wall_seconds, rss, gpu_memory(pids())))
+        for watcher in watchers:
+            watcher.cancel()
+        report.memory.append(await asyncio.to_thread(memory_sample, pids, report.wall_seconds))
         return report
 
 

@@ -185,3 +185,31 @@ def test_the_kernel_profile_files_kernels_by_kind_whichever_library_named_them()
     assert kernel_kind("triton_per_fused_add_native_layer_norm_0") == "fused elementwise and reductions (inductor)"
     assert kernel_kind("Memcpy DtoD (Device -> Device)") == "copies"
     assert kernel_kind("void at::native::vectorized_elementwise_kernel<4>") == "other"
+
+
+def test_the_soak_samples_memory_off_its_event_loop_and_reports_how_late_the_loop_woke():
+    """A memory sample (psutil's scan of every process, nvidia-smi) taken on the client's event loop would delay every
+    send and answer meanwhile: latency the server did not add."""
+    import asyncio
+    import time
+
+    from benchmarks import soak
+
+    def slow_pids():  # a slow scan
+        time.sleep(0.3)
+        return set()
+
+    async def run() -> soak.SoakReport:
+        report, started = soak.SoakReport(1.0, 1.0, window_s=0.5), time.perf_counter()
+        watchers = [asyncio.create_task(report.sample_memory(slow_pids, started, 0.05)),
+                    asyncio.create_task(report.watch_loop(started))]
+        await asyncio.sleep(1.0)
+        for watcher in watchers:
+            watcher.cancel()
+        report.wall_seconds = time.perf_counter() - started
+        return report
+
+    report = asyncio.run(run())
+    assert len(report.memory) >= 2  # sampled all along
+    assert max(late for _, late in report.loop_lag) < 0.2  # never held up by a 0.3 s sample
+    assert [w["client_lag_max_ms"] is not None for w in report.windows()] == [True, True]
