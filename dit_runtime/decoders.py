@@ -68,7 +68,8 @@ class VAEDecoder(Decoder):
     inductor's (``torch.compile``'s ``options``).
 
     ``fuse_norms`` (on a GPU): each GroupNorm that a SiLU follows, and the SiLU, become one ``GroupNormSiLU``
-    (``fuse_group_norm_silu``). Off by default until it is timed on a GPU (docs/benchmarks.md, "The VAE decoder").
+    (``fuse_group_norm_silu``). Off by default: 1.5% faster compiled on an H100, less than a run's noise
+    (docs/benchmarks.md, "The VAE decoder").
 
     ``cuda_graphs`` (compiled, on a GPU): the compiled decoder captured as a CUDA graph at each of
     ``graph_batches(max_batch)``; a batch is padded to the next of them, into a static input whose other rows the
