@@ -142,12 +142,15 @@ class VAEDecoder(Decoder):
             return 0.0
         start = time.perf_counter()
         if not self.cuda_graphs:
-            for n in range(1, self.max_batch + 1):
+            for n in range(self.max_batch, 0, -1):  # the largest first: the smaller reuse its cached blocks
                 self(torch.zeros(n, *sample_shape, device=self.device))
             return time.perf_counter() - start
         pool = torch.cuda.graph_pool_handle()  # one pool: the graphs never run at once
         side = torch.cuda.Stream(self.device)
-        for n in graph_batches(self.max_batch):
+        # The largest batch first (vLLM captures in this order too): each capture's freed blocks then hold the next,
+        # smaller one's activations. Smallest first, each capture needs blocks larger than any freed before it, and
+        # the pool grows by about every capture's activations.
+        for n in sorted(graph_batches(self.max_batch), reverse=True):
             static_in = torch.zeros(n, *sample_shape, device=self.device, dtype=self.dtype)
             static_in = static_in.contiguous(memory_format=torch.channels_last)
             side.wait_stream(torch.cuda.current_stream(self.device))
@@ -159,6 +162,8 @@ class VAEDecoder(Decoder):
             with torch.cuda.graph(graph, pool=pool), torch.inference_mode():
                 static_out = self._decode(static_in)
             self._graphs[n] = (graph, static_in, static_out)
+        self._graphs = dict(sorted(self._graphs.items()))  # ascending: _replay takes the first that holds a batch
+        torch.cuda.empty_cache()  # the warm-up decodes' blocks outside the graphs' pool, which nothing uses now
         return time.perf_counter() - start
 
 
