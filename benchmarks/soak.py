@@ -118,18 +118,22 @@ class SoakReport:
             self.loop_lag.append((asleep - started, time.perf_counter() - asleep - LAG_TICK_S))
 
     def windows(self) -> list[dict]:
-        """Per window of ``window_s`` (by send time): requests, failures, and the accepted ones' p50 and p99."""
+        """Per window of ``window_s`` (requests by send time): requests, failures, the accepted ones' p50 and p99 and
+        the p99 of their queueing and denoising, and the client loop's worst lateness."""
         count = max(1, round(self.wall_seconds / self.window_s))
+
+        def within(k: int, pairs: list[tuple[float, object]]) -> list:  # the last window takes any overrun
+            return [x for at, x in pairs if k * self.window_s <= at < (k + 1) * self.window_s
+                    or (k == count - 1 and at >= (k + 1) * self.window_s)]
+
         rows = []
         for k in range(count):
-            mine = [o for at, o in self.outcomes if k * self.window_s <= at < (k + 1) * self.window_s or
-                    (k == count - 1 and at >= (k + 1) * self.window_s)]
+            mine = within(k, self.outcomes)
             ok = [o for o in mine if o.status == 200]
             accepted = [o.seconds for o in ok]
             queued = [o.queue_seconds for o in ok if o.queue_seconds is not None]
             denoised = [o.denoise_seconds for o in ok if o.denoise_seconds is not None]
-            lag = [late for at, late in self.loop_lag if k * self.window_s <= at < (k + 1) * self.window_s or
-                   (k == count - 1 and at >= (k + 1) * self.window_s)]
+            lag = within(k, self.loop_lag)
             rows.append({"window": k, "from_s": k * self.window_s, "requests": len(mine), "accepted": len(accepted),
                          "failed": len(mine) - len(accepted),
                          "p50_ms": _ms(percentile(accepted, 50)), "p99_ms": _ms(percentile(accepted, 99)),

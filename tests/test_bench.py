@@ -3,14 +3,17 @@ full batch timed through the engine's public API, and the decoder's setups held 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from benchmarks import soak
 from benchmarks.engine import BASELINE_PACKAGE, EngineSteps, engine_request, load_baseline
 
 import dit_runtime
@@ -190,11 +193,6 @@ def test_the_kernel_profile_files_kernels_by_kind_whichever_library_named_them()
 def test_the_soak_samples_memory_off_its_event_loop_and_reports_how_late_the_loop_woke():
     """A memory sample (psutil's scan of every process, nvidia-smi) taken on the client's event loop would delay every
     send and answer meanwhile: latency the server did not add."""
-    import asyncio
-    import time
-
-    from benchmarks import soak
-
     def slow_pids():  # a slow scan
         time.sleep(0.3)
         return set()
