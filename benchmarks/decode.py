@@ -29,8 +29,9 @@ of the same latents: relative L2 of the float images and the largest difference 
 fp16 error is the tolerance. On a GPU each row also has the decoder's rate (``tflops``: its FLOPs per image, counted
 once by ``decode_flops``, over the time) against the card's measured fp16 matmul rate, and with
 ``--profile-kernels`` its kernels' time per image by kind (``DECODER_KERNEL_KINDS``) with the convolutions' own rate:
-whether a faster decode is ours to win or cuDNN's convolution kernels' to give. Rows go to ``OUT/decode.jsonl`` as
-they are measured.
+whether a faster decode is ours to win or cuDNN's convolution kernels' to give. The top kernels carry their launches
+over the profile's ``profiled_decodes``: one name of inductor's can be several layers' kernel. Rows go to
+``OUT/decode.jsonl`` as they are measured.
 """
 
 from __future__ import annotations
@@ -219,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["of_matmul_peak"] = round(row["tflops"] * 1e12 / peak, 3)
             if a.profile_kernels and device.type == "cuda":
                 calls = 3
+                row["profiled_decodes"] = calls  # what top_kernels' launches are over
                 row.update(kernels_by_kind(kernel_times(lambda: [fns[name](z) for _ in range(calls)]),
                                            calls * batch, "image", DECODER_KERNEL_KINDS))
                 conv_ms = row["kernel_ms_by_kind"].get(CONVOLUTIONS)

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import importlib.util
 import json
 import os
@@ -118,32 +119,43 @@ def kernel_kind(name: str, kinds: tuple[tuple[str, str], ...] = KERNEL_KINDS) ->
     return next((kind for kind, pattern in kinds if re.search(pattern, name, re.IGNORECASE)), "other")
 
 
-def kernel_times(run) -> dict[str, float]:
-    """GPU microseconds per kernel name over one call of ``run``, from torch.profiler (the time the GPU was idle in
-    between is in no kernel)."""
+@dataclasses.dataclass
+class KernelTime:
+    """One kernel name's GPU time over a profile, and how many launches it was: inductor gives one name to every
+    call site of a kernel it generated once, so a name's time can be several layers'."""
+
+    us: float = 0.0
+    launches: int = 0
+
+
+def kernel_times(run) -> dict[str, KernelTime]:
+    """GPU time and launches per kernel name over one call of ``run``, from torch.profiler (the time the GPU was idle
+    in between is in no kernel)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run()
         torch.cuda.synchronize()
-    per_kernel = collections.defaultdict(float)
+    per_kernel = collections.defaultdict(KernelTime)
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
-            per_kernel[event.name] += event.device_time
+            per_kernel[event.name].us += event.device_time
+            per_kernel[event.name].launches += 1
     return per_kernel
 
 
-def kernels_by_kind(per_kernel: dict[str, float], count: int, unit: str, kinds=KERNEL_KINDS, top: int = 8) -> dict:
+def kernels_by_kind(per_kernel: dict[str, KernelTime], count: int, unit: str, kinds=KERNEL_KINDS,
+                    top: int = 8) -> dict:
     """``kernel_times``' microseconds over ``count`` units of work (steps, images) as milliseconds per ``unit``: in
-    all (``kernel_ms_per_<unit>``), by kind, and the top kernels."""
+    all (``kernel_ms_per_<unit>``), by kind, and the top kernels with their launches over the whole profile."""
     by_kind = collections.defaultdict(float)
     for name, t in per_kernel.items():
-        by_kind[kernel_kind(name, kinds)] += t
-    ms = lambda t: round(t / count / 1e3, 4)  # noqa: E731
-    return {f"kernel_ms_per_{unit}": ms(sum(per_kernel.values())),
-            "kernel_ms_by_kind": {kind: ms(t) for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-            "top_kernels": [{"kernel": name[:90], f"ms_per_{unit}": ms(t)}
-                            for name, t in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:top]]}
+        by_kind[kernel_kind(name, kinds)] += t.us
+    ms = lambda us: round(us / count / 1e3, 4)  # noqa: E731
+    return {f"kernel_ms_per_{unit}": ms(sum(t.us for t in per_kernel.values())),
+            "kernel_ms_by_kind": {kind: ms(us) for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [{"kernel": name[:90], f"ms_per_{unit}": ms(t.us), "launches": t.launches}
+                            for name, t in sorted(per_kernel.items(), key=lambda kv: -kv[1].us)[:top]]}
 
 
 def kernel_profile(timer: "EngineSteps", steps: int = 10) -> dict:

@@ -190,6 +190,23 @@ def test_the_kernel_profile_files_kernels_by_kind_whichever_library_named_them()
     assert kernel_kind("void at::native::vectorized_elementwise_kernel<4>") == "other"
 
 
+def test_a_kernel_profile_is_milliseconds_per_unit_by_kind_with_each_top_kernels_launches():
+    from benchmarks.decode import DECODER_KERNEL_KINDS
+    from benchmarks.engine import KernelTime, kernels_by_kind
+
+    per_kernel = {"triton_red_fused_native_group_norm_3": KernelTime(us=3000.0, launches=12),
+                  "sm90_xmma_fprop_implicit_gemm_f16f16": KernelTime(us=6000.0, launches=30),
+                  "_group_norm_apply_kernel": KernelTime(us=600.0, launches=6)}
+    got = kernels_by_kind(per_kernel, count=3, unit="image", kinds=DECODER_KERNEL_KINDS, top=2)
+    assert got["kernel_ms_per_image"] == 3.2
+    assert got["kernel_ms_by_kind"] == {"convolutions (cuDNN, inductor templates)": 2.0,
+                                        "fused elementwise and reductions (inductor)": 1.0,
+                                        "GroupNorm + SiLU (ours, Triton)": 0.2}
+    assert got["top_kernels"] == [
+        {"kernel": "sm90_xmma_fprop_implicit_gemm_f16f16", "ms_per_image": 2.0, "launches": 30},
+        {"kernel": "triton_red_fused_native_group_norm_3", "ms_per_image": 1.0, "launches": 12}]
+
+
 def test_the_soak_samples_memory_off_its_event_loop_and_reports_how_late_the_loop_woke():
     """A memory sample (psutil's scan of every process, nvidia-smi) taken on the client's event loop would delay every
     send and answer meanwhile: latency the server did not add."""
