@@ -64,7 +64,7 @@ def model_args(a) -> dict:
         a.vae = str(write_random_vae(Path(tempfile.gettempdir()) / "dit-serve-vae-sd-random"))
     if a.vae:  # with --compile the decoder is compiled too (compile_decoder), as a deployment that cares would
         m.update(vae=a.vae, compile_decoder=a.compile, decoder_cuda_graphs=a.decoder_graphs,
-                 decoder_fused_norms=a.decoder_fused_norms)
+                 decoder_fused_norms=a.decoder_fused_norms, decoder_compile_options=a.decoder_compile_options)
     return m
 
 
@@ -283,6 +283,9 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
                     help="with --vae and --compile: the decoder as CUDA graphs (decoder_cuda_graphs)")
     ap.add_argument("--decoder-fused-norms", action="store_true",
                     help="with --vae on a GPU: the decoder's GroupNorm + SiLU as our kernels (decoder_fused_norms)")
+    ap.add_argument("--decoder-compile-options", type=json.loads, metavar="JSON",
+                    help='with --vae and --compile: inductor options for the decoder (decoder_compile_options), e.g. '
+                         '\'{"coordinate_descent_tuning": true}\'')
     ap.add_argument("--vae", help="a latent model's decoder: a local diffusers AutoencoderKL folder, or sd-random "
                                   "(random weights of sd-vae-ft-ema's configuration: 256x256 images from dit-10l's "
                                   "32x32 latents), compiled with --compile; default none, the latents answered as "

@@ -238,7 +238,8 @@ def load_vae(folder: str | Path) -> torch.nn.Module:
 
 
 def decoder_for(info: CheckpointInfo, vae: torch.nn.Module | None = None, *, max_batch: int = 64,
-                compile: bool = False, cuda_graphs: bool = False, fuse_norms: bool = False) -> Decoder:
+                compile: bool = False, cuda_graphs: bool = False, fuse_norms: bool = False,
+                compile_options: dict | None = None) -> Decoder:
     """The decoder of a checkpoint: its pixels, its VAE (``vae``, for a latent model), or a view of its latents
     when a latent model has no VAE (benchmarks)."""
     channels = info.config.in_channels
@@ -248,5 +249,5 @@ def decoder_for(info: CheckpointInfo, vae: torch.nn.Module | None = None, *, max
         return PixelDecoder(channels)
     if vae is None:
         return LatentView(channels)
-    return VAEDecoder(vae, info.latent_scale, max_batch=max_batch, compile=compile, cuda_graphs=cuda_graphs,
-                      fuse_norms=fuse_norms)
+    return VAEDecoder(vae, info.latent_scale, max_batch=max_batch, compile=compile, compile_options=compile_options,
+                      cuda_graphs=cuda_graphs, fuse_norms=fuse_norms)

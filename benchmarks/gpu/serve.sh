@@ -9,7 +9,8 @@
 # rates to Ray Serve's floor route (the control for a served ceiling); STUDENT=1 serves the random weights as a 4-step
 # student (with STEPS=4: the served path at student rates); VAE=sd-random decodes with a random VAE of sd-vae-ft-ema's
 # configuration (256x256 images; diffusers from the bundle), DECODER_GRAPHS=1 captures it as CUDA graphs, FUSED_NORMS=1
-# runs its GroupNorm + SiLU as our kernels (decoder_fused_norms); ENGINE_ALONE=0
+# runs its GroupNorm + SiLU as our kernels (decoder_fused_norms), DECODER_OPTIONS='{"coordinate_descent_tuning": true}'
+# gives inductor options to its compile (decoder_compile_options); ENGINE_ALONE=0
 # leaves out the engine's in-process phase (which builds the engine once more than the replica does); PORT lets two
 # runs share a host; PROFILE=1 adds py-spy's account of each serving process's Python time per request (py-spy from
 # .whl/ when not installed: `pip download py-spy -d .whl` here, and carry .whl). Bounded to under 10 minutes
@@ -63,7 +64,8 @@ timeout --signal=INT "${BENCH_TIMEOUT:-560}" python3 -m benchmarks serve --out "
     --steps "${STEPS:-25}" --sequential "${SEQUENTIAL:-100}" --rates "${RATES:-8,32,128,256}" \
     --images-per-request "${N:-1}" --gateway-replicas "${GATEWAYS:-4}" --layout "${LAYOUT:-direct}" --port "${PORT:-8000}" \
     ${BUCKETS:+--batch-buckets $BUCKETS} ${STUDENT:+--student} ${FLOOR_LOAD:+--floor-load} ${VAE:+--vae $VAE} \
-    ${DECODER_GRAPHS:+--decoder-graphs} ${FUSED_NORMS:+--decoder-fused-norms} $([ "${ENGINE_ALONE:-1}" = 0 ] && echo --no-engine-alone) \
+    ${DECODER_GRAPHS:+--decoder-graphs} ${FUSED_NORMS:+--decoder-fused-norms} \
+    ${DECODER_OPTIONS:+--decoder-compile-options "$DECODER_OPTIONS"} $([ "${ENGINE_ALONE:-1}" = 0 ] && echo --no-engine-alone) \
     ${PROFILE:+--profile} ${SOAK:+--soak $SOAK} \
     2>&1 | tee "$OUT/serve.log" || status=$?
 grep -rh "__recompiles\]" /tmp/ray/session_latest/logs/ 2>/dev/null | cut -c1-600 > "$OUT/recompiles.txt" || true

@@ -71,6 +71,8 @@ class EngineConfig:
     decoder_cuda_graphs: bool = False
     # each GroupNorm of the decoder that a SiLU follows, with it, as our Triton kernels (decoders.GroupNormSiLU)
     decoder_fused_norms: bool = False
+    # inductor's options for the decoder's torch.compile, as compile_options are the steps'
+    decoder_compile_options: dict | None = field(default=None, hash=False)
     stall_timeout: float = 120.0  # seconds without a finished step, with work pending, before health() fails
 
     def __post_init__(self) -> None:
@@ -100,6 +102,16 @@ class EngineConfig:
             problems.append("decoder_cuda_graphs needs compile_decoder and device 'cuda'")
         if self.decoder_fused_norms and not str(self.device).startswith("cuda"):
             problems.append("decoder_fused_norms needs device 'cuda' (Triton kernels)")
+        if self.decoder_compile_options is not None and not self.compile_decoder:
+            problems.append("decoder_compile_options needs compile_decoder")
+        for name in ("compile_options", "decoder_compile_options"):
+            if getattr(self, name):  # checked now, not at the compile minutes into a start
+                import torch._inductor
+
+                unknown = sorted(set(getattr(self, name)) - set(torch._inductor.list_options()))
+                if unknown:
+                    problems.append(f"{name} has options inductor does not know: {', '.join(unknown)} (the known "
+                                    "ones: torch._inductor.list_options())")
         rows = self.feature_cache_rows
         if rows is not None and (not isinstance(rows, int) or not 0 <= rows <= self.max_batch_size):
             problems.append(f"feature_cache_rows must be an integer in [0, max_batch_size = {self.max_batch_size}], "

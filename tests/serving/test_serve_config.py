@@ -109,6 +109,8 @@ def test_random_weights_need_the_explicit_flag():
     ({"cuda_graphs": True}, "cuda_graphs needs device 'cuda'"),
     ({"decoder_cuda_graphs": True}, "decoder_cuda_graphs needs compile_decoder and device 'cuda'"),
     ({"decoder_fused_norms": True}, "decoder_fused_norms needs device 'cuda' (Triton kernels)"),
+    ({"decoder_compile_options": {"max_autotune": True}}, "decoder_compile_options needs compile_decoder"),
+    ({"compile_options": {"max_autotun": True}}, "compile_options has options inductor does not know: max_autotun"),
     ({"precision": "fp16"}, "precision fp16 is for an NVIDIA GPU"),
     ({"precision": "fp8"}, "precision fp8 is for an NVIDIA GPU; use fp32 on cpu"),
     ({"dtype": "float16"}, "`dtype` is now `precision`"),
@@ -223,12 +225,15 @@ def test_compile_settings_reach_the_engine_with_static_shapes_by_default(ckpt):
     compiled programs saved across starts unless a model turns it off."""
     default, dynamic = AppArgs.parse({"models": [
         model_args("a", ckpt), model_args("b", ckpt, compile_dynamic=True, compile_options={"max_autotune": True},
-                                          compile_programs=False)]}
+                                          compile_programs=False, compile_decoder=True,
+                                          decoder_compile_options={"coordinate_descent_tuning": True})]}
     ).models
     assert default.engine_config().compile_dynamic is False and default.engine_config().compile_programs is True
+    assert default.engine_config().decoder_compile_options is None
     config = dynamic.engine_config()
     assert config.compile_dynamic is True and config.compile_options == {"max_autotune": True}
     assert config.compile_programs is False
+    assert config.decoder_compile_options == {"coordinate_descent_tuning": True}
 
 
 def test_fp8_keys_reach_the_engine_and_a_bad_one_names_the_field(ckpt):
