@@ -89,7 +89,7 @@ def memory_sample(pids, at: float) -> MemorySample:
     for pid in found:
         try:
             rss += psutil.Process(pid).memory_info().rss
-        except psutil.NoSuchProcess:  # a replica that ended since it was found
+        except psutil.Error:  # a replica that ended since it was found (its pid perhaps another's now)
             pass
     return MemorySample(at, rss, gpu_memory(found))
 
@@ -221,6 +221,9 @@ async def soak(url: str, body: dict, pids, load: float = 0.8, seconds: float = 6
         report.wall_seconds = time.perf_counter() - started
         for watcher in watchers:
             watcher.cancel()
+        for failed in await asyncio.gather(*watchers, return_exceptions=True):
+            if isinstance(failed, Exception):  # not the CancelledError of a watcher stopped here
+                raise failed  # a sampler that died: its memory figures would stop without a word
         report.memory.append(await asyncio.to_thread(memory_sample, pids, report.wall_seconds))
         return report
 

@@ -165,9 +165,11 @@ def test_the_group_norm_kernel_is_torchs_group_norm_rounded_once(dtype):
     from dit_runtime.engine.kernels import group_norm_silu, group_norm_supported
 
     torch.manual_seed(0)
-    # the decoder's widths; a spatial size that is no multiple of a tile; a mean 30 standard deviations from zero
+    # the decoder's widths; a spatial size that is no multiple of a tile; a mean 30 standard deviations from zero;
+    # 130 tiles, 3 a program: the last program's loop meets 2 tiles wholly past the image
     for n, c, h, w, groups, silu, offset in [(2, 128, 64, 64, 32, True, 0.0), (3, 512, 7, 9, 32, False, 0.0),
-                                             (1, 256, 128, 96, 32, True, 30.0), (5, 8, 16, 16, 4, True, 1.0)]:
+                                             (1, 256, 128, 96, 32, True, 30.0), (5, 8, 16, 16, 4, True, 1.0),
+                                             (1, 128, 65, 128, 32, True, 0.0)]:
         x = (torch.randn(n, c, h, w, device="cuda") + offset).to(dtype).contiguous(memory_format=torch.channels_last)
         weight, bias = torch.randn(c, device="cuda", dtype=dtype), torch.randn(c, device="cuda", dtype=dtype)
         assert group_norm_supported(x, groups)

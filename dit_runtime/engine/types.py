@@ -102,13 +102,15 @@ class EngineConfig:
             problems.append("decoder_cuda_graphs needs compile_decoder and device 'cuda'")
         if self.decoder_fused_norms and not str(self.device).startswith("cuda"):
             problems.append("decoder_fused_norms needs device 'cuda' (Triton kernels)")
-        if self.decoder_compile_options is not None and not self.compile_decoder:
+        if self.decoder_compile_options and not self.compile_decoder:
             problems.append("decoder_compile_options needs compile_decoder")
         for name in ("compile_options", "decoder_compile_options"):
             if getattr(self, name):  # checked now, not at the compile minutes into a start
                 import torch._inductor
 
-                unknown = sorted(set(getattr(self, name)) - set(torch._inductor.list_options()))
+                # torch.compile reads "max-autotune" as max_autotune
+                unknown = sorted(key for key in getattr(self, name)
+                                 if key.replace("-", "_") not in torch._inductor.list_options())
                 if unknown:
                     problems.append(f"{name} has options inductor does not know: {', '.join(unknown)} (the known "
                                     "ones: torch._inductor.list_options())")

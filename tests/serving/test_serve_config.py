@@ -226,14 +226,14 @@ def test_compile_settings_reach_the_engine_with_static_shapes_by_default(ckpt):
     default, dynamic = AppArgs.parse({"models": [
         model_args("a", ckpt), model_args("b", ckpt, compile_dynamic=True, compile_options={"max_autotune": True},
                                           compile_programs=False, compile_decoder=True,
-                                          decoder_compile_options={"coordinate_descent_tuning": True})]}
+                                          decoder_compile_options={"coordinate-descent-tuning": True})]}
     ).models
     assert default.engine_config().compile_dynamic is False and default.engine_config().compile_programs is True
     assert default.engine_config().decoder_compile_options is None
     config = dynamic.engine_config()
     assert config.compile_dynamic is True and config.compile_options == {"max_autotune": True}
     assert config.compile_programs is False
-    assert config.decoder_compile_options == {"coordinate_descent_tuning": True}
+    assert config.decoder_compile_options == {"coordinate-descent-tuning": True}  # torch.compile's spelling too
 
 
 def test_fp8_keys_reach_the_engine_and_a_bad_one_names_the_field(ckpt):
