@@ -321,6 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--access-log", action="store_true", help="Ray Serve's log line per request (off by default, as in "
                                                                "serve_config.gpu.yaml)")
     a = ap.parse_args(argv)
+    decoder_flags = [flag for flag, on in (("--decoder-graphs", a.decoder_graphs),
+                                           ("--decoder-fused-norms", a.decoder_fused_norms),
+                                           ("--decoder-compile-options", a.decoder_compile_options)) if on]
+    if decoder_flags and not a.vae:
+        ap.error(f"{', '.join(decoder_flags)} set how the VAE decoder runs: give --vae (a folder, or sd-random)")
     if a.profile:
         cpu_profile.py_spy()  # missing: say so now, not after the engine's start
     a.out.mkdir(parents=True, exist_ok=True)

@@ -136,6 +136,15 @@ def test_the_serve_benchmark_tells_the_stacks_processes_apart_by_command_line():
     assert process_role(1, "python -m http.server") is None
 
 
+def test_the_serve_benchmark_refuses_decoder_settings_without_a_decoder(tmp_path, capsys):
+    from benchmarks.serve import main
+
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--decoder-graphs", "--decoder-compile-options", '{"max_autotune": true}'])
+    assert "--decoder-graphs, --decoder-compile-options set how the VAE decoder runs: give --vae" in \
+        capsys.readouterr().err
+
+
 def test_a_requests_gpu_idle_time_splits_into_launch_latency_and_waiting_for_the_host():
     """Overlapping copies count once; a gap up to LAUNCH_GAP_US is launch latency, a longer one the host's."""
     from benchmarks.engine import LAUNCH_GAP_US, gpu_gaps
