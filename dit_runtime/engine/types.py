@@ -104,13 +104,15 @@ class EngineConfig:
             problems.append("decoder_fused_norms needs device 'cuda' (Triton kernels)")
         if self.decoder_compile_options and not self.compile_decoder:
             problems.append("decoder_compile_options needs compile_decoder")
+        known = None  # inductor's option names, read once and only when a model gives options
         for name in ("compile_options", "decoder_compile_options"):
             if getattr(self, name):  # checked now, not at the compile minutes into a start
-                import torch._inductor
+                if known is None:
+                    import torch._inductor
 
+                    known = set(torch._inductor.list_options())
                 # torch.compile reads "max-autotune" as max_autotune
-                unknown = sorted(key for key in getattr(self, name)
-                                 if key.replace("-", "_") not in torch._inductor.list_options())
+                unknown = sorted(key for key in getattr(self, name) if key.replace("-", "_") not in known)
                 if unknown:
                     problems.append(f"{name} has options inductor does not know: {', '.join(unknown)} (the known "
                                     "ones: torch._inductor.list_options())")
