@@ -45,6 +45,8 @@ class Outcome:
     shed_ok: bool = True  # a shed answer carried Retry-After and OpenAI's error shape
     queue_seconds: float | None = None  # an accepted answer's timings: waiting for a batch slot in the engine
     denoise_seconds: float | None = None  # and its own denoising
+    engine_seconds: float | None = None  # submit -> images on the host (decode included)
+    server_seconds: float | None = None  # the route's own time: the engine, encoding, the answer's JSON
 
 
 @dataclass
@@ -103,7 +105,8 @@ async def one_request(http: httpx.AsyncClient, body: dict, timeout: float) -> Ou
     if r.status_code == 200:
         timings = r.json().get("timings", {})
         return Outcome(200, seconds, queue_seconds=timings.get("queue_seconds"),
-                       denoise_seconds=timings.get("denoise_seconds"))
+                       denoise_seconds=timings.get("denoise_seconds"), engine_seconds=timings.get("engine_seconds"),
+                       server_seconds=timings.get("server_seconds"))
     return Outcome(r.status_code, seconds, shed_ok=r.status_code not in SHED or _is_clean_shed(r))
 
 

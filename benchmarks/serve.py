@@ -37,7 +37,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import cpu_profile
+from . import cpu_profile, soak
 from .stats import percentile
 
 
@@ -249,8 +249,6 @@ def soak_phase(a, route: str) -> dict:
     memory samples and summary to ``soak.jsonl``, as ``python -m benchmarks soak`` writes them."""
     from serving.config import model_deployment_name
 
-    from . import soak
-
     app = a.model_name if a.layout == "direct" else "dit"
     deployment = model_deployment_name(a.model_name)
     body = {"model": a.model_name, "prompt": "3", "n": a.images_per_request, "num_inference_steps": a.steps}
@@ -258,7 +256,7 @@ def soak_phase(a, route: str) -> dict:
     # Closed-loop clients enough to keep one batch of images in flight: a full batch's rate, with no queue behind it.
     clients = max(8, a.max_batch_size // a.images_per_request)
     report = asyncio.run(soak.soak(f"http://127.0.0.1:{a.port}{route}", body, pids, load=0.8, seconds=a.soak,
-                                   window_s=min(60.0, a.soak / 5), clients=clients))
+                                   window_s=min(60.0, a.soak / 5), clients=clients, arrivals=a.soak_arrivals))
     summary = report.summary()
     soak.write_report(report, a.out / "soak.jsonl")
     log(f"soak: {json.dumps(summary)}")
@@ -313,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layout", choices=["direct", "gateway"], default="direct")
     ap.add_argument("--soak", type=float, metavar="SECONDS",
                     help="last, soak the model's route this long at 0.8x its capacity (benchmarks/soak.py's bar)")
+    ap.add_argument("--soak-arrivals", choices=soak.ARRIVALS, default="paced",
+                    help="the soak's arrivals: at even intervals, or Poisson's (benchmarks/soak.py)")
     ap.add_argument("--profile", action="store_true",
                     help="py-spy each replica and Ray's proxy during every load phase: GIL time per request by part "
                          "of the stack (benchmarks/cpu_profile.py), in profile.jsonl")

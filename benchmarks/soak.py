@@ -4,20 +4,27 @@
 
 1. Capacity: ``--clients`` closed-loop clients for ``--capacity-seconds`` (``overload.client_at_capacity``; loopback
    only).
-2. Soak: Poisson arrivals at ``--load`` x that capacity for ``--seconds``, every request awaited (client timeout
-   ``--timeout``). Every ``--sample-every`` seconds, the resident memory (RSS) of the model's replica processes on
-   this host (found by the title Ray gives them, ``ray::ServeReplica:<app>:<deployment>``) and, where nvidia-smi
-   runs, the GPU memory they hold. Sampled on a thread: psutil's scan of every process and nvidia-smi take tens of
-   milliseconds or more, and on the event loop they would hold up every send and every answer meanwhile.
+2. Soak: requests at ``--load`` x that capacity for ``--seconds``, every request awaited (client timeout
+   ``--timeout``). ``--arrivals paced`` (the default) sends them at even intervals, as wrk2's constant-throughput
+   load does: every window is offered the same requests, so the last window's p99 against the first's reads what the
+   server did over the soak (a leak, fragmentation, a queue that grows). ``poisson`` draws the intervals, and with
+   them how many requests a window gets: near the knee of the latency curve that alone moves a window's p99 (on an
+   H100 the minutes' p50 followed their Poisson counts, r = 0.82). Every ``--sample-every`` seconds, the resident
+   memory (RSS) of the model's replica processes on this host (found by the title Ray gives them,
+   ``ray::ServeReplica:<app>:<deployment>``) and, where nvidia-smi runs, the GPU memory they hold. Sampled on a
+   thread: psutil's scan of every process and nvidia-smi take tens of milliseconds or more, and on the event loop they
+   would hold up every send and every answer meanwhile.
 
-The report, per ``--window`` seconds of the soak: requests, failures, latency p50 and p99, the p99 of the two parts
-the server times (``queue_p99_ms``: waiting for a batch slot; ``denoise_p99_ms``: its own steps), and how late this
-client's event loop woke at worst (``client_lag_max_ms``). So a window's p99 spike reads as queueing (a burst, or a
-slow engine), the denoising, or neither (the HTTP path, encoding); with a late loop, it is the client's. And the
-memory at the end of the first window (warm-up) against the last sample. The bar (exit status 1 otherwise): nothing
-failed or timed out, the replicas' RSS and GPU memory grew less than 1% after warm-up, and the last window's p99 is
-within 10% of the first's. Progress goes to stderr once a window; the windows' rows, the memory samples and the
-summary to ``OUT/soak.jsonl``, the summary also to stdout as one JSON line.
+The report, per ``--window`` seconds of the soak: requests, failures, latency p50 and p99, the p99 of the nested
+spans the server times (``queue_p99_ms``: waiting for a batch slot; ``denoise_p99_ms``: its own steps;
+``engine_p99_ms``: submit to images on the host, the decode included; ``server_p99_ms``: the route's, encoding
+included), and how late this client's event loop woke at worst (``client_lag_max_ms``). So a window's p99 spike
+reads as queueing (a burst, or a slow engine), the denoising, the decode, the encoding or neither (the HTTP path);
+with a late loop, it is the client's. And the memory at the end of the first window (warm-up) against the last
+sample. The bar (exit status 1 otherwise): nothing failed or timed out, the replicas' RSS and GPU memory grew less
+than 1% after warm-up, and the last window's p99 is within 10% of the first's. Progress goes to stderr once a window;
+the windows' rows, the memory samples and the summary to ``OUT/soak.jsonl``, the summary also to stdout as one JSON
+line.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +49,7 @@ from serving.config import model_deployment_name
 from .overload import Outcome, client_at_capacity, one_request
 from .stats import percentile
 
+ARRIVALS = ("paced", "poisson")
 # What the soak holds the server to: memory growth after warm-up, and the last window's p99 against the first's.
 MAX_MEMORY_GROWTH = 0.01
 MAX_P99_DRIFT = 0.10
@@ -74,6 +83,17 @@ def gpu_memory(pids: set[int]) -> int | None:
     return sum(int(mib) * 2**20 for pid, mib in used if int(pid) in pids)
 
 
+def send_offsets(rate: float, seconds: float, arrivals: str = "paced", seed: int = 0) -> Iterator[float]:
+    """Seconds into the soak at which its requests go out, ``rate`` a second for ``seconds``: every ``1 / rate``
+    (paced), or at intervals drawn from the exponential distribution (Poisson's arrivals)."""
+    rng = random.Random(seed)
+    k, at = 0, 0.0
+    while at < seconds:
+        yield at
+        k += 1
+        at = k / rate if arrivals == "paced" else at + rng.expovariate(rate)
+
+
 @dataclass
 class MemorySample:
     at: float  # seconds into the soak
@@ -99,6 +119,7 @@ class SoakReport:
     capacity_rps: float
     offered_rps: float
     window_s: float
+    arrivals: str = "paced"
     outcomes: list[tuple[float, Outcome]] = field(default_factory=list)  # (seconds into the soak it was sent, ...)
     memory: list[MemorySample] = field(default_factory=list)
     loop_lag: list[tuple[float, float]] = field(default_factory=list)  # (seconds into the soak, how late it woke)
@@ -119,7 +140,7 @@ class SoakReport:
 
     def windows(self) -> list[dict]:
         """Per window of ``window_s`` (requests by send time): requests, failures, the accepted ones' p50 and p99 and
-        the p99 of their queueing and denoising, and the client loop's worst lateness."""
+        the p99 of each span the server timed, and the client loop's worst lateness."""
         count = max(1, round(self.wall_seconds / self.window_s))
 
         def within(k: int, pairs: list[tuple[float, object]]) -> list:  # the last window takes any overrun
@@ -131,13 +152,13 @@ class SoakReport:
             mine = within(k, self.outcomes)
             ok = [o for o in mine if o.status == 200]
             accepted = [o.seconds for o in ok]
-            queued = [o.queue_seconds for o in ok if o.queue_seconds is not None]
-            denoised = [o.denoise_seconds for o in ok if o.denoise_seconds is not None]
+            spans = {f"{span}_p99_ms": _ms(percentile([getattr(o, f"{span}_seconds") for o in ok
+                                                        if getattr(o, f"{span}_seconds") is not None], 99))
+                     for span in ("queue", "denoise", "engine", "server")}
             lag = within(k, self.loop_lag)
             rows.append({"window": k, "from_s": k * self.window_s, "requests": len(mine), "accepted": len(accepted),
                          "failed": len(mine) - len(accepted),
-                         "p50_ms": _ms(percentile(accepted, 50)), "p99_ms": _ms(percentile(accepted, 99)),
-                         "queue_p99_ms": _ms(percentile(queued, 99)), "denoise_p99_ms": _ms(percentile(denoised, 99)),
+                         "p50_ms": _ms(percentile(accepted, 50)), "p99_ms": _ms(percentile(accepted, 99)), **spans,
                          "client_lag_max_ms": _ms(max(lag, default=None))})
         return rows
 
@@ -157,6 +178,7 @@ class SoakReport:
         first, last = windows[0]["p99_ms"], windows[-1]["p99_ms"]
         drift = None if not first or last is None else (last - first) / first
         return {"capacity_rps": round(self.capacity_rps, 2), "offered_rps": round(self.offered_rps, 2),
+                "arrivals": self.arrivals,
                 "sent": len(self.outcomes), "failed": failed, "timed_out": timed_out,
                 "wall_seconds": round(self.wall_seconds, 1), "first_p99_ms": first, "last_p99_ms": last,
                 "client_lag_max_ms": _ms(max((late for _, late in self.loop_lag), default=None)),
@@ -185,13 +207,14 @@ def _ms(x: float | None) -> float | None:
 
 async def soak(url: str, body: dict, pids, load: float = 0.8, seconds: float = 600.0, window_s: float = 60.0,
                sample_every_s: float = 5.0, clients: int = 8, capacity_seconds: float = 10.0, timeout: float = 30.0,
-               seed: int = 0) -> SoakReport:
-    """Measure capacity, then send Poisson arrivals at ``load`` x capacity for ``seconds``, sampling the memory of
-    the processes ``pids()`` names; a line of progress per window on stderr."""
+               seed: int = 0, arrivals: str = "paced") -> SoakReport:
+    """Measure capacity, then send requests at ``load`` x capacity for ``seconds`` (``arrivals``: at even intervals,
+    or Poisson's), sampling the memory of the processes ``pids()`` names; a line of progress per window on stderr."""
+    if arrivals not in ARRIVALS:  # before minutes of measuring capacity
+        raise ValueError(f"arrivals must be one of {', '.join(ARRIVALS)}, not {arrivals!r}")
     async with client_at_capacity(url, body, clients, capacity_seconds, timeout) as (http, measured):
         capacity = measured[0]
-        report = SoakReport(capacity, load * capacity, window_s)
-        rng = random.Random(seed)
+        report = SoakReport(capacity, load * capacity, window_s, arrivals)
         started = time.perf_counter()
 
         async def sent(at: float, k: int) -> None:
@@ -199,11 +222,11 @@ async def soak(url: str, body: dict, pids, load: float = 0.8, seconds: float = 6
 
         watchers = [asyncio.create_task(report.sample_memory(pids, started, sample_every_s)),
                     asyncio.create_task(report.watch_loop(started))]
-        print(f"soak: capacity {capacity:.1f} requests/s; {report.offered_rps:.1f}/s for {seconds:g} s",
+        print(f"soak: capacity {capacity:.1f} requests/s; {report.offered_rps:.1f}/s ({arrivals}) for {seconds:g} s",
               file=sys.stderr, flush=True)
-        tasks, next_at, window = [], started, 0
-        while next_at - started < seconds:
-            delay = next_at - time.perf_counter()
+        tasks, window = [], 0
+        for offset in send_offsets(report.offered_rps, seconds, arrivals, seed):
+            delay = started + offset - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
             at = time.perf_counter() - started
@@ -216,7 +239,6 @@ async def soak(url: str, body: dict, pids, load: float = 0.8, seconds: float = 6
                       f"{sum(o.status != 200 for o in answered)} not 200, replicas' RSS {rss:.0f} MiB, "
                       f"this client's loop late by {1000 * late:.0f} ms at most", file=sys.stderr, flush=True)
             tasks.append(asyncio.create_task(sent(at, len(tasks))))
-            next_at += rng.expovariate(report.offered_rps)
         await asyncio.gather(*tasks)
         report.wall_seconds = time.perf_counter() - started
         for watcher in watchers:
@@ -236,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, help="num_inference_steps of every request (default: the model's)")
     ap.add_argument("--n", type=int, default=1, help="images per request")
     ap.add_argument("--load", type=float, default=0.8, help="offered load / measured capacity")
+    ap.add_argument("--arrivals", choices=ARRIVALS, default="paced",
+                    help="paced: at even intervals (every window offered alike); poisson: exponential intervals")
     ap.add_argument("--seconds", type=float, default=600.0)
     ap.add_argument("--window", type=float, default=60.0, help="seconds per reported window")
     ap.add_argument("--sample-every", type=float, default=5.0, help="seconds between memory samples")
@@ -252,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     report = asyncio.run(soak(a.url, body, lambda: replica_pids(a.app, deployment), a.load, a.seconds, a.window,
-                              a.sample_every, a.clients, a.capacity_seconds, a.timeout))
+                              a.sample_every, a.clients, a.capacity_seconds, a.timeout, arrivals=a.arrivals))
     summary = report.summary()
     write_report(report, out / "soak.jsonl")
     print(json.dumps(summary))

@@ -238,3 +238,32 @@ def test_the_soak_samples_memory_off_its_event_loop_and_reports_how_late_the_loo
     assert len(report.memory) >= 2  # sampled all along
     assert max(late for _, late in report.loop_lag) < 0.2  # never held up by a 0.3 s sample
     assert [w["client_lag_max_ms"] is not None for w in report.windows()] == [True, True]
+
+
+def test_a_paced_soak_offers_every_window_the_same_requests_and_poisson_does_not():
+    """The soak's bar compares its last window's p99 with its first's: paced, each window is offered the same
+    requests, so a difference is the server's; Poisson's windows draw their counts."""
+    from benchmarks import soak
+
+    def per_window(arrivals: str) -> list[int]:
+        offsets = list(soak.send_offsets(60.0, 600.0, arrivals, seed=0))
+        return [sum(k * 60 <= at < (k + 1) * 60 for at in offsets) for k in range(10)]
+
+    assert per_window("paced") == [3600] * 10
+    poisson = per_window("poisson")
+    assert abs(sum(poisson) - 36000) < 4 * 36000 ** 0.5 and len(set(poisson)) > 1
+
+
+def test_the_soak_reports_each_timed_span_per_window():
+    from benchmarks import overload, soak
+
+    report = soak.SoakReport(1.0, 1.0, window_s=10.0, wall_seconds=20.0)
+    for k in range(100):
+        o = overload.Outcome(200, 0.5 + k / 1000, queue_seconds=0.1, denoise_seconds=0.2, engine_seconds=0.3 + k / 1000,
+                             server_seconds=0.4)
+        report.outcomes.append((k / 10, o))  # the first 10 s: window 0
+        report.outcomes.append((10 + k / 10, overload.Outcome(500, 0.01)))
+    first, second = report.windows()
+    assert (first["queue_p99_ms"], first["denoise_p99_ms"], first["server_p99_ms"]) == (100.0, 200.0, 400.0)
+    assert 397 < first["engine_p99_ms"] <= 399 and first["failed"] == 0
+    assert second["failed"] == 100 and second["engine_p99_ms"] is None

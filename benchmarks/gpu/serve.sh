@@ -16,10 +16,11 @@
 # .whl/ when not installed: `pip download py-spy -d .whl` here, and carry .whl). Bounded to under 10 minutes
 # (BENCH_TIMEOUT, 560 s). A cold host compiles each bucket first (the student's seven, 1-64: 298 s), which leaves the
 # served phases little of that: BUCKETS="1 8 64" for a first run. SOAK=600 ends with the soak (benchmarks/soak.py) on
-# the model's route at 0.8x its capacity. Longer than one call allows: DETACH=1 starts the run in the background (in
-# out/detached, with BENCH_TIMEOUT raised to fit) and returns at once; a later call on the same machine with COLLECT=1
-# waits for it (up to 560 s) and copies its results to OUT. Any program compiled while serving is in OUT/recompiles.txt,
-# Ray's errors (a replica that died and was restarted) in OUT/ray-errors.txt.
+# the model's route at 0.8x its capacity, its requests paced evenly (SOAK_ARRIVALS=poisson: Poisson's). Longer than
+# one call allows: DETACH=1 starts the run in the background (in out/detached, with BENCH_TIMEOUT raised to fit) and
+# returns at once; a later call on the same machine with COLLECT=1 waits for it (up to 560 s) and copies its results
+# to OUT. Any program compiled while serving is in OUT/recompiles.txt, Ray's errors (a replica that died and was
+# restarted) in OUT/ray-errors.txt.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-out/serve}
@@ -66,7 +67,7 @@ timeout --signal=INT "${BENCH_TIMEOUT:-560}" python3 -m benchmarks serve --out "
     ${BUCKETS:+--batch-buckets $BUCKETS} ${STUDENT:+--student} ${FLOOR_LOAD:+--floor-load} ${VAE:+--vae $VAE} \
     ${DECODER_GRAPHS:+--decoder-graphs} ${FUSED_NORMS:+--decoder-fused-norms} \
     ${DECODER_OPTIONS:+--decoder-compile-options "$DECODER_OPTIONS"} $([ "${ENGINE_ALONE:-1}" = 0 ] && echo --no-engine-alone) \
-    ${PROFILE:+--profile} ${SOAK:+--soak $SOAK} \
+    ${PROFILE:+--profile} ${SOAK:+--soak $SOAK} ${SOAK_ARRIVALS:+--soak-arrivals $SOAK_ARRIVALS} \
     2>&1 | tee "$OUT/serve.log" || status=$?
 grep -rh "__recompiles\]" /tmp/ray/session_latest/logs/ 2>/dev/null | cut -c1-600 > "$OUT/recompiles.txt" || true
 # a replica that died (and Serve restarted) says why only in Ray's logs: each error with its traceback, by file
