@@ -47,6 +47,8 @@ class Outcome:
     denoise_seconds: float | None = None  # and its own denoising
     engine_seconds: float | None = None  # submit -> images on the host (decode included)
     server_seconds: float | None = None  # the route's own time: the engine, encoding, the answer's JSON
+    engine_seconds: float | None = None  # submit -> images on the host (decode included)
+    server_seconds: float | None = None  # the route's own time: the engine, encoding, the answer's JSON
 
 
 @dataclass

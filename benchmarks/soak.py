@@ -18,9 +18,9 @@
 The report, per ``--window`` seconds of the soak: requests, failures, latency p50 and p99, the p99 of the nested
 spans the server times (``queue_p99_ms``: waiting for a batch slot; ``denoise_p99_ms``: its own steps;
 ``engine_p99_ms``: submit to images on the host, the decode included; ``server_p99_ms``: the route's, encoding
-included), and how late this client's event loop woke at worst (``client_lag_max_ms``). So a window's p99 spike
-reads as queueing (a burst, or a slow engine), the denoising, the decode, the encoding or neither (the HTTP path);
-with a late loop, it is the client's. And the memory at the end of the first window (warm-up) against the last
+included), how late this client's event loop woke at worst (``client_lag_max_ms``) and its longest garbage
+collection (``client_gc_max_ms``). So a window's p99 spike reads as queueing (a burst, or a slow engine), the
+denoising, the decode, the encoding or neither (the HTTP path); with a late loop, it is the client's. And the memory at the end of the first window (warm-up) against the last
 sample. The bar (exit status 1 otherwise): nothing failed or timed out, the replicas' RSS and GPU memory grew less
 than 1% after warm-up, and the last window's p99 is within 10% of the first's. Progress goes to stderr once a window;
 the windows' rows, the memory samples and the summary to ``OUT/soak.jsonl``, the summary also to stdout as one JSON
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import random
@@ -42,10 +43,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import psutil
 
 from serving.config import model_deployment_name
 
+from .loadgen import ClientPauses
 from .overload import Outcome, client_at_capacity, one_request
 from .stats import percentile
 
@@ -123,6 +126,7 @@ class SoakReport:
     outcomes: list[tuple[float, Outcome]] = field(default_factory=list)  # (seconds into the soak it was sent, ...)
     memory: list[MemorySample] = field(default_factory=list)
     loop_lag: list[tuple[float, float]] = field(default_factory=list)  # (seconds into the soak, how late it woke)
+    client_gc: list[tuple[float, float]] = field(default_factory=list)  # this client's collections: (ended at, s)
     wall_seconds: float = 0.0
 
     async def sample_memory(self, pids, started: float, every_s: float) -> None:
@@ -137,6 +141,18 @@ class SoakReport:
             asleep = time.perf_counter()
             await asyncio.sleep(LAG_TICK_S)
             self.loop_lag.append((asleep - started, time.perf_counter() - asleep - LAG_TICK_S))
+
+    def window_ended(self, at: float, sent: int, seconds: float) -> None:
+        """At ``at`` s of ``seconds``, ``sent`` requests in: a line of progress, and what the soak holds so far (its answers, loop
+        lags, samples) put out of the collector's reach with the frozen heap, so a collection walks one window's
+        records at most, not the soak's tens of thousands."""
+        answered = [o for _, o in self.outcomes]
+        rss = self.memory[-1].rss_bytes / 2**20 if self.memory else 0.0
+        late = max((late for t, late in self.loop_lag if t >= at - self.window_s), default=0.0)
+        print(f"soak: {at:.0f}/{seconds:g} s, {sent} sent, {len(answered)} answered, {sum(o.status != 200 for o in answered)} "
+              f"not 200, replicas' RSS {rss:.0f} MiB, this client's loop late by {1000 * late:.0f} ms at most",
+              file=sys.stderr, flush=True)
+        gc.freeze()
 
     def windows(self) -> list[dict]:
         """Per window of ``window_s`` (requests by send time): requests, failures, the accepted ones' p50 and p99 and
@@ -155,11 +171,12 @@ class SoakReport:
             spans = {f"{span}_p99_ms": _ms(percentile([getattr(o, f"{span}_seconds") for o in ok
                                                         if getattr(o, f"{span}_seconds") is not None], 99))
                      for span in ("queue", "denoise", "engine", "server")}
-            lag = within(k, self.loop_lag)
+            lag, collections = within(k, self.loop_lag), within(k, self.client_gc)
             rows.append({"window": k, "from_s": k * self.window_s, "requests": len(mine), "accepted": len(accepted),
                          "failed": len(mine) - len(accepted),
                          "p50_ms": _ms(percentile(accepted, 50)), "p99_ms": _ms(percentile(accepted, 99)), **spans,
-                         "client_lag_max_ms": _ms(max(lag, default=None))})
+                         "client_lag_max_ms": _ms(max(lag, default=None)),
+                         "client_gc_max_ms": _ms(max(collections, default=0.0))})
         return rows
 
     def growth(self, key: str) -> float | None:
@@ -182,6 +199,7 @@ class SoakReport:
                 "sent": len(self.outcomes), "failed": failed, "timed_out": timed_out,
                 "wall_seconds": round(self.wall_seconds, 1), "first_p99_ms": first, "last_p99_ms": last,
                 "client_lag_max_ms": _ms(max((late for _, late in self.loop_lag), default=None)),
+                "client_gc_max_ms": _ms(max((paused for _, paused in self.client_gc), default=0.0)),
                 "p99_drift": None if drift is None else round(drift, 4),
                 "rss_growth": None if rss is None else round(rss, 5),
                 "gpu_growth": None if gpu is None else round(gpu, 5),
@@ -209,45 +227,55 @@ async def soak(url: str, body: dict, pids, load: float = 0.8, seconds: float = 6
                sample_every_s: float = 5.0, clients: int = 8, capacity_seconds: float = 10.0, timeout: float = 30.0,
                seed: int = 0, arrivals: str = "paced") -> SoakReport:
     """Measure capacity, then send requests at ``load`` x capacity for ``seconds`` (``arrivals``: at even intervals,
-    or Poisson's), sampling the memory of the processes ``pids()`` names; a line of progress per window on stderr."""
+    or Poisson's), sampling the memory of the processes ``pids()`` names; a line of progress per window on stderr.
+
+    The client's heap is frozen first (``loadgen.ClientPauses``), as a replica's is: a full collection of a process
+    that has started Ray and imported torch walks ~280k objects (133 ms on two cores), and the client stops sending
+    and reading answers meanwhile, which a soak would charge to the server's p99. Its collections are recorded."""
     if arrivals not in ARRIVALS:  # before minutes of measuring capacity
         raise ValueError(f"arrivals must be one of {', '.join(ARRIVALS)}, not {arrivals!r}")
     async with client_at_capacity(url, body, clients, capacity_seconds, timeout) as (http, measured):
-        capacity = measured[0]
-        report = SoakReport(capacity, load * capacity, window_s, arrivals)
-        started = time.perf_counter()
-
-        async def sent(at: float, k: int) -> None:
-            report.outcomes.append((at, await one_request(http, {**body, "seed": k}, timeout)))
-
-        watchers = [asyncio.create_task(report.sample_memory(pids, started, sample_every_s)),
-                    asyncio.create_task(report.watch_loop(started))]
-        print(f"soak: capacity {capacity:.1f} requests/s; {report.offered_rps:.1f}/s ({arrivals}) for {seconds:g} s",
-              file=sys.stderr, flush=True)
-        tasks, window = [], 0
-        for offset in send_offsets(report.offered_rps, seconds, arrivals, seed):
-            delay = started + offset - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            at = time.perf_counter() - started
-            if at >= (window + 1) * window_s:
-                window += 1
-                answered = [o for _, o in report.outcomes]
-                rss = report.memory[-1].rss_bytes / 2**20 if report.memory else 0.0
-                late = max((late for t, late in report.loop_lag if t >= at - window_s), default=0.0)
-                print(f"soak: {at:.0f}/{seconds:g} s, {len(tasks)} sent, {len(answered)} answered, "
-                      f"{sum(o.status != 200 for o in answered)} not 200, replicas' RSS {rss:.0f} MiB, "
-                      f"this client's loop late by {1000 * late:.0f} ms at most", file=sys.stderr, flush=True)
-            tasks.append(asyncio.create_task(sent(at, len(tasks))))
-        await asyncio.gather(*tasks)
-        report.wall_seconds = time.perf_counter() - started
-        for watcher in watchers:
-            watcher.cancel()
-        for failed in await asyncio.gather(*watchers, return_exceptions=True):
-            if isinstance(failed, Exception):  # not the CancelledError of a watcher stopped here
-                raise failed  # a sampler that died: its memory figures would stop without a word
-        report.memory.append(await asyncio.to_thread(memory_sample, pids, report.wall_seconds))
+        report = SoakReport(measured[0], load * measured[0], window_s, arrivals)
+        print(f"soak: capacity {report.capacity_rps:.1f} requests/s; {report.offered_rps:.1f}/s ({arrivals}) for "
+              f"{seconds:g} s", file=sys.stderr, flush=True)
+        with ClientPauses() as pauses:
+            started = time.perf_counter()
+            await _soak(report, http, body, pids, started, seconds, sample_every_s, timeout, seed)
+        report.client_gc = [(end - started, paused) for end, _, paused in pauses.pauses]
         return report
+
+
+async def _soak(report: SoakReport, http: httpx.AsyncClient, body: dict, pids, started: float, seconds: float,
+                sample_every_s: float, timeout: float, seed: int) -> None:
+    """The soak's sends, answers and memory samples, from ``started`` for ``seconds``, into ``report``."""
+
+    async def sent(at: float, k: int) -> None:
+        report.outcomes.append((at, await one_request(http, {**body, "seed": k}, timeout)))
+
+    watchers = [asyncio.create_task(report.sample_memory(pids, started, sample_every_s)),
+                asyncio.create_task(report.watch_loop(started))]
+    # The tasks in flight only: a list of every one sent would keep tens of thousands for the collector to walk.
+    in_flight: set[asyncio.Task] = set()
+    window_s, window = report.window_s, 0
+    for k, offset in enumerate(send_offsets(report.offered_rps, seconds, report.arrivals, seed)):
+        delay = started + offset - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        at = time.perf_counter() - started
+        if at >= (window + 1) * window_s:
+            window += 1
+            report.window_ended(at, k, seconds)
+        task = asyncio.create_task(sent(at, k))
+        in_flight.add(task)
+        task.add_done_callback(in_flight.discard)
+    await asyncio.gather(*in_flight)
+    report.wall_seconds = time.perf_counter() - started
+    for watcher in watchers:
+        watcher.cancel()
+    for failed in await asyncio.gather(*watchers, return_exceptions=True):
+        if isinstance(failed, Exception):  # not the CancelledError of a watcher stopped here
+            raise failed  # a sampler that died: its memory figures would stop without a word
+    report.memory.append(await asyncio.to_thread(memory_sample, pids, report.wall_seconds))
 
 
 def main(argv: list[str] | None = None) -> int:

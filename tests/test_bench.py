@@ -267,3 +267,31 @@ def test_the_soak_reports_each_timed_span_per_window():
     assert (first["queue_p99_ms"], first["denoise_p99_ms"], first["server_p99_ms"]) == (100.0, 200.0, 400.0)
     assert 397 < first["engine_p99_ms"] <= 399 and first["failed"] == 0
     assert second["failed"] == 100 and second["engine_p99_ms"] is None
+
+
+def test_a_soaks_records_leave_the_collectors_reach_at_each_window():
+    """A soak keeps every answer. Each window's end puts them out of the collector's reach with the frozen heap, so a
+    collection during the soak walks one window's records at most, not ten minutes' (each a pause of the client's
+    that the soak would charge to the server)."""
+    import gc
+
+    from benchmarks import overload, soak
+
+    report = soak.SoakReport(1.0, 1.0, window_s=10.0)
+    report.outcomes += [(k / 1000, overload.Outcome(200, 0.02)) for k in range(10_000)]
+    mine = {id(o) for _, o in report.outcomes}
+    assert sum(id(o) in mine for o in gc.get_objects()) == 10_000  # walked by every full collection
+    try:
+        report.window_ended(10.0, 10_000, 600.0)
+        assert sum(id(o) in mine for o in gc.get_objects()) == 0
+        assert gc.get_freeze_count() >= 10_000
+    finally:
+        gc.unfreeze()
+
+
+def test_the_soak_reports_its_clients_own_collections_per_window():
+    from benchmarks import soak
+
+    report = soak.SoakReport(1.0, 1.0, window_s=10.0, wall_seconds=20.0, client_gc=[(3.0, 0.004), (15.0, 0.2)])
+    assert [w["client_gc_max_ms"] for w in report.windows()] == [4.0, 200.0]
+    assert report.summary()["client_gc_max_ms"] == 200.0
