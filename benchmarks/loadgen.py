@@ -75,6 +75,10 @@ class ClientPauses:
             now = time.perf_counter()
             self.pauses.append((now, info["generation"], now - self._started))
 
+    def since(self, start: float) -> list[tuple[float, float]]:
+        """Each collection as (seconds from ``start``, a perf_counter time, to its end; its length in seconds)."""
+        return [(end - start, seconds) for end, _, seconds in self.pauses]
+
     def summary(self, start: float = float("-inf"), end: float = float("inf")) -> dict:
         """Collections that ended in [start, end): how many, the longest and the sum, in ms."""
         mine = [seconds for at, _, seconds in self.pauses if start <= at < end]

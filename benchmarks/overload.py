@@ -31,6 +31,7 @@ from urllib.parse import urlparse
 
 import httpx
 
+from .loadgen import ClientPauses
 from .stats import percentile
 
 SHED = (429, 503)
@@ -47,8 +48,6 @@ class Outcome:
     denoise_seconds: float | None = None  # and its own denoising
     engine_seconds: float | None = None  # submit -> images on the host (decode included)
     server_seconds: float | None = None  # the route's own time: the engine, encoding, the answer's JSON
-    engine_seconds: float | None = None  # submit -> images on the host (decode included)
-    server_seconds: float | None = None  # the route's own time: the engine, encoding, the answer's JSON
 
 
 @dataclass
@@ -59,6 +58,7 @@ class Report:
     wall_seconds: float = 0.0
     service_seconds: float = 0.0  # median latency at capacity (closed loop): one request's service time
     service_p99_seconds: float = 0.0  # and its 99th percentile
+    client_gc_max_s: float = 0.0  # the load client's longest garbage collection while it sent and read
 
     def summary(self, shed_bar_ms: float = 100.0) -> dict:
         accepted = [o.seconds for o in self.outcomes if o.status == 200]
@@ -79,6 +79,7 @@ class Report:
                                                        if o.status == 200 and o.denoise_seconds is not None], 50)),
             "shed_p50_ms": _ms(percentile(shed, 50)), "shed_p99_ms": _ms(percentile(shed, 99)),
             "shed_max_ms": _ms(max(shed) if shed else None), "wall_seconds": round(self.wall_seconds, 2),
+            "client_gc_max_ms": _ms(self.client_gc_max_s),
             "passed": failed == 0 and timed_out == 0 and (shed_p99 is None or 1000 * shed_p99 < shed_bar_ms),
         }
 
@@ -165,16 +166,18 @@ async def overload(url: str, body: dict, factor: float = 3.0, seconds: float = 1
         rate = factor * capacity
         rng = random.Random(seed)
         tasks = []
-        started = time.perf_counter()
-        next_at = started
-        while len(tasks) < max_requests and (next_at - started < seconds or len(tasks) < min_requests):
-            delay = next_at - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one_request(http, {**body, "seed": len(tasks)}, timeout)))
-            next_at += rng.expovariate(rate)
-        outcomes = await asyncio.gather(*tasks)
-        return Report(capacity, rate, list(outcomes), time.perf_counter() - started, service, service_p99)
+        with ClientPauses() as pauses:  # the client's heap frozen: its collections would delay sends and answers
+            started = time.perf_counter()
+            next_at = started
+            while len(tasks) < max_requests and (next_at - started < seconds or len(tasks) < min_requests):
+                delay = next_at - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(one_request(http, {**body, "seed": len(tasks)}, timeout)))
+                next_at += rng.expovariate(rate)
+            outcomes = await asyncio.gather(*tasks)
+        return Report(capacity, rate, list(outcomes), time.perf_counter() - started, service, service_p99,
+                      client_gc_max_s=max((paused for _, _, paused in pauses.pauses), default=0.0))
 
 
 def _start_server(port: int, steps_limit: int, checkpoint: str | None) -> None:

@@ -37,7 +37,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import cpu_profile, soak
+from . import cpu_profile
 from .stats import percentile
 
 
@@ -249,6 +249,8 @@ def soak_phase(a, route: str) -> dict:
     memory samples and summary to ``soak.jsonl``, as ``python -m benchmarks soak`` writes them."""
     from serving.config import model_deployment_name
 
+    from . import soak
+
     app = a.model_name if a.layout == "direct" else "dit"
     deployment = model_deployment_name(a.model_name)
     body = {"model": a.model_name, "prompt": "3", "n": a.images_per_request, "num_inference_steps": a.steps}
@@ -311,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layout", choices=["direct", "gateway"], default="direct")
     ap.add_argument("--soak", type=float, metavar="SECONDS",
                     help="last, soak the model's route this long at 0.8x its capacity (benchmarks/soak.py's bar)")
-    ap.add_argument("--soak-arrivals", choices=soak.ARRIVALS, default="paced",
+    ap.add_argument("--soak-arrivals", choices=("paced", "poisson"), default="paced",  # soak.ARRIVALS, loaded lazily
                     help="the soak's arrivals: at even intervals, or Poisson's (benchmarks/soak.py)")
     ap.add_argument("--profile", action="store_true",
                     help="py-spy each replica and Ray's proxy during every load phase: GIL time per request by part "

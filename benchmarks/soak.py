@@ -5,11 +5,11 @@
 1. Capacity: ``--clients`` closed-loop clients for ``--capacity-seconds`` (``overload.client_at_capacity``; loopback
    only).
 2. Soak: requests at ``--load`` x that capacity for ``--seconds``, every request awaited (client timeout
-   ``--timeout``). ``--arrivals paced`` (the default) sends them at even intervals, as wrk2's constant-throughput
-   load does: every window is offered the same requests, so the last window's p99 against the first's reads what the
-   server did over the soak (a leak, fragmentation, a queue that grows). ``poisson`` draws the intervals, and with
-   them how many requests a window gets: near the knee of the latency curve that alone moves a window's p99 (on an
-   H100 the minutes' p50 followed their Poisson counts, r = 0.82). Every ``--sample-every`` seconds, the resident
+   ``--timeout``) and timed from when it was sent. ``--arrivals paced`` (the default) sends them at a constant rate:
+   every window is offered the same requests, so the last window's p99 against the first's reads what the server did
+   over the soak (a leak, fragmentation, a queue that grows). ``poisson`` draws the intervals, and with them how many
+   requests a window gets, which near the knee of the latency curve moves a window's p99 (on an H100 the minutes'
+   p50 followed their Poisson counts, r = 0.82). Every ``--sample-every`` seconds, the resident
    memory (RSS) of the model's replica processes on this host (found by the title Ray gives them,
    ``ray::ServeReplica:<app>:<deployment>``) and, where nvidia-smi runs, the GPU memory they hold. Sampled on a
    thread: psutil's scan of every process and nvidia-smi take tens of milliseconds or more, and on the event loop they
@@ -20,11 +20,12 @@ spans the server times (``queue_p99_ms``: waiting for a batch slot; ``denoise_p9
 ``engine_p99_ms``: submit to images on the host, the decode included; ``server_p99_ms``: the route's, encoding
 included), how late this client's event loop woke at worst (``client_lag_max_ms``) and its longest garbage
 collection (``client_gc_max_ms``). So a window's p99 spike reads as queueing (a burst, or a slow engine), the
-denoising, the decode, the encoding or neither (the HTTP path); with a late loop, it is the client's. And the memory at the end of the first window (warm-up) against the last
-sample. The bar (exit status 1 otherwise): nothing failed or timed out, the replicas' RSS and GPU memory grew less
-than 1% after warm-up, and the last window's p99 is within 10% of the first's. Progress goes to stderr once a window;
-the windows' rows, the memory samples and the summary to ``OUT/soak.jsonl``, the summary also to stdout as one JSON
-line.
+denoising, the decode, the encoding or neither (the HTTP path). A late loop is the client's own: it adds to the
+latencies it measures, and the requests it held back go out together, a burst that raises the server's spans too.
+And the memory at the end of the first window (warm-up) against the last sample. The bar (exit status 1 otherwise):
+nothing failed or timed out, the replicas' RSS and GPU memory grew less than 1% after warm-up, and the last window's
+p99 is within 10% of the first's. Progress goes to stderr once a window; the windows' rows, the memory samples and
+the summary to ``OUT/soak.jsonl``, the summary also to stdout as one JSON line.
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ def gpu_memory(pids: set[int]) -> int | None:
 def send_offsets(rate: float, seconds: float, arrivals: str = "paced", seed: int = 0) -> Iterator[float]:
     """Seconds into the soak at which its requests go out, ``rate`` a second for ``seconds``: every ``1 / rate``
     (paced), or at intervals drawn from the exponential distribution (Poisson's arrivals)."""
+    if arrivals not in ARRIVALS:
+        raise ValueError(f"arrivals must be one of {', '.join(ARRIVALS)}, not {arrivals!r}")
     rng = random.Random(seed)
     k, at = 0, 0.0
     while at < seconds:
@@ -143,20 +146,21 @@ class SoakReport:
             self.loop_lag.append((asleep - started, time.perf_counter() - asleep - LAG_TICK_S))
 
     def window_ended(self, at: float, sent: int, seconds: float) -> None:
-        """At ``at`` s of ``seconds``, ``sent`` requests in: a line of progress, and what the soak holds so far (its answers, loop
-        lags, samples) put out of the collector's reach with the frozen heap, so a collection walks one window's
-        records at most, not the soak's tens of thousands."""
+        """At ``at`` s of ``seconds``, ``sent`` requests in: a line of progress, then everything the client holds
+        now frozen with its heap (``gc.freeze``), so a collection walks one window's answers at most, not the soak's
+        tens of thousands. That includes the requests in flight and any garbage cycles not yet collected, which the
+        client then keeps until the soak ends (``ClientPauses`` unfreezes): its memory, not the replicas' measured."""
         answered = [o for _, o in self.outcomes]
         rss = self.memory[-1].rss_bytes / 2**20 if self.memory else 0.0
         late = max((late for t, late in self.loop_lag if t >= at - self.window_s), default=0.0)
-        print(f"soak: {at:.0f}/{seconds:g} s, {sent} sent, {len(answered)} answered, {sum(o.status != 200 for o in answered)} "
-              f"not 200, replicas' RSS {rss:.0f} MiB, this client's loop late by {1000 * late:.0f} ms at most",
-              file=sys.stderr, flush=True)
+        print(f"soak: {at:.0f}/{seconds:g} s, {sent} sent, {len(answered)} answered, "
+              f"{sum(o.status != 200 for o in answered)} not 200, replicas' RSS {rss:.0f} MiB, this client's loop "
+              f"late by {1000 * late:.0f} ms at most", file=sys.stderr, flush=True)
         gc.freeze()
 
     def windows(self) -> list[dict]:
         """Per window of ``window_s`` (requests by send time): requests, failures, the accepted ones' p50 and p99 and
-        the p99 of each span the server timed, and the client loop's worst lateness."""
+        the p99 of each span the server timed, the client loop's worst lateness and its longest collection."""
         count = max(1, round(self.wall_seconds / self.window_s))
 
         def within(k: int, pairs: list[tuple[float, object]]) -> list:  # the last window takes any overrun
@@ -230,19 +234,20 @@ async def soak(url: str, body: dict, pids, load: float = 0.8, seconds: float = 6
     or Poisson's), sampling the memory of the processes ``pids()`` names; a line of progress per window on stderr.
 
     The client's heap is frozen first (``loadgen.ClientPauses``), as a replica's is: a full collection of a process
-    that has started Ray and imported torch walks ~280k objects (133 ms on two cores), and the client stops sending
-    and reading answers meanwhile, which a soak would charge to the server's p99. Its collections are recorded."""
+    that has started Ray and imported torch walks some 280,000 objects, 0.13-0.25 s on two cores, and the client
+    stops sending and reading answers meanwhile, which a soak would charge to the server's p99. Its collections are
+    recorded, from the capacity measurement on."""
     if arrivals not in ARRIVALS:  # before minutes of measuring capacity
         raise ValueError(f"arrivals must be one of {', '.join(ARRIVALS)}, not {arrivals!r}")
-    async with client_at_capacity(url, body, clients, capacity_seconds, timeout) as (http, measured):
-        report = SoakReport(measured[0], load * measured[0], window_s, arrivals)
-        print(f"soak: capacity {report.capacity_rps:.1f} requests/s; {report.offered_rps:.1f}/s ({arrivals}) for "
-              f"{seconds:g} s", file=sys.stderr, flush=True)
-        with ClientPauses() as pauses:
+    with ClientPauses() as pauses:
+        async with client_at_capacity(url, body, clients, capacity_seconds, timeout) as (http, measured):
+            report = SoakReport(measured[0], load * measured[0], window_s, arrivals)
+            print(f"soak: capacity {report.capacity_rps:.1f} requests/s; {report.offered_rps:.1f}/s ({arrivals}) "
+                  f"for {seconds:g} s", file=sys.stderr, flush=True)
             started = time.perf_counter()
             await _soak(report, http, body, pids, started, seconds, sample_every_s, timeout, seed)
-        report.client_gc = [(end - started, paused) for end, _, paused in pauses.pauses]
-        return report
+    report.client_gc = pauses.since(started)
+    return report
 
 
 async def _soak(report: SoakReport, http: httpx.AsyncClient, body: dict, pids, started: float, seconds: float,
@@ -254,8 +259,16 @@ async def _soak(report: SoakReport, http: httpx.AsyncClient, body: dict, pids, s
 
     watchers = [asyncio.create_task(report.sample_memory(pids, started, sample_every_s)),
                 asyncio.create_task(report.watch_loop(started))]
-    # The tasks in flight only: a list of every one sent would keep tens of thousands for the collector to walk.
+    # The tasks in flight only: a list of every one sent would keep tens of thousands for the collector to walk. A
+    # task that raised (not an HTTP failure: one_request answers those) is kept to raise at the end, never dropped.
     in_flight: set[asyncio.Task] = set()
+    raised: list[BaseException] = []
+
+    def settled(task: asyncio.Task) -> None:
+        in_flight.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            raised.append(task.exception())
+
     window_s, window = report.window_s, 0
     for k, offset in enumerate(send_offsets(report.offered_rps, seconds, report.arrivals, seed)):
         delay = started + offset - time.perf_counter()
@@ -267,14 +280,16 @@ async def _soak(report: SoakReport, http: httpx.AsyncClient, body: dict, pids, s
             report.window_ended(at, k, seconds)
         task = asyncio.create_task(sent(at, k))
         in_flight.add(task)
-        task.add_done_callback(in_flight.discard)
-    await asyncio.gather(*in_flight)
+        task.add_done_callback(settled)
+    await asyncio.gather(*in_flight, return_exceptions=True)  # what they raised is in ``raised``
     report.wall_seconds = time.perf_counter() - started
     for watcher in watchers:
         watcher.cancel()
     for failed in await asyncio.gather(*watchers, return_exceptions=True):
         if isinstance(failed, Exception):  # not the CancelledError of a watcher stopped here
             raise failed  # a sampler that died: its memory figures would stop without a word
+    if raised:
+        raise raised[0]
     report.memory.append(await asyncio.to_thread(memory_sample, pids, report.wall_seconds))
 
 
