@@ -76,7 +76,7 @@ class ClientPauses:
             self.pauses.append((now, info["generation"], now - self._started))
 
     def since(self, start: float) -> list[tuple[float, float]]:
-        """Each collection as (seconds from ``start``, a perf_counter time, to its end; its length in seconds)."""
+        """Each collection as (when it ended, in seconds after ``start``, a perf_counter reading; its length, s)."""
         return [(end - start, seconds) for end, _, seconds in self.pauses]
 
     def summary(self, start: float = float("-inf"), end: float = float("inf")) -> dict:

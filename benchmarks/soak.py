@@ -9,11 +9,11 @@
    every window is offered the same requests, so the last window's p99 against the first's reads what the server did
    over the soak (a leak, fragmentation, a queue that grows). ``poisson`` draws the intervals, and with them how many
    requests a window gets, which near the knee of the latency curve moves a window's p99 (on an H100 the minutes'
-   p50 followed their Poisson counts, r = 0.82). Every ``--sample-every`` seconds, the resident
-   memory (RSS) of the model's replica processes on this host (found by the title Ray gives them,
-   ``ray::ServeReplica:<app>:<deployment>``) and, where nvidia-smi runs, the GPU memory they hold. Sampled on a
-   thread: psutil's scan of every process and nvidia-smi take tens of milliseconds or more, and on the event loop they
-   would hold up every send and every answer meanwhile.
+   p50 followed their Poisson counts, r = 0.82). Every ``--sample-every`` seconds, the resident memory (RSS) of the
+   model's replica processes on this host (found by the title Ray gives them, ``ray::ServeReplica:<app>:<deployment>``)
+   and, where nvidia-smi runs, the GPU memory they hold. Sampled on a thread: psutil's scan of every process and
+   nvidia-smi take tens of milliseconds or more, and on the event loop they would hold up every send and every answer
+   meanwhile.
 
 The report, per ``--window`` seconds of the soak: requests, failures, latency p50 and p99, the p99 of the nested
 spans the server times (``queue_p99_ms``: waiting for a batch slot; ``denoise_p99_ms``: its own steps;
