@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from dit_runtime.gc_pauses import CollectionTimer
+
 from .stats import percentile
 
 
@@ -45,35 +47,26 @@ class Run:
     wall_seconds: float = 0.0
 
 
-class ClientPauses:
+class ClientPauses(CollectionTimer):
     """The load generator's own stop-the-world pauses while it measures (CPython's cyclic collector), since every
     latency it reports includes them. Entering collects and freezes the heap it has so far (imports, Ray, torch when
     the process also drives a cluster: a full collection of that walks ~300k objects, 250 ms on two cores), so a
     collection during the measurement walks only what the measurement allocated; each collection is recorded."""
 
     def __init__(self, freeze: bool = True):
+        super().__init__()
         self.freeze = freeze  # False: the heap as it is (the control)
-        self.pauses: list[tuple[float, int, float]] = []  # (perf_counter at its end, generation, seconds)
-        self._started = 0.0
 
     def __enter__(self) -> "ClientPauses":
         if self.freeze:
             gc.collect()
             gc.freeze()
-        gc.callbacks.append(self._on_gc)
-        return self
+        return self.start()
 
     def __exit__(self, *exc) -> None:
-        gc.callbacks.remove(self._on_gc)
+        self.stop()
         if self.freeze:
             gc.unfreeze()
-
-    def _on_gc(self, phase: str, info: dict) -> None:
-        if phase == "start":
-            self._started = time.perf_counter()
-        else:
-            now = time.perf_counter()
-            self.pauses.append((now, info["generation"], now - self._started))
 
     def since(self, start: float) -> list[tuple[float, float]]:
         """Each collection as (when it ended, in seconds after ``start``, a perf_counter reading; its length, s)."""
