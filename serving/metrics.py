@@ -16,6 +16,8 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0]
 STEP_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0]
 OCCUPANCY_BUCKETS = [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0]
+# Seconds: a collection of the few objects made since the last one, up to a full walk of a heap left unfrozen.
+GC_PAUSE_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
 
 
 class GatewayMetrics:
@@ -61,8 +63,11 @@ class EngineMetrics:
         self.startup = Gauge("dit_replica_startup_seconds", "Where this replica's start went: before_init (Ray's "
                              "worker start and imports), verify, load, compile, capture, decoder, and total (all "
                              "but before_init)", tag_keys=("model", "phase"))
+        self.gc_pause = Histogram("dit_gc_pause_seconds", "Garbage collections in the replica's process, by "
+                                  "generation (1 and 2; 0 when slow): every thread waits them out",
+                                  boundaries=GC_PAUSE_BUCKETS, tag_keys=("model", "generation"))
         for metric in (self.queue_wait, self.denoise, self.step, self.occupancy, self.images, self.running,
-                       self.waiting, self.block_rows, self.wait_estimate, self.startup):
+                       self.waiting, self.block_rows, self.wait_estimate, self.startup, self.gc_pause):
             metric.set_default_tags({"model": model})  # a fresh dict: Ray adds its own tags to it
 
     def record_startup(self, startup) -> None:
@@ -87,6 +92,11 @@ class EngineMetrics:
         self.queue_wait.observe(result.queue_seconds)
         self.denoise.observe(result.denoise_seconds)
         self.images.inc(len(result.images))
+
+    def record_collections(self, pauses) -> None:
+        """Garbage collections timed by a ``CollectionTimer``: (end, generation, seconds) each."""
+        for _, generation, seconds in pauses:
+            self.gc_pause.observe(seconds, tags={"generation": str(generation)})
 
     def set_load(self, running: int, waiting: int) -> None:
         self.running.set(running)

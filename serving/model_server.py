@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import threading
@@ -27,6 +28,7 @@ from dit_runtime.engine import (DeadlineExceededError, Engine, EngineError, Engi
                                 GenerationResult, InvalidRequestError, ModelSpec, QueueFullError,
                                 RequestCancelledError, StepEvent, configure_compile, freeze_startup_heap)
 from dit_runtime.engine.engine import settle_threadsafe
+from dit_runtime.gc_pauses import CollectionTimer
 from dit_runtime.images import encode_base64, encode_threads
 
 from .autoscaling import OCCUPANCY, QUEUE_WAIT
@@ -40,6 +42,9 @@ from .metrics import EngineMetrics
 log = logging.getLogger("ray.serve")
 
 LOAD_REFRESH_S = 1.0  # how often the running/waiting gauges are refreshed while the engine is idle
+# A garbage collection this long is logged as a warning (all are in dit_gc_pause_seconds): the engine's loop waits it
+# out, so for a 4-step student it is several steps' time.
+SLOW_COLLECTION_S = 0.02
 # Answers of at most this many pixels (all images of a request, no VAE) are encoded on the event loop instead: a
 # 64x64 PNG takes about 0.1 ms to write, less than the wake-ups of a hand-off to a thread and back.
 INLINE_ENCODE_MAX_PIXELS = 64 * 64
@@ -77,6 +82,7 @@ class ModelServer:
         self._deflater = ThreadPoolExecutor(threads, thread_name_prefix="dit-png")
         self.metrics = EngineMetrics(args.name, args.max_batch_size)
         self.startup: StartupTimes | None = None
+        self._collections = CollectionTimer(young_min_s=SLOW_COLLECTION_S)
         source = args.checkpoint or f"random weights of preset {args.preset!r}"
         started = time.perf_counter()
         try:
@@ -119,6 +125,7 @@ class ModelServer:
                  ", ".join(f"{k} {v:.1f} s" for k, v in self.startup.phases().items()), programs)
         # This replica's process is warm: no collection while serving walks the heap that start-up built.
         log.info("start-up heap collected and frozen in %.2f s", freeze_startup_heap())
+        self._collections.start()  # what serving allocates is still collected: dit_gc_pause_seconds says how long
         threading.Thread(target=self._refresh_load, name="dit-load-gauges", daemon=True).start()
 
     # ---- Ray Serve hooks ----------------------------------------------------------------------------------------
@@ -130,6 +137,7 @@ class ModelServer:
 
     def __del__(self):
         self._stopped.set()
+        self._collections.stop()
         self._encoder.shutdown(wait=False)
         self._deflater.shutdown(wait=False)
         if self.engine is not None:
@@ -279,11 +287,21 @@ class ModelServer:
 
     def _refresh_load(self) -> None:
         """Keep the running/waiting gauges true while no steps run (the per-step observer only fires when busy),
-        and the start's gauges exported."""
+        the start's gauges exported, and the garbage collections recorded (off the threads they paused)."""
         while not self._stopped.wait(LOAD_REFRESH_S):
             stats = self.engine.stats()
             self.metrics.set_load(stats.running_requests, stats.waiting_requests)
             self.metrics.record_startup(self.startup)
+            self._record_collections(self._collections.drain())
+
+    def _record_collections(self, pauses: list[tuple[float, int, float]]) -> None:
+        """Garbage collections, (end, generation, seconds) each, into ``dit_gc_pause_seconds``; a warning for each
+        slow one."""
+        self.metrics.record_collections(pauses)
+        for _, generation, seconds in pauses:
+            if seconds >= SLOW_COLLECTION_S:
+                log.warning("a garbage collection of generation %d held this replica's threads for %.0f ms (%d "
+                            "objects frozen at start-up)", generation, 1e3 * seconds, gc.get_freeze_count())
 
 
 class LocalModel:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import os
 import time
 
@@ -32,6 +33,19 @@ def test_a_warm_replica_puts_its_start_up_heap_out_of_the_collectors_reach(serve
     tracked = gc.get_objects()  # the generations a collection walks; frozen objects are in none of them
     assert not any(o is server.engine or o is server.engine.runner for o in tracked)
     assert gc.get_freeze_count() > 0
+
+
+def test_a_warm_replica_times_its_collections_and_warns_of_a_slow_one(server, caplog):
+    assert server._collections._on_gc in gc.callbacks  # started once the start-up heap was frozen
+    ray_serve = logging.getLogger("ray.serve")  # Ray's own handlers, not propagated to the root logger
+    ray_serve.addHandler(caplog.handler)
+    try:
+        server._record_collections([(0.0, 1, 0.001), (0.0, 2, model_server.SLOW_COLLECTION_S)])
+    finally:
+        ray_serve.removeHandler(caplog.handler)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "generation 2" in warnings[0], warnings
+    assert f"{1e3 * model_server.SLOW_COLLECTION_S:.0f} ms" in warnings[0]
 
 
 def generate(server: ModelServer, size: str | None = None, **fields) -> EncodedImages | APIError:
