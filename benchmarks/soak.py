@@ -24,8 +24,11 @@ denoising, the decode, the encoding or neither (the HTTP path). A late loop is t
 latencies it measures, and the requests it held back go out together, a burst that raises the server's spans too.
 And the memory at the end of the first window (warm-up) against the last sample. The bar (exit status 1 otherwise):
 nothing failed or timed out, the replicas' RSS and GPU memory grew less than 1% after warm-up, and the last window's
-p99 is within 10% of the first's. Progress goes to stderr once a window; the windows' rows, the memory samples and
-the summary to ``OUT/soak.jsonl``, the summary also to stdout as one JSON line.
+p99 is at most 10% above the first's (one-sided: a first window slower than the last is no drift, though the
+windows' rows show it). Progress goes to stderr once a window; the windows' rows, the memory samples and the summary
+to ``OUT/soak.jsonl``, the summary also to stdout as one JSON line. The summary's ``started_at`` puts the windows on
+the clock of the replicas' logs, where a replica warns of each slow garbage collection
+(``serving.model_server.SLOW_COLLECTION_S``).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -131,6 +135,7 @@ class SoakReport:
     loop_lag: list[tuple[float, float]] = field(default_factory=list)  # (seconds into the soak, how late it woke)
     client_gc: list[tuple[float, float]] = field(default_factory=list)  # this client's collections: (ended at, s)
     wall_seconds: float = 0.0
+    started_at: float = 0.0  # Unix time of the first send: a window's clock time, for the servers' logs
 
     async def sample_memory(self, pids, started: float, every_s: float) -> None:
         """A memory sample every ``every_s`` seconds until cancelled, each taken on a thread."""
@@ -201,6 +206,7 @@ class SoakReport:
         return {"capacity_rps": round(self.capacity_rps, 2), "offered_rps": round(self.offered_rps, 2),
                 "arrivals": self.arrivals,
                 "sent": len(self.outcomes), "failed": failed, "timed_out": timed_out,
+                "started_at": datetime.fromtimestamp(self.started_at, timezone.utc).isoformat(timespec="seconds"),
                 "wall_seconds": round(self.wall_seconds, 1), "first_p99_ms": first, "last_p99_ms": last,
                 "client_lag_max_ms": _ms(max((late for _, late in self.loop_lag), default=None)),
                 "client_gc_max_ms": _ms(max((paused for _, paused in self.client_gc), default=0.0)),
@@ -244,7 +250,7 @@ async def soak(url: str, body: dict, pids, load: float = 0.8, seconds: float = 6
             report = SoakReport(measured[0], load * measured[0], window_s, arrivals)
             print(f"soak: capacity {report.capacity_rps:.1f} requests/s; {report.offered_rps:.1f}/s ({arrivals}) "
                   f"for {seconds:g} s", file=sys.stderr, flush=True)
-            started = time.perf_counter()
+            started, report.started_at = time.perf_counter(), time.time()
             await _soak(report, http, body, pids, started, seconds, sample_every_s, timeout, seed)
     report.client_gc = pauses.since(started)
     return report

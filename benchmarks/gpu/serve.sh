@@ -19,8 +19,9 @@
 # the model's route at 0.8x its capacity, its requests paced evenly (SOAK_ARRIVALS=poisson: Poisson's). Longer than
 # one call allows: DETACH=1 starts the run in the background (in out/detached, with BENCH_TIMEOUT raised to fit) and
 # returns at once; a later call on the same machine with COLLECT=1 waits for it (up to 560 s) and copies its results
-# to OUT. Any program compiled while serving is in OUT/recompiles.txt, Ray's errors (a replica that died and was
-# restarted) in OUT/ray-errors.txt.
+# to OUT. Any program compiled while serving is in OUT/recompiles.txt (start-up's too: read the clock times), a
+# replica's slow garbage collections (SLOW_COLLECTION_S) in OUT/gc-pauses.txt, Ray's errors (a replica that died and
+# was restarted) in OUT/ray-errors.txt.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-out/serve}
@@ -70,6 +71,10 @@ timeout --signal=INT "${BENCH_TIMEOUT:-560}" python3 -m benchmarks serve --out "
     ${PROFILE:+--profile} ${SOAK:+--soak $SOAK} ${SOAK_ARRIVALS:+--soak-arrivals $SOAK_ARRIVALS} \
     2>&1 | tee "$OUT/serve.log" || status=$?
 grep -rh "__recompiles\]" /tmp/ray/session_latest/logs/ 2>/dev/null | cut -c1-600 > "$OUT/recompiles.txt" || true
+# a replica's slow garbage collections (serving/model_server.py), with their clock times: a soak's started_at maps them
+# onto its windows
+grep -rh "garbage collection of generation" /tmp/ray/session_latest/logs/serve/ 2>/dev/null | cut -c1-300 \
+    > "$OUT/gc-pauses.txt" || true
 # a replica that died (and Serve restarted) says why only in Ray's logs: each error with its traceback, by file
 grep -r -i -A25 -E "traceback|error|died|failed to load|out of memory" /tmp/ray/session_latest/logs/serve/ /tmp/ray/session_latest/logs/*.err \
     2>/dev/null | grep -v -i "warn" | tail -400 > "$OUT/ray-errors.txt" || true
