@@ -70,11 +70,11 @@ class ClientPauses(CollectionTimer):
 
     def since(self, start: float) -> list[tuple[float, float]]:
         """Each collection as (when it ended, in seconds after ``start``, a perf_counter reading; its length, s)."""
-        return [(end - start, seconds) for end, _, seconds in self.pauses]
+        return [(end - start, seconds) for end, _, seconds in tuple(self.pauses)]  # a copy: collections may append
 
     def summary(self, start: float = float("-inf"), end: float = float("inf")) -> dict:
         """Collections that ended in [start, end): how many, the longest and the sum, in ms."""
-        mine = [seconds for at, _, seconds in self.pauses if start <= at < end]
+        mine = [seconds for at, _, seconds in tuple(self.pauses) if start <= at < end]
         return {"client_gc_pauses": len(mine), "client_gc_max_ms": round(1e3 * max(mine, default=0.0), 1),
                 "client_gc_total_ms": round(1e3 * sum(mine), 1)}
 

@@ -18,16 +18,18 @@ class CollectionTimer:
     ``pauses`` as (perf_counter reading at its end, generation, seconds).
 
     ``young_min_s`` leaves out the youngest generation's collections shorter than it: a busy server runs hundreds a
-    second, each a fraction of a millisecond. A long-lived process keeps ``pauses`` short by ``drain``-ing it.
+    second, each a fraction of a millisecond. A long-lived process ``drain``-s ``pauses``; ``keep`` bounds it (the
+    oldest go first) should the draining stop.
     """
 
-    def __init__(self, young_min_s: float = 0.0):
+    def __init__(self, young_min_s: float = 0.0, keep: int | None = None):
         self.young_min_s = young_min_s
-        self.pauses: deque[tuple[float, int, float]] = deque()
+        self.pauses: deque[tuple[float, int, float]] = deque(maxlen=keep)
         self._started = 0.0
 
     def start(self) -> "CollectionTimer":
-        gc.callbacks.append(self._on_gc)
+        if self._on_gc not in gc.callbacks:
+            gc.callbacks.append(self._on_gc)
         return self
 
     def stop(self) -> None:

@@ -63,8 +63,8 @@ class EngineMetrics:
         self.startup = Gauge("dit_replica_startup_seconds", "Where this replica's start went: before_init (Ray's "
                              "worker start and imports), verify, load, compile, capture, decoder, and total (all "
                              "but before_init)", tag_keys=("model", "phase"))
-        self.gc_pause = Histogram("dit_gc_pause_seconds", "Garbage collections in the replica's process, by "
-                                  "generation (1 and 2; 0 when slow): every thread waits them out",
+        self.gc_pause = Histogram("dit_gc_pause_seconds", "Garbage collections of generations 1 and 2 in the "
+                                  "replica's process: every thread waits them out",
                                   boundaries=GC_PAUSE_BUCKETS, tag_keys=("model", "generation"))
         for metric in (self.queue_wait, self.denoise, self.step, self.occupancy, self.images, self.running,
                        self.waiting, self.block_rows, self.wait_estimate, self.startup, self.gc_pause):
@@ -94,9 +94,11 @@ class EngineMetrics:
         self.images.inc(len(result.images))
 
     def record_collections(self, pauses) -> None:
-        """Garbage collections timed by a ``CollectionTimer``: (end, generation, seconds) each."""
+        """Garbage collections timed by a ``CollectionTimer``, (end, generation, seconds) each: the older
+        generations' (the youngest's are hundreds a second; a slow one is logged, not counted here)."""
         for _, generation, seconds in pauses:
-            self.gc_pause.observe(seconds, tags={"generation": str(generation)})
+            if generation > 0:
+                self.gc_pause.observe(seconds, tags={"generation": str(generation)})
 
     def set_load(self, running: int, waiting: int) -> None:
         self.running.set(running)

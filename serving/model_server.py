@@ -82,7 +82,7 @@ class ModelServer:
         self._deflater = ThreadPoolExecutor(threads, thread_name_prefix="dit-png")
         self.metrics = EngineMetrics(args.name, args.max_batch_size)
         self.startup: StartupTimes | None = None
-        self._collections = CollectionTimer(young_min_s=SLOW_COLLECTION_S)
+        self._collections = CollectionTimer(young_min_s=SLOW_COLLECTION_S, keep=10_000)
         source = args.checkpoint or f"random weights of preset {args.preset!r}"
         started = time.perf_counter()
         try:
@@ -289,10 +289,13 @@ class ModelServer:
         """Keep the running/waiting gauges true while no steps run (the per-step observer only fires when busy),
         the start's gauges exported, and the garbage collections recorded (off the threads they paused)."""
         while not self._stopped.wait(LOAD_REFRESH_S):
-            stats = self.engine.stats()
-            self.metrics.set_load(stats.running_requests, stats.waiting_requests)
-            self.metrics.record_startup(self.startup)
-            self._record_collections(self._collections.drain())
+            try:
+                stats = self.engine.stats()
+                self.metrics.set_load(stats.running_requests, stats.waiting_requests)
+                self.metrics.record_startup(self.startup)
+                self._record_collections(self._collections.drain())
+            except Exception:  # gauges a second stale, not a thread gone for good
+                log.exception("refreshing the replica's gauges failed")
 
     def _record_collections(self, pauses: list[tuple[float, int, float]]) -> None:
         """Garbage collections, (end, generation, seconds) each, into ``dit_gc_pause_seconds``; a warning for each

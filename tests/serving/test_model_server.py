@@ -40,11 +40,12 @@ def test_a_warm_replica_times_its_collections_and_warns_of_a_slow_one(server, ca
     ray_serve = logging.getLogger("ray.serve")  # Ray's own handlers, not propagated to the root logger
     ray_serve.addHandler(caplog.handler)
     try:
-        server._record_collections([(0.0, 1, 0.001), (0.0, 2, model_server.SLOW_COLLECTION_S)])
+        server._record_collections([(0.0, 1, 0.001), (0.0, 2, model_server.SLOW_COLLECTION_S),
+                                    (0.0, 0, model_server.SLOW_COLLECTION_S)])  # a slow young one: logged too
     finally:
         ray_serve.removeHandler(caplog.handler)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "generation 2" in warnings[0], warnings
+    assert len(warnings) == 2 and "generation 2" in warnings[0] and "generation 0" in warnings[1], warnings
     assert f"{1e3 * model_server.SLOW_COLLECTION_S:.0f} ms" in warnings[0]
 
 
