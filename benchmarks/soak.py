@@ -26,9 +26,9 @@ And the memory at the end of the first window (warm-up) against the last sample.
 nothing failed or timed out, the replicas' RSS and GPU memory grew less than 1% after warm-up, and the last window's
 p99 is at most 10% above the first's (one-sided: a first window slower than the last is no drift, though the
 windows' rows show it). Progress goes to stderr once a window; the windows' rows, the memory samples and the summary
-to ``OUT/soak.jsonl``, the summary also to stdout as one JSON line. The summary's ``started_at`` puts the windows on
-the clock of the replicas' logs, where a replica warns of each slow garbage collection
-(``serving.model_server.SLOW_COLLECTION_S``).
+to ``OUT/soak.jsonl``, the summary also to stdout as one JSON line. The summary's ``started_at``, in this host's local
+time as Ray's logs write theirs, puts the windows on the clock of the replicas' logs, where a replica warns of each
+slow garbage collection (``serving.model_server.SLOW_COLLECTION_S``).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -206,7 +206,7 @@ class SoakReport:
         return {"capacity_rps": round(self.capacity_rps, 2), "offered_rps": round(self.offered_rps, 2),
                 "arrivals": self.arrivals,
                 "sent": len(self.outcomes), "failed": failed, "timed_out": timed_out,
-                "started_at": datetime.fromtimestamp(self.started_at, timezone.utc).isoformat(timespec="seconds"),
+                "started_at": datetime.fromtimestamp(self.started_at).astimezone().isoformat(timespec="seconds"),
                 "wall_seconds": round(self.wall_seconds, 1), "first_p99_ms": first, "last_p99_ms": last,
                 "client_lag_max_ms": _ms(max((late for _, late in self.loop_lag), default=None)),
                 "client_gc_max_ms": _ms(max((paused for _, paused in self.client_gc), default=0.0)),

@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -154,6 +155,8 @@ def test_a_soak_at_80_percent_of_capacity_fails_nothing_and_holds_its_memory(clu
     figure("soak", **s, windows=report.windows())
     assert s["failed"] == 0 and s["timed_out"] == 0 and s["sent"] > 0, s
     assert s["rss_growth"] is not None and s["rss_growth"] < soak.MAX_MEMORY_GROWTH, s
+    started = datetime.fromisoformat(s["started_at"]).timestamp()  # on the clock of the replica's log
+    assert 0 < time.time() - started < 300, s
 
 
 # ---- deadlines and disconnects ----------------------------------------------------------------------------------
