@@ -21,6 +21,7 @@ import json
 import random
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -45,6 +46,26 @@ class Run:
     offered_rate: float | None
     samples: list[Sample] = field(default_factory=list)
     wall_seconds: float = 0.0
+
+
+ARRIVALS = ("paced", "poisson")  # how an open-loop client spaces its requests (send_offsets)
+
+
+def check_arrivals(arrivals: str) -> None:
+    if arrivals not in ARRIVALS:
+        raise ValueError(f"arrivals must be one of {', '.join(ARRIVALS)}, not {arrivals!r}")
+
+
+def send_offsets(rate: float, seconds: float, arrivals: str = "paced", seed: int = 0) -> Iterator[float]:
+    """Seconds from the start at which requests go out, ``rate`` a second for ``seconds``: every ``1 / rate``
+    (paced), or at intervals drawn from the exponential distribution (Poisson's arrivals)."""
+    check_arrivals(arrivals)
+    rng = random.Random(seed)
+    k, at = 0, 0.0
+    while at < seconds:
+        yield at
+        k += 1
+        at = k / rate if arrivals == "paced" else at + rng.expovariate(rate)
 
 
 class ClientPauses(CollectionTimer):

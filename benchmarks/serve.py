@@ -38,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import cpu_profile
+from .loadgen import ARRIVALS
 from .stats import percentile
 
 
@@ -313,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layout", choices=["direct", "gateway"], default="direct")
     ap.add_argument("--soak", type=float, metavar="SECONDS",
                     help="last, soak the model's route this long at 0.8x its capacity (benchmarks/soak.py's bar)")
-    ap.add_argument("--soak-arrivals", choices=("paced", "poisson"), default="paced",  # soak.ARRIVALS, loaded lazily
+    ap.add_argument("--soak-arrivals", choices=ARRIVALS, default="paced",
                     help="the soak's arrivals: at even intervals, or Poisson's (benchmarks/soak.py)")
     ap.add_argument("--profile", action="store_true",
                     help="py-spy each replica and Ray's proxy during every load phase: GIL time per request by part "

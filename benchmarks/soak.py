@@ -38,12 +38,10 @@ import asyncio
 import gc
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -53,11 +51,10 @@ import psutil
 
 from serving.config import model_deployment_name
 
-from .loadgen import ClientPauses
+from .loadgen import ARRIVALS, ClientPauses, check_arrivals, send_offsets
 from .overload import Outcome, client_at_capacity, one_request
 from .stats import percentile
 
-ARRIVALS = ("paced", "poisson")
 # What the soak holds the server to: memory growth after warm-up, and the last window's p99 against the first's.
 MAX_MEMORY_GROWTH = 0.01
 MAX_P99_DRIFT = 0.10
@@ -89,19 +86,6 @@ def gpu_memory(pids: set[int]) -> int | None:
         return None
     used = [line.split(",") for line in out.strip().splitlines() if line.strip()]
     return sum(int(mib) * 2**20 for pid, mib in used if int(pid) in pids)
-
-
-def send_offsets(rate: float, seconds: float, arrivals: str = "paced", seed: int = 0) -> Iterator[float]:
-    """Seconds into the soak at which its requests go out, ``rate`` a second for ``seconds``: every ``1 / rate``
-    (paced), or at intervals drawn from the exponential distribution (Poisson's arrivals)."""
-    if arrivals not in ARRIVALS:
-        raise ValueError(f"arrivals must be one of {', '.join(ARRIVALS)}, not {arrivals!r}")
-    rng = random.Random(seed)
-    k, at = 0, 0.0
-    while at < seconds:
-        yield at
-        k += 1
-        at = k / rate if arrivals == "paced" else at + rng.expovariate(rate)
 
 
 @dataclass
@@ -243,8 +227,7 @@ async def soak(url: str, body: dict, pids, load: float = 0.8, seconds: float = 6
     that has started Ray and imported torch walks some 280,000 objects, 0.13-0.25 s on two cores, and the client
     stops sending and reading answers meanwhile, which a soak would charge to the server's p99. Its collections are
     recorded, from the capacity measurement on."""
-    if arrivals not in ARRIVALS:  # before minutes of measuring capacity
-        raise ValueError(f"arrivals must be one of {', '.join(ARRIVALS)}, not {arrivals!r}")
+    check_arrivals(arrivals)  # before minutes of measuring capacity
     with ClientPauses() as pauses:
         async with client_at_capacity(url, body, clients, capacity_seconds, timeout) as (http, measured):
             report = SoakReport(measured[0], load * measured[0], window_s, arrivals)

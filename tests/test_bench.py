@@ -243,10 +243,10 @@ def test_the_soak_samples_memory_off_its_event_loop_and_reports_how_late_the_loo
 def test_a_paced_soak_offers_every_window_the_same_requests_and_poisson_does_not():
     """The soak's bar compares its last window's p99 with its first's: paced, each window is offered the same
     requests, so a difference is the server's; Poisson's windows draw their counts."""
-    from benchmarks import soak
+    from benchmarks import loadgen
 
     def per_window(arrivals: str) -> list[int]:
-        offsets = list(soak.send_offsets(60.0, 600.0, arrivals, seed=0))
+        offsets = list(loadgen.send_offsets(60.0, 600.0, arrivals, seed=0))
         return [sum(k * 60 <= at < (k + 1) * 60 for at in offsets) for k in range(10)]
 
     assert per_window("paced") == [3600] * 10
