@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from dit_runtime.gc_pauses import CollectionTimer
+from dit_runtime.pauses import CollectionTimer
 
 from .stats import percentile
 

@@ -171,6 +171,9 @@ class ModelArgs(_Args):
     encode_threads: int | None = Field(None, ge=1, description="threads that encode the replica's answers (PNG, "
                                        "JPEG, WebP); default: the CPUs the replica's process may run on, at most 4 "
                                        "(more measured slower: docs/benchmarks.md)")
+    stall_stacks: bool = Field(False, description="for diagnosis: during each long hold of every Python thread of "
+                               "the replica (serving.model_server.STALL_DUMP_S), write every thread's stack to its "
+                               "stderr (Ray's worker-*.err; faulthandler's watchdog reads them without the GIL)")
     # Ray's router may hold at most this many requests on a replica. The default leaves room for a full batch plus
     # the engine's queue, so the engine (not Ray's default of 5) decides what runs and what is shed.
     max_ongoing_requests: int | None = Field(None, ge=1)

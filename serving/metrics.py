@@ -66,8 +66,11 @@ class EngineMetrics:
         self.gc_pause = Histogram("dit_gc_pause_seconds", "Garbage collections of generations 1 and 2 in the "
                                   "replica's process: every thread waits them out",
                                   boundaries=GC_PAUSE_BUCKETS, tag_keys=("model", "generation"))
+        self.stalled = Counter("dit_stalled_seconds_total", "Time every Python thread of the replica's process was "
+                               "held off, in holds its stall watch saw (a collection, a C call keeping the GIL, the "
+                               "host not running the process)", tag_keys=("model",))
         for metric in (self.queue_wait, self.denoise, self.step, self.occupancy, self.images, self.running,
-                       self.waiting, self.block_rows, self.wait_estimate, self.startup, self.gc_pause):
+                       self.waiting, self.block_rows, self.wait_estimate, self.startup, self.gc_pause, self.stalled):
             metric.set_default_tags({"model": model})  # a fresh dict: Ray adds its own tags to it
 
     def record_startup(self, startup) -> None:
@@ -99,6 +102,12 @@ class EngineMetrics:
         for _, generation, seconds in pauses:
             if generation > 0:
                 self.gc_pause.observe(seconds, tags={"generation": str(generation)})
+
+    def record_stalls(self, stalls) -> None:
+        """Holds of the process's threads seen by a ``StallWatch``, (end, seconds) each."""
+        held = sum(seconds for _, seconds in stalls)
+        if held:
+            self.stalled.inc(held)
 
     def set_load(self, running: int, waiting: int) -> None:
         self.running.set(running)

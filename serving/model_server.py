@@ -16,6 +16,7 @@ import contextlib
 import gc
 import logging
 import os
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,8 +29,8 @@ from dit_runtime.engine import (DeadlineExceededError, Engine, EngineError, Engi
                                 GenerationResult, InvalidRequestError, ModelSpec, QueueFullError,
                                 RequestCancelledError, StepEvent, configure_compile, freeze_startup_heap)
 from dit_runtime.engine.engine import settle_threadsafe
-from dit_runtime.gc_pauses import CollectionTimer
 from dit_runtime.images import encode_base64, encode_threads
+from dit_runtime.pauses import CollectionTimer, StallWatch
 
 from .autoscaling import OCCUPANCY, QUEUE_WAIT
 from .backend import EncodedImages, Progress, Readiness, ReplicaLoad, StartupTimes, raise_if_error
@@ -45,9 +46,23 @@ LOAD_REFRESH_S = 1.0  # how often the running/waiting gauges are refreshed while
 # A garbage collection this long is logged as a warning (all are in dit_gc_pause_seconds): the engine's loop waits it
 # out, so for a 4-step student it is several steps' time.
 SLOW_COLLECTION_S = 0.02
+# A hold of every Python thread this long is counted (dit_stalled_seconds_total) and logged; with `stall_stacks`, one
+# of STALL_DUMP_S writes every thread's stack, while it lasts, to the replica's stderr: the holder's among them.
+STALL_MIN_S = 0.05
+STALL_DUMP_S = 0.1
 # Answers of at most this many pixels (all images of a request, no VAE) are encoded on the event loop instead: a
 # 64x64 PNG takes about 0.1 ms to write, less than the wake-ups of a hand-off to a thread and back.
 INLINE_ENCODE_MAX_PIXELS = 64 * 64
+
+
+def stack_file():
+    """Where the stall watch writes every thread's stack: this process's stderr, if it is a file (faulthandler writes
+    to its descriptor); else nowhere."""
+    try:
+        sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+    return sys.stderr
 
 
 def process_age_seconds() -> float | None:
@@ -83,6 +98,8 @@ class ModelServer:
         self.metrics = EngineMetrics(args.name, args.max_batch_size)
         self.startup: StartupTimes | None = None
         self._collections = CollectionTimer(young_min_s=SLOW_COLLECTION_S, keep=10_000)
+        self._stalls = StallWatch(min_s=STALL_MIN_S, dump_after_s=STALL_DUMP_S,
+                                  file=stack_file() if args.stall_stacks else None, keep=10_000)
         source = args.checkpoint or f"random weights of preset {args.preset!r}"
         started = time.perf_counter()
         try:
@@ -126,6 +143,7 @@ class ModelServer:
         # This replica's process is warm: no collection while serving walks the heap that start-up built.
         log.info("start-up heap collected and frozen in %.2f s", freeze_startup_heap())
         self._collections.start()  # what serving allocates is still collected: dit_gc_pause_seconds says how long
+        self._stalls.start()
         threading.Thread(target=self._refresh_load, name="dit-load-gauges", daemon=True).start()
 
     # ---- Ray Serve hooks ----------------------------------------------------------------------------------------
@@ -138,6 +156,7 @@ class ModelServer:
     def __del__(self):
         self._stopped.set()
         self._collections.stop()
+        self._stalls.stop()
         self._encoder.shutdown(wait=False)
         self._deflater.shutdown(wait=False)
         if self.engine is not None:
@@ -294,6 +313,7 @@ class ModelServer:
                 self.metrics.set_load(stats.running_requests, stats.waiting_requests)
                 self.metrics.record_startup(self.startup)
                 self._record_collections(self._collections.drain())
+                self._record_stalls(self._stalls.drain())
             except Exception:  # gauges a second stale, not a thread gone for good
                 log.exception("refreshing the replica's gauges failed")
 
@@ -305,6 +325,17 @@ class ModelServer:
             if seconds >= SLOW_COLLECTION_S:
                 log.warning("a garbage collection of generation %d held this replica's threads for %.0f ms (%d "
                             "objects frozen at start-up)", generation, 1e3 * seconds, gc.get_freeze_count())
+
+    def _record_stalls(self, stalls: list[tuple[float, float]]) -> None:
+        """Holds of every thread, (end, seconds) each, into ``dit_stalled_seconds_total``; one warning for them all."""
+        self.metrics.record_stalls(stalls)
+        if stalls:
+            longest = max(seconds for _, seconds in stalls)
+            where = ("; every thread's stack during it is in this worker's stderr log" if self._stalls.file is not None
+                     and longest >= STALL_DUMP_S - self._stalls.tick_s else "")
+            log.warning("all of this replica's Python threads were held off for %.0f ms in the last %.0f s (%d "
+                        "holds of %.0f ms or more, the longest %.0f ms)%s", 1e3 * sum(s for _, s in stalls),
+                        LOAD_REFRESH_S, len(stalls), 1e3 * STALL_MIN_S, 1e3 * longest, where)
 
 
 class LocalModel:

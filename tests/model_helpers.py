@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import time
+
 import numpy as np
 import torch
 
@@ -75,3 +78,15 @@ def reference_sample(model, request, num_train_timesteps: int = 1000, clip_denoi
                                learn_sigma=model.config.learn_sigma, clip_denoised=clip_denoised)
             x, prev_x0 = res.x, res.x0
     return x.numpy()
+
+
+def hold_the_gil(seconds: float) -> None:
+    """Keep the GIL for ``seconds``: Python code that no other thread may interrupt until it blocks."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(60.0)  # no forced hand-over: the watch waits until this thread sleeps
+    try:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+    finally:
+        sys.setswitchinterval(interval)

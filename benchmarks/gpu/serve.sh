@@ -20,8 +20,10 @@
 # one call allows: DETACH=1 starts the run in the background (in out/detached, with BENCH_TIMEOUT raised to fit) and
 # returns at once; a later call on the same machine with COLLECT=1 waits for it (up to 560 s) and copies its results
 # to OUT. Any program compiled while serving is in OUT/recompiles.txt (start-up's too: read the clock times), a
-# replica's slow garbage collections (SLOW_COLLECTION_S) in OUT/gc-pauses.txt, Ray's errors (a replica that died and
-# was restarted) in OUT/ray-errors.txt.
+# replica's slow garbage collections (SLOW_COLLECTION_S) and holds of all its threads (STALL_MIN_S) in OUT/pauses.txt,
+# with STALL_STACKS=1 every thread's stack during each long hold (STALL_DUMP_S) in OUT/stalls.txt, Ray's errors (a
+# replica that died and was restarted) in OUT/ray-errors.txt; the host's compaction and reclaim counters before and
+# after in OUT/vmstat.txt.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-out/serve}
@@ -58,8 +60,12 @@ fi
 [ "$OUT" != "$detached" ] || echo $$ > "$detached/pid"   # the detached run itself, for COLLECT's liveness check
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
 export RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=1   # as the Docker image runs it
+export RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=1   # a replica's warnings in its log at once, as the image has them
 export TORCH_LOGS=${TORCH_LOGS:-recompiles}   # a program compiled while serving: its guard, in OUT/recompiles.txt
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv" || true
+vm_counters() { echo "$1 $(date -Iseconds)"; grep -E "^(compact_stall|compact_fail|thp_fault_alloc|pgmajfault|allocstall)" \
+    /proc/vmstat || true; }
+vm_counters before > "$OUT/vmstat.txt"
 status=0
 timeout --signal=INT "${BENCH_TIMEOUT:-560}" python3 -m benchmarks serve --out "$OUT" --model-name dit-10l \
     --preset dit-10l --device cuda --precision "${PRECISION:-fp16}" --compile --cuda-graphs --max-batch-size "${MAX_BATCH:-64}" \
@@ -68,13 +74,18 @@ timeout --signal=INT "${BENCH_TIMEOUT:-560}" python3 -m benchmarks serve --out "
     ${BUCKETS:+--batch-buckets $BUCKETS} ${STUDENT:+--student} ${FLOOR_LOAD:+--floor-load} ${VAE:+--vae $VAE} \
     ${DECODER_GRAPHS:+--decoder-graphs} ${FUSED_NORMS:+--decoder-fused-norms} \
     ${DECODER_OPTIONS:+--decoder-compile-options "$DECODER_OPTIONS"} $([ "${ENGINE_ALONE:-1}" = 0 ] && echo --no-engine-alone) \
-    ${PROFILE:+--profile} ${SOAK:+--soak $SOAK} ${SOAK_ARRIVALS:+--soak-arrivals $SOAK_ARRIVALS} \
+    ${PROFILE:+--profile} ${STALL_STACKS:+--stall-stacks} ${SOAK:+--soak $SOAK} ${SOAK_ARRIVALS:+--soak-arrivals $SOAK_ARRIVALS} \
     2>&1 | tee "$OUT/serve.log" || status=$?
 grep -rh "__recompiles\]" /tmp/ray/session_latest/logs/ 2>/dev/null | cut -c1-600 > "$OUT/recompiles.txt" || true
-# a replica's slow garbage collections (serving/model_server.py), with their clock times: a soak's started_at maps them
-# onto its windows
-grep -rh "garbage collection of generation" /tmp/ray/session_latest/logs/serve/ 2>/dev/null | cut -c1-300 \
-    > "$OUT/gc-pauses.txt" || true
+vm_counters after >> "$OUT/vmstat.txt"
+# a replica's slow garbage collections and holds of all its threads (serving/model_server.py), with their clock times:
+# a soak's started_at maps them onto its windows
+grep -rhE "garbage collection of generation|Python threads were held off" /tmp/ray/session_latest/logs/serve/ \
+    2>/dev/null | cut -c1-300 > "$OUT/pauses.txt" || true
+# each long hold's stacks (faulthandler's "Timeout" block), ended by the stall watch's line with its time
+awk 'FNR == 1 {keep = 0} /^Timeout \(/ {keep = 1} keep {print} /^\[stall-watch\]/ {keep = 0}' \
+    /tmp/ray/session_latest/logs/worker-*.err \
+    2>/dev/null > "$OUT/stalls.txt" || true
 # a replica that died (and Serve restarted) says why only in Ray's logs: each error with its traceback, by file
 grep -r -i -A25 -E "traceback|error|died|failed to load|out of memory" /tmp/ray/session_latest/logs/serve/ /tmp/ray/session_latest/logs/*.err \
     2>/dev/null | grep -v -i "warn" | tail -400 > "$OUT/ray-errors.txt" || true

@@ -9,6 +9,7 @@ import os
 import time
 
 import pytest
+from model_helpers import hold_the_gil
 from serve_helpers import model_args
 
 from dit_runtime import images
@@ -47,6 +48,23 @@ def test_a_warm_replica_times_its_collections_and_warns_of_a_slow_one(server, ca
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2 and "generation 2" in warnings[0] and "generation 0" in warnings[1], warnings
     assert f"{1e3 * model_server.SLOW_COLLECTION_S:.0f} ms" in warnings[0]
+
+
+def test_a_warm_replica_warns_when_all_its_threads_were_held_off(server, caplog):
+    ray_serve = logging.getLogger("ray.serve")
+    ray_serve.addHandler(caplog.handler)
+    try:
+        hold_the_gil(0.3)
+        deadline = time.monotonic() + 5 * model_server.LOAD_REFRESH_S  # its refresher drains the watch
+        while time.monotonic() < deadline and not any("held off" in r.getMessage() for r in caplog.records):
+            time.sleep(0.05)
+    finally:
+        ray_serve.removeHandler(caplog.handler)
+    held = [r for r in caplog.records if "held off" in r.getMessage()]
+    assert held and all(r.levelno == logging.WARNING for r in held), caplog.records
+    held = [r.getMessage() for r in held]
+    longest = max(float(m.split("the longest ")[1].split(" ms")[0]) for m in held)
+    assert longest >= 250, held
 
 
 def generate(server: ModelServer, size: str | None = None, **fields) -> EncodedImages | APIError:
