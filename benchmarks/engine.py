@@ -10,6 +10,10 @@ Parts (``--parts``; forward, latency and load by default):
             request balanced, the rest off) (images/s, p50/p99 latency per preset, ``OUT/load.png``)
   accuracy  one forward's relative error against fp32 in fp16, bf16, fp8 and fp8 with fc1's block scales (fp8 at
             every size), on random non-zero weights
+  decode-overlap
+            a 4-step student with sd-vae-ft-ema's decoder under paced requests: whether the decodes running beside
+            the steps hold them up, with the steps' stream at normal or high priority in turn (EngineConfig's
+            step_priority), and whether encoding the answers as a replica does holds them up
   students  a few-step student (the same model with a guidance embedding, random weights) beside its guided
             teacher: one guided image at each ``--student-steps`` count (one row a step) against the teacher's
             ``--teacher-steps`` DDIM steps (two rows), and images/s with a full batch of ``--batches``' largest
@@ -696,6 +700,80 @@ def bench_load(rec: Recorder, preset: str, rates: list[float], duration: float, 
     torch.cuda.empty_cache()
 
 
+def bench_decode_overlap(rec: Recorder, preset: str, rate: float, n: int, duration: float,
+                         buckets: tuple[int, ...], phases: list[str]) -> None:
+    """A 4-step student with a latent decoder (``decode.SD_VAE_CONFIG``, random weights, compiled, CUDA graphs)
+    under requests of ``n`` images paced at ``rate`` a second: the images of the requests that finish in a step
+    decode on the decode stream beside the next steps. One engine; in each phase (``phases``, in turn) its steps run
+    on the default stream (``normal``) or on the one of higher priority (``high``: ``EngineConfig.step_priority``),
+    switched while it is idle as ``use_policy`` switches schedulers; ``+encode``: each finished request's images are
+    also PNG-encoded and base64-ed as a replica does (``encode_base64`` on pools of ``encode_threads``), and its
+    latency ends there. Per phase: images/s, the latency's p50 and p99, the steps' p50 and p99."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dit_runtime.contract import random_student_contract
+    from dit_runtime.engine import Engine, EngineConfig, GenerationRequest, configure_compile
+    from dit_runtime.images import encode_base64, encode_threads
+
+    from .decode import SD_VAE_CONFIG, random_vae
+
+    steps: list[tuple[float, float]] = []  # (end, seconds) of every step, from the engine's observer
+    config = EngineConfig(device="cuda", precision="fp16", max_batch_size=max(buckets), batch_buckets=buckets,
+                          compile=True, cuda_graphs=True, max_queue_size=4096, feature_cache_rows=0,
+                          compile_decoder=True, decoder_cuda_graphs=True, step_priority="high")
+    configure_compile(config)
+    start = time.perf_counter()
+    engine = Engine.random_weights(preset, config, sampling=random_student_contract(), vae=random_vae(SD_VAE_CONFIG),
+                                   on_step=lambda s: steps.append((time.monotonic(), s.duration_seconds))).start()
+    rec.add({"part": "compile", "model": preset, "setup": "student + decoder", "buckets": list(config.buckets),
+             "seconds": round(time.perf_counter() - start, 1)})
+    freeze_startup_heap()
+    high = engine._step_stream
+    encoder, deflater = ThreadPoolExecutor(encode_threads()), ThreadPoolExecutor(encode_threads())
+
+    def encoded(outcome, request: GenerationRequest, done: list, i: int) -> None:
+        encode_base64(outcome.images, request.encoding, request.upscale, deflater)
+        done[i] = time.monotonic()
+
+    for index, phase in enumerate(phases):
+        priority, _, extra = phase.partition("+")
+        engine._step_stream = high if priority == "high" else None  # idle: no step is running
+        rng = random.Random(index)
+        classes = engine.info.config.num_classes
+        requests = [GenerationRequest.of(rng.randrange(classes), n=n, seed=rng.randrange(2 ** 31),
+                                         num_inference_steps=4, sampler="consistency", guidance_scale=4.0)
+                    for _ in range(int(rate * duration))]  # built before the clock
+        handles, done = [], [0.0] * len(requests)
+        t0 = time.monotonic()
+        for i, request in enumerate(requests):
+            delay = t0 + i / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            handle = engine.submit(request, progress=False)
+            if extra == "encode":
+                handle.on_finish(lambda outcome, r=request, i=i: encoder.submit(encoded, outcome, r, done, i))
+            handles.append((time.monotonic(), handle))
+        results = [h.result(timeout=600) for _, h in handles]
+        if extra == "encode":
+            while not all(done):
+                time.sleep(0.01)
+            lat = sorted(d - submitted for d, (submitted, _) in zip(done, handles))
+        else:
+            lat = sorted(r.total_seconds for r in results)
+        end = t0 + max(submitted - t0 + seconds for (submitted, _), seconds in zip(handles, lat))
+        mine = sorted(seconds for at, seconds in steps if t0 <= at <= end)
+        rec.add({"part": "decode-overlap", "model": preset, "phase": index, "setup": phase, "rate": rate,
+                 "images_per_request": n, "requests": len(results), "encode_threads": encode_threads(),
+                 "images_per_s": round(n * len(results) / (end - t0), 1), "p50_s": _pct(lat, 50),
+                 "p99_s": _pct(lat, 99), "max_s": round(lat[-1], 4), "steps": len(mine),
+                 "step_p50_ms": round(1e3 * percentile(mine, 50), 2),
+                 "step_p99_ms": round(1e3 * percentile(mine, 99), 2)})
+    engine.stop()
+    encoder.shutdown()
+    deflater.shutdown()
+    torch.cuda.empty_cache()
+
+
 def _pct(values: list[float], q: float) -> float | None:
     """``percentile`` rounded to 0.1 ms for a row (None, JSON's null, when there are none)."""
     value = percentile(values, q)
@@ -740,7 +818,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", nargs="+", type=int, default=[16, 64, 256])
     p.add_argument("--setups", nargs="+", default=list(DEFAULT_SETUPS))
     p.add_argument("--parts", nargs="+", default=["forward", "latency", "load"],
-                   choices=["forward", "latency", "load", "accuracy", "students"])
+                   choices=["forward", "latency", "load", "accuracy", "students", "decode-overlap"])
     p.add_argument("--baseline", help="a checkout whose dit_runtime the baseline[-...] setups run")
     p.add_argument("--rates", nargs="+", type=float, default=[20, 40, 80, 120])
     p.add_argument("--load-seconds", type=float, default=6.0)
@@ -753,6 +831,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--student-steps", nargs="+", type=int, default=[1, 2, 4, 8], help="students: step counts")
     p.add_argument("--teacher-steps", type=int, default=50, help="students: the guided teacher's DDIM steps")
     p.add_argument("--student-images", type=int, default=4096, help="students: images per throughput run")
+    p.add_argument("--overlap-rate", type=float, default=53.0, help="decode-overlap: requests a second")
+    p.add_argument("--overlap-n", type=int, default=4, help="decode-overlap: images a request")
+    p.add_argument("--overlap-seconds", type=float, default=40.0, help="decode-overlap: seconds a phase")
+    p.add_argument("--overlap-buckets", nargs="+", type=int, default=[8, 64], help="decode-overlap: row buckets")
+    p.add_argument("--overlap-phases", nargs="+", default=["normal", "high", "normal", "high"],
+                   choices=["normal", "high", "normal+encode", "high+encode"],
+                   help="decode-overlap: the steps' stream in each phase, in turn; +encode: PNG-encode each answer")
     p.add_argument("--rounds", type=int, default=3, help="time the setups in turn this many times over")
     p.add_argument("--profile-kernels", action="store_true",
                    help="forward: also sum the engine setups' kernel times per step with torch.profiler")
@@ -785,6 +870,9 @@ def main(argv: list[str] | None = None) -> int:
         if "students" in args.parts:
             bench_students(rec, preset, args.setups, args.student_steps, args.teacher_steps, max(args.batches),
                            args.student_images, args.rounds, clock)
+        if "decode-overlap" in args.parts:
+            bench_decode_overlap(rec, preset, args.overlap_rate, args.overlap_n, args.overlap_seconds,
+                                 tuple(args.overlap_buckets), args.overlap_phases)
         if "load" in args.parts:
             bench_load(rec, preset, args.rates, args.load_seconds, args.load_max_batch, args.policies,
                        tuple(args.load_buckets), tuple(args.load_caches))

@@ -73,6 +73,10 @@ class EngineConfig:
     decoder_fused_norms: bool = False
     # inductor's options for the decoder's torch.compile, as compile_options are the steps'
     decoder_compile_options: dict | None = field(default=None, hash=False)
+    # On a GPU, the priority of the stream the steps run on. The images of each step's finished requests decode on a
+    # stream of their own, beside the next steps; "high" lets a step's kernels take the SMs ahead of a decode's as
+    # they free up, so a large decode fills the gaps instead of holding up the steps of every running request.
+    step_priority: Literal["normal", "high"] = "normal"
     stall_timeout: float = 120.0  # seconds without a finished step, with work pending, before health() fails
 
     def __post_init__(self) -> None:
@@ -102,6 +106,10 @@ class EngineConfig:
             problems.append("decoder_cuda_graphs needs compile_decoder and device 'cuda'")
         if self.decoder_fused_norms and not str(self.device).startswith("cuda"):
             problems.append("decoder_fused_norms needs device 'cuda' (Triton kernels)")
+        if self.step_priority not in ("normal", "high"):
+            problems.append(f"step_priority must be normal or high, got {self.step_priority!r}")
+        elif self.step_priority == "high" and not str(self.device).startswith("cuda"):
+            problems.append("step_priority high is for a GPU's streams: device 'cuda'")
         if self.decoder_compile_options and not self.compile_decoder:
             problems.append("decoder_compile_options needs compile_decoder")
         known = None  # inductor's option names, read once and only when a model gives options
