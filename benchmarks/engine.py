@@ -701,9 +701,10 @@ def bench_load(rec: Recorder, preset: str, rates: list[float], duration: float, 
 
 
 def bench_decode_overlap(rec: Recorder, preset: str, rate: float, n: int, duration: float,
-                         buckets: tuple[int, ...], phases: list[str]) -> None:
+                         buckets: tuple[int, ...], phases: list[str], arrivals: str = "paced") -> None:
     """A 4-step student with a latent decoder (``decode.SD_VAE_CONFIG``, random weights, compiled, CUDA graphs)
-    under requests of ``n`` images paced at ``rate`` a second: the images of the requests that finish in a step
+    under requests of ``n`` images at ``rate`` a second (``arrivals``: paced, or Poisson's, whose bursts finish
+    many requests in one step and so decode them together): the images of the requests that finish in a step
     decode on the decode stream beside the next steps. One engine; in each phase (``phases``, in turn) its steps run
     on the default stream (``normal``) or on the one of higher priority (``high``: ``EngineConfig.step_priority``),
     switched while it is idle as ``use_policy`` switches schedulers; ``+encode``: each finished request's images are
@@ -716,6 +717,7 @@ def bench_decode_overlap(rec: Recorder, preset: str, rate: float, n: int, durati
     from dit_runtime.images import encode_base64, encode_threads
 
     from .decode import SD_VAE_CONFIG, random_vae
+    from .loadgen import send_offsets
 
     steps: list[tuple[float, float]] = []  # (end, seconds) of every step, from the engine's observer
     config = EngineConfig(device="cuda", precision="fp16", max_batch_size=max(buckets), batch_buckets=buckets,
@@ -740,13 +742,14 @@ def bench_decode_overlap(rec: Recorder, preset: str, rate: float, n: int, durati
         engine._step_stream = high if priority == "high" else None  # idle: no step is running
         rng = random.Random(index)
         classes = engine.info.config.num_classes
+        offsets = list(send_offsets(rate, duration, arrivals, seed=index))
         requests = [GenerationRequest.of(rng.randrange(classes), n=n, seed=rng.randrange(2 ** 31),
                                          num_inference_steps=4, sampler="consistency", guidance_scale=4.0)
-                    for _ in range(int(rate * duration))]  # built before the clock
+                    for _ in offsets]  # built before the clock
         handles, done = [], [0.0] * len(requests)
         t0 = time.monotonic()
         for i, request in enumerate(requests):
-            delay = t0 + i / rate - time.monotonic()
+            delay = t0 + offsets[i] - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
             handle = engine.submit(request, progress=False)
@@ -763,6 +766,7 @@ def bench_decode_overlap(rec: Recorder, preset: str, rate: float, n: int, durati
         end = t0 + max(submitted - t0 + seconds for (submitted, _), seconds in zip(handles, lat))
         mine = sorted(seconds for at, seconds in steps if t0 <= at <= end)
         rec.add({"part": "decode-overlap", "model": preset, "phase": index, "setup": phase, "rate": rate,
+                 "arrivals": arrivals,
                  "images_per_request": n, "requests": len(results), "encode_threads": encode_threads(),
                  "images_per_s": round(n * len(results) / (end - t0), 1), "p50_s": _pct(lat, 50),
                  "p99_s": _pct(lat, 99), "max_s": round(lat[-1], 4), "steps": len(mine),
@@ -834,6 +838,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overlap-rate", type=float, default=53.0, help="decode-overlap: requests a second")
     p.add_argument("--overlap-n", type=int, default=4, help="decode-overlap: images a request")
     p.add_argument("--overlap-seconds", type=float, default=40.0, help="decode-overlap: seconds a phase")
+    p.add_argument("--overlap-arrivals", choices=["paced", "poisson"], default="paced",
+                   help="decode-overlap: the requests' arrivals (Poisson's come in bursts)")
     p.add_argument("--overlap-buckets", nargs="+", type=int, default=[8, 64], help="decode-overlap: row buckets")
     p.add_argument("--overlap-phases", nargs="+", default=["normal", "high", "normal", "high"],
                    choices=["normal", "high", "normal+encode", "high+encode"],
@@ -872,7 +878,7 @@ def main(argv: list[str] | None = None) -> int:
                            args.student_images, args.rounds, clock)
         if "decode-overlap" in args.parts:
             bench_decode_overlap(rec, preset, args.overlap_rate, args.overlap_n, args.overlap_seconds,
-                                 tuple(args.overlap_buckets), args.overlap_phases)
+                                 tuple(args.overlap_buckets), args.overlap_phases, args.overlap_arrivals)
         if "load" in args.parts:
             bench_load(rec, preset, args.rates, args.load_seconds, args.load_max_batch, args.policies,
                        tuple(args.load_buckets), tuple(args.load_caches))

@@ -10,7 +10,8 @@
 # student (with STEPS=4: the served path at student rates); VAE=sd-random decodes with a random VAE of sd-vae-ft-ema's
 # configuration (256x256 images; diffusers from the bundle), DECODER_GRAPHS=1 captures it as CUDA graphs, FUSED_NORMS=1
 # runs its GroupNorm + SiLU as our kernels (decoder_fused_norms), DECODER_OPTIONS='{"coordinate_descent_tuning": true}'
-# gives inductor options to its compile (decoder_compile_options); ENGINE_ALONE=0
+# gives inductor options to its compile (decoder_compile_options), STEP_PRIORITY=high runs the steps on a stream above
+# the decoder's (step_priority); ENGINE_ALONE=0
 # leaves out the engine's in-process phase (which builds the engine once more than the replica does); PORT lets two
 # runs share a host; PROFILE=1 adds py-spy's account of each serving process's Python time per request (py-spy from
 # .whl/ when not installed: `pip download py-spy -d .whl` here, and carry .whl). Bounded to under 10 minutes
@@ -74,7 +75,8 @@ timeout --signal=INT "${BENCH_TIMEOUT:-560}" python3 -m benchmarks serve --out "
     ${BUCKETS:+--batch-buckets $BUCKETS} ${STUDENT:+--student} ${FLOOR_LOAD:+--floor-load} ${VAE:+--vae $VAE} \
     ${DECODER_GRAPHS:+--decoder-graphs} ${FUSED_NORMS:+--decoder-fused-norms} \
     ${DECODER_OPTIONS:+--decoder-compile-options "$DECODER_OPTIONS"} $([ "${ENGINE_ALONE:-1}" = 0 ] && echo --no-engine-alone) \
-    ${PROFILE:+--profile} ${STALL_STACKS:+--stall-stacks} ${SOAK:+--soak $SOAK} ${SOAK_ARRIVALS:+--soak-arrivals $SOAK_ARRIVALS} \
+    ${PROFILE:+--profile} ${STALL_STACKS:+--stall-stacks} ${STEP_PRIORITY:+--step-priority $STEP_PRIORITY} \
+    ${SOAK:+--soak $SOAK} ${SOAK_ARRIVALS:+--soak-arrivals $SOAK_ARRIVALS} \
     2>&1 | tee "$OUT/serve.log" || status=$?
 grep -rh "__recompiles\]" /tmp/ray/session_latest/logs/ 2>/dev/null | cut -c1-600 > "$OUT/recompiles.txt" || true
 vm_counters after >> "$OUT/vmstat.txt"
