@@ -67,6 +67,7 @@ from pathlib import Path
 import torch
 
 from dit_runtime.engine import freeze_startup_heap
+from dit_runtime.engine.types import STEP_PRIORITIES
 from dit_runtime.model import DiTModel, get_preset
 from dit_runtime.sizing import forward_flops
 
@@ -710,7 +711,7 @@ def bench_decode_overlap(rec: Recorder, preset: str, rate: float, n: int, durati
     switched while it is idle as ``use_policy`` switches schedulers; ``+encode``: each finished request's images are
     also PNG-encoded and base64-ed as a replica does (``encode_base64`` on pools of ``encode_threads``), and its
     latency ends there. Per phase: images/s, the latency's p50 and p99, the steps' p50 and p99."""
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import Future, ThreadPoolExecutor
 
     from dit_runtime.contract import random_student_contract
     from dit_runtime.engine import Engine, EngineConfig, GenerationRequest, configure_compile
@@ -733,9 +734,14 @@ def bench_decode_overlap(rec: Recorder, preset: str, rate: float, n: int, durati
     high = engine._step_stream
     encoder, deflater = ThreadPoolExecutor(encode_threads()), ThreadPoolExecutor(encode_threads())
 
-    def encoded(outcome, request: GenerationRequest, done: list, i: int) -> None:
-        encode_base64(outcome.images, request.encoding, request.upscale, deflater)
-        done[i] = time.monotonic()
+    def encode(outcome, request: GenerationRequest, answered: Future) -> None:
+        """(encoder thread) As a replica answers: the images as base64 PNGs; ``answered`` gets the time, or the
+        error."""
+        try:
+            encode_base64(outcome.images, request.encoding, request.upscale, deflater)
+            answered.set_result(time.monotonic())
+        except BaseException as e:  # a failed request (its outcome an error) or encode: raised below, not lost
+            answered.set_exception(e)
 
     for index, phase in enumerate(phases):
         priority, _, extra = phase.partition("+")
@@ -746,24 +752,24 @@ def bench_decode_overlap(rec: Recorder, preset: str, rate: float, n: int, durati
         requests = [GenerationRequest.of(rng.randrange(classes), n=n, seed=rng.randrange(2 ** 31),
                                          num_inference_steps=4, sampler="consistency", guidance_scale=4.0)
                     for _ in offsets]  # built before the clock
-        handles, done = [], [0.0] * len(requests)
+        sent, handles, answered = [], [], [Future() for _ in requests]
         t0 = time.monotonic()
         for i, request in enumerate(requests):
             delay = t0 + offsets[i] - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
+            sent.append(time.monotonic())
             handle = engine.submit(request, progress=False)
             if extra == "encode":
-                handle.on_finish(lambda outcome, r=request, i=i: encoder.submit(encoded, outcome, r, done, i))
-            handles.append((time.monotonic(), handle))
-        results = [h.result(timeout=600) for _, h in handles]
-        if extra == "encode":
-            while not all(done):
-                time.sleep(0.01)
-            lat = sorted(d - submitted for d, (submitted, _) in zip(done, handles))
-        else:
-            lat = sorted(r.total_seconds for r in results)
-        end = t0 + max(submitted - t0 + seconds for (submitted, _), seconds in zip(handles, lat))
+                handle.on_finish(lambda outcome, r=request, a=answered[i]: encoder.submit(encode, outcome, r, a))
+            handles.append(handle)
+        results = [h.result(timeout=600) for h in handles]
+        if extra == "encode":  # to the answer, as a replica's route
+            latency = [a.result(timeout=600) - at for a, at in zip(answered, sent)]
+        else:  # to the images on the host, as the engine times it from its submit
+            latency = [r.total_seconds for r in results]
+        end = max(at + seconds for at, seconds in zip(sent, latency))
+        lat = sorted(latency)
         mine = sorted(seconds for at, seconds in steps if t0 <= at <= end)
         rec.add({"part": "decode-overlap", "model": preset, "phase": index, "setup": phase, "rate": rate,
                  "arrivals": arrivals,
@@ -842,7 +848,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="decode-overlap: the requests' arrivals (Poisson's come in bursts)")
     p.add_argument("--overlap-buckets", nargs="+", type=int, default=[8, 64], help="decode-overlap: row buckets")
     p.add_argument("--overlap-phases", nargs="+", default=["normal", "high", "normal", "high"],
-                   choices=["normal", "high", "normal+encode", "high+encode"],
+                   choices=[*STEP_PRIORITIES, *(f"{p}+encode" for p in STEP_PRIORITIES)],
                    help="decode-overlap: the steps' stream in each phase, in turn; +encode: PNG-encode each answer")
     p.add_argument("--rounds", type=int, default=3, help="time the setups in turn this many times over")
     p.add_argument("--profile-kernels", action="store_true",

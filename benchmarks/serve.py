@@ -56,7 +56,7 @@ def model_args(a) -> dict:
          "cuda_graphs": a.cuda_graphs, "max_batch_size": a.max_batch_size, "max_queue_size": a.max_queue_size,
          "num_cpus": a.num_cpus, "num_gpus": 1 if a.device == "cuda" else 0, "compile_cache_dir": a.compile_cache_dir,
          "autoscaling": {"min_replicas": 1, "max_replicas": 1}, "batch_buckets": a.batch_buckets,
-         "stall_stacks": a.stall_stacks, "step_priority": a.step_priority}
+         "stall_stacks": a.stall_stacks}
     if a.checkpoint:
         m["checkpoint"] = a.checkpoint
     else:
@@ -288,8 +288,6 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--decoder-compile-options", type=json.loads, metavar="JSON",
                     help='with --vae and --compile: inductor options for the decoder (decoder_compile_options), e.g. '
                          '\'{"coordinate_descent_tuning": true}\'')
-    ap.add_argument("--step-priority", choices=["normal", "high"], default="normal",
-                    help="the steps' CUDA stream against the decoder's (step_priority)")
     ap.add_argument("--stall-stacks", action="store_true",
                     help="each replica writes every thread's stack during each long hold of all its threads to its "
                          "stderr (stall_stacks; serve.sh collects them into stalls.txt)")

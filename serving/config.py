@@ -121,9 +121,6 @@ class ModelArgs(_Args):
                                                          "graphs, each batch padded to the next multiple of four")
     decoder_fused_norms: bool = Field(False, description="on a GPU: each GroupNorm of the decoder that a SiLU follows, "
                                                          "with it, as our Triton kernels in place of inductor's")
-    step_priority: Literal["normal", "high"] = Field("normal", description="on a GPU: high runs the steps on a "
-                                                     "stream above the decoder's, so a large decode beside them takes "
-                                                     "the SMs only as the steps leave them")
     decoder_compile_options: dict | None = Field(None, description="with compile_decoder: inductor options for the "
                                                                    "decoder's torch.compile, e.g. {max_autotune: true} "
                                                                    "(minutes of search per program at start)")
@@ -291,7 +288,7 @@ class ModelArgs(_Args):
                             default_cache=self.default_cache, feature_cache_rows=self.feature_cache_rows,
                             compile_decoder=self.compile_decoder, decoder_cuda_graphs=self.decoder_cuda_graphs,
                             decoder_fused_norms=self.decoder_fused_norms,
-                            decoder_compile_options=self.decoder_compile_options, step_priority=self.step_priority)
+                            decoder_compile_options=self.decoder_compile_options)
 
     @property
     def guided_images_per_batch(self) -> int:

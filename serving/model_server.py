@@ -56,11 +56,12 @@ INLINE_ENCODE_MAX_PIXELS = 64 * 64
 
 
 def stack_file():
-    """Where the stall watch writes every thread's stack: this process's stderr, if it is a file (faulthandler writes
-    to its descriptor); else nowhere."""
+    """Where the stall watch writes every thread's stack: this process's stderr, if it has a descriptor (faulthandler
+    writes to one); else nowhere, said once."""
     try:
         sys.stderr.fileno()
     except (AttributeError, OSError, ValueError):
+        log.warning("stall_stacks is on, but this process's stderr has no file descriptor: no stacks are written")
         return None
     return sys.stderr
 
@@ -331,11 +332,11 @@ class ModelServer:
         self.metrics.record_stalls(stalls)
         if stalls:
             longest = max(seconds for _, seconds in stalls)
-            where = ("; every thread's stack during it is in this worker's stderr log" if self._stalls.file is not None
-                     and longest >= STALL_DUMP_S - self._stalls.tick_s else "")
-            log.warning("all of this replica's Python threads were held off for %.0f ms in the last %.0f s (%d "
-                        "holds of %.0f ms or more, the longest %.0f ms)%s", 1e3 * sum(s for _, s in stalls),
-                        LOAD_REFRESH_S, len(stalls), 1e3 * STALL_MIN_S, 1e3 * longest, where)
+            where = ("; every thread's stack during it is in this worker's stderr log" if self._stalls.fd is not None
+                     and longest >= self._stalls.dump_late_s else "")
+            log.warning("this replica's Python threads were held off for %.0f ms in the last %.0f s (%d holds of "
+                        "%.0f ms or more, the longest %.0f ms)%s", 1e3 * sum(s for _, s in stalls), LOAD_REFRESH_S,
+                        len(stalls), 1e3 * self._stalls.min_s, 1e3 * longest, where)
 
 
 class LocalModel:

@@ -126,7 +126,7 @@ def test_decoder_graphs_are_captured_at_every_fourth_batch_and_need_a_compiled_d
 def test_a_high_priority_step_stream_is_for_a_gpu_and_named_values_only():
     with pytest.raises(ValueError, match="step_priority high is for a GPU's streams: device 'cuda'"):
         EngineConfig(step_priority="high")
-    with pytest.raises(ValueError, match="step_priority must be normal or high, got 'urgent'"):
+    with pytest.raises(ValueError, match="step_priority must be one of normal, high, got 'urgent'"):
         EngineConfig(device="cuda", step_priority="urgent")
 
 

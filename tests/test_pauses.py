@@ -51,21 +51,25 @@ def test_a_hold_of_the_gil_is_timed_and_its_holder_named_by_the_stacks(tmp_path)
     stalls = watch.drain()
     assert max(seconds for _, seconds in stalls) >= 0.3
     text = (tmp_path / "stalls.txt").read_text()
-    dump, mark, _ = text.partition(StallWatch.STALL_MARK)
-    assert mark, text
-    assert "Timeout (" in dump and "in hold_the_gil" in dump  # faulthandler's dump, taken while the holder held
-    assert "held off for" in text.split(StallWatch.STALL_MARK, 1)[1]
+    # faulthandler's dump, taken while the holder held, then the watch's line; a slow host may add other holds
+    blocks = text.split(StallWatch.STALL_MARK)
+    held = [i for i, dump in enumerate(blocks[:-1]) if "Timeout (" in dump and "in hold_the_gil" in dump]
+    assert held, text
+    assert blocks[held[0] + 1].startswith(" the process's Python threads were held off for")
 
 
 def test_the_watch_stops_and_no_dump_is_left_armed(tmp_path):
     with open(tmp_path / "stalls.txt", "w") as file:
-        watch = StallWatch(tick_s=0.01, dump_after_s=0.5, file=file).start()
+        watch = StallWatch(tick_s=0.01, dump_after_s=1.0, file=file).start()
         time.sleep(0.05)
         watch.stop()
-        time.sleep(0.7)  # longer than dump_after_s: an armed dump would have fired by now
+        time.sleep(1.5)  # longer than dump_after_s: an armed dump would have fired by now
     assert (tmp_path / "stalls.txt").read_text() == ""
 
 
-def test_a_tick_no_shorter_than_the_dump_is_refused():
+def test_a_tick_no_shorter_than_the_dump_is_refused(tmp_path):
+    with open(tmp_path / "stalls.txt", "w") as file, pytest.raises(ValueError, match="tick_s"):
+        StallWatch(tick_s=0.2, dump_after_s=0.1, file=file)
     with pytest.raises(ValueError, match="tick_s"):
-        StallWatch(tick_s=0.2, dump_after_s=0.1)
+        StallWatch(tick_s=0)
+    StallWatch(tick_s=0.2, dump_after_s=0.1)  # no dumps without a file: any tick

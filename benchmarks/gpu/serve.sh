@@ -10,8 +10,7 @@
 # student (with STEPS=4: the served path at student rates); VAE=sd-random decodes with a random VAE of sd-vae-ft-ema's
 # configuration (256x256 images; diffusers from the bundle), DECODER_GRAPHS=1 captures it as CUDA graphs, FUSED_NORMS=1
 # runs its GroupNorm + SiLU as our kernels (decoder_fused_norms), DECODER_OPTIONS='{"coordinate_descent_tuning": true}'
-# gives inductor options to its compile (decoder_compile_options), STEP_PRIORITY=high runs the steps on a stream above
-# the decoder's (step_priority); ENGINE_ALONE=0
+# gives inductor options to its compile (decoder_compile_options); ENGINE_ALONE=0
 # leaves out the engine's in-process phase (which builds the engine once more than the replica does); PORT lets two
 # runs share a host; PROFILE=1 adds py-spy's account of each serving process's Python time per request (py-spy from
 # .whl/ when not installed: `pip download py-spy -d .whl` here, and carry .whl). Bounded to under 10 minutes
@@ -64,8 +63,10 @@ export RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=1 
 export RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=1   # a replica's warnings in its log at once, as the image has them
 export TORCH_LOGS=${TORCH_LOGS:-recompiles}   # a program compiled while serving: its guard, in OUT/recompiles.txt
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv" || true
-vm_counters() { echo "$1 $(date -Iseconds)"; grep -E "^(compact_stall|compact_fail|thp_fault_alloc|pgmajfault|allocstall)" \
-    /proc/vmstat || true; }
+vm_counters() {
+    echo "$1 $(date -Iseconds)"
+    grep -E "^(compact_stall|compact_fail|thp_fault_alloc|pgmajfault|allocstall)" /proc/vmstat || true
+}
 vm_counters before > "$OUT/vmstat.txt"
 status=0
 timeout --signal=INT "${BENCH_TIMEOUT:-560}" python3 -m benchmarks serve --out "$OUT" --model-name dit-10l \
@@ -75,7 +76,7 @@ timeout --signal=INT "${BENCH_TIMEOUT:-560}" python3 -m benchmarks serve --out "
     ${BUCKETS:+--batch-buckets $BUCKETS} ${STUDENT:+--student} ${FLOOR_LOAD:+--floor-load} ${VAE:+--vae $VAE} \
     ${DECODER_GRAPHS:+--decoder-graphs} ${FUSED_NORMS:+--decoder-fused-norms} \
     ${DECODER_OPTIONS:+--decoder-compile-options "$DECODER_OPTIONS"} $([ "${ENGINE_ALONE:-1}" = 0 ] && echo --no-engine-alone) \
-    ${PROFILE:+--profile} ${STALL_STACKS:+--stall-stacks} ${STEP_PRIORITY:+--step-priority $STEP_PRIORITY} \
+    ${PROFILE:+--profile} ${STALL_STACKS:+--stall-stacks} \
     ${SOAK:+--soak $SOAK} ${SOAK_ARRIVALS:+--soak-arrivals $SOAK_ARRIVALS} \
     2>&1 | tee "$OUT/serve.log" || status=$?
 grep -rh "__recompiles\]" /tmp/ray/session_latest/logs/ 2>/dev/null | cut -c1-600 > "$OUT/recompiles.txt" || true
@@ -84,10 +85,12 @@ vm_counters after >> "$OUT/vmstat.txt"
 # a soak's started_at maps them onto its windows
 grep -rhE "garbage collection of generation|Python threads were held off" /tmp/ray/session_latest/logs/serve/ \
     2>/dev/null | cut -c1-300 > "$OUT/pauses.txt" || true
-# each long hold's stacks (faulthandler's "Timeout" block), ended by the stall watch's line with its time
-awk 'FNR == 1 {keep = 0} /^Timeout \(/ {keep = 1} keep {print} /^\[stall-watch\]/ {keep = 0}' \
-    /tmp/ray/session_latest/logs/worker-*.err \
-    2>/dev/null > "$OUT/stalls.txt" || true
+# each long hold's stacks (faulthandler's "Timeout" block) and the stall watch's line after it with its time; a block
+# ends at the first line that is neither
+awk 'FNR == 1 {keep = 0} /^Timeout \(/ {keep = 1}
+     keep && !/^(Timeout \(|Thread 0x|Current thread 0x|  |$|\[stall-watch\])/ {keep = 0}
+     keep {print} /^\[stall-watch\]/ {keep = 0}' /tmp/ray/session_latest/logs/worker-*.err 2>/dev/null \
+    > "$OUT/stalls.txt" || true
 # a replica that died (and Serve restarted) says why only in Ray's logs: each error with its traceback, by file
 grep -r -i -A25 -E "traceback|error|died|failed to load|out of memory" /tmp/ray/session_latest/logs/serve/ /tmp/ray/session_latest/logs/*.err \
     2>/dev/null | grep -v -i "warn" | tail -400 > "$OUT/ray-errors.txt" || true
