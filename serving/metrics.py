@@ -66,9 +66,9 @@ class EngineMetrics:
         self.gc_pause = Histogram("dit_gc_pause_seconds", "Garbage collections of generations 1 and 2 in the "
                                   "replica's process: every thread waits them out",
                                   boundaries=GC_PAUSE_BUCKETS, tag_keys=("model", "generation"))
-        self.stalled = Counter("dit_stalled_seconds_total", "Time every Python thread of the replica's process was "
-                               "held off, in holds its stall watch saw (a collection, a C call keeping the GIL, the "
-                               "host not running the process)", tag_keys=("model",))
+        self.stalled = Counter("dit_stalled_seconds_total", "How late the replica's stall watch woke in the holds "
+                               "it counts (STALL_MIN_S or more): every thread waiting on the GIL waited as long; a "
+                               "lower bound", tag_keys=("model",))
         for metric in (self.queue_wait, self.denoise, self.step, self.occupancy, self.images, self.running,
                        self.waiting, self.block_rows, self.wait_estimate, self.startup, self.gc_pause, self.stalled):
             metric.set_default_tags({"model": model})  # a fresh dict: Ray adds its own tags to it
