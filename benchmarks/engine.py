@@ -772,8 +772,8 @@ def bench_decode_overlap(rec: Recorder, preset: str, rate: float, n: int, durati
         lat = sorted(latency)
         mine = sorted(seconds for at, seconds in steps if t0 <= at <= end)
         rec.add({"part": "decode-overlap", "model": preset, "phase": index, "setup": phase, "rate": rate,
-                 "arrivals": arrivals,
-                 "images_per_request": n, "requests": len(results), "encode_threads": encode_threads(),
+                 "arrivals": arrivals, "images_per_request": n, "requests": len(results),
+                 "encode_threads": encode_threads(),
                  "images_per_s": round(n * len(results) / (end - t0), 1), "p50_s": _pct(lat, 50),
                  "p99_s": _pct(lat, 99), "max_s": round(lat[-1], 4), "steps": len(mine),
                  "step_p50_ms": round(1e3 * percentile(mine, 50), 2),
@@ -822,6 +822,8 @@ def summary_table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .loadgen import ARRIVALS
+
     p = argparse.ArgumentParser(prog="python -m benchmarks engine", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["dit-10l"])
@@ -844,7 +846,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overlap-rate", type=float, default=53.0, help="decode-overlap: requests a second")
     p.add_argument("--overlap-n", type=int, default=4, help="decode-overlap: images a request")
     p.add_argument("--overlap-seconds", type=float, default=40.0, help="decode-overlap: seconds a phase")
-    p.add_argument("--overlap-arrivals", choices=["paced", "poisson"], default="paced",
+    p.add_argument("--overlap-arrivals", choices=ARRIVALS, default="paced",
                    help="decode-overlap: the requests' arrivals (Poisson's come in bursts)")
     p.add_argument("--overlap-buckets", nargs="+", type=int, default=[8, 64], help="decode-overlap: row buckets")
     p.add_argument("--overlap-phases", nargs="+", default=["normal", "high", "normal", "high"],
