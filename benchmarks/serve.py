@@ -248,7 +248,7 @@ def loadgen(a, out: Path, rate: str, prefix: str) -> dict:
 
 def soak_phase(a, route: str) -> dict:
     """``benchmarks.soak`` on the model's route for ``--soak`` seconds at 0.8x its measured capacity: its windows,
-    memory samples and summary to ``soak.jsonl``, as ``python -m benchmarks soak`` writes them."""
+    replica samples and summary to ``soak.jsonl``, as ``python -m benchmarks soak`` writes them."""
     from serving.config import model_deployment_name
 
     from . import soak

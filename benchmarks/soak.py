@@ -9,23 +9,24 @@
    every window is offered the same requests, so the last window's p99 against the first's reads what the server did
    over the soak (a leak, fragmentation, a queue that grows). ``poisson`` draws the intervals, and with them how many
    requests a window gets, which near the knee of the latency curve moves a window's p99 (on an H100 the minutes'
-   p50 followed their Poisson counts, r = 0.82). Every ``--sample-every`` seconds, the resident memory (RSS) of the
-   model's replica processes on this host (found by the title Ray gives them, ``ray::ServeReplica:<app>:<deployment>``)
-   and, where nvidia-smi runs, the GPU memory they hold. Sampled on a thread: psutil's scan of every process and
+   p50 followed their Poisson counts, r = 0.82). Every ``--sample-every`` seconds, the resident memory (RSS) and the
+   CPU time of the model's replica processes on this host (found by the title Ray gives them,
+   ``ray::ServeReplica:<app>:<deployment>``) and, where nvidia-smi runs, the GPU memory they hold. Sampled on a thread: psutil's scan of every process and
    nvidia-smi take tens of milliseconds or more, and on the event loop they would hold up every send and every answer
    meanwhile.
 
 The report, per ``--window`` seconds of the soak: requests, failures, latency p50 and p99, the p99 of the nested
 spans the server times (``queue_p99_ms``: waiting for a batch slot; ``denoise_p99_ms``: its own steps;
 ``engine_p99_ms``: submit to images on the host, the decode included; ``server_p99_ms``: the route's, encoding
-included), how late this client's event loop woke at worst (``client_lag_max_ms``) and its longest garbage
-collection (``client_gc_max_ms``). So a window's p99 spike reads as queueing (a burst, or a slow engine), the
-denoising, the decode, the encoding or neither (the HTTP path). A late loop is the client's own: it adds to the
+included), the cores the replicas kept busy (``replica_cpu_cores``, from their CPU time), how late this client's
+event loop woke at worst (``client_lag_max_ms``) and its longest garbage collection (``client_gc_max_ms``). So a
+window's p99 spike reads as queueing (a burst, or a slow engine), the denoising, the decode, the encoding or neither
+(the HTTP path). A late loop is the client's own: it adds to the
 latencies it measures, and the requests it held back go out together, a burst that raises the server's spans too.
 And the memory at the end of the first window (warm-up) against the last sample. The bar (exit status 1 otherwise):
 nothing failed or timed out, the replicas' RSS and GPU memory grew less than 1% after warm-up, and the last window's
 p99 is at most 10% above the first's (one-sided: a first window slower than the last is no drift, though the
-windows' rows show it). Progress goes to stderr once a window; the windows' rows, the memory samples and the summary
+windows' rows show it). Progress goes to stderr once a window; the windows' rows, the replica samples and the summary
 to ``OUT/soak.jsonl``, the summary also to stdout as one JSON line. The summary's ``started_at``, in this host's local
 time as Ray's logs write theirs, puts the windows on the clock of the replicas' logs, where a replica warns of each
 slow garbage collection (``serving.model_server.SLOW_COLLECTION_S``).
@@ -89,23 +90,28 @@ def gpu_memory(pids: set[int]) -> int | None:
 
 
 @dataclass
-class MemorySample:
+class ReplicaSample:
     at: float  # seconds into the soak
     rss_bytes: int  # of the replicas, together
     gpu_bytes: int | None
+    cpu_seconds: float = 0.0  # user + system, of the replicas, together, since each started
 
 
-def memory_sample(pids, at: float) -> MemorySample:
-    """The RSS and GPU memory of the processes ``pids()`` names, now (blocking: psutil over every process, then
-    nvidia-smi)."""
+def replica_sample(pids, at: float) -> ReplicaSample:
+    """The RSS, CPU time and GPU memory of the processes ``pids()`` names, now (blocking: psutil over every
+    process, then nvidia-smi)."""
     found = pids()
-    rss = 0
+    rss, cpu = 0, 0.0
     for pid in found:
         try:
-            rss += psutil.Process(pid).memory_info().rss
+            process = psutil.Process(pid)
+            with process.oneshot():
+                rss += process.memory_info().rss
+                times = process.cpu_times()
+                cpu += times.user + times.system
         except psutil.Error:  # a replica that ended since it was found (its pid perhaps another's now)
             pass
-    return MemorySample(at, rss, gpu_memory(found))
+    return ReplicaSample(at, rss, gpu_memory(found), cpu)
 
 
 @dataclass
@@ -115,16 +121,16 @@ class SoakReport:
     window_s: float
     arrivals: str = "paced"
     outcomes: list[tuple[float, Outcome]] = field(default_factory=list)  # (seconds into the soak it was sent, ...)
-    memory: list[MemorySample] = field(default_factory=list)
+    samples: list[ReplicaSample] = field(default_factory=list)
     loop_lag: list[tuple[float, float]] = field(default_factory=list)  # (seconds into the soak, how late it woke)
     client_gc: list[tuple[float, float]] = field(default_factory=list)  # this client's collections: (ended at, s)
     wall_seconds: float = 0.0
     started_at: float = 0.0  # Unix time of the first send: a window's clock time, for the servers' logs
 
-    async def sample_memory(self, pids, started: float, every_s: float) -> None:
-        """A memory sample every ``every_s`` seconds until cancelled, each taken on a thread."""
+    async def sample_replicas(self, pids, started: float, every_s: float) -> None:
+        """A sample of the replicas every ``every_s`` seconds until cancelled, each taken on a thread."""
         while True:
-            self.memory.append(await asyncio.to_thread(memory_sample, pids, time.perf_counter() - started))
+            self.samples.append(await asyncio.to_thread(replica_sample, pids, time.perf_counter() - started))
             await asyncio.sleep(every_s)
 
     async def watch_loop(self, started: float) -> None:
@@ -140,7 +146,7 @@ class SoakReport:
         tens of thousands. That includes the requests in flight and any garbage cycles not yet collected, which the
         client then keeps until the soak ends (``ClientPauses`` unfreezes): its memory, not the replicas' measured."""
         answered = [o for _, o in self.outcomes]
-        rss = self.memory[-1].rss_bytes / 2**20 if self.memory else 0.0
+        rss = self.samples[-1].rss_bytes / 2**20 if self.samples else 0.0
         late = max((late for t, late in self.loop_lag if t >= at - self.window_s), default=0.0)
         print(f"soak: {at:.0f}/{seconds:g} s, {sent} sent, {len(answered)} answered, "
               f"{sum(o.status != 200 for o in answered)} not 200, replicas' RSS {rss:.0f} MiB, this client's loop "
@@ -149,7 +155,8 @@ class SoakReport:
 
     def windows(self) -> list[dict]:
         """Per window of ``window_s`` (requests by send time): requests, failures, the accepted ones' p50 and p99 and
-        the p99 of each span the server timed, the client loop's worst lateness and its longest collection."""
+        the p99 of each span the server timed, the replicas' busy cores, the client loop's worst lateness and its
+        longest collection."""
         count = max(1, round(self.wall_seconds / self.window_s))
 
         def within(k: int, pairs: list[tuple[float, object]]) -> list:  # the last window takes any overrun
@@ -165,16 +172,18 @@ class SoakReport:
                                                         if getattr(o, f"{span}_seconds") is not None], 99))
                      for span in ("queue", "denoise", "engine", "server")}
             lag, collections = within(k, self.loop_lag), within(k, self.client_gc)
+            sampled = within(k, [(m.at, m) for m in self.samples])
             rows.append({"window": k, "from_s": k * self.window_s, "requests": len(mine), "accepted": len(accepted),
                          "failed": len(mine) - len(accepted),
                          "p50_ms": _ms(percentile(accepted, 50)), "p99_ms": _ms(percentile(accepted, 99)), **spans,
+                         "replica_cpu_cores": _busy_cores(sampled),
                          "client_lag_max_ms": _ms(max(lag, default=None)),
                          "client_gc_max_ms": _ms(max(collections, default=0.0))})
         return rows
 
     def growth(self, key: str) -> float | None:
         """Relative growth of ``key`` (rss_bytes, gpu_bytes) from the end of the first window to the last sample."""
-        values = [(m.at, getattr(m, key)) for m in self.memory if getattr(m, key) is not None]
+        values = [(m.at, getattr(m, key)) for m in self.samples if getattr(m, key) is not None]
         warm = [v for at, v in values if at >= self.window_s]
         if len(warm) < 2 or not warm[0]:
             return None
@@ -197,19 +206,27 @@ class SoakReport:
                 "p99_drift": None if drift is None else round(drift, 4),
                 "rss_growth": None if rss is None else round(rss, 5),
                 "gpu_growth": None if gpu is None else round(gpu, 5),
-                "rss_bytes_first_last": [self.memory[0].rss_bytes, self.memory[-1].rss_bytes] if self.memory else None,
+                "rss_bytes_first_last": [self.samples[0].rss_bytes, self.samples[-1].rss_bytes] if self.samples else None,
                 "passed": failed == 0 and rss is not None and rss < MAX_MEMORY_GROWTH and
                           (gpu is None or gpu < MAX_MEMORY_GROWTH) and drift is not None and drift <= MAX_P99_DRIFT}
 
 
+def _busy_cores(samples: list[ReplicaSample]) -> float | None:
+    """The cores the replicas kept busy between a window's first sample and its last (None with fewer than two, or a
+    replica gone or restarted between them, its CPU time lost)."""
+    if len(samples) < 2 or samples[-1].cpu_seconds < samples[0].cpu_seconds:
+        return None
+    return round((samples[-1].cpu_seconds - samples[0].cpu_seconds) / (samples[-1].at - samples[0].at), 2)
+
+
 def write_report(report: SoakReport, path: Path) -> None:
-    """The windows' rows, the memory samples and the summary, a JSON line each."""
+    """The windows' rows, the replica samples and the summary, a JSON line each."""
     with open(path, "w") as log:
         for row in report.windows():
             log.write(json.dumps(row) + "\n")
-        for m in report.memory:
+        for m in report.samples:
             log.write(json.dumps({"memory_at_s": round(m.at, 1), "rss_bytes": m.rss_bytes,
-                                  "gpu_bytes": m.gpu_bytes}) + "\n")
+                                  "gpu_bytes": m.gpu_bytes, "cpu_seconds": round(m.cpu_seconds, 2)}) + "\n")
         log.write(json.dumps({"summary": report.summary()}) + "\n")
 
 
@@ -241,12 +258,12 @@ async def soak(url: str, body: dict, pids, load: float = 0.8, seconds: float = 6
 
 async def _soak(report: SoakReport, http: httpx.AsyncClient, body: dict, pids, started: float, seconds: float,
                 sample_every_s: float, timeout: float, seed: int) -> None:
-    """The soak's sends, answers and memory samples, from ``started`` for ``seconds``, into ``report``."""
+    """The soak's sends, answers and replica samples, from ``started`` for ``seconds``, into ``report``."""
 
     async def sent(at: float, k: int) -> None:
         report.outcomes.append((at, await one_request(http, {**body, "seed": k}, timeout)))
 
-    watchers = [asyncio.create_task(report.sample_memory(pids, started, sample_every_s)),
+    watchers = [asyncio.create_task(report.sample_replicas(pids, started, sample_every_s)),
                 asyncio.create_task(report.watch_loop(started))]
     # The tasks in flight only: a list of every one sent would keep tens of thousands for the collector to walk. A
     # task that raised (not an HTTP failure: one_request answers those) is kept to raise at the end, never dropped.
@@ -279,7 +296,7 @@ async def _soak(report: SoakReport, http: httpx.AsyncClient, body: dict, pids, s
             raise failed  # a sampler that died: its memory figures would stop without a word
     if raised:
         raise raised[0]
-    report.memory.append(await asyncio.to_thread(memory_sample, pids, report.wall_seconds))
+    report.samples.append(await asyncio.to_thread(replica_sample, pids, report.wall_seconds))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="paced: at even intervals (every window offered alike); poisson: exponential intervals")
     ap.add_argument("--seconds", type=float, default=600.0)
     ap.add_argument("--window", type=float, default=60.0, help="seconds per reported window")
-    ap.add_argument("--sample-every", type=float, default=5.0, help="seconds between memory samples")
+    ap.add_argument("--sample-every", type=float, default=5.0, help="seconds between samples of the replicas' memory and CPU time")
     ap.add_argument("--clients", type=int, default=8, help="closed-loop clients while measuring capacity")
     ap.add_argument("--capacity-seconds", type=float, default=10.0)
     ap.add_argument("--timeout", type=float, default=30.0)

@@ -46,9 +46,12 @@ LOAD_REFRESH_S = 1.0  # how often the running/waiting gauges are refreshed while
 # A garbage collection this long is logged as a warning (all are in dit_gc_pause_seconds): the engine's loop waits it
 # out, so for a 4-step student it is several steps' time.
 SLOW_COLLECTION_S = 0.02
-# A hold of every Python thread this long is counted (dit_stalled_seconds_total) and logged; with `stall_stacks`, one
-# of STALL_DUMP_S writes every thread's stack, while it lasts, to the replica's stderr: the holder's among them.
-STALL_MIN_S = 0.05
+# A hold of every Python thread this long is counted (dit_stalled_seconds_total): two of the interpreter's 5 ms
+# switch intervals, so threads queued for their turn with the GIL count as well as one long holder. A second whose
+# holds add up to STALL_WARN_S is logged; with `stall_stacks`, a hold of STALL_DUMP_S writes every thread's stack,
+# while it lasts, to the replica's stderr: the holder's among them.
+STALL_MIN_S = 0.01
+STALL_WARN_S = 0.05
 STALL_DUMP_S = 0.1
 # Answers of at most this many pixels (all images of a request, no VAE) are encoded on the event loop instead: a
 # 64x64 PNG takes about 0.1 ms to write, less than the wake-ups of a hand-off to a thread and back.
@@ -328,9 +331,10 @@ class ModelServer:
                             "objects frozen at start-up)", generation, 1e3 * seconds, gc.get_freeze_count())
 
     def _record_stalls(self, stalls: list[tuple[float, float]]) -> None:
-        """Holds of every thread, (end, seconds) each, into ``dit_stalled_seconds_total``; one warning for them all."""
+        """Holds of every thread, (end, seconds) each, into ``dit_stalled_seconds_total``; one warning for them all
+        when they add up to ``STALL_WARN_S``."""
         self.metrics.record_stalls(stalls)
-        if stalls:
+        if sum(seconds for _, seconds in stalls) >= STALL_WARN_S:
             longest = max(seconds for _, seconds in stalls)
             where = ("; every thread's stack during it is in this worker's stderr log" if self._stalls.fd is not None
                      and longest >= self._stalls.dump_late_s else "")

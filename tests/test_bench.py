@@ -226,7 +226,7 @@ def test_the_soak_samples_memory_off_its_event_loop_and_reports_how_late_the_loo
 
     async def run() -> soak.SoakReport:
         report, started = soak.SoakReport(1.0, 1.0, window_s=0.5), time.perf_counter()
-        watchers = [asyncio.create_task(report.sample_memory(slow_pids, started, 0.05)),
+        watchers = [asyncio.create_task(report.sample_replicas(slow_pids, started, 0.05)),
                     asyncio.create_task(report.watch_loop(started))]
         await asyncio.sleep(1.0)
         for watcher in watchers:
@@ -235,7 +235,7 @@ def test_the_soak_samples_memory_off_its_event_loop_and_reports_how_late_the_loo
         return report
 
     report = asyncio.run(run())
-    assert len(report.memory) >= 2  # sampled all along
+    assert len(report.samples) >= 2  # sampled all along
     assert max(late for _, late in report.loop_lag) < 0.2  # never held up by a 0.3 s sample
     assert [w["client_lag_max_ms"] is not None for w in report.windows()] == [True, True]
 
@@ -267,6 +267,21 @@ def test_the_soak_reports_each_timed_span_per_window():
     assert (first["queue_p99_ms"], first["denoise_p99_ms"], first["server_p99_ms"]) == (100.0, 200.0, 400.0)
     assert first["engine_p99_ms"] == 398.0 and first["failed"] == 0  # nearest rank: the 99th of 100
     assert second["failed"] == 100 and second["engine_p99_ms"] is None
+
+
+def test_the_soak_reports_the_cores_its_replicas_kept_busy_per_window():
+    import os
+
+    from benchmarks import soak
+
+    report = soak.SoakReport(1.0, 1.0, window_s=10.0, wall_seconds=30.0)
+    report.samples = [soak.ReplicaSample(at, 2**30, None, cpu) for at, cpu in
+                      [(0.0, 10.0), (5.0, 15.0), (10.0, 20.0), (15.0, 30.0), (20.0, 50.0), (25.0, 1.0)]]
+    assert [w["replica_cpu_cores"] for w in report.windows()] == [1.0, 2.0, None]  # the last: a replica restarted
+    busy = 0.0
+    while time.process_time() < 0.05:  # this process's own CPU time, as the soak reads a replica's
+        busy += 1.0
+    assert soak.replica_sample(lambda: {os.getpid()}, 0.0).cpu_seconds >= 0.05
 
 
 def test_a_soaks_records_leave_the_collectors_reach_at_each_window():

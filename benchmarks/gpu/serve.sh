@@ -23,7 +23,7 @@
 # replica's slow garbage collections (SLOW_COLLECTION_S) and holds of all its threads (STALL_MIN_S) in OUT/pauses.txt,
 # with STALL_STACKS=1 every thread's stack during each long hold (STALL_DUMP_S) in OUT/stalls.txt, Ray's errors (a
 # replica that died and was restarted) in OUT/ray-errors.txt; the host's compaction and reclaim counters before and
-# after in OUT/vmstat.txt.
+# after in OUT/vmstat.txt, and every second's CPU (OUT/vmstat-1s.txt) and GPU clocks (OUT/gpu-1s.csv).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-out/serve}
@@ -68,6 +68,14 @@ vm_counters() {
     grep -E "^(compact_stall|compact_fail|thp_fault_alloc|pgmajfault|allocstall)" /proc/vmstat || true
 }
 vm_counters before > "$OUT/vmstat.txt"
+# Every second of the run, with its clock time, to read a slow minute of the soak against: the host's CPU, run queue
+# and memory (vmstat), the GPU's utilisation, clocks, power and throttle reasons (nvidia-smi; without the reasons on
+# a driver that does not know the field).
+vmstat -t 1 > "$OUT/vmstat-1s.txt" 2>&1 & samplers=$!
+gpu_fields=timestamp,utilization.gpu,clocks.sm,clocks.mem,power.draw,temperature.gpu
+nvidia-smi --query-gpu=$gpu_fields,clocks_throttle_reasons.active --format=csv >/dev/null 2>&1 \
+    && gpu_fields=$gpu_fields,clocks_throttle_reasons.active
+nvidia-smi --query-gpu=$gpu_fields --format=csv -l 1 > "$OUT/gpu-1s.csv" 2>&1 & samplers="$samplers $!"
 status=0
 timeout --signal=INT "${BENCH_TIMEOUT:-560}" python3 -m benchmarks serve --out "$OUT" --model-name dit-10l \
     --preset dit-10l --device cuda --precision "${PRECISION:-fp16}" --compile --cuda-graphs --max-batch-size "${MAX_BATCH:-64}" \
@@ -80,6 +88,7 @@ timeout --signal=INT "${BENCH_TIMEOUT:-560}" python3 -m benchmarks serve --out "
     ${SOAK:+--soak $SOAK} ${SOAK_ARRIVALS:+--soak-arrivals $SOAK_ARRIVALS} \
     2>&1 | tee "$OUT/serve.log" || status=$?
 grep -rh "__recompiles\]" /tmp/ray/session_latest/logs/ 2>/dev/null | cut -c1-600 > "$OUT/recompiles.txt" || true
+kill $samplers 2>/dev/null || true
 vm_counters after >> "$OUT/vmstat.txt"
 # a replica's slow garbage collections and holds of all its threads (serving/model_server.py), with their clock times:
 # a soak's started_at maps them onto its windows

@@ -67,6 +67,24 @@ def test_a_warm_replica_warns_when_all_its_threads_were_held_off(server, caplog)
     assert longest >= 250, held
 
 
+def test_a_replica_warns_of_a_second_whose_holds_add_up_to_the_warning_bar_only(server, caplog):
+    """Holds of STALL_MIN_S (two of the interpreter's switch intervals) are counted; a second's warning waits until
+    they add up to STALL_WARN_S, so threads taking turns with the GIL now and then do not log every second."""
+    ray_serve = logging.getLogger("ray.serve")
+    ray_serve.addHandler(caplog.handler)
+    short = 0.3 * model_server.STALL_WARN_S  # two add up to less than the bar, four to more
+    try:
+        server._record_stalls([(0.0, short), (0.1, short)])
+        server._record_stalls([(0.0, short), (0.1, short), (0.2, short), (0.3, short)])
+    finally:
+        ray_serve.removeHandler(caplog.handler)
+    # the replica's own watch may warn meanwhile of a real hold: these are told apart by their counts
+    held = [r.getMessage() for r in caplog.records if f"the longest {1e3 * short:.0f} ms" in r.getMessage()]
+    min_ms = f"{1e3 * model_server.STALL_MIN_S:.0f} ms or more"
+    assert [m for m in held if f"(2 holds of {min_ms}" in m] == [], held
+    assert len([m for m in held if f"(4 holds of {min_ms}" in m]) == 1, held
+
+
 def generate(server: ModelServer, size: str | None = None, **fields) -> EncodedImages | APIError:
     request = server.model_spec.build_request(**{"prompt": "3", "num_inference_steps": 4, "seed": 5,
                                                  "deadline": time.time() + 60, **fields}, size=size)
