@@ -11,9 +11,9 @@
    requests a window gets, which near the knee of the latency curve moves a window's p99 (on an H100 the minutes'
    p50 followed their Poisson counts, r = 0.82). Every ``--sample-every`` seconds, the resident memory (RSS) and the
    CPU time of the model's replica processes on this host (found by the title Ray gives them,
-   ``ray::ServeReplica:<app>:<deployment>``) and, where nvidia-smi runs, the GPU memory they hold. Sampled on a thread: psutil's scan of every process and
-   nvidia-smi take tens of milliseconds or more, and on the event loop they would hold up every send and every answer
-   meanwhile.
+   ``ray::ServeReplica:<app>:<deployment>``) and, where nvidia-smi runs, the GPU memory they hold. Sampled on a
+   thread: psutil's scan of every process and nvidia-smi take tens of milliseconds or more, and on the event loop they
+   would hold up every send and every answer meanwhile.
 
 The report, per ``--window`` seconds of the soak: requests, failures, latency p50 and p99, the p99 of the nested
 spans the server times (``queue_p99_ms``: waiting for a batch slot; ``denoise_p99_ms``: its own steps;
@@ -206,7 +206,8 @@ class SoakReport:
                 "p99_drift": None if drift is None else round(drift, 4),
                 "rss_growth": None if rss is None else round(rss, 5),
                 "gpu_growth": None if gpu is None else round(gpu, 5),
-                "rss_bytes_first_last": [self.samples[0].rss_bytes, self.samples[-1].rss_bytes] if self.samples else None,
+                "rss_bytes_first_last": ([self.samples[0].rss_bytes, self.samples[-1].rss_bytes] if self.samples
+                                         else None),
                 "passed": failed == 0 and rss is not None and rss < MAX_MEMORY_GROWTH and
                           (gpu is None or gpu < MAX_MEMORY_GROWTH) and drift is not None and drift <= MAX_P99_DRIFT}
 
@@ -311,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="paced: at even intervals (every window offered alike); poisson: exponential intervals")
     ap.add_argument("--seconds", type=float, default=600.0)
     ap.add_argument("--window", type=float, default=60.0, help="seconds per reported window")
-    ap.add_argument("--sample-every", type=float, default=5.0, help="seconds between samples of the replicas' memory and CPU time")
+    ap.add_argument("--sample-every", type=float, default=5.0,
+                    help="seconds between samples of the replicas' memory and CPU time")
     ap.add_argument("--clients", type=int, default=8, help="closed-loop clients while measuring capacity")
     ap.add_argument("--capacity-seconds", type=float, default=10.0)
     ap.add_argument("--timeout", type=float, default=30.0)

@@ -9,8 +9,11 @@ import base64
 import io
 import json
 import os
+import re
+import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -27,14 +30,18 @@ from serving.app import build_gateway_app, build_model_app, model_deployment_nam
 
 LIMITS = {"max_images_per_request": 4, "max_inference_steps": 60, "max_body_bytes": 4096,
           "default_inference_steps": 8}
-# Read by Ray Serve's controller when it starts: set before ray.init, restored after the module.
-DIRECT_INGRESS_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+# Ray Serve's switches as the Docker image sets them (direct ingress, HAProxy, the throughput switches and the log
+# buffer they bring): read by Serve's controller and replicas when they start, so set before ray.init, restored after
+# the module.
+IMAGE_SERVE_ENV = dict(re.findall(r"^\s*(RAY_SERVE_\w+)=(\S+)", (Path(__file__).parents[2] / "Dockerfile").read_text(),
+                                  re.M))
 
 
 @pytest.fixture(scope="module")
 def base(checkpoints, tmp_path_factory):
-    saved = {k: os.environ.get(k) for k in DIRECT_INGRESS_ENV}
-    os.environ.update(DIRECT_INGRESS_ENV)
+    assert {"RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_THROUGHPUT_OPTIMIZED"} <= set(IMAGE_SERVE_ENV)
+    saved = {k: os.environ.get(k) for k in IMAGE_SERVE_ENV}
+    os.environ.update(IMAGE_SERVE_ENV)
     try:
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         port = free_port()
@@ -87,6 +94,30 @@ def test_no_python_proxy_runs_haproxy_does(base):
                    json={"prompt": "3", "seed": 1, "num_inference_steps": 3}, timeout=60)
     assert r.status_code == 200 and r.json()["data"][0]["b64_json"]  # the replica itself answered the API
     assert httpx.get(base + "/healthz", timeout=30).status_code == 200
+
+
+def test_a_replica_the_host_stops_warns_in_its_log_at_once(base):
+    """Ray Serve's throughput switch holds a replica's log records in a buffer that only an error or a full buffer
+    writes out; the image sets it to one record, so a warning is in the replica's log file when it is made. A replica
+    the host does not run for 0.3 s (SIGSTOP) sees its threads held off, and says so there within seconds."""
+    (pid,) = replica_pids("digits-s", model_deployment_name("digits-s"))
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+
+    def held() -> list[float]:
+        lines = [line for f in logs.glob(f"replica_digits-s_{model_deployment_name('digits-s')}_*.log")
+                 for line in f.read_text().splitlines() if "Python threads were held off" in line]
+        return [float(line.split("the longest ")[1].split(" ms")[0]) for line in lines]
+
+    before = len(held())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(0.3)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not any(ms >= 250 for ms in held()[before:]):
+        time.sleep(0.1)
+    assert any(ms >= 250 for ms in held()[before:]), held()
 
 
 def test_model_route_and_gateway_give_the_same_images(base):
