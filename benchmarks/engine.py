@@ -11,9 +11,8 @@ Parts (``--parts``; forward, latency and load by default):
   accuracy  one forward's relative error against fp32 in fp16, bf16, fp8 and fp8 with fc1's block scales (fp8 at
             every size), on random non-zero weights
   decode-overlap
-            a 4-step student with sd-vae-ft-ema's decoder under paced requests: whether the decodes running beside
-            the steps hold them up, with the steps' stream at normal or high priority in turn (EngineConfig's
-            step_priority), and whether encoding the answers as a replica does holds them up
+            a 4-step student with sd-vae-ft-ema's decoder under paced or Poisson requests: whether the decodes
+            running beside the steps hold them up, and whether encoding the answers as a replica does
   students  a few-step student (the same model with a guidance embedding, random weights) beside its guided
             teacher: one guided image at each ``--student-steps`` count (one row a step) against the teacher's
             ``--teacher-steps`` DDIM steps (two rows), and images/s with a full batch of ``--batches``' largest
@@ -67,7 +66,6 @@ from pathlib import Path
 import torch
 
 from dit_runtime.engine import freeze_startup_heap
-from dit_runtime.engine.types import STEP_PRIORITIES
 from dit_runtime.model import DiTModel, get_preset
 from dit_runtime.sizing import forward_flops
 
@@ -706,11 +704,11 @@ def bench_decode_overlap(rec: Recorder, preset: str, rate: float, n: int, durati
     """A 4-step student with a latent decoder (``decode.SD_VAE_CONFIG``, random weights, compiled, CUDA graphs)
     under requests of ``n`` images at ``rate`` a second (``arrivals``: paced, or Poisson's, whose bursts finish
     many requests in one step and so decode them together): the images of the requests that finish in a step
-    decode on the decode stream beside the next steps. One engine; in each phase (``phases``, in turn) its steps run
-    on the default stream (``normal``) or on the one of higher priority (``high``: ``EngineConfig.step_priority``),
-    switched while it is idle as ``use_policy`` switches schedulers; ``+encode``: each finished request's images are
-    also PNG-encoded and base64-ed as a replica does (``encode_base64`` on pools of ``encode_threads``), and its
-    latency ends there. Per phase: images/s, the latency's p50 and p99, the steps' p50 and p99."""
+    decode on the decode stream beside the next steps. One engine, a phase of ``duration`` seconds for each of
+    ``phases`` in turn: ``engine`` times each request to its images on the host, as the engine does from its submit;
+    ``encode`` also PNG-encodes and base64-es them as a replica does (``encode_base64`` on pools of
+    ``encode_threads``), and its latency ends there. Per phase: images/s, the latency's p50 and p99, the steps' p50
+    and p99."""
     from concurrent.futures import Future, ThreadPoolExecutor
 
     from dit_runtime.contract import random_student_contract
@@ -723,7 +721,7 @@ def bench_decode_overlap(rec: Recorder, preset: str, rate: float, n: int, durati
     steps: list[tuple[float, float]] = []  # (end, seconds) of every step, from the engine's observer
     config = EngineConfig(device="cuda", precision="fp16", max_batch_size=max(buckets), batch_buckets=buckets,
                           compile=True, cuda_graphs=True, max_queue_size=4096, feature_cache_rows=0,
-                          compile_decoder=True, decoder_cuda_graphs=True, step_priority="high")
+                          compile_decoder=True, decoder_cuda_graphs=True)
     configure_compile(config)
     start = time.perf_counter()
     engine = Engine.random_weights(preset, config, sampling=random_student_contract(), vae=random_vae(SD_VAE_CONFIG),
@@ -731,7 +729,6 @@ def bench_decode_overlap(rec: Recorder, preset: str, rate: float, n: int, durati
     rec.add({"part": "compile", "model": preset, "setup": "student + decoder", "buckets": list(config.buckets),
              "seconds": round(time.perf_counter() - start, 1)})
     freeze_startup_heap()
-    high = engine._step_stream
     encoder, deflater = ThreadPoolExecutor(encode_threads()), ThreadPoolExecutor(encode_threads())
 
     def encode(outcome, request: GenerationRequest, answered: Future) -> None:
@@ -744,8 +741,6 @@ def bench_decode_overlap(rec: Recorder, preset: str, rate: float, n: int, durati
             answered.set_exception(e)
 
     for index, phase in enumerate(phases):
-        priority, _, extra = phase.partition("+")
-        engine._step_stream = high if priority == "high" else None  # idle: no step is running
         rng = random.Random(index)
         classes = engine.info.config.num_classes
         offsets = list(send_offsets(rate, duration, arrivals, seed=index))
@@ -760,11 +755,11 @@ def bench_decode_overlap(rec: Recorder, preset: str, rate: float, n: int, durati
                 time.sleep(delay)
             sent.append(time.monotonic())
             handle = engine.submit(request, progress=False)
-            if extra == "encode":
+            if phase == "encode":
                 handle.on_finish(lambda outcome, r=request, a=answered[i]: encoder.submit(encode, outcome, r, a))
             handles.append(handle)
         results = [h.result(timeout=600) for h in handles]
-        if extra == "encode":  # to the answer, as a replica's route
+        if phase == "encode":  # to the answer, as a replica's route
             latency = [a.result(timeout=600) - at for a, at in zip(answered, sent)]
         else:  # to the images on the host, as the engine times it from its submit
             latency = [r.total_seconds for r in results]
@@ -849,9 +844,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overlap-arrivals", choices=ARRIVALS, default="paced",
                    help="decode-overlap: the requests' arrivals (Poisson's come in bursts)")
     p.add_argument("--overlap-buckets", nargs="+", type=int, default=[8, 64], help="decode-overlap: row buckets")
-    p.add_argument("--overlap-phases", nargs="+", default=["normal", "high", "normal", "high"],
-                   choices=[*STEP_PRIORITIES, *(f"{p}+encode" for p in STEP_PRIORITIES)],
-                   help="decode-overlap: the steps' stream in each phase, in turn; +encode: PNG-encode each answer")
+    p.add_argument("--overlap-phases", nargs="+", default=["engine", "encode"], choices=["engine", "encode"],
+                   help="decode-overlap: a phase each, in turn: engine, to the images on the host; encode, to each "
+                        "answer PNG-encoded")
     p.add_argument("--rounds", type=int, default=3, help="time the setups in turn this many times over")
     p.add_argument("--profile-kernels", action="store_true",
                    help="forward: also sum the engine setups' kernel times per step with torch.profiler")

@@ -123,29 +123,6 @@ def test_decoder_graphs_are_captured_at_every_fourth_batch_and_need_a_compiled_d
         EngineConfig(decoder_cuda_graphs=True)
 
 
-def test_a_high_priority_step_stream_is_for_a_gpu_and_named_values_only():
-    with pytest.raises(ValueError, match="step_priority high is for a GPU's streams: device 'cuda'"):
-        EngineConfig(step_priority="high")
-    with pytest.raises(ValueError, match="step_priority must be one of normal, high, got 'urgent'"):
-        EngineConfig(device="cuda", step_priority="urgent")
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_steps_on_a_high_priority_stream_give_the_same_samples_and_images():
-    requests = [request(seed, n=1 + seed % 3) for seed in range(12)]  # staggered finishes: decodes beside steps
-    got = {}
-    for priority in ("normal", "high"):
-        engine = latent_engine(tiny_vae(), device="cuda", precision="fp16", step_priority=priority)
-        try:  # generate() runs the loop here, as start() would on its thread: the same schedule each time
-            assert (engine._step_stream is not None) == (priority == "high")
-            got[priority] = engine.generate(requests)
-        finally:
-            engine.stop()
-    for a, b in zip(got["normal"], got["high"]):
-        assert np.array_equal(a.latents, b.latents) and np.array_equal(a.images, b.images)
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_graph_captured_decoder_decodes_every_batch_as_the_compiled_one_without_compiling():

@@ -203,9 +203,6 @@ class Engine:
         # On a GPU the decoder and the copy to the host run on a stream of their own, beside the next step.
         cuda = torch.device(config.device).type == "cuda"
         self._decode_stream = torch.cuda.Stream(torch.device(config.device)) if cuda else None
-        # ... and the steps on one above it, with step_priority high (the decode stream's is the default, the lowest)
-        self._step_stream = (torch.cuda.Stream(torch.device(config.device), priority=-1)
-                             if cuda and config.step_priority == "high" else None)
         self.spec = self._spec(model, info, config, self.decoder)
         clip = config.clip_denoised if config.clip_denoised is not None else info.space == "pixel"
         self.runner = ModelRunner(model, config, clip_denoised=clip,
@@ -427,13 +424,7 @@ class Engine:
             self._inbox, self._inbox_images, self._cancelled = [], 0, []
         if not self.scheduler.has_work():
             return False
-        stream = self._step_stream
-        if stream is None:
-            self._step()
-        else:
-            stream.wait_stream(torch.cuda.current_stream(stream.device))  # after start-up's work and any copy in
-            with torch.cuda.stream(stream):
-                self._step()
+        self._step()
         with self._lock:
             self.admission.stepped()
         return True

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Literal
 
 import numpy as np
 
@@ -19,8 +19,6 @@ from .fast_paths import FastPaths
 # fp32 on the CPU; fp16 or bf16 on a GPU; fp8: bf16 activations with FP8 GEMMs in the blocks (fp8.Fp8Linear).
 Precision = Literal["fp32", "fp16", "bf16", "fp8"]
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
-StepPriority = Literal["normal", "high"]
-STEP_PRIORITIES = get_args(StepPriority)
 # Smallest forward batch (rows) on the CPU; see EngineConfig.buckets.
 CPU_MIN_BUCKET = 16
 
@@ -75,10 +73,6 @@ class EngineConfig:
     decoder_fused_norms: bool = False
     # inductor's options for the decoder's torch.compile, as compile_options are the steps'
     decoder_compile_options: dict | None = field(default=None, hash=False)
-    # On a GPU, the priority of the stream the steps run on. The images of each step's finished requests decode on a
-    # stream of their own, beside the next steps; "high" lets a step's kernels take the SMs ahead of a decode's as
-    # they free up, so a large decode fills the gaps instead of holding up the steps of every running request.
-    step_priority: StepPriority = "normal"
     stall_timeout: float = 120.0  # seconds without a finished step, with work pending, before health() fails
 
     def __post_init__(self) -> None:
@@ -108,10 +102,6 @@ class EngineConfig:
             problems.append("decoder_cuda_graphs needs compile_decoder and device 'cuda'")
         if self.decoder_fused_norms and not str(self.device).startswith("cuda"):
             problems.append("decoder_fused_norms needs device 'cuda' (Triton kernels)")
-        if self.step_priority not in STEP_PRIORITIES:
-            problems.append(f"step_priority must be one of {', '.join(STEP_PRIORITIES)}, got {self.step_priority!r}")
-        elif self.step_priority == "high" and not str(self.device).startswith("cuda"):
-            problems.append("step_priority high is for a GPU's streams: device 'cuda'")
         if self.decoder_compile_options and not self.compile_decoder:
             problems.append("decoder_compile_options needs compile_decoder")
         known = None  # inductor's option names, read once and only when a model gives options
