@@ -21,8 +21,8 @@ spans the server times (``queue_p99_ms``: waiting for a batch slot; ``denoise_p9
 included), the cores the replicas kept busy (``replica_cpu_cores``, from their CPU time), how late this client's
 event loop woke at worst (``client_lag_max_ms``) and its longest garbage collection (``client_gc_max_ms``). So a
 window's p99 spike reads as queueing (a burst, or a slow engine), the denoising, the decode, the encoding or neither
-(the HTTP path). A late loop is the client's own: it adds to the
-latencies it measures, and the requests it held back go out together, a burst that raises the server's spans too.
+(the HTTP path). A late loop is the client's own: it adds to the latencies it measures, and the requests it held back
+go out together, a burst that raises the server's spans too.
 And the memory at the end of the first window (warm-up) against the last sample. The bar (exit status 1 otherwise):
 nothing failed or timed out, the replicas' RSS and GPU memory grew less than 1% after warm-up, and the last window's
 p99 is at most 10% above the first's (one-sided: a first window slower than the last is no drift, though the
