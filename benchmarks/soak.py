@@ -95,13 +95,14 @@ class ReplicaSample:
     rss_bytes: int  # of the replicas, together
     gpu_bytes: int | None
     cpu_seconds: float = 0.0  # user + system, of the replicas, together, since each started
+    pids: frozenset[int] = frozenset()  # the replicas read
 
 
 def replica_sample(pids, at: float) -> ReplicaSample:
     """The RSS, CPU time and GPU memory of the processes ``pids()`` names, now (blocking: psutil over every
     process, then nvidia-smi)."""
     found = pids()
-    rss, cpu = 0, 0.0
+    rss, cpu, read = 0, 0.0, set()
     for pid in found:
         try:
             process = psutil.Process(pid)
@@ -109,9 +110,10 @@ def replica_sample(pids, at: float) -> ReplicaSample:
                 rss += process.memory_info().rss
                 times = process.cpu_times()
                 cpu += times.user + times.system
+            read.add(pid)
         except psutil.Error:  # a replica that ended since it was found (its pid perhaps another's now)
             pass
-    return ReplicaSample(at, rss, gpu_memory(found), cpu)
+    return ReplicaSample(at, rss, gpu_memory(found), cpu, frozenset(read))
 
 
 @dataclass
@@ -172,7 +174,9 @@ class SoakReport:
                                                         if getattr(o, f"{span}_seconds") is not None], 99))
                      for span in ("queue", "denoise", "engine", "server")}
             lag, collections = within(k, self.loop_lag), within(k, self.client_gc)
-            sampled = within(k, [(m.at, m) for m in self.samples])
+            # from the last sample before the window, so the windows' spans of CPU time meet
+            sampled = [m for m in self.samples if m.at < k * self.window_s][-1:] + within(k, [(m.at, m) for m in
+                                                                                                self.samples])
             rows.append({"window": k, "from_s": k * self.window_s, "requests": len(mine), "accepted": len(accepted),
                          "failed": len(mine) - len(accepted),
                          "p50_ms": _ms(percentile(accepted, 50)), "p99_ms": _ms(percentile(accepted, 99)), **spans,
@@ -213,9 +217,9 @@ class SoakReport:
 
 
 def _busy_cores(samples: list[ReplicaSample]) -> float | None:
-    """The cores the replicas kept busy between a window's first sample and its last (None with fewer than two, or a
-    replica gone or restarted between them, its CPU time lost)."""
-    if len(samples) < 2 or samples[-1].cpu_seconds < samples[0].cpu_seconds:
+    """The cores the replicas kept busy between the first of ``samples`` and the last (None with fewer than two, or
+    with other replicas at the last than at the first: one gone or restarted between them took its CPU time along)."""
+    if len(samples) < 2 or samples[-1].pids != samples[0].pids:
         return None
     return round((samples[-1].cpu_seconds - samples[0].cpu_seconds) / (samples[-1].at - samples[0].at), 2)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import sys
 import time
@@ -270,16 +271,18 @@ def test_the_soak_reports_each_timed_span_per_window():
 
 
 def test_the_soak_reports_the_cores_its_replicas_kept_busy_per_window():
-    import os
-
     from benchmarks import soak
 
     report = soak.SoakReport(1.0, 1.0, window_s=10.0, wall_seconds=30.0)
-    report.samples = [soak.ReplicaSample(at, 2**30, None, cpu) for at, cpu in
-                      [(0.0, 10.0), (5.0, 15.0), (10.0, 20.0), (15.0, 30.0), (20.0, 50.0), (25.0, 1.0)]]
-    assert [w["replica_cpu_cores"] for w in report.windows()] == [1.0, 2.0, None]  # the last: a replica restarted
+    report.samples = [soak.ReplicaSample(at, 2**30, None, cpu, frozenset(pids)) for at, cpu, pids in
+                      [(1.0, 10.0, {7}), (6.0, 15.0, {7}), (11.0, 20.0, {7}), (16.0, 30.0, {7}), (21.0, 50.0, {7}),
+                       (26.0, 60.0, {8})]]
+    # each window from the last sample before it: 1-6 s, 6-16 s; the last: a replica restarted, its CPU time not
+    # comparable
+    assert [w["replica_cpu_cores"] for w in report.windows()] == [1.0, 1.5, None]
+    before = time.process_time()
     sample = soak.replica_sample(lambda: {os.getpid()}, 0.0)  # this process's CPU time, as the soak reads a replica's
-    assert abs(sample.cpu_seconds - time.process_time()) < 0.05 and sample.rss_bytes > 0
+    assert before - 0.02 <= sample.cpu_seconds <= time.process_time() + 0.02 and sample.pids == {os.getpid()}
 
 
 def test_a_soaks_records_leave_the_collectors_reach_at_each_window():

@@ -20,9 +20,9 @@
 # one call allows: DETACH=1 starts the run in the background (in out/detached, with BENCH_TIMEOUT raised to fit) and
 # returns at once; a later call on the same machine with COLLECT=1 waits for it (up to 560 s) and copies its results
 # to OUT. Any program compiled while serving is in OUT/recompiles.txt (start-up's too: read the clock times), a
-# replica's slow garbage collections (SLOW_COLLECTION_S) and holds of all its threads (STALL_MIN_S) in OUT/pauses.txt,
-# with STALL_STACKS=1 every thread's stack during each long hold (STALL_DUMP_S) in OUT/stalls.txt, Ray's errors (a
-# replica that died and was restarted) in OUT/ray-errors.txt; the host's compaction and reclaim counters before and
+# replica's slow garbage collections (SLOW_COLLECTION_S) and each second its threads' holds add up to STALL_WARN_S
+# in OUT/pauses.txt, with STALL_STACKS=1 every thread's stack during each long hold (STALL_DUMP_S) in OUT/stalls.txt,
+# Ray's errors (a replica that died and was restarted) in OUT/ray-errors.txt; the host's compaction and reclaim counters before and
 # after in OUT/vmstat.txt, and every second's CPU (OUT/vmstat-1s.txt) and GPU clocks (OUT/gpu-1s.csv).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -76,6 +76,7 @@ gpu_fields=timestamp,utilization.gpu,clocks.sm,clocks.mem,power.draw,temperature
 nvidia-smi --query-gpu=$gpu_fields,clocks_throttle_reasons.active --format=csv >/dev/null 2>&1 \
     && gpu_fields=$gpu_fields,clocks_throttle_reasons.active
 nvidia-smi --query-gpu=$gpu_fields --format=csv -l 1 > "$OUT/gpu-1s.csv" 2>&1 & samplers="$samplers $!"
+trap 'kill $samplers 2>/dev/null || true' EXIT   # on every way out, an interrupted run's too
 status=0
 timeout --signal=INT "${BENCH_TIMEOUT:-560}" python3 -m benchmarks serve --out "$OUT" --model-name dit-10l \
     --preset dit-10l --device cuda --precision "${PRECISION:-fp16}" --compile --cuda-graphs --max-batch-size "${MAX_BATCH:-64}" \
@@ -88,7 +89,6 @@ timeout --signal=INT "${BENCH_TIMEOUT:-560}" python3 -m benchmarks serve --out "
     ${SOAK:+--soak $SOAK} ${SOAK_ARRIVALS:+--soak-arrivals $SOAK_ARRIVALS} \
     2>&1 | tee "$OUT/serve.log" || status=$?
 grep -rh "__recompiles\]" /tmp/ray/session_latest/logs/ 2>/dev/null | cut -c1-600 > "$OUT/recompiles.txt" || true
-kill $samplers 2>/dev/null || true
 vm_counters after >> "$OUT/vmstat.txt"
 # a replica's slow garbage collections and holds of all its threads (serving/model_server.py), with their clock times:
 # a soak's started_at maps them onto its windows
