@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["PYTHONPYCACHEPREFIX"] = str(a.pycache)
         os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     if a.layout == "direct":  # as serve_config.gpu.yaml and the Docker image run: HAProxy to each replica's server
-        os.environ.update({"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"})
+        from serving.config import DIRECT_INGRESS_ENV
+        os.environ.update(DIRECT_INGRESS_ENV)
     import ray
     from ray import serve
 

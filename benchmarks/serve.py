@@ -340,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
 
     alone = engine_alone(a, a.out) if a.engine_alone else None
     if a.layout == "direct":  # read by Ray Serve's controller when it starts
-        os.environ.update({"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"})
+        from serving.config import DIRECT_INGRESS_ENV
+        os.environ.update(DIRECT_INGRESS_ENV)
     import ray
     from ray import serve
 

@@ -18,6 +18,10 @@ from dit_runtime.contract import SamplingContract, random_student_contract, reco
 from dit_runtime.request import RequestLimits, rows_per_image
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# Ray Serve's switches for the direct-ingress layout (serve_config.gpu.yaml: HAProxy in front of each model replica's
+# own HTTP server, no Python proxy on the path), read from the environment by Serve's controller when it starts. The
+# Docker image sets them in its ENV (tests/serving/test_serve_docker.py holds it to these); the benchmarks set them.
+DIRECT_INGRESS_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 
 def model_deployment_name(model: str) -> str:

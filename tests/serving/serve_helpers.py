@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 
@@ -32,6 +33,15 @@ def write_digits_checkpoint(path: Path, seed: int = 0, config: DiTConfig = TINY_
     info = CheckpointInfo(config=config, class_names=DIGIT_NAMES, space="pixel",
                           training={"note": "random weights for serving tests"})
     return save_checkpoint(path, model.state_dict(), info)
+
+
+def image_serve_env() -> dict[str, str]:
+    """Ray Serve's switches as the Docker image sets them (its ENV instructions' ``RAY_SERVE_*`` variables)."""
+    text = (Path(__file__).parents[2] / "Dockerfile").read_text().replace("\\\n", " ")  # continuation lines joined
+    env = {}
+    for instruction in re.findall(r"^ENV\s+(.*)$", text, re.M):
+        env.update(token.split("=", 1) for token in instruction.split() if "=" in token)
+    return {k: v.strip('"') for k, v in env.items() if k.startswith("RAY_SERVE_")}
 
 
 def free_port() -> int:

@@ -21,7 +21,7 @@ import openai
 import psutil
 import pytest
 from PIL import Image
-from serve_helpers import SLOW_DIGITS, free_port, model_args, replica_pids, write_digits_checkpoint
+from serve_helpers import SLOW_DIGITS, free_port, image_serve_env, model_args, replica_pids, write_digits_checkpoint
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
@@ -30,19 +30,9 @@ from serving.app import build_gateway_app, build_model_app, model_deployment_nam
 
 LIMITS = {"max_images_per_request": 4, "max_inference_steps": 60, "max_body_bytes": 4096,
           "default_inference_steps": 8}
-
-
-def image_serve_env() -> dict[str, str]:
-    """Ray Serve's switches as the Docker image sets them (its ENV instructions' ``RAY_SERVE_*`` variables): direct
-    ingress, HAProxy, the throughput switches and the log buffer they bring."""
-    text = (Path(__file__).parents[2] / "Dockerfile").read_text().replace("\\\n", " ")  # continuation lines joined
-    env = {}
-    for instruction in re.findall(r"^ENV\s+(.*)$", text, re.M):
-        env.update(token.split("=", 1) for token in instruction.split() if "=" in token)
-    return {k: v.strip('"') for k, v in env.items() if k.startswith("RAY_SERVE_")}
-
-
-# Read by Serve's controller and replicas when they start: set before ray.init, restored after the module.
+# Ray Serve's switches as the image runs them (direct ingress, HAProxy, the throughput switches and the log buffer
+# they bring): read by Serve's controller and replicas when they start, so set before ray.init, restored after the
+# module.
 IMAGE_SERVE_ENV = image_serve_env()
 
 

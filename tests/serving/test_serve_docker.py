@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from serve_helpers import image_serve_env
+
+from serving.config import DIRECT_INGRESS_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -43,6 +46,9 @@ def test_dockerfile_is_pinned_non_root_health_checked_and_serves_the_config():
     cmd = re.search(r"^CMD (.*)$", text, re.M)[1]
     assert "serve run" in cmd and "$DIT_SERVE_CONFIG" in cmd and "--metrics-export-port" in cmd
     assert "DIT_SERVE_CONFIG=/app/docker/serve_config.gpu.yaml" in text
+    # the layout serve_config.gpu.yaml is written for, and the log buffer of one that keeps a replica's warnings
+    assert DIRECT_INGRESS_ENV.items() <= image_serve_env().items()
+    assert image_serve_env().get("RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE") == "1"
     for copied in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", text, re.M):
         for path in copied.split():
             assert (ROOT / path).exists() or path in ("README.md", "checkpoints/"), f"COPY of missing {path}"
