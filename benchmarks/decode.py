@@ -13,6 +13,8 @@ Setups (each in the device's half precision, fp16 unless named; fp32 on a CPU):
 - ``-fused`` after a setup of the engine's decoder (``eager``, ``compiled``, ``tuned``, ``engine-graphs``): each
   GroupNorm and its SiLU as our Triton kernels (``fuse_norms=True``, ``decoders.GroupNormSiLU``) in place of
   inductor's;
+- ``-folded`` after a setup of ours: each upsampler's nearest upsampling + 3x3 convolution as one 2x2 convolution
+  of the input with four times the channels (``fold_upsampling=True``, ``decoders.FoldedUpsample``);
 - ``graphs``: compiled with inductor's CUDA graphs (``mode="reduce-overhead"``), to see what launch overhead is left;
 - ``compiled-cudnn-bench`` / ``graphs-cudnn-bench``: the same with ``torch.backends.cudnn.benchmark`` on during their
   calls (cuDNN times its convolution algorithms for each new shape and keeps the fastest);
@@ -21,7 +23,8 @@ Setups (each in the device's half precision, fp16 unless named; fp32 on a CPU):
 - ``tuned``: compiled as the engine does (a symbolic batch size), with inductor's coordinate-descent tuning of its own
   kernels' launch settings: the part of ``autotune`` that sped up the GroupNorm passes, without the template search;
 - ``engine-graphs``: the engine's decoder with ``decoder_cuda_graphs``: its symbolic-batch program captured as CUDA
-  graphs at ``decoders.graph_batches`` of the largest ``--batches``, each batch padded to the next.
+  graphs at ``decoders.graph_batches`` of the largest ``--batches``, each batch padded to the next;
+  ``engine-graphs-tuned``: the same with ``tuned``'s options (the served decoder with ``DECODER_OPTIONS``).
 
 Each row: milliseconds per image (median over ``--rounds`` calls, the setups timed in turn, CUDA events on a GPU),
 the first call's seconds at that batch (a compile, where one is due), and the error against the fp32 eager decode
@@ -45,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from dit_runtime.decoders import VAEDecoder, load_vae, quantize
+from dit_runtime.decoders import VAEDecoder, fold_upsampling_convs, load_vae, quantize
 
 from .engine import KERNEL_KINDS, kernel_times, kernels_by_kind, matmul_peak
 
@@ -56,10 +59,13 @@ TINY_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_o
                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                        layers_per_block=1, norm_num_groups=4)
 SETUPS = ("diffusers-eager", "eager", "compiled", "compiled-bf16", "graphs", "compiled-cudnn-bench",
-          "graphs-cudnn-bench", "autotune", "tuned", "engine-graphs", "eager-fused", "compiled-fused",
-          "tuned-fused", "engine-graphs-fused")
-CUDA_ONLY = ("graphs", "graphs-cudnn-bench", "autotune", "tuned", "engine-graphs", "eager-fused", "compiled-fused",
-             "tuned-fused", "engine-graphs-fused")
+          "graphs-cudnn-bench", "autotune", "tuned", "engine-graphs", "engine-graphs-tuned", "eager-fused",
+          "compiled-fused", "tuned-fused", "engine-graphs-fused", "eager-folded", "compiled-folded", "graphs-folded",
+          "autotune-folded", "tuned-folded", "engine-graphs-folded", "engine-graphs-tuned-folded")
+CUDA_ONLY = ("graphs", "graphs-cudnn-bench", "autotune", "tuned", "engine-graphs", "engine-graphs-tuned",
+             "eager-fused", "compiled-fused", "tuned-fused", "engine-graphs-fused", "graphs-folded", "autotune-folded",
+             "tuned-folded", "engine-graphs-folded", "engine-graphs-tuned-folded")
+TUNED = {"coordinate_descent_tuning": True}  # inductor's options for ``tuned`` setups
 # A decoder's kernels by kind. Inductor's fused kernels first: it names them after the ops they fuse
 # (``triton_poi_fused_convolution_native_group_norm_0`` is a GroupNorm pass, not a convolution); cuDNN's
 # convolutions are implicit GEMMs, named for it, so they come before the GEMMs' rule.
@@ -149,21 +155,26 @@ def setup(name: str, vae: torch.nn.Module, device: torch.device, half: torch.dty
     if name == "diffusers-eager":
         module = module.to(memory_format=torch.contiguous_format)
         return lambda z: module.decode(z.to(dtype)).sample
+    fold = name.endswith("-folded")
+    name = name.removesuffix("-folded")
     if name in ("graphs", "autotune"):
+        if fold:
+            fold_upsampling_convs(module)
         module = module.to(memory_format=torch.channels_last)
         mode = "reduce-overhead" if name == "graphs" else "max-autotune-no-cudagraphs"
         forward = torch.compile(lambda z: module.decode(z).sample, mode=mode, dynamic=False)  # per batch
         return lambda z: forward(z.to(dtype).contiguous(memory_format=torch.channels_last)).clone()
     fuse_norms = name.endswith("-fused")
     name = name.removesuffix("-fused")
-    if name == "engine-graphs":  # a view of the graph's static output: read before the next call
+    if name.startswith("engine-graphs"):  # a view of the graph's static output: read before the next call
         decoder = VAEDecoder(module, latent_scale=1.0, max_batch=max_batch, compile=True, cuda_graphs=True,
-                             fuse_norms=fuse_norms)
+                             compile_options=TUNED if name.endswith("-tuned") else None, fuse_norms=fuse_norms,
+                             fold_upsampling=fold)
         decoder.warm_up(latent_shape)
         return lambda z: decoder.decode(z)[0]
     decoder = VAEDecoder(module, latent_scale=1.0, max_batch=1 << 20, compile=name != "eager",
-                         compile_options={"coordinate_descent_tuning": True} if name == "tuned" else None,
-                         fuse_norms=fuse_norms)
+                         compile_options=TUNED if name == "tuned" else None,
+                         fuse_norms=fuse_norms, fold_upsampling=fold)
     return lambda z: decoder.decode(z)[0]
 
 

@@ -77,8 +77,11 @@ class VAEDecoder(Decoder):
     program's launches from Python, which held a replica's GIL 3.2 ms for each request of four images on an H100."""
 
     def __init__(self, vae: torch.nn.Module, latent_scale: float, max_batch: int = 64, compile: bool = False,
-                 compile_options: dict | None = None, cuda_graphs: bool = False, fuse_norms: bool = False):
+                 compile_options: dict | None = None, cuda_graphs: bool = False, fuse_norms: bool = False,
+                 fold_upsampling: bool = False):
         self.vae = vae.eval().requires_grad_(False)
+        if fold_upsampling:
+            fold_upsampling_convs(self.vae)
         param = next(self.vae.parameters())
         self.device, self.dtype = param.device, param.dtype
         if self.device.type == "cuda":  # cuDNN's convolutions run NHWC natively
@@ -214,6 +217,65 @@ def fuse_group_norm_silu(vae: torch.nn.Module) -> int:
             module.conv_act = torch.nn.Identity()
             fused += 1
     return fused
+
+
+# 3x3 taps -> 2x2 taps of one output phase (row or column parity) of a 3x3 convolution over a 2x nearest upsampling:
+# an even output row reads input rows (i - 1, i, i) through the taps (0, 1, 2), an odd one (i, i, i + 1).
+_PHASE_TAPS = ((((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1))))
+
+
+class FoldedUpsample(torch.nn.Module):
+    """diffusers' ``Upsample2D`` of a decoder (2x nearest upsampling, then a 3x3 convolution) without the upsampled
+    tensor. Each output pixel of the 3x3 convolution over a nearest-upsampled image sees 2x2 distinct input pixels,
+    so each of the four output phases (row parity, column parity) is a 2x2 convolution of the input whose taps are
+    sums of the 3x3 taps. One 2x2 convolution with four times the output channels, over the input padded by one,
+    computes the four; their pixels are then interleaved. The convolution does 4/9 of the arithmetic (16 taps for
+    four pixels, not 36), and the 2x input is never written or read. The same function up to rounding: the folded
+    taps are summed in fp32. diffusers also turns a batch of 64 or more to NCHW before its upsampling, two layout
+    passes that this leaves out."""
+
+    def __init__(self, upsample: torch.nn.Module):
+        super().__init__()
+        conv = upsample.conv
+        weight = conv.weight.detach()
+        taps = torch.tensor(_PHASE_TAPS, dtype=torch.float32, device=weight.device)  # (phase, tap, 3x3 tap)
+        folded = torch.einsum("atk,bsl,oikl->aboits", taps, taps, weight.float())  # (a, b, out, in, 2, 2)
+        self.out_channels = conv.out_channels
+        self.weight = torch.nn.Parameter(folded.flatten(0, 2).to(weight.dtype), requires_grad=False)
+        self.bias = None if conv.bias is None else torch.nn.Parameter(conv.bias.detach().repeat(4), requires_grad=False)
+
+    @staticmethod
+    def applies(module: torch.nn.Module) -> bool:
+        """Whether ``module`` is a 2x nearest upsampling + 3x3 convolution (padding 1, stride 1) this can fold."""
+        conv = getattr(module, "conv", None)
+        return (type(module).__name__ == "Upsample2D" and getattr(module, "interpolate", False)
+                and not getattr(module, "use_conv_transpose", True) and getattr(module, "norm", None) is None
+                and isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (3, 3) and conv.padding == (1, 1)
+                and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1)
+
+    def forward(self, x: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
+        n, _, h, w = x.shape
+        if output_size is not None and tuple(output_size) != (2 * h, 2 * w):
+            raise ValueError(f"FoldedUpsample doubles each side: output_size {tuple(output_size)} for input {h}x{w}")
+        y = torch.nn.functional.conv2d(x, self.weight, self.bias, padding=1)  # (n, 4 * out, h + 1, w + 1)
+        # Channels last: (n, h + 1, w + 1, a, b, out); phase (a, b)'s pixel (i, j) is at (i + a, j + b).
+        y = y.permute(0, 2, 3, 1).unflatten(3, (2, 2, self.out_channels))
+        rows = [torch.stack([y[:, a:a + h, b:b + w, a, b] for b in (0, 1)], dim=3) for a in (0, 1)]  # (n, h, w, 2, C)
+        out = torch.stack(rows, dim=2).reshape(n, 2 * h, 2 * w, self.out_channels)  # (n, h, 2, w, 2, C) -> 2h, 2w
+        return out.permute(0, 3, 1, 2)  # NCHW's shape, channels-last in memory
+
+
+def fold_upsampling_convs(vae: torch.nn.Module) -> int:
+    """In place, each upsampler of ``vae`` that ``FoldedUpsample`` applies to becomes one; returns how many."""
+    folded = 0
+    for module in list(vae.modules()):
+        upsamplers = getattr(module, "upsamplers", None)
+        if isinstance(upsamplers, torch.nn.ModuleList):
+            for i, upsampler in enumerate(upsamplers):
+                if FoldedUpsample.applies(upsampler):
+                    upsamplers[i] = FoldedUpsample(upsampler)
+                    folded += 1
+    return folded
 
 
 def graph_batches(max_batch: int) -> list[int]:

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from dit_runtime.checkpoint import CheckpointInfo, default_class_names
-from dit_runtime.decoders import (GroupNormSiLU, LatentView, PixelDecoder, VAEDecoder, decoder_for,
-                                  fuse_group_norm_silu, graph_batches, quantize)
+from dit_runtime.decoders import (FoldedUpsample, GroupNormSiLU, LatentView, PixelDecoder, VAEDecoder, decoder_for,
+                                  fold_upsampling_convs, fuse_group_norm_silu, graph_batches, quantize)
 from dit_runtime.engine import Engine, EngineConfig, EngineError, GenerationRequest, SamplingParams
 from dit_runtime.model import DiTModel, get_preset
 
@@ -139,6 +139,43 @@ def test_a_graph_captured_decoder_decodes_every_batch_as_the_compiled_one_withou
             got, want = graphed(z), compiled(z)
             assert got.shape == (n, 16, 16, 3)
             assert (got.int() - want.int()).abs().max() <= 1  # batch sizes apart: kernels may round apart
+
+
+def test_an_upsampler_folded_into_one_convolution_is_its_upsampling_and_convolution():
+    """Nearest 2x upsampling + a 3x3 convolution (padding 1) as four phases of one 2x2 convolution: the same numbers
+    (float64; the folded taps are summed in fp32, so 1e-6), in either memory layout, at every border, for odd and
+    even sides and other output channels; channels-last out."""
+    from diffusers.models.upsampling import Upsample2D
+
+    torch.manual_seed(0)
+    for channels, out_channels, h, w in [(8, 8, 5, 5), (6, 10, 4, 7), (3, 3, 1, 1)]:
+        upsample = Upsample2D(channels, use_conv=True, out_channels=out_channels).double()
+        folded = FoldedUpsample(upsample)
+        assert folded.weight.shape == (4 * out_channels, channels, 2, 2)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            x = torch.randn(3, channels, h, w, dtype=torch.float64).contiguous(memory_format=layout)
+            with torch.no_grad():
+                want, got = upsample(x), folded(x)
+            assert got.shape == want.shape == (3, out_channels, 2 * h, 2 * w)
+            assert (got - want).abs().max() < 1e-6 * want.abs().max()
+            assert got.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="output_size"):
+        folded(torch.zeros(1, 3, 2, 2, dtype=torch.float64), output_size=(5, 5))
+    assert not FoldedUpsample.applies(Upsample2D(8, use_conv_transpose=True))
+    assert not FoldedUpsample.applies(Upsample2D(8, use_conv=False))
+    assert not FoldedUpsample.applies(Upsample2D(8, use_conv=True, kernel_size=1, padding=0))
+
+
+def test_a_decoder_with_folded_upsamplers_decodes_as_diffusers():
+    vae, z = tiny_vae(), torch.randn(3, 4, 8, 8)
+    with torch.no_grad():
+        want = vae.decode(z).sample
+    decoder = VAEDecoder(vae, latent_scale=1.0, fold_upsampling=True)
+    folded = [m for m in vae.modules() if isinstance(m, FoldedUpsample)]
+    assert len(folded) == 1 and not [m for m in vae.modules() if type(m).__name__ == "Upsample2D"]
+    got = decoder.decode(z)[0]
+    assert (got - want).abs().max() < 1e-5 * want.abs().max()
+    assert fold_upsampling_convs(vae) == 0  # once only
 
 
 def test_each_groupnorm_that_a_silu_follows_is_fused_with_it_and_the_decode_is_unchanged():
