@@ -30,7 +30,7 @@ Each row: milliseconds per image (median over ``--rounds`` calls, the setups tim
 the first call's seconds at that batch (a compile, where one is due), and the error against the fp32 eager decode
 of the same latents: relative L2 of the float images and the largest difference in uint8 levels. The anchor's own
 fp16 error is the tolerance. On a GPU each row also has the decoder's rate (``tflops``: its FLOPs per image, counted
-once by ``decode_flops``, over the time) against the card's measured fp16 matmul rate, and with
+once by ``decode_flops``, of the folded decoder for ``-folded`` setups, over the time) against the card's measured fp16 matmul rate, and with
 ``--profile-kernels`` its kernels' time per image by kind (``DECODER_KERNEL_KINDS``) with the convolutions' own rate:
 whether a faster decode is ours to win or cuDNN's convolution kernels' to give. The top kernels carry their launches
 over the profile's ``profiled_decodes``: one name of inductor's can be several layers' kernel. Rows go to
@@ -202,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     source = a.vae or f"random {a.config}"
     generator = torch.Generator().manual_seed(0)
     latent_shape = (reference_vae.config.latent_channels, a.latent_side, a.latent_side)
-    flops, conv_flops = decode_flops(reference_vae, latent_shape)
+    folded_vae = fresh_vae()
+    fold_upsampling_convs(folded_vae)
+    flop_counts = {False: decode_flops(reference_vae, latent_shape), True: decode_flops(folded_vae, latent_shape)}
     peak = matmul_peak() if device.type == "cuda" else None
     names = [n for n in a.setups if n not in CUDA_ONLY or device.type == "cuda"]
     fns = {name: setup(name, fresh_vae(), device, half, latent_shape, max(a.batches))  # each batch reuses them
@@ -219,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                 times[name].append(seconds)
         for name in names:
             images = outputs[name].float()
+            flops, conv_flops = flop_counts[name.endswith("-folded")]
             row = {"setup": name, "vae": source, "batch": batch, "device": str(device),
                    "dtype": str(torch.bfloat16 if name == "compiled-bf16" else half).removeprefix("torch."),
                    "ms_per_image": round(1000 * statistics.median(times[name]) / batch, 4),
