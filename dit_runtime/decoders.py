@@ -219,30 +219,30 @@ def fuse_group_norm_silu(vae: torch.nn.Module) -> int:
     return fused
 
 
-# 3x3 taps -> 2x2 taps of one output phase (row or column parity) of a 3x3 convolution over a 2x nearest upsampling:
-# an even output row reads input rows (i - 1, i, i) through the taps (0, 1, 2), an odd one (i, i, i + 1).
-_PHASE_TAPS = ((((1, 0, 0), (0, 1, 1)), ((1, 1, 0), (0, 0, 1))))
+# A 3x3 convolution's taps along one side -> the taps of a transposed convolution of stride 2 and kernel 4 (padding 1)
+# that computes it over a 2x nearest upsampling: an even output row 2i reads input rows (i - 1, i, i) through the taps
+# (0, 1, 2), so kernel row 3 (row i - 1) is tap 0 and row 1 (row i) taps 1 + 2; an odd one 2i + 1 reads (i, i, i + 1):
+# row 2 is taps 0 + 1, row 0 tap 2.
+_TRANSPOSED_TAPS = ((0, 0, 1), (0, 1, 1), (1, 1, 0), (1, 0, 0))
 
 
 class FoldedUpsample(torch.nn.Module):
-    """diffusers' ``Upsample2D`` of a decoder (2x nearest upsampling, then a 3x3 convolution) without the upsampled
-    tensor. Each output pixel of the 3x3 convolution over a nearest-upsampled image sees 2x2 distinct input pixels,
-    so each of the four output phases (row parity, column parity) is a 2x2 convolution of the input whose taps are
-    sums of the 3x3 taps. One 2x2 convolution with four times the output channels, over the input padded by one,
-    computes the four; their pixels are then interleaved. The convolution does 4/9 of the arithmetic (16 taps for
-    four pixels, not 36), and the 2x input is never written or read. The same function up to rounding: the folded
-    taps are summed in fp32. diffusers also turns a batch of 64 or more to NCHW before its upsampling, two layout
-    passes that this leaves out."""
+    """diffusers' ``Upsample2D`` of a decoder (2x nearest upsampling, then a 3x3 convolution) as one transposed
+    convolution of the input (stride 2, 4x4 kernel, padding 1). Each output pixel of the 3x3 convolution over a
+    nearest-upsampled image sees 2x2 distinct input pixels, so its taps fold into four, sums of the 3x3 taps; the
+    transposed convolution applies each output pixel's four and writes the pixels interleaved. It does 4/9 of the
+    arithmetic (16 taps for four pixels, not 36), and the 2x input is never written or read. The same function up to
+    rounding: the folded taps are summed in fp32. diffusers also turns a batch of 64 or more to NCHW before its
+    upsampling, two layout passes that this leaves out."""
 
     def __init__(self, upsample: torch.nn.Module):
         super().__init__()
         conv = upsample.conv
         weight = conv.weight.detach()
-        taps = torch.tensor(_PHASE_TAPS, dtype=torch.float32, device=weight.device)  # (phase, tap, 3x3 tap)
-        folded = torch.einsum("atk,bsl,oikl->aboits", taps, taps, weight.float())  # (a, b, out, in, 2, 2)
-        self.out_channels = conv.out_channels
-        self.weight = torch.nn.Parameter(folded.flatten(0, 2).to(weight.dtype), requires_grad=False)
-        self.bias = None if conv.bias is None else torch.nn.Parameter(conv.bias.detach().repeat(4), requires_grad=False)
+        taps = torch.tensor(_TRANSPOSED_TAPS, dtype=torch.float32, device=weight.device)  # (4x4 tap, 3x3 tap)
+        folded = torch.einsum("kr,ls,oirs->iokl", taps, taps, weight.float())  # conv_transpose2d's (in, out, 4, 4)
+        self.weight = torch.nn.Parameter(folded.to(weight.dtype), requires_grad=False)
+        self.bias = None if conv.bias is None else torch.nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
 
     @staticmethod
     def applies(module: torch.nn.Module) -> bool:
@@ -254,15 +254,10 @@ class FoldedUpsample(torch.nn.Module):
                 and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1)
 
     def forward(self, x: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
-        n, _, h, w = x.shape
+        h, w = x.shape[-2:]
         if output_size is not None and tuple(output_size) != (2 * h, 2 * w):
             raise ValueError(f"FoldedUpsample doubles each side: output_size {tuple(output_size)} for input {h}x{w}")
-        y = torch.nn.functional.conv2d(x, self.weight, self.bias, padding=1)  # (n, 4 * out, h + 1, w + 1)
-        # Channels last: (n, h + 1, w + 1, a, b, out); phase (a, b)'s pixel (i, j) is at (i + a, j + b).
-        y = y.permute(0, 2, 3, 1).unflatten(3, (2, 2, self.out_channels))
-        rows = [torch.stack([y[:, a:a + h, b:b + w, a, b] for b in (0, 1)], dim=3) for a in (0, 1)]  # (n, h, w, 2, C)
-        out = torch.stack(rows, dim=2).reshape(n, 2 * h, 2 * w, self.out_channels)  # (n, h, 2, w, 2, C) -> 2h, 2w
-        return out.permute(0, 3, 1, 2)  # NCHW's shape, channels-last in memory
+        return torch.nn.functional.conv_transpose2d(x, self.weight, self.bias, stride=2, padding=1)
 
 
 def fold_upsampling_convs(vae: torch.nn.Module) -> int:

@@ -142,23 +142,22 @@ def test_a_graph_captured_decoder_decodes_every_batch_as_the_compiled_one_withou
 
 
 def test_an_upsampler_folded_into_one_convolution_is_its_upsampling_and_convolution():
-    """Nearest 2x upsampling + a 3x3 convolution (padding 1) as four phases of one 2x2 convolution: the same numbers
-    (float64; the folded taps are summed in fp32, so 1e-6), in either memory layout, at every border, for odd and
-    even sides and other output channels; channels-last out."""
+    """Nearest 2x upsampling + a 3x3 convolution (padding 1) as one transposed convolution: the same numbers (float64;
+    the folded taps are summed in fp32, so 1e-6), in either memory layout, at every border, for odd and even sides
+    and other output channels."""
     from diffusers.models.upsampling import Upsample2D
 
     torch.manual_seed(0)
     for channels, out_channels, h, w in [(8, 8, 5, 5), (6, 10, 4, 7), (3, 3, 1, 1)]:
         upsample = Upsample2D(channels, use_conv=True, out_channels=out_channels).double()
         folded = FoldedUpsample(upsample)
-        assert folded.weight.shape == (4 * out_channels, channels, 2, 2)
+        assert folded.weight.shape == (channels, out_channels, 4, 4)
         for layout in (torch.contiguous_format, torch.channels_last):
             x = torch.randn(3, channels, h, w, dtype=torch.float64).contiguous(memory_format=layout)
             with torch.no_grad():
                 want, got = upsample(x), folded(x)
             assert got.shape == want.shape == (3, out_channels, 2 * h, 2 * w)
             assert (got - want).abs().max() < 1e-6 * want.abs().max()
-            assert got.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="output_size"):
         folded(torch.zeros(1, 3, 2, 2, dtype=torch.float64), output_size=(5, 5))
     assert not FoldedUpsample.applies(Upsample2D(8, use_conv_transpose=True))
