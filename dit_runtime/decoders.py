@@ -5,7 +5,8 @@ not wait), and copies uint8 pixels to the host.
 - ``PixelDecoder``: a pixel-space model's samples are its images; [-1, 1] -> uint8.
 - ``VAEDecoder``: a latent-space model's samples through the VAE it was trained in (a diffusers ``AutoencoderKL``),
   batched, in the engine's precision, channels-last, optionally compiled, and on a GPU optionally with each GroupNorm
-  and its SiLU as our Triton kernels (``GroupNormSiLU``).
+  and its SiLU as our Triton kernels (``GroupNormSiLU``) and each upsampler folded into one transposed convolution
+  (``FoldedUpsample``).
 - ``LatentView``: a latent-space model served without its VAE (random-weight benchmarks): the latents' values as
   pixels, one per latent position, so the path around the engine is measured without a decoder.
 
@@ -70,6 +71,10 @@ class VAEDecoder(Decoder):
     ``fuse_norms`` (on a GPU): each GroupNorm that a SiLU follows, and the SiLU, become one ``GroupNormSiLU``
     (``fuse_group_norm_silu``). Off by default: 1.5% faster compiled on an H100, less than a run's noise
     (docs/benchmarks.md, "The VAE decoder").
+
+    ``fold_upsampling``: each upsampler (nearest 2x, then a 3x3 convolution) as one transposed convolution of 4/9 of
+    its arithmetic (``FoldedUpsample``). Off by default: 1.65 against 1.70 ms a 256x256 image compiled on an H100,
+    not yet measured with the CUDA graphs (docs/benchmarks.md, "The VAE decoder").
 
     ``cuda_graphs`` (compiled, on a GPU): the compiled decoder captured as a CUDA graph at each of
     ``graph_batches(max_batch)``; a batch is padded to the next of them, into a static input whose other rows the
