@@ -221,29 +221,22 @@ def test_the_group_norm_kernel_is_torchs_group_norm_rounded_once(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_a_decoder_with_fused_norms_compiles_and_captures_once_and_decodes_as_the_unfused_one():
+@pytest.mark.parametrize("option", ["fuse_norms", "fold_upsampling"])
+def test_a_decoder_with_fused_norms_or_folded_upsamplers_compiles_and_captures_once_and_decodes_as_the_plain_one(
+        option):
     vae = tiny_vae().to("cuda", torch.float16)
-    unfused = VAEDecoder(copy.deepcopy(vae), latent_scale=1.0, max_batch=20)
-    fused = VAEDecoder(vae, latent_scale=1.0, max_batch=20, compile=True, cuda_graphs=True, fuse_norms=True)
-    assert isinstance(vae.decoder.conv_norm_out, GroupNormSiLU)
-    fused.warm_up((4, 8, 8))
+    plain = VAEDecoder(copy.deepcopy(vae), latent_scale=1.0, max_batch=20)
+    changed = VAEDecoder(vae, latent_scale=1.0, max_batch=20, compile=True, cuda_graphs=True, **{option: True})
+    if option == "fuse_norms":
+        assert isinstance(vae.decoder.conv_norm_out, GroupNormSiLU)
+    else:
+        assert any(isinstance(m, FoldedUpsample) for m in vae.modules())
+    changed.warm_up((4, 8, 8))
     torch.manual_seed(2)
     with torch._dynamo.config.patch(error_on_recompile=True):
         for n in (1, 2, 15, 16, 20, 41):
             z = torch.randn(n, 4, 8, 8, device="cuda")
-            assert (fused(z).int() - unfused(z).int()).abs().max() <= 1  # fp16 activations rounded apart
-    assert copy.deepcopy(vae).decoder.conv_norm_out.silu  # a fused VAE still copies (the kernels are the class's)
+            assert (changed(z).int() - plain(z).int()).abs().max() <= 1  # fp16 activations rounded apart
+    if option == "fuse_norms":
+        assert copy.deepcopy(vae).decoder.conv_norm_out.silu  # a fused VAE still copies (the kernels are the class's)
 
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_a_decoder_with_folded_upsamplers_compiles_and_captures_once_and_decodes_as_the_unfolded_one():
-    vae = tiny_vae().to("cuda", torch.float16)
-    unfolded = VAEDecoder(copy.deepcopy(vae), latent_scale=1.0, max_batch=20)
-    folded = VAEDecoder(vae, latent_scale=1.0, max_batch=20, compile=True, cuda_graphs=True, fold_upsampling=True)
-    folded.warm_up((4, 8, 8))
-    torch.manual_seed(3)
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for n in (1, 2, 15, 16, 20, 41):
-            z = torch.randn(n, 4, 8, 8, device="cuda")
-            assert (folded(z).int() - unfolded(z).int()).abs().max() <= 1  # fp16 activations rounded apart
