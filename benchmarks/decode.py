@@ -13,8 +13,8 @@ Setups (each in the device's half precision, fp16 unless named; fp32 on a CPU):
 - ``-fused`` after a setup of the engine's decoder (``eager``, ``compiled``, ``tuned``, ``engine-graphs``): each
   GroupNorm and its SiLU as our Triton kernels (``fuse_norms=True``, ``decoders.GroupNormSiLU``) in place of
   inductor's;
-- ``-folded`` after a setup of ours: each upsampler's nearest upsampling + 3x3 convolution as one 2x2 convolution
-  of the input with four times the channels (``fold_upsampling=True``, ``decoders.FoldedUpsample``);
+- ``-folded`` after a setup of ours: each upsampler's nearest upsampling + 3x3 convolution as one transposed
+  convolution of 4/9 of its arithmetic (``fold_upsampling=True``, ``decoders.FoldedUpsample``);
 - ``graphs``: compiled with inductor's CUDA graphs (``mode="reduce-overhead"``), to see what launch overhead is left;
 - ``compiled-cudnn-bench`` / ``graphs-cudnn-bench``: the same with ``torch.backends.cudnn.benchmark`` on during their
   calls (cuDNN times its convolution algorithms for each new shape and keeps the fastest);
@@ -30,11 +30,11 @@ Each row: milliseconds per image (median over ``--rounds`` calls, the setups tim
 the first call's seconds at that batch (a compile, where one is due), and the error against the fp32 eager decode
 of the same latents: relative L2 of the float images and the largest difference in uint8 levels. The anchor's own
 fp16 error is the tolerance. On a GPU each row also has the decoder's rate (``tflops``: its FLOPs per image, counted
-once by ``decode_flops``, of the folded decoder for ``-folded`` setups, over the time) against the card's measured fp16 matmul rate, and with
-``--profile-kernels`` its kernels' time per image by kind (``DECODER_KERNEL_KINDS``) with the convolutions' own rate:
-whether a faster decode is ours to win or cuDNN's convolution kernels' to give. The top kernels carry their launches
-over the profile's ``profiled_decodes``: one name of inductor's can be several layers' kernel. Rows go to
-``OUT/decode.jsonl`` as they are measured.
+once by ``decode_flops``, the folded decoder's for ``-folded`` setups, over the time) against the card's measured
+fp16 matmul rate, and with ``--profile-kernels`` its kernels' time per image by kind (``DECODER_KERNEL_KINDS``) with
+the convolutions' own rate: whether a faster decode is ours to win or cuDNN's convolution kernels' to give. The top
+kernels carry their launches over the profile's ``profiled_decodes``: one name of inductor's can be several layers'
+kernel. Rows go to ``OUT/decode.jsonl`` as they are measured.
 """
 
 from __future__ import annotations

@@ -237,8 +237,7 @@ class FoldedUpsample(torch.nn.Module):
     nearest-upsampled image sees 2x2 distinct input pixels, so its taps fold into four, sums of the 3x3 taps; the
     transposed convolution applies each output pixel's four and writes the pixels interleaved. It does 4/9 of the
     arithmetic (16 taps for four pixels, not 36), and the 2x input is never written or read. The same function up to
-    rounding: the folded taps are summed in fp32. diffusers also turns a batch of 64 or more to NCHW before its
-    upsampling, two layout passes that this leaves out."""
+    rounding: the folded taps are summed in fp32."""
 
     def __init__(self, upsample: torch.nn.Module):
         super().__init__()
