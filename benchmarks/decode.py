@@ -13,6 +13,8 @@ Setups (each in the device's half precision, fp16 unless named; fp32 on a CPU):
 - ``-fused`` after a setup of the engine's decoder (``eager``, ``compiled``, ``tuned``, ``engine-graphs``): each
   GroupNorm and its SiLU as our Triton kernels (``fuse_norms=True``, ``decoders.GroupNormSiLU``) in place of
   inductor's;
+- ``-channels`` in its place: each GroupNorm and its SiLU from each channel's moments (``by_channels=True``,
+  ``decoders.group_norm_by_channels``), torch ops that inductor fuses with their neighbours;
 - ``-folded`` after a setup of ours: each upsampler's nearest upsampling + 3x3 convolution as one transposed
   convolution of 4/9 of its arithmetic (``fold_upsampling=True``, ``decoders.FoldedUpsample``);
 - ``graphs``: compiled with inductor's CUDA graphs (``mode="reduce-overhead"``), to see what launch overhead is left;
@@ -48,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from dit_runtime.decoders import VAEDecoder, fold_upsampling_convs, load_vae, quantize
+from dit_runtime.decoders import VAEDecoder, fold_upsampling_convs, fuse_group_norm_silu, load_vae, quantize
 
 from .engine import KERNEL_KINDS, kernel_times, kernels_by_kind, matmul_peak
 
@@ -58,13 +60,14 @@ SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out
 TINY_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                        layers_per_block=1, norm_num_groups=4)
-SETUPS = ("diffusers-eager", "eager", "compiled", "compiled-bf16", "graphs", "compiled-cudnn-bench",
-          "graphs-cudnn-bench", "autotune", "tuned", "engine-graphs", "engine-graphs-tuned", "eager-fused",
-          "compiled-fused", "tuned-fused", "engine-graphs-fused", "eager-folded", "compiled-folded", "graphs-folded",
-          "autotune-folded", "tuned-folded", "engine-graphs-folded", "engine-graphs-tuned-folded")
-CUDA_ONLY = ("graphs", "graphs-cudnn-bench", "autotune", "tuned", "engine-graphs", "engine-graphs-tuned",
-             "eager-fused", "compiled-fused", "tuned-fused", "engine-graphs-fused", "graphs-folded", "autotune-folded",
-             "tuned-folded", "engine-graphs-folded", "engine-graphs-tuned-folded")
+# Setups: a base, then for our decoder's bases a GroupNorm variant (``-fused``, ``-channels``), then ``-folded``.
+_OURS = ("eager", "compiled", "tuned", "engine-graphs", "engine-graphs-tuned")
+SETUPS = (("diffusers-eager", "compiled-bf16", "graphs", "compiled-cudnn-bench", "graphs-cudnn-bench", "autotune")
+          + tuple(f"{base}{norms}" for base in _OURS for norms in ("", "-fused", "-channels")))
+SETUPS += tuple(f"{name}-folded" for name in SETUPS if name.startswith(_OURS + ("graphs", "autotune"))
+                and "bf16" not in name and "cudnn" not in name)
+CUDA_ONLY = tuple(name for name in SETUPS if name.startswith(("graphs", "autotune", "tuned", "engine-graphs"))
+                  or "-fused" in name)
 TUNED = {"coordinate_descent_tuning": True}  # inductor's options for ``tuned`` setups
 # A decoder's kernels by kind. Inductor's fused kernels first: it names them after the ops they fuse
 # (``triton_poi_fused_convolution_native_group_norm_0`` is a GroupNorm pass, not a convolution); cuDNN's
@@ -164,8 +167,10 @@ def setup(name: str, vae: torch.nn.Module, device: torch.device, half: torch.dty
         mode = "reduce-overhead" if name == "graphs" else "max-autotune-no-cudagraphs"
         forward = torch.compile(lambda z: module.decode(z).sample, mode=mode, dynamic=False)  # per batch
         return lambda z: forward(z.to(dtype).contiguous(memory_format=torch.channels_last)).clone()
-    fuse_norms = name.endswith("-fused")
-    name = name.removesuffix("-fused")
+    fuse_norms, by_channels = name.endswith("-fused"), name.endswith("-channels")
+    name = name.removesuffix("-fused").removesuffix("-channels")
+    if by_channels:
+        fuse_group_norm_silu(module, by_channels=True)
     if name.startswith("engine-graphs"):  # a view of the graph's static output: read before the next call
         decoder = VAEDecoder(module, latent_scale=1.0, max_batch=max_batch, compile=True, cuda_graphs=True,
                              compile_options=TUNED if name.endswith("-tuned") else None, fuse_norms=fuse_norms,

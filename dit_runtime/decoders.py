@@ -182,16 +182,18 @@ class GroupNormSiLU(torch.nn.GroupNorm):
 
     kernel = None  # engine.kernels' (group_norm_silu, group_norm_supported), once a module is built on a GPU
 
-    def __init__(self, norm: torch.nn.GroupNorm, silu: bool):
+    def __init__(self, norm: torch.nn.GroupNorm, silu: bool, by_channels: bool = False):
         super().__init__(norm.num_groups, norm.num_channels, norm.eps, norm.affine, norm.weight.device,
                          norm.weight.dtype)
-        self.weight, self.bias, self.silu = norm.weight, norm.bias, silu
-        if norm.weight.is_cuda and GroupNormSiLU.kernel is None:  # Triton: imported on a GPU only
+        self.weight, self.bias, self.silu, self.by_channels = norm.weight, norm.bias, silu, by_channels
+        if norm.weight.is_cuda and GroupNormSiLU.kernel is None and not by_channels:  # Triton: on a GPU only
             from .engine.kernels import group_norm_silu, group_norm_supported
 
             GroupNormSiLU.kernel = (group_norm_silu, group_norm_supported)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.by_channels:
+            return group_norm_by_channels(x, self.num_groups, self.weight, self.bias, self.eps, self.silu)
         kernel = GroupNormSiLU.kernel
         if kernel is not None and kernel[1](x, self.num_groups):
             return kernel[0](x, self.weight, self.bias, self.num_groups, self.eps, self.silu)
@@ -202,7 +204,27 @@ class GroupNormSiLU(torch.nn.GroupNorm):
         return f"{super().extra_repr()}, silu={self.silu}"
 
 
-def fuse_group_norm_silu(vae: torch.nn.Module) -> int:
+def group_norm_by_channels(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                           silu: bool) -> torch.Tensor:
+    """``F.group_norm`` (then SiLU if ``silu``) of an (N, C, H, W) ``x`` from each channel's moments over H and W,
+    combined into each group's (the group's variance: the mean of its channels' variances plus the variance of their
+    means). Moments in fp32. Torch's decomposition views each group as one row, which a channels-last tensor does
+    not hold contiguously; a reduction over H and W alone reads whole rows of channels, and stays ops that inductor
+    fuses with their neighbours (a convolution's bias, a residual add)."""
+    n, c = x.shape[:2]
+    acc = torch.promote_types(x.dtype, torch.float32)
+    var, mean = torch.var_mean(x.to(acc), dim=(2, 3), correction=0)
+    means = mean.view(n, groups, c // groups)
+    group_mean = means.mean(-1, keepdim=True)
+    group_var = var.view(n, groups, -1).mean(-1, keepdim=True) + (means - group_mean).square().mean(-1, keepdim=True)
+    rstd = torch.rsqrt(group_var + eps).expand(n, groups, c // groups).reshape(n, c)
+    scale = rstd * weight.to(acc)
+    shift = bias.to(acc) - group_mean.expand(n, groups, c // groups).reshape(n, c) * scale
+    y = x.to(acc) * scale[:, :, None, None] + shift[:, :, None, None]
+    return (torch.nn.functional.silu(y) if silu else y).to(x.dtype)
+
+
+def fuse_group_norm_silu(vae: torch.nn.Module, by_channels: bool = False) -> int:
     """In place, each GroupNorm of ``vae`` that a SiLU follows becomes a ``GroupNormSiLU`` and the SiLU an identity:
     both norms of each of diffusers' ``ResnetBlock2D`` without a time embedding (the pattern: norm1 -> SiLU -> conv1
     -> norm2 -> SiLU -> conv2), and a decoder's ``conv_norm_out`` + ``conv_act``. Other GroupNorms (attention's)
@@ -213,12 +235,13 @@ def fuse_group_norm_silu(vae: torch.nn.Module) -> int:
                 and isinstance(getattr(module, "norm2", None), torch.nn.GroupNorm)
                 and isinstance(getattr(module, "nonlinearity", None), torch.nn.SiLU)
                 and getattr(module, "time_emb_proj", None) is None and hasattr(module, "conv2")):
-            module.norm1, module.norm2 = GroupNormSiLU(module.norm1, True), GroupNormSiLU(module.norm2, True)
+            module.norm1 = GroupNormSiLU(module.norm1, True, by_channels)
+            module.norm2 = GroupNormSiLU(module.norm2, True, by_channels)
             module.nonlinearity = torch.nn.Identity()
             fused += 2
         if (isinstance(getattr(module, "conv_norm_out", None), torch.nn.GroupNorm)
                 and isinstance(getattr(module, "conv_act", None), torch.nn.SiLU)):
-            module.conv_norm_out = GroupNormSiLU(module.conv_norm_out, True)
+            module.conv_norm_out = GroupNormSiLU(module.conv_norm_out, True, by_channels)
             module.conv_act = torch.nn.Identity()
             fused += 1
     return fused

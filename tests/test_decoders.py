@@ -10,7 +10,8 @@ import torch
 
 from dit_runtime.checkpoint import CheckpointInfo, default_class_names
 from dit_runtime.decoders import (FoldedUpsample, GroupNormSiLU, LatentView, PixelDecoder, VAEDecoder, decoder_for,
-                                  fold_upsampling_convs, fuse_group_norm_silu, graph_batches, quantize)
+                                  fold_upsampling_convs, fuse_group_norm_silu, graph_batches,
+                                  group_norm_by_channels, quantize)
 from dit_runtime.engine import Engine, EngineConfig, EngineError, GenerationRequest, SamplingParams
 from dit_runtime.model import DiTModel, get_preset
 
@@ -194,6 +195,35 @@ def test_each_groupnorm_that_a_silu_follows_is_fused_with_it_and_the_decode_is_u
     assert fuse_group_norm_silu(vae) == 0  # once only
 
 
+def test_a_group_norm_from_its_channels_moments_is_torchs_group_norm():
+    """Each group's mean and variance combined from its channels' (float64 here), in either layout, with a mean far
+    from zero (the variance of the channels' means is then most of the group's), SiLU or not."""
+    torch.manual_seed(0)
+    for n, c, h, w, groups, offset in [(2, 32, 9, 7, 8, 0.0), (3, 16, 4, 4, 4, 30.0), (1, 8, 1, 1, 2, 1.0),
+                                       (2, 12, 5, 3, 3, 5.0)]:
+        weight, bias = torch.randn(c, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            spread = torch.linspace(-offset, offset, c, dtype=torch.float64)[:, None, None]  # channels' means apart
+            x = (torch.randn(n, c, h, w, dtype=torch.float64) + spread).contiguous(memory_format=layout)
+            for silu in (False, True):
+                want = torch.nn.functional.group_norm(x, groups, weight, bias, eps=1e-6)
+                want = torch.nn.functional.silu(want) if silu else want
+                got = group_norm_by_channels(x, groups, weight, bias, 1e-6, silu)
+                assert got.dtype == torch.float64 and got.shape == want.shape
+                torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_decoder_whose_norms_reduce_by_channel_decodes_as_diffusers():
+    vae, z = tiny_vae(), torch.randn(3, 4, 8, 8)
+    with torch.no_grad():
+        want = vae.decode(z).sample
+        fused = fuse_group_norm_silu(vae, by_channels=True)
+        got = vae.decode(z).sample
+    norms = [m for m in vae.decoder.modules() if isinstance(m, GroupNormSiLU)]
+    assert fused > len(norms) > 0 and all(m.by_channels for m in norms)
+    assert (got - want).abs().max() < 1e-5 * want.abs().max()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -221,13 +251,16 @@ def test_the_group_norm_kernel_is_torchs_group_norm_rounded_once(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("option", ["fuse_norms", "fold_upsampling"])
+@pytest.mark.parametrize("option", ["fuse_norms", "norms_by_channels", "fold_upsampling"])
 def test_a_decoder_with_fused_norms_or_folded_upsamplers_compiles_and_captures_once_and_decodes_as_the_plain_one(
         option):
     vae = tiny_vae().to("cuda", torch.float16)
     plain = VAEDecoder(copy.deepcopy(vae), latent_scale=1.0, max_batch=20)
-    changed = VAEDecoder(vae, latent_scale=1.0, max_batch=20, compile=True, cuda_graphs=True, **{option: True})
-    if option == "fuse_norms":
+    if option == "norms_by_channels":
+        fuse_group_norm_silu(vae, by_channels=True)
+    changed = VAEDecoder(vae, latent_scale=1.0, max_batch=20, compile=True, cuda_graphs=True,
+                         **({option: True} if option != "norms_by_channels" else {}))
+    if option in ("fuse_norms", "norms_by_channels"):
         assert isinstance(vae.decoder.conv_norm_out, GroupNormSiLU)
     else:
         assert any(isinstance(m, FoldedUpsample) for m in vae.modules())
