@@ -8,15 +8,15 @@ unless ``--vae`` names a local AutoencoderKL folder; ``--config tiny`` is a smal
 Setups (each in the device's half precision, fp16 unless named; fp32 on a CPU):
 
 - ``diffusers-eager``: ``vae.decode(z).sample`` as diffusers runs it, NCHW (the anchor);
-- ``eager``: the engine's decoder, channels-last;
+- ``eager``: the engine's decoder, channels-last, with diffusers' modules as they are (``norms_by_channels`` and
+  ``fold_upsampling`` off);
 - ``compiled`` / ``compiled-bf16``: the same under torch.compile (inductor fuses each GroupNorm with its SiLU);
-- ``-fused`` after a setup of the engine's decoder (``eager``, ``compiled``, ``tuned``, ``engine-graphs``): each
-  GroupNorm and its SiLU as our Triton kernels (``fuse_norms=True``, ``decoders.GroupNormSiLU``) in place of
-  inductor's;
-- ``-channels`` in its place: each GroupNorm and its SiLU from each channel's moments (``by_channels=True``,
+- ``-channels`` after a setup of the engine's decoder (``eager``, ``compiled``, ``tuned``, ``engine-graphs``), on a
+  GPU: each GroupNorm and its SiLU from each channel's moments (``norms_by_channels``,
   ``decoders.group_norm_by_channels``), torch ops that inductor fuses with their neighbours;
 - ``-folded`` after a setup of ours: each upsampler's nearest upsampling + 3x3 convolution as one transposed
-  convolution of 4/9 of its arithmetic (``fold_upsampling=True``, ``decoders.FoldedUpsample``);
+  convolution of 4/9 of its arithmetic (``fold_upsampling``, ``decoders.FoldedUpsample``). The engine's decoder is
+  ``-channels-folded``;
 - ``graphs``: compiled with inductor's CUDA graphs (``mode="reduce-overhead"``), to see what launch overhead is left;
 - ``compiled-cudnn-bench`` / ``graphs-cudnn-bench``: the same with ``torch.backends.cudnn.benchmark`` on during their
   calls (cuDNN times its convolution algorithms for each new shape and keeps the fastest);
@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from dit_runtime.decoders import VAEDecoder, fold_upsampling_convs, fuse_group_norm_silu, load_vae, quantize
+from dit_runtime.decoders import VAEDecoder, fold_upsampling_convs, load_vae, quantize
 
 from .engine import KERNEL_KINDS, kernel_times, kernels_by_kind, matmul_peak
 
@@ -60,22 +60,21 @@ SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out
 TINY_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                        layers_per_block=1, norm_num_groups=4)
-# Setups: a base, then for our decoder's bases a GroupNorm variant (``-fused``, ``-channels``), then ``-folded``.
+# Setups: a base, then for our decoder's bases ``-channels``, then ``-folded``.
 _OURS = ("eager", "compiled", "tuned", "engine-graphs", "engine-graphs-tuned")
 SETUPS = (("diffusers-eager", "compiled-bf16", "graphs", "compiled-cudnn-bench", "graphs-cudnn-bench", "autotune")
-          + tuple(f"{base}{norms}" for base in _OURS for norms in ("", "-fused", "-channels")))
+          + tuple(f"{base}{norms}" for base in _OURS for norms in ("", "-channels")))
 SETUPS += tuple(f"{name}-folded" for name in SETUPS if name.startswith(_OURS + ("graphs", "autotune"))
                 and "bf16" not in name and "cudnn" not in name)
 CUDA_ONLY = tuple(name for name in SETUPS if name.startswith(("graphs", "autotune", "tuned", "engine-graphs"))
-                  or "-fused" in name)
+                  or "-channels" in name)
 TUNED = {"coordinate_descent_tuning": True}  # inductor's options for ``tuned`` setups
 # A decoder's kernels by kind. Inductor's fused kernels first: it names them after the ops they fuse
 # (``triton_poi_fused_convolution_native_group_norm_0`` is a GroupNorm pass, not a convolution); cuDNN's
 # convolutions are implicit GEMMs, named for it, so they come before the GEMMs' rule.
 CONVOLUTIONS = "convolutions (cuDNN, inductor templates)"
 _KINDS = dict(KERNEL_KINDS)
-DECODER_KERNEL_KINDS = (("GroupNorm + SiLU (ours, Triton)", r"_group_norm_(stats|finalize|apply)_kernel"),
-                        ("fused elementwise and reductions (inductor)", r"^triton_(poi|per|red)_"),
+DECODER_KERNEL_KINDS = (("fused elementwise and reductions (inductor)", r"^triton_(poi|per|red)_"),
                         ("attention", _KINDS["attention"]), (CONVOLUTIONS, r"conv|fprop|implicit|nhwc"),
                         ("GEMM (cuBLAS, CUTLASS)", _KINDS["GEMM (cuBLAS, CUTLASS)"]), ("copies", _KINDS["copies"]))
 
@@ -167,19 +166,17 @@ def setup(name: str, vae: torch.nn.Module, device: torch.device, half: torch.dty
         mode = "reduce-overhead" if name == "graphs" else "max-autotune-no-cudagraphs"
         forward = torch.compile(lambda z: module.decode(z).sample, mode=mode, dynamic=False)  # per batch
         return lambda z: forward(z.to(dtype).contiguous(memory_format=torch.channels_last)).clone()
-    fuse_norms, by_channels = name.endswith("-fused"), name.endswith("-channels")
-    name = name.removesuffix("-fused").removesuffix("-channels")
-    if by_channels:
-        fuse_group_norm_silu(module, by_channels=True)
+    by_channels = name.endswith("-channels")
+    name = name.removesuffix("-channels")
     if name.startswith("engine-graphs"):  # a view of the graph's static output: read before the next call
         decoder = VAEDecoder(module, latent_scale=1.0, max_batch=max_batch, compile=True, cuda_graphs=True,
-                             compile_options=TUNED if name.endswith("-tuned") else None, fuse_norms=fuse_norms,
-                             fold_upsampling=fold)
+                             compile_options=TUNED if name.endswith("-tuned") else None,
+                             norms_by_channels=by_channels, fold_upsampling=fold)
         decoder.warm_up(latent_shape)
         return lambda z: decoder.decode(z)[0]
     decoder = VAEDecoder(module, latent_scale=1.0, max_batch=1 << 20, compile=name != "eager",
                          compile_options=TUNED if name == "tuned" else None,
-                         fuse_norms=fuse_norms, fold_upsampling=fold)
+                         norms_by_channels=by_channels, fold_upsampling=fold)
     return lambda z: decoder.decode(z)[0]
 
 

@@ -66,7 +66,7 @@ def model_args(a) -> dict:
         a.vae = str(write_random_vae(Path(tempfile.gettempdir()) / "dit-serve-vae-sd-random"))
     if a.vae:  # with --compile the decoder is compiled too (compile_decoder), as a deployment that cares would
         m.update(vae=a.vae, compile_decoder=a.compile, decoder_cuda_graphs=a.decoder_graphs,
-                 decoder_fused_norms=a.decoder_fused_norms, decoder_compile_options=a.decoder_compile_options)
+                 decoder_compile_options=a.decoder_compile_options)
     return m
 
 
@@ -283,8 +283,6 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
                                                            "student (one row per guided image; --steps 1, 2, 4 or 8)")
     ap.add_argument("--decoder-graphs", action="store_true",
                     help="with --vae and --compile: the decoder as CUDA graphs (decoder_cuda_graphs)")
-    ap.add_argument("--decoder-fused-norms", action="store_true",
-                    help="with --vae on a GPU: the decoder's GroupNorm + SiLU as our kernels (decoder_fused_norms)")
     ap.add_argument("--decoder-compile-options", type=json.loads, metavar="JSON",
                     help='with --vae and --compile: inductor options for the decoder (decoder_compile_options), e.g. '
                          '\'{"coordinate_descent_tuning": true}\'')
@@ -329,7 +327,6 @@ def main(argv: list[str] | None = None) -> int:
                                                                "serve_config.gpu.yaml)")
     a = ap.parse_args(argv)
     decoder_flags = [flag for flag, on in (("--decoder-graphs", a.decoder_graphs),
-                                           ("--decoder-fused-norms", a.decoder_fused_norms),
                                            ("--decoder-compile-options", a.decoder_compile_options)) if on]
     if decoder_flags and not a.vae:
         ap.error(f"{', '.join(decoder_flags)} set how the VAE decoder runs: give --vae (a folder, or sd-random)")

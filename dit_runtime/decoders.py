@@ -4,9 +4,9 @@ not wait), and copies uint8 pixels to the host.
 
 - ``PixelDecoder``: a pixel-space model's samples are its images; [-1, 1] -> uint8.
 - ``VAEDecoder``: a latent-space model's samples through the VAE it was trained in (a diffusers ``AutoencoderKL``),
-  batched, in the engine's precision, channels-last, optionally compiled, and on a GPU optionally with each GroupNorm
-  and its SiLU as our Triton kernels (``GroupNormSiLU``) and each upsampler folded into one transposed convolution
-  (``FoldedUpsample``).
+  batched, in the engine's precision, channels-last, optionally compiled, each upsampler folded into one transposed
+  convolution (``FoldedUpsample``) and on a GPU each GroupNorm and its SiLU computed from its channels' moments
+  (``GroupNormSiLU``).
 - ``LatentView``: a latent-space model served without its VAE (random-weight benchmarks): the latents' values as
   pixels, one per latent position, so the path around the engine is measured without a decoder.
 
@@ -68,13 +68,17 @@ class VAEDecoder(Decoder):
     more, and diffusers' upsampler branches at 64. So ``warm_up`` decodes every size once. ``compile_options``:
     inductor's (``torch.compile``'s ``options``).
 
-    ``fuse_norms`` (on a GPU): each GroupNorm that a SiLU follows, and the SiLU, become one ``GroupNormSiLU``
-    (``fuse_group_norm_silu``). Off by default: 1.5% faster compiled on an H100, less than a run's noise
-    (docs/benchmarks.md, "The VAE decoder").
+    ``norms_by_channels`` (on a GPU): each GroupNorm that a SiLU follows, and the SiLU, as one ``GroupNormSiLU``
+    (``fuse_group_norm_silu``), which computes a group's moments from its channels' (``group_norm_by_channels``): on
+    channels-last activations inductor's own GroupNorm passes read a few channels of every pixel. Compiled on an H100,
+    0.895x the decode's time at batch 64, the same images (docs/benchmarks.md, "The VAE decoder").
 
     ``fold_upsampling``: each upsampler (nearest 2x, then a 3x3 convolution) as one transposed convolution of 4/9 of
-    its arithmetic (``FoldedUpsample``). Off by default: 1.65 against 1.70 ms a 256x256 image compiled on an H100,
-    not yet measured with the CUDA graphs (docs/benchmarks.md, "The VAE decoder").
+    its arithmetic (``FoldedUpsample``). With the norms above, compiled and graph-captured on an H100: 0.782x the
+    decode's time at batch 64, 0.883x at 16.
+
+    Both are exact rewrites (the images within fp16 rounding of diffusers' decode), on by default; off, the decoder
+    runs diffusers' modules as they are.
 
     ``cuda_graphs`` (compiled, on a GPU): the compiled decoder captured as a CUDA graph at each of
     ``graph_batches(max_batch)``; a batch is padded to the next of them, into a static input whose other rows the
@@ -82,8 +86,8 @@ class VAEDecoder(Decoder):
     program's launches from Python, which held a replica's GIL 3.2 ms for each request of four images on an H100."""
 
     def __init__(self, vae: torch.nn.Module, latent_scale: float, max_batch: int = 64, compile: bool = False,
-                 compile_options: dict | None = None, cuda_graphs: bool = False, fuse_norms: bool = False,
-                 fold_upsampling: bool = False):
+                 compile_options: dict | None = None, cuda_graphs: bool = False, norms_by_channels: bool = True,
+                 fold_upsampling: bool = True):
         self.vae = vae.eval().requires_grad_(False)
         if fold_upsampling:
             fold_upsampling_convs(self.vae)
@@ -91,7 +95,7 @@ class VAEDecoder(Decoder):
         self.device, self.dtype = param.device, param.dtype
         if self.device.type == "cuda":  # cuDNN's convolutions run NHWC natively
             self.vae.to(memory_format=torch.channels_last)
-            if fuse_norms:
+            if norms_by_channels:
                 fuse_group_norm_silu(self.vae)
         self.latent_scale = latent_scale
         self.max_batch = max_batch
@@ -176,29 +180,16 @@ class VAEDecoder(Decoder):
 
 
 class GroupNormSiLU(torch.nn.GroupNorm):
-    """A GroupNorm, then a SiLU if ``silu``: on a GPU's channels-last activations our Triton kernels
-    (``engine.kernels.group_norm_silu``: inductor's own GroupNorm passes over channels-last tensors took half of a
-    compiled decode), elsewhere torch's ops. The same parameters as the GroupNorm it replaces."""
+    """A GroupNorm, then a SiLU if ``silu``, as ``group_norm_by_channels``. The same parameters as the GroupNorm it
+    replaces."""
 
-    kernel = None  # engine.kernels' (group_norm_silu, group_norm_supported), once a module is built on a GPU
-
-    def __init__(self, norm: torch.nn.GroupNorm, silu: bool, by_channels: bool = False):
+    def __init__(self, norm: torch.nn.GroupNorm, silu: bool):
         super().__init__(norm.num_groups, norm.num_channels, norm.eps, norm.affine, norm.weight.device,
                          norm.weight.dtype)
-        self.weight, self.bias, self.silu, self.by_channels = norm.weight, norm.bias, silu, by_channels
-        if norm.weight.is_cuda and GroupNormSiLU.kernel is None and not by_channels:  # Triton: on a GPU only
-            from .engine.kernels import group_norm_silu, group_norm_supported
-
-            GroupNormSiLU.kernel = (group_norm_silu, group_norm_supported)
+        self.weight, self.bias, self.silu = norm.weight, norm.bias, silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.by_channels:
-            return group_norm_by_channels(x, self.num_groups, self.weight, self.bias, self.eps, self.silu)
-        kernel = GroupNormSiLU.kernel
-        if kernel is not None and kernel[1](x, self.num_groups):
-            return kernel[0](x, self.weight, self.bias, self.num_groups, self.eps, self.silu)
-        y = super().forward(x)
-        return torch.nn.functional.silu(y) if self.silu else y
+        return group_norm_by_channels(x, self.num_groups, self.weight, self.bias, self.eps, self.silu)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, silu={self.silu}"
@@ -209,8 +200,10 @@ def group_norm_by_channels(x: torch.Tensor, groups: int, weight: torch.Tensor, b
     """``F.group_norm`` (then SiLU if ``silu``) of an (N, C, H, W) ``x`` from each channel's moments over H and W,
     combined into each group's (the group's variance: the mean of its channels' variances plus the variance of their
     means). Moments in fp32. Torch's decomposition views each group as one row, which a channels-last tensor does
-    not hold contiguously; a reduction over H and W alone reads whole rows of channels, and stays ops that inductor
-    fuses with their neighbours (a convolution's bias, a residual add)."""
+    not hold contiguously: inductor's passes then read a few adjacent channels of every pixel. A reduction over H and
+    W alone reads whole rows of channels, and stays ops that inductor fuses with their neighbours (a convolution's
+    bias, a residual add). Our own Triton kernels for the same moments saved less (0.985x the compiled decode on an
+    H100, against 0.895x): as opaque ops they kept inductor from fusing the work around them."""
     n, c = x.shape[:2]
     acc = torch.promote_types(x.dtype, torch.float32)
     var, mean = torch.var_mean(x.to(acc), dim=(2, 3), correction=0)
@@ -224,7 +217,7 @@ def group_norm_by_channels(x: torch.Tensor, groups: int, weight: torch.Tensor, b
     return (torch.nn.functional.silu(y) if silu else y).to(x.dtype)
 
 
-def fuse_group_norm_silu(vae: torch.nn.Module, by_channels: bool = False) -> int:
+def fuse_group_norm_silu(vae: torch.nn.Module) -> int:
     """In place, each GroupNorm of ``vae`` that a SiLU follows becomes a ``GroupNormSiLU`` and the SiLU an identity:
     both norms of each of diffusers' ``ResnetBlock2D`` without a time embedding (the pattern: norm1 -> SiLU -> conv1
     -> norm2 -> SiLU -> conv2), and a decoder's ``conv_norm_out`` + ``conv_act``. Other GroupNorms (attention's)
@@ -235,13 +228,13 @@ def fuse_group_norm_silu(vae: torch.nn.Module, by_channels: bool = False) -> int
                 and isinstance(getattr(module, "norm2", None), torch.nn.GroupNorm)
                 and isinstance(getattr(module, "nonlinearity", None), torch.nn.SiLU)
                 and getattr(module, "time_emb_proj", None) is None and hasattr(module, "conv2")):
-            module.norm1 = GroupNormSiLU(module.norm1, True, by_channels)
-            module.norm2 = GroupNormSiLU(module.norm2, True, by_channels)
+            module.norm1 = GroupNormSiLU(module.norm1, True)
+            module.norm2 = GroupNormSiLU(module.norm2, True)
             module.nonlinearity = torch.nn.Identity()
             fused += 2
         if (isinstance(getattr(module, "conv_norm_out", None), torch.nn.GroupNorm)
                 and isinstance(getattr(module, "conv_act", None), torch.nn.SiLU)):
-            module.conv_norm_out = GroupNormSiLU(module.conv_norm_out, True, by_channels)
+            module.conv_norm_out = GroupNormSiLU(module.conv_norm_out, True)
             module.conv_act = torch.nn.Identity()
             fused += 1
     return fused
@@ -322,8 +315,7 @@ def load_vae(folder: str | Path) -> torch.nn.Module:
 
 
 def decoder_for(info: CheckpointInfo, vae: torch.nn.Module | None = None, *, max_batch: int = 64,
-                compile: bool = False, cuda_graphs: bool = False, fuse_norms: bool = False,
-                compile_options: dict | None = None) -> Decoder:
+                compile: bool = False, cuda_graphs: bool = False, compile_options: dict | None = None) -> Decoder:
     """The decoder of a checkpoint: its pixels, its VAE (``vae``, for a latent model), or a view of its latents
     when a latent model has no VAE (benchmarks)."""
     channels = info.config.in_channels
@@ -334,4 +326,4 @@ def decoder_for(info: CheckpointInfo, vae: torch.nn.Module | None = None, *, max
     if vae is None:
         return LatentView(channels)
     return VAEDecoder(vae, info.latent_scale, max_batch=max_batch, compile=compile, compile_options=compile_options,
-                      cuda_graphs=cuda_graphs, fuse_norms=fuse_norms)
+                      cuda_graphs=cuda_graphs)

@@ -123,8 +123,6 @@ class ModelArgs(_Args):
                                                      "batch size, and decode every batch size once then")
     decoder_cuda_graphs: bool = Field(False, description="with compile_decoder on a GPU: capture the decoder as CUDA "
                                                          "graphs, each batch padded to the next multiple of four")
-    decoder_fused_norms: bool = Field(False, description="on a GPU: each GroupNorm of the decoder that a SiLU follows, "
-                                                         "with it, as our Triton kernels in place of inductor's")
     decoder_compile_options: dict | None = Field(None, description="with compile_decoder: inductor options for the "
                                                                    "decoder's torch.compile, e.g. {max_autotune: true} "
                                                                    "(minutes of search per program at start)")
@@ -291,7 +289,6 @@ class ModelArgs(_Args):
                             compile_dynamic=self.compile_dynamic, compile_programs=self.compile_programs,
                             default_cache=self.default_cache, feature_cache_rows=self.feature_cache_rows,
                             compile_decoder=self.compile_decoder, decoder_cuda_graphs=self.decoder_cuda_graphs,
-                            decoder_fused_norms=self.decoder_fused_norms,
                             decoder_compile_options=self.decoder_compile_options)
 
     @property

@@ -8,22 +8,22 @@
 # (100), N (images per load request, 1), STEPS (25) and GATEWAYS (4) set its arguments; FLOOR_LOAD=1 offers the same
 # rates to Ray Serve's floor route (the control for a served ceiling); STUDENT=1 serves the random weights as a 4-step
 # student (with STEPS=4: the served path at student rates); VAE=sd-random decodes with a random VAE of sd-vae-ft-ema's
-# configuration (256x256 images; diffusers from the bundle), DECODER_GRAPHS=1 captures it as CUDA graphs, FUSED_NORMS=1
-# runs its GroupNorm + SiLU as our kernels (decoder_fused_norms), DECODER_OPTIONS='{"coordinate_descent_tuning": true}'
-# gives inductor options to its compile (decoder_compile_options); ENGINE_ALONE=0
-# leaves out the engine's in-process phase (which builds the engine once more than the replica does); PORT lets two
-# runs share a host; PROFILE=1 adds py-spy's account of each serving process's Python time per request (py-spy from
-# .whl/ when not installed: `pip download py-spy -d .whl` here, and carry .whl). Bounded to under 10 minutes
-# (BENCH_TIMEOUT, 560 s). A cold host compiles each bucket first (the student's seven, 1-64: 298 s), which leaves the
-# served phases little of that: BUCKETS="1 8 64" for a first run. SOAK=600 ends with the soak (benchmarks/soak.py) on
-# the model's route at 0.8x its capacity, its requests paced evenly (SOAK_ARRIVALS=poisson: Poisson's). Longer than
-# one call allows: DETACH=1 starts the run in the background (in out/detached, with BENCH_TIMEOUT raised to fit) and
-# returns at once; a later call on the same machine with COLLECT=1 waits for it (up to 560 s) and copies its results
-# to OUT. Any program compiled while serving is in OUT/recompiles.txt (start-up's too: read the clock times), a
-# replica's slow garbage collections (SLOW_COLLECTION_S) and each second its threads' holds add up to STALL_WARN_S
-# in OUT/pauses.txt, with STALL_STACKS=1 every thread's stack during each long hold (STALL_DUMP_S) in OUT/stalls.txt,
-# Ray's errors (a replica that died and was restarted) in OUT/ray-errors.txt; the host's compaction and reclaim counters before and
-# after in OUT/vmstat.txt, and every second's CPU (OUT/vmstat-1s.txt) and GPU clocks (OUT/gpu-1s.csv).
+# configuration (256x256 images; diffusers from the bundle), DECODER_GRAPHS=1 captures it as CUDA graphs,
+# DECODER_OPTIONS='{"coordinate_descent_tuning": true}' gives inductor options to its compile (decoder_compile_options);
+# ENGINE_ALONE=0 leaves out the engine's in-process phase (which builds the engine once more than the replica does);
+# PORT lets two runs share a host; PROFILE=1 adds py-spy's account of each serving process's Python time per request
+# (py-spy from .whl/ when not installed: `pip download py-spy -d .whl` here, and carry .whl). Bounded to under 10
+# minutes (BENCH_TIMEOUT, 560 s). A cold host compiles each bucket first (the student's seven, 1-64: 298 s), which
+# leaves the served phases little of that: BUCKETS="1 8 64" for a first run. SOAK=600 ends with the soak
+# (benchmarks/soak.py) on the model's route at 0.8x its capacity, its requests paced evenly (SOAK_ARRIVALS=poisson:
+# Poisson's). Longer than one call allows: DETACH=1 starts the run in the background (in out/detached, with
+# BENCH_TIMEOUT raised to fit) and returns at once; a later call on the same machine with COLLECT=1 waits for it (up to
+# 560 s) and copies its results to OUT. Any program compiled while serving is in OUT/recompiles.txt (start-up's too:
+# read the clock times), a replica's slow garbage collections (SLOW_COLLECTION_S) and each second its threads' holds add
+# up to STALL_WARN_S in OUT/pauses.txt, with STALL_STACKS=1 every thread's stack during each long hold (STALL_DUMP_S) in
+# OUT/stalls.txt, Ray's errors (a replica that died and was restarted) in OUT/ray-errors.txt; the host's compaction and
+# reclaim counters before and after in OUT/vmstat.txt, and every second's CPU (OUT/vmstat-1s.txt) and GPU clocks
+# (OUT/gpu-1s.csv).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-out/serve}
@@ -83,7 +83,7 @@ timeout --signal=INT "${BENCH_TIMEOUT:-560}" python3 -m benchmarks serve --out "
     --steps "${STEPS:-25}" --sequential "${SEQUENTIAL:-100}" --rates "${RATES:-8,32,128,256}" \
     --images-per-request "${N:-1}" --gateway-replicas "${GATEWAYS:-4}" --layout "${LAYOUT:-direct}" --port "${PORT:-8000}" \
     ${BUCKETS:+--batch-buckets $BUCKETS} ${STUDENT:+--student} ${FLOOR_LOAD:+--floor-load} ${VAE:+--vae $VAE} \
-    ${DECODER_GRAPHS:+--decoder-graphs} ${FUSED_NORMS:+--decoder-fused-norms} \
+    ${DECODER_GRAPHS:+--decoder-graphs} \
     ${DECODER_OPTIONS:+--decoder-compile-options "$DECODER_OPTIONS"} $([ "${ENGINE_ALONE:-1}" = 0 ] && echo --no-engine-alone) \
     ${PROFILE:+--profile} ${STALL_STACKS:+--stall-stacks} \
     ${SOAK:+--soak $SOAK} ${SOAK_ARRIVALS:+--soak-arrivals $SOAK_ARRIVALS} \

@@ -198,7 +198,6 @@ class Engine:
             vae = vae.to(config.device, COMPUTE_DTYPES[config.precision])
         self.decoder: Decoder = decoder_for(info, vae, max_batch=config.decode_batch_size,
                                             compile=config.compile_decoder, cuda_graphs=config.decoder_cuda_graphs,
-                                            fuse_norms=config.decoder_fused_norms,
                                             compile_options=config.decoder_compile_options)
         # On a GPU the decoder and the copy to the host run on a stream of their own, beside the next step.
         cuda = torch.device(config.device).type == "cuda"

@@ -69,8 +69,6 @@ class EngineConfig:
     compile_decoder: bool = False  # torch.compile a latent model's VAE decoder (a symbolic batch size)
     # ... and capture it as CUDA graphs, a batch padded to the next graph's (decoders.graph_batches)
     decoder_cuda_graphs: bool = False
-    # each GroupNorm of the decoder that a SiLU follows, with it, as our Triton kernels (decoders.GroupNormSiLU)
-    decoder_fused_norms: bool = False
     # inductor's options for the decoder's torch.compile, as compile_options are the steps'
     decoder_compile_options: dict | None = field(default=None, hash=False)
     stall_timeout: float = 120.0  # seconds without a finished step, with work pending, before health() fails
@@ -100,8 +98,6 @@ class EngineConfig:
             problems.append("cuda_graphs needs device 'cuda'")
         if self.decoder_cuda_graphs and not (self.compile_decoder and str(self.device).startswith("cuda")):
             problems.append("decoder_cuda_graphs needs compile_decoder and device 'cuda'")
-        if self.decoder_fused_norms and not str(self.device).startswith("cuda"):
-            problems.append("decoder_fused_norms needs device 'cuda' (Triton kernels)")
         if self.decoder_compile_options and not self.compile_decoder:
             problems.append("decoder_compile_options needs compile_decoder")
         known = None  # inductor's option names, read once and only when a model gives options

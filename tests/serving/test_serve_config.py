@@ -108,7 +108,6 @@ def test_random_weights_need_the_explicit_flag():
     ({"precision": "float8"}, "models[0].precision"),
     ({"cuda_graphs": True}, "cuda_graphs needs device 'cuda'"),
     ({"decoder_cuda_graphs": True}, "decoder_cuda_graphs needs compile_decoder and device 'cuda'"),
-    ({"decoder_fused_norms": True}, "decoder_fused_norms needs device 'cuda' (Triton kernels)"),
     ({"decoder_compile_options": {"max_autotune": True}}, "decoder_compile_options needs compile_decoder"),
     ({"compile_options": {"max_autotun": True}}, "compile_options has options inductor does not know: max_autotun"),
     ({"precision": "fp16"}, "precision fp16 is for an NVIDIA GPU"),
