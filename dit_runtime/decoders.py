@@ -203,7 +203,7 @@ def group_norm_by_channels(x: torch.Tensor, groups: int, weight: torch.Tensor, b
     not hold contiguously: inductor's passes then read a few adjacent channels of every pixel. A reduction over H and
     W alone reads whole rows of channels, and stays ops that inductor fuses with their neighbours (a convolution's
     bias, a residual add). Our own Triton kernels for the same moments saved less (0.985x the compiled decode on an
-    H100, against 0.895x): as opaque ops they kept inductor from fusing the work around them."""
+    H100, against 0.895x), most likely because inductor could not fuse that work into opaque ops."""
     n, c = x.shape[:2]
     acc = torch.promote_types(x.dtype, torch.float32)
     var, mean = torch.var_mean(x.to(acc), dim=(2, 3), correction=0)
