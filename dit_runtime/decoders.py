@@ -5,8 +5,9 @@ not wait), and copies uint8 pixels to the host.
 - ``PixelDecoder``: a pixel-space model's samples are its images; [-1, 1] -> uint8.
 - ``VAEDecoder``: a latent-space model's samples through the VAE it was trained in (a diffusers ``AutoencoderKL``),
   batched, in the engine's precision, channels-last, optionally compiled, each upsampler folded into one transposed
-  convolution (``FoldedUpsample``) and on a GPU each GroupNorm and its SiLU computed from its channels' moments
-  (``GroupNormSiLU``).
+  convolution (``FoldedUpsample``), on a GPU each GroupNorm and its SiLU computed from its channels' moments
+  (``GroupNormSiLU``), its attention written out of diffusers' processor (``VAEAttention``) so that its compiled
+  programs can be saved whole.
 - ``LatentView``: a latent-space model served without its VAE (random-weight benchmarks): the latents' values as
   pixels, one per latent position, so the path around the engine is measured without a decoder.
 
@@ -15,12 +16,20 @@ not wait), and copies uint8 pixels to the host.
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .checkpoint import CheckpointInfo
+
+if TYPE_CHECKING:
+    from .engine.programs import ProgramStore
+
+log = logging.getLogger(__name__)
 
 
 def quantize(x: torch.Tensor) -> torch.Tensor:
@@ -58,6 +67,10 @@ class LatentView(PixelDecoder):
     benchmarks of random weights. Never for real images: a checkpoint of latents needs its VAE."""
 
 
+# A VAEDecoder's own machinery, left out when torch pickles it with a saved program (VAEDecoder.__getstate__).
+_MACHINERY = ("_decode", "_saveable", "store", "_programs", "_graphs")
+
+
 class VAEDecoder(Decoder):
     """A diffusers ``AutoencoderKL``'s decoder over a latent model's samples (divided by the checkpoint's
     ``latent_scale`` first), in batches of at most ``max_batch``.
@@ -83,12 +96,17 @@ class VAEDecoder(Decoder):
     ``cuda_graphs`` (compiled, on a GPU): the compiled decoder captured as a CUDA graph at each of
     ``graph_batches(max_batch)``; a batch is padded to the next of them, into a static input whose other rows the
     images do not see (every layer of the decoder works per image). One replay then takes the place of the compiled
-    program's launches from Python, which held a replica's GIL 3.2 ms for each request of four images on an H100."""
+    program's launches from Python, which held a replica's GIL 3.2 ms for each request of four images on an H100.
+
+    ``program_dir`` (compiled): save each program the warm-up compiles whole there (``ProgramStore``, the engine's
+    ``compile_programs``), and load it at the next start instead of tracing the decoder again. The mid block's
+    attention is written out (``VAEAttention``) so that torch can save them."""
 
     def __init__(self, vae: torch.nn.Module, latent_scale: float, max_batch: int = 64, compile: bool = False,
                  compile_options: dict | None = None, cuda_graphs: bool = False, norms_by_channels: bool = True,
-                 fold_upsampling: bool = True):
+                 fold_upsampling: bool = True, program_dir: str | Path | None = None):
         self.vae = vae.eval().requires_grad_(False)
+        write_out_attention(self.vae)
         if fold_upsampling:
             fold_upsampling_convs(self.vae)
         param = next(self.vae.parameters())
@@ -105,6 +123,19 @@ class VAEDecoder(Decoder):
             raise ValueError("a decoder's cuda_graphs need it compiled (compile_decoder) and on a CUDA device")
         self.cuda_graphs = cuda_graphs
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}  # batch: graph, in, out
+        self.store: ProgramStore | None = None
+        self._programs: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}  # batch size: its saved program
+        if compile and program_dir is not None:
+            from .engine.programs import ProgramStore, aot_compile_enabled  # the engine package imports this module
+            with aot_compile_enabled():  # its programs can be compiled ahead of time, and saved (programs.py)
+                self._saveable = torch.compile(self._forward, fullgraph=True, dynamic=True, options=compile_options)
+            if ProgramStore.supported(self._saveable):
+                self.store = ProgramStore(Path(program_dir), self._identity(compile_options, norms_by_channels,
+                                                                            fold_upsampling))
+
+    @property
+    def _memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
 
     @property
     def upsampling(self) -> int:
@@ -115,20 +146,44 @@ class VAEDecoder(Decoder):
     def channels(self) -> int:
         return self.vae.config.out_channels
 
+    def _identity(self, compile_options: dict | None, norms_by_channels: bool, fold_upsampling: bool) -> dict:
+        """What the decoder's saved programs depend on beyond their guards (programs.ProgramStore)."""
+        import diffusers  # the VAE is one of its modules
+
+        from .engine.programs import device_identity
+        config = {k: v for k, v in self.vae.config.items() if not k.startswith("_")}  # "_": diffusers' bookkeeping
+        return {"part": "vae-decoder", "device": device_identity(self.device), "dtype": self.dtype, "vae": config,
+                "diffusers": diffusers.__version__, "compile_options": compile_options,
+                "norms_by_channels": norms_by_channels and self.device.type == "cuda",
+                "fold_upsampling": fold_upsampling}
+
     def _forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(z).sample
 
-    @torch.inference_mode()
+    def _program(self, z: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The compiled decoder for ``z``'s batch size: with a store, the saved program whose guards take it (loaded,
+        or compiled and saved now); else the torch.compile'd decoder."""
+        if self.store is None:
+            return self._decode
+        program = self.store.program("decoder", str(len(z)), self._saveable, self, z)
+        return self._decode if program is self._saveable else program  # one torch cannot save: as torch.compile
+
+    def __getstate__(self) -> dict:
+        """Without the machinery no compiled program reads: torch pickles a saved program's ``self`` (this decoder)
+        with its guards' state, and compiled functions, loaded programs and CUDA graphs do not pickle."""
+        return {name: value for name, value in self.__dict__.items() if name not in _MACHINERY}
+
+    @torch.no_grad()  # not inference mode: a loaded program's guards would refuse it (programs.py)
     def decode(self, samples: torch.Tensor) -> list[torch.Tensor]:
         """The images in [-1, 1] (n, C, H, W) in the decoder's dtype, as a list of batches of at most
         ``max_batch`` (with ``cuda_graphs``, the last is a view of its graph's static output: read it before the next
         call)."""
-        z = (samples.float() / self.latent_scale).to(self.device, self.dtype)
-        if self.device.type == "cuda":
-            z = z.contiguous(memory_format=torch.channels_last)
-        chunks = z.split(self.max_batch)
+        # Each batch a tensor of its own, not a view of one: a program's guards check a view's base too (under
+        # no_grad, where they hold for a loaded program), and a view of a larger batch would compile again.
+        chunks = [(chunk.float() / self.latent_scale).to(self.device, self.dtype).contiguous(
+            memory_format=self._memory_format) for chunk in samples.split(self.max_batch)]
         if not self._graphs:
-            return [self._decode(chunk) for chunk in chunks]
+            return [self._programs.get(len(chunk), self._decode)(chunk) for chunk in chunks]
         # A replay overwrites its graph's static output, and the graphs share one memory pool: every batch but the
         # last is copied out before the next replay.
         return [self._replay(chunk).clone() for chunk in chunks[:-1]] + [self._replay(chunks[-1])]
@@ -141,7 +196,7 @@ class VAEDecoder(Decoder):
         graph.replay()
         return static_out[:n]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def __call__(self, samples: torch.Tensor) -> torch.Tensor:
         out = [quantize(x) for x in self.decode(samples)]
         return torch.cat(out) if len(out) > 1 else out[0]
@@ -153,10 +208,21 @@ class VAEDecoder(Decoder):
         if not self.compiled:
             return 0.0
         start = time.perf_counter()
-        if not self.cuda_graphs:
+        if self.cuda_graphs:
+            self._capture(sample_shape)
+        else:
             for n in range(self.max_batch, 0, -1):  # the largest first: the smaller reuse its cached blocks
-                self(torch.zeros(n, *sample_shape, device=self.device))
-            return time.perf_counter() - start
+                z = torch.zeros(n, *sample_shape, device=self.device, dtype=self.dtype)
+                if self.store is not None:
+                    self._programs[n] = self._program(z.contiguous(memory_format=self._memory_format))
+                self(z)
+        if self.store is not None:
+            log.info("decoder programs: %d loaded from and %d compiled into %s", self.store.loaded,
+                     self.store.compiled, self.store.directory)
+        return time.perf_counter() - start
+
+    def _capture(self, sample_shape: tuple[int, ...]) -> None:
+        """The compiled decoder captured as a CUDA graph at each of ``graph_batches(max_batch)``."""
         pool = torch.cuda.graph_pool_handle()  # one pool: the graphs never run at once
         side = torch.cuda.Stream(self.device)
         # The largest batch first (vLLM captures in this order too): each capture's freed blocks then hold the next,
@@ -166,17 +232,17 @@ class VAEDecoder(Decoder):
             static_in = torch.zeros(n, *sample_shape, device=self.device, dtype=self.dtype)
             static_in = static_in.contiguous(memory_format=torch.channels_last)
             side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side), torch.inference_mode():
+            with torch.cuda.stream(side), torch.no_grad():
+                program = self._program(static_in)
                 for _ in range(2):  # compile (or find) the program, and let the allocator settle
-                    self._decode(static_in)
+                    program(static_in)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool), torch.inference_mode():
-                static_out = self._decode(static_in)
+            with torch.cuda.graph(graph, pool=pool), torch.no_grad():
+                static_out = program(static_in)
             self._graphs[n] = (graph, static_in, static_out)
         self._graphs = dict(sorted(self._graphs.items()))  # ascending: _replay takes the first that holds a batch
         torch.cuda.empty_cache()  # the warm-up decodes' blocks outside the graphs' pool, which nothing uses now
-        return time.perf_counter() - start
 
 
 class GroupNormSiLU(torch.nn.GroupNorm):
@@ -293,6 +359,58 @@ def fold_upsampling_convs(vae: torch.nn.Module) -> int:
     return folded
 
 
+class VAEAttention(torch.nn.Module):
+    """diffusers' ``Attention`` of a VAE's mid block (a GroupNorm, attention of every pixel to every other, a
+    residual) with its ``AttnProcessor2_0`` written out: the same modules and the same ops in the same order, without
+    the processor's dispatch. Dynamo guards that dispatch on the processor's signature (ID_MATCH), which torch cannot
+    save with a program; without it the compiled decoder's programs are saved whole (``compile_programs``)."""
+
+    def __init__(self, attention: torch.nn.Module):
+        super().__init__()
+        self.group_norm, self.to_q, self.to_k, self.to_v = (attention.group_norm, attention.to_q, attention.to_k,
+                                                             attention.to_v)
+        self.to_out = attention.to_out  # the projection and its dropout: the parameters keep their names
+        self.heads, self.rescale_output_factor = attention.heads, attention.rescale_output_factor
+        self.residual_connection = attention.residual_connection
+
+    @staticmethod
+    def applies(module: torch.nn.Module) -> bool:
+        """Whether ``module`` is a self-attention over a 4-D input that ``VAEAttention`` computes the same: diffusers'
+        default processor, a GroupNorm, no spatial or query/key norms, no added projections, no output dropout at
+        work."""
+        out = getattr(module, "to_out", None)
+        return (type(module).__name__ == "Attention" and type(getattr(module, "processor", None)).__name__ ==
+                "AttnProcessor2_0" and isinstance(getattr(module, "group_norm", None), torch.nn.GroupNorm)
+                and all(getattr(module, name, 1) is None for name in ("spatial_norm", "norm_q", "norm_k", "add_k_proj"))
+                and not getattr(module, "is_cross_attention", True) and isinstance(out, torch.nn.ModuleList)
+                and len(out) == 2 and isinstance(out[0], torch.nn.Linear) and isinstance(out[1], torch.nn.Dropout)
+                and (out[1].p == 0 or not module.training))
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        n, c, h, w = x.shape
+        y = self.group_norm(x.view(n, c, h * w)).transpose(1, 2)
+        q, k, v = (proj(y).view(n, -1, self.heads, c // self.heads).transpose(1, 2)
+                   for proj in (self.to_q, self.to_k, self.to_v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        y = self.to_out[0](y.transpose(1, 2).reshape(n, -1, c)).transpose(-1, -2).reshape(n, c, h, w)
+        if self.residual_connection:
+            y = y + x
+        return y / self.rescale_output_factor
+
+
+def write_out_attention(vae: torch.nn.Module) -> int:
+    """In place, each attention of ``vae`` that ``VAEAttention`` applies to becomes one; returns how many."""
+    written = 0
+    for module in list(vae.modules()):
+        attentions = getattr(module, "attentions", None)
+        if isinstance(attentions, torch.nn.ModuleList):
+            for i, attention in enumerate(attentions):
+                if attention is not None and VAEAttention.applies(attention):
+                    attentions[i] = VAEAttention(attention)
+                    written += 1
+    return written
+
+
 def graph_batches(max_batch: int) -> list[int]:
     """The batch sizes a decoder's CUDA graphs are captured at: 1, 2 and every multiple of 4 up to ``max_batch``
     (and ``max_batch``). Requests of four images, the served students' case, then pad nothing, and no batch pads
@@ -315,9 +433,10 @@ def load_vae(folder: str | Path) -> torch.nn.Module:
 
 
 def decoder_for(info: CheckpointInfo, vae: torch.nn.Module | None = None, *, max_batch: int = 64,
-                compile: bool = False, cuda_graphs: bool = False, compile_options: dict | None = None) -> Decoder:
+                compile: bool = False, cuda_graphs: bool = False, compile_options: dict | None = None,
+                program_dir: str | Path | None = None) -> Decoder:
     """The decoder of a checkpoint: its pixels, its VAE (``vae``, for a latent model), or a view of its latents
-    when a latent model has no VAE (benchmarks)."""
+    when a latent model has no VAE (benchmarks). ``program_dir``: where a compiled VAE decoder saves its programs."""
     channels = info.config.in_channels
     if info.space == "pixel":
         if vae is not None:
@@ -326,4 +445,4 @@ def decoder_for(info: CheckpointInfo, vae: torch.nn.Module | None = None, *, max
     if vae is None:
         return LatentView(channels)
     return VAEDecoder(vae, info.latent_scale, max_batch=max_batch, compile=compile, compile_options=compile_options,
-                      cuda_graphs=cuda_graphs)
+                      cuda_graphs=cuda_graphs, program_dir=program_dir)

@@ -160,9 +160,10 @@ class ModelArgs(_Args):
                                                                    "(requests may then ask only for cache off)")
     compile_cache_dir: str | None = Field(None, description="where compiled code is kept across starts: inductor's "
                                                             "caches, and the saved programs (compile_programs)")
-    compile_programs: bool = Field(True, description="with compile_cache_dir: save each compiled step program whole "
-                                                     "and load it at the next start instead of tracing again "
-                                                     "(torch's experimental ahead-of-time compile)")
+    compile_programs: bool = Field(True, description="with compile_cache_dir: save each compiled step program (and "
+                                                     "the compiled decoder's) whole and load it at the next start "
+                                                     "instead of tracing again (torch's experimental ahead-of-time "
+                                                     "compile)")
     compile_options: dict | None = Field(None, description="inductor options for the engine's torch.compile, e.g. "
                                                            "{max_autotune: true} (minutes of GEMM search at start)")
     compile_dynamic: bool = Field(False, description="one compiled program with a symbolic batch size for every "

@@ -140,8 +140,10 @@ class ModelServer:
                                     compile=runner.compile_seconds, capture=runner.capture_seconds,
                                     decoder=vae_loaded - verified + decoder_warmup, total=done - started)
         self.metrics.record_startup(self.startup)
-        store = runner.store  # saved compiled programs: loaded, or compiled and saved for the next start
-        programs = f"; compiled programs: {store.loaded} loaded, {store.compiled} compiled" if store else ""
+        # Saved compiled programs, the steps' and a VAE decoder's: loaded, or compiled and saved for the next start.
+        stores = [store for store in (runner.store, getattr(self.engine.decoder, "store", None)) if store is not None]
+        programs = (f"; compiled programs: {sum(s.loaded for s in stores)} loaded, {sum(s.compiled for s in stores)} "
+                    "compiled") if stores else ""
         log.info("model %r loaded from %s in %.1f s (%s%s)", self.name, source, self.startup.total,
                  ", ".join(f"{k} {v:.1f} s" for k, v in self.startup.phases().items()), programs)
         # This replica's process is warm: no collection while serving walks the heap that start-up built.

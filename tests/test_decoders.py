@@ -9,18 +9,18 @@ import pytest
 import torch
 
 from dit_runtime.checkpoint import CheckpointInfo, default_class_names
-from dit_runtime.decoders import (FoldedUpsample, GroupNormSiLU, LatentView, PixelDecoder, VAEDecoder, decoder_for,
-                                  fold_upsampling_convs, fuse_group_norm_silu, graph_batches,
-                                  group_norm_by_channels, quantize)
+from dit_runtime.decoders import (FoldedUpsample, GroupNormSiLU, LatentView, PixelDecoder, VAEAttention, VAEDecoder,
+                                  decoder_for, fold_upsampling_convs, fuse_group_norm_silu, graph_batches,
+                                  group_norm_by_channels, quantize, write_out_attention)
 from dit_runtime.engine import Engine, EngineConfig, EngineError, GenerationRequest, SamplingParams
 from dit_runtime.model import DiTModel, get_preset
 
 diffusers = pytest.importorskip("diffusers")
 
 
-def tiny_vae() -> torch.nn.Module:
+def tiny_vae(seed: int = 0) -> torch.nn.Module:
     """A random AutoencoderKL of 4 latent channels with one 2x up-block: 8x8 latents -> 16x16 RGB."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
                                    down_block_types=("DownEncoderBlock2D",) * 2,
                                    up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4,
@@ -101,10 +101,15 @@ def test_a_failed_decode_fails_its_requests_and_the_engine_serves_on():
     assert second.images.shape == (1, 16, 16, 3)
 
 
-def test_a_compiled_decoder_compiles_at_start_up_for_every_batch_and_decodes_as_the_eager_one():
+def test_a_compiled_decoder_compiles_at_start_up_for_every_batch_and_decodes_as_the_eager_one(tmp_path):
+    """... and with a compile_cache_dir saves its programs there, which the next engine's decoder loads."""
     eager = latent_engine(tiny_vae())
-    compiled = latent_engine(tiny_vae(), compile_decoder=True, decode_batch_size=20)
+    compiled = latent_engine(tiny_vae(), compile_decoder=True, decode_batch_size=20, compile_cache_dir=str(tmp_path))
     assert compiled.decoder_warmup_seconds > 0
+    store = compiled.decoder.store
+    assert store.directory.parent == tmp_path / "programs" and store.loaded == 0 and store.compiled >= 2  # 1 apart
+    restarted = latent_engine(tiny_vae(), compile_decoder=True, decode_batch_size=20, compile_cache_dir=str(tmp_path))
+    assert (restarted.decoder.store.loaded, restarted.decoder.store.compiled) == (store.compiled, 0)
     requests = [request(7, n=3), request(8)]
     with torch._dynamo.config.patch(error_on_recompile=True):  # no compile at a request, whatever its batch
         for n in (1, 2, 15, 16, 17, 20, 41):  # 41: two full batches and one
@@ -140,6 +145,78 @@ def test_a_graph_captured_decoder_decodes_every_batch_as_the_compiled_one_withou
             got, want = graphed(z), compiled(z)
             assert got.shape == (n, 16, 16, 3)
             assert (got.int() - want.int()).abs().max() <= 1  # batch sizes apart: kernels may round apart
+
+
+def test_a_vae_attention_written_out_is_diffusers_attention_under_the_same_names():
+    """VAEAttention is diffusers' Attention with its default processor written out: the same output in either memory
+    layout, the same parameters under the same names; an attention with another processor is left alone."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    vae = tiny_vae()
+    attention = vae.decoder.mid_block.attentions[0]
+    torch.manual_seed(1)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(3, 8, 5, 7).contiguous(memory_format=layout)
+        with torch.no_grad():
+            want, got = attention(x), VAEAttention(attention)(x)
+        assert (got - want).abs().max() <= 1e-6 * want.abs().max()
+    names = set(vae.state_dict())
+    assert write_out_attention(vae) == 2  # the encoder's mid block and the decoder's
+    assert isinstance(vae.decoder.mid_block.attentions[0], VAEAttention) and set(vae.state_dict()) == names
+    assert write_out_attention(vae) == 0  # once only
+    other = tiny_vae()
+    other.decoder.mid_block.attentions[0].set_processor(AttnProcessor())
+    assert not VAEAttention.applies(other.decoder.mid_block.attentions[0])
+
+
+def test_a_restart_loads_the_decoders_saved_programs_and_traces_nothing(tmp_path):
+    """A compiled decoder with a ``program_dir`` saves each program its warm-up compiles whole (the engine's
+    ``compile_programs``). A second decoder on the same directory, over other weights of the same shapes, loads every
+    one, compiles none, never enters Dynamo, and decodes its own VAE's images: the weights are the programs' inputs."""
+    from torch._dynamo.utils import counters
+
+    def warm(seed: int) -> VAEDecoder:
+        decoder = VAEDecoder(tiny_vae(seed), latent_scale=0.5, max_batch=4, compile=True, program_dir=tmp_path)
+        decoder.warm_up((4, 8, 8))
+        return decoder
+
+    first = warm(0)
+    assert first.store.loaded == 0 and first.store.compiled >= 2  # one image is a program of its own
+    assert not list(first.store.directory.glob("*.jit")), "a program fell back to torch.compile"
+    traced = dict(counters["frames"])
+    second = warm(1)
+    assert (second.store.loaded, second.store.compiled) == (first.store.compiled, 0)
+    z = torch.randn(7, 4, 8, 8)  # a full batch and three images
+    got = second(z)
+    assert dict(counters["frames"]) == traced, "the restarted decoder traced a function"
+    want = VAEDecoder(tiny_vae(1), latent_scale=0.5)(z)
+    assert got.shape == (7, 16, 16, 3) and (got.int() - want.int()).abs().max() <= 1
+    assert (got.int() - first(z).int()).abs().float().mean() > 5  # the two VAEs' images differ that much
+    other = VAEDecoder(tiny_vae(), latent_scale=0.5, compile=True, program_dir=tmp_path, fold_upsampling=False)
+    assert other.store.directory != second.store.directory
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_graph_captured_decoder_restarts_from_its_saved_programs_without_tracing(tmp_path):
+    """On a GPU, with both rewrites (the default) and CUDA graphs: a second decoder on the same program_dir loads
+    every program the first saved, compiles none, never enters Dynamo, and decodes as the first."""
+    from torch._dynamo.utils import counters
+
+    def warm() -> VAEDecoder:
+        decoder = VAEDecoder(tiny_vae().to("cuda", torch.float16), latent_scale=1.0, max_batch=20, compile=True,
+                             cuda_graphs=True, program_dir=tmp_path)
+        decoder.warm_up((4, 8, 8))
+        return decoder
+
+    first = warm()
+    assert first.store.compiled > 0 and not list(first.store.directory.glob("*.jit"))
+    traced = dict(counters["frames"])
+    second = warm()
+    assert (second.store.loaded, second.store.compiled) == (first.store.compiled, 0)
+    assert dict(counters["frames"]) == traced, "the restarted decoder traced a function"
+    z = torch.randn(7, 4, 8, 8, device="cuda")
+    assert torch.equal(second(z), first(z))
 
 
 def test_an_upsampler_folded_into_one_convolution_is_its_upsampling_and_convolution():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 import time
@@ -196,9 +197,12 @@ class Engine:
         self.info = info
         if vae is not None:
             vae = vae.to(config.device, COMPUTE_DTYPES[config.precision])
+        saved = config.compile_cache_dir and config.compile_programs and config.warmup  # as the runner's programs
         self.decoder: Decoder = decoder_for(info, vae, max_batch=config.decode_batch_size,
                                             compile=config.compile_decoder, cuda_graphs=config.decoder_cuda_graphs,
-                                            compile_options=config.decoder_compile_options)
+                                            compile_options=config.decoder_compile_options,
+                                            program_dir=os.path.join(config.compile_cache_dir, "programs")
+                                            if saved else None)
         # On a GPU the decoder and the copy to the host run on a stream of their own, beside the next step.
         cuda = torch.device(config.device).type == "cuda"
         self._decode_stream = torch.cuda.Stream(torch.device(config.device)) if cuda else None

@@ -19,11 +19,12 @@ from .types import EngineConfig
 
 def configure_compile(config: EngineConfig, engines: int = 1) -> None:
     """Set up this process to compile ``engines`` engines of ``config`` (nothing when it does not compile):
-    inductor's caches under its ``compile_cache_dir``, and room in Dynamo's recompile limit for their programs."""
+    inductor's caches under its ``compile_cache_dir`` (the steps' and a compiled VAE decoder's), and room in Dynamo's
+    recompile limit for their programs."""
+    if config.compile_cache_dir and (config.compile or config.compile_decoder):
+        use_compile_cache_dir(config.compile_cache_dir)
     if not config.compile:
         return
-    if config.compile_cache_dir:
-        use_compile_cache_dir(config.compile_cache_dir)
     # Up to one specialisation per bucket, counted per code object: every runner in this process compiles the same
     # step functions, so each engine needs its own allowance (past the limit, fullgraph=True fails hard).
     allow_recompiles(2 * len(config.buckets) * engines)

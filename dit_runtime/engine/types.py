@@ -58,8 +58,9 @@ class EngineConfig:
     spacing: Spacing = "trailing"
     clip_denoised: bool | None = None  # clip x0 to [-1, 1]; default: on for pixel-space models
     compile_cache_dir: str | None = None  # inductor/FX cache, so a restart does not recompile
-    # With a compile_cache_dir: also save each compiled step program whole and load it at the next start, which then
-    # skips torch.compile's tracing (engine/programs.py). False: inductor's caches alone, and every start traces.
+    # With a compile_cache_dir: also save each compiled step program (and a compiled VAE decoder's) whole and load it
+    # at the next start, which then skips torch.compile's tracing (engine/programs.py). False: inductor's caches
+    # alone, and every start traces.
     compile_programs: bool = True
     warmup: bool = True  # compile and capture every bucket at start-up
     # The images of the requests that finish in one step are decoded together (decoders.py), in batches of at most
