@@ -348,15 +348,21 @@ class FoldedUpsample(torch.nn.Module):
 
 def fold_upsampling_convs(vae: torch.nn.Module) -> int:
     """In place, each upsampler of ``vae`` that ``FoldedUpsample`` applies to becomes one; returns how many."""
-    folded = 0
+    return _rewrite_lists(vae, "upsamplers", FoldedUpsample)
+
+
+def _rewrite_lists(vae: torch.nn.Module, name: str, rewrite: type[torch.nn.Module]) -> int:
+    """In place, each module in a ModuleList called ``name`` of ``vae`` that ``rewrite.applies`` to becomes
+    ``rewrite(module)``; returns how many did."""
+    rewritten = 0
     for module in list(vae.modules()):
-        upsamplers = getattr(module, "upsamplers", None)
-        if isinstance(upsamplers, torch.nn.ModuleList):
-            for i, upsampler in enumerate(upsamplers):
-                if FoldedUpsample.applies(upsampler):
-                    upsamplers[i] = FoldedUpsample(upsampler)
-                    folded += 1
-    return folded
+        modules = getattr(module, name, None)
+        if isinstance(modules, torch.nn.ModuleList):
+            for i, child in enumerate(modules):
+                if child is not None and rewrite.applies(child):
+                    modules[i] = rewrite(child)
+                    rewritten += 1
+    return rewritten
 
 
 class VAEAttention(torch.nn.Module):
@@ -400,15 +406,7 @@ class VAEAttention(torch.nn.Module):
 
 def write_out_attention(vae: torch.nn.Module) -> int:
     """In place, each attention of ``vae`` that ``VAEAttention`` applies to becomes one; returns how many."""
-    written = 0
-    for module in list(vae.modules()):
-        attentions = getattr(module, "attentions", None)
-        if isinstance(attentions, torch.nn.ModuleList):
-            for i, attention in enumerate(attentions):
-                if attention is not None and VAEAttention.applies(attention):
-                    attentions[i] = VAEAttention(attention)
-                    written += 1
-    return written
+    return _rewrite_lists(vae, "attentions", VAEAttention)
 
 
 def graph_batches(max_batch: int) -> list[int]:
