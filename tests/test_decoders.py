@@ -102,12 +102,13 @@ def test_a_failed_decode_fails_its_requests_and_the_engine_serves_on():
 
 
 def test_a_compiled_decoder_compiles_at_start_up_for_every_batch_and_decodes_as_the_eager_one(tmp_path):
-    """... and with a compile_cache_dir saves its programs there, which the next engine's decoder loads."""
+    """No request waits on a compile, whatever its batch; with a compile_cache_dir the decoder's programs are saved
+    there, and the next engine's decoder loads them."""
     eager = latent_engine(tiny_vae())
     compiled = latent_engine(tiny_vae(), compile_decoder=True, decode_batch_size=20, compile_cache_dir=str(tmp_path))
     assert compiled.decoder_warmup_seconds > 0
     store = compiled.decoder.store
-    assert store.directory.parent == tmp_path / "programs" and store.loaded == 0 and store.compiled >= 2  # 1 apart
+    assert store.directory.parent == tmp_path / "programs" and store.loaded == 0 and store.compiled >= 2  # 1 image: its own
     restarted = latent_engine(tiny_vae(), compile_decoder=True, decode_batch_size=20, compile_cache_dir=str(tmp_path))
     assert (restarted.decoder.store.loaded, restarted.decoder.store.compiled) == (store.compiled, 0)
     requests = [request(7, n=3), request(8)]
