@@ -108,7 +108,8 @@ def test_a_compiled_decoder_compiles_at_start_up_for_every_batch_and_decodes_as_
     compiled = latent_engine(tiny_vae(), compile_decoder=True, decode_batch_size=20, compile_cache_dir=str(tmp_path))
     assert compiled.decoder_warmup_seconds > 0
     store = compiled.decoder.store
-    assert store.directory.parent == tmp_path / "programs" and store.loaded == 0 and store.compiled >= 2  # 1 image: its own
+    assert store.directory.parent == tmp_path / "programs"
+    assert store.loaded == 0 and store.compiled >= 2  # one image is a program of its own
     restarted = latent_engine(tiny_vae(), compile_decoder=True, decode_batch_size=20, compile_cache_dir=str(tmp_path))
     assert (restarted.decoder.store.loaded, restarted.decoder.store.compiled) == (store.compiled, 0)
     requests = [request(7, n=3), request(8)]
