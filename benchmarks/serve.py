@@ -247,8 +247,8 @@ def loadgen(a, out: Path, rate: str, prefix: str) -> dict:
 
 
 def soak_phase(a, route: str) -> dict:
-    """``benchmarks.soak`` on the model's route for ``--soak`` seconds at 0.8x its measured capacity: its windows,
-    replica samples and summary to ``soak.jsonl``, as ``python -m benchmarks soak`` writes them."""
+    """``benchmarks.soak`` on the model's route for ``--soak`` seconds at ``--soak-load`` x its measured capacity: its
+    windows, replica samples and summary to ``soak.jsonl``, as ``python -m benchmarks soak`` writes them."""
     from serving.config import model_deployment_name
 
     from . import soak
@@ -259,7 +259,8 @@ def soak_phase(a, route: str) -> dict:
     pids = lambda: soak.replica_pids(app, deployment)  # noqa: E731
     # Closed-loop clients enough to keep one batch of images in flight: a full batch's rate, with no queue behind it.
     clients = max(8, a.max_batch_size // a.images_per_request)
-    report = asyncio.run(soak.soak(f"http://127.0.0.1:{a.port}{route}", body, pids, load=0.8, seconds=a.soak,
+    load = soak.LOAD if a.soak_load is None else a.soak_load
+    report = asyncio.run(soak.soak(f"http://127.0.0.1:{a.port}{route}", body, pids, load=load, seconds=a.soak,
                                    window_s=min(60.0, a.soak / 5), clients=clients, arrivals=a.soak_arrivals))
     summary = report.summary()
     soak.write_report(report, a.out / "soak.jsonl")
@@ -315,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gateway-replicas", type=int, default=1)
     ap.add_argument("--layout", choices=["direct", "gateway"], default="direct")
     ap.add_argument("--soak", type=float, metavar="SECONDS",
-                    help="last, soak the model's route this long at 0.8x its capacity (benchmarks/soak.py's bar)")
+                    help="last, soak the model's route this long at --soak-load x its capacity (benchmarks/soak.py)")
+    ap.add_argument("--soak-load", type=float,
+                    help="the soak's offered load / measured capacity (default: soak.LOAD, the bar's)")
     ap.add_argument("--soak-arrivals", choices=ARRIVALS, default="paced",
                     help="the soak's arrivals: at even intervals, or Poisson's (benchmarks/soak.py)")
     ap.add_argument("--profile", action="store_true",

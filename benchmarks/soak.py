@@ -56,6 +56,7 @@ from .loadgen import ARRIVALS, ClientPauses, check_arrivals, send_offsets
 from .overload import Outcome, client_at_capacity, one_request
 from .stats import percentile
 
+LOAD = 0.8  # the offered share of the measured capacity that the bar is set at
 # What the soak holds the server to: memory growth after warm-up, and the last window's p99 against the first's.
 MAX_MEMORY_GROWTH = 0.01
 MAX_P99_DRIFT = 0.10
@@ -239,7 +240,7 @@ def _ms(x: float | None) -> float | None:
     return None if x is None else round(1000 * x, 1)
 
 
-async def soak(url: str, body: dict, pids, load: float = 0.8, seconds: float = 600.0, window_s: float = 60.0,
+async def soak(url: str, body: dict, pids, load: float = LOAD, seconds: float = 600.0, window_s: float = 60.0,
                sample_every_s: float = 5.0, clients: int = 8, capacity_seconds: float = 10.0, timeout: float = 30.0,
                seed: int = 0, arrivals: str = "paced") -> SoakReport:
     """Measure capacity, then send requests at ``load`` x capacity for ``seconds`` (``arrivals``: at even intervals,
@@ -311,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="digits-s")
     ap.add_argument("--steps", type=int, help="num_inference_steps of every request (default: the model's)")
     ap.add_argument("--n", type=int, default=1, help="images per request")
-    ap.add_argument("--load", type=float, default=0.8, help="offered load / measured capacity")
+    ap.add_argument("--load", type=float, default=LOAD, help="offered load / measured capacity")
     ap.add_argument("--arrivals", choices=ARRIVALS, default="paced",
                     help="paced: at even intervals (every window offered alike); poisson: exponential intervals")
     ap.add_argument("--seconds", type=float, default=600.0)

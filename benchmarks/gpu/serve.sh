@@ -15,15 +15,15 @@
 # (py-spy from .whl/ when not installed: `pip download py-spy -d .whl` here, and carry .whl). Bounded to under 10
 # minutes (BENCH_TIMEOUT, 560 s). A cold host compiles each bucket first (the student's seven, 1-64: 298 s), which
 # leaves the served phases little of that: BUCKETS="1 8 64" for a first run. SOAK=600 ends with the soak
-# (benchmarks/soak.py) on the model's route at 0.8x its capacity, its requests paced evenly (SOAK_ARRIVALS=poisson:
-# Poisson's). Longer than one call allows: DETACH=1 starts the run in the background (in out/detached, with
-# BENCH_TIMEOUT raised to fit) and returns at once; a later call on the same machine with COLLECT=1 waits for it (up to
-# 560 s) and copies its results to OUT. Any program compiled while serving is in OUT/recompiles.txt (start-up's too:
-# read the clock times), a replica's slow garbage collections (SLOW_COLLECTION_S) and each second its threads' holds add
-# up to STALL_WARN_S in OUT/pauses.txt, with STALL_STACKS=1 every thread's stack during each long hold (STALL_DUMP_S) in
-# OUT/stalls.txt, Ray's errors (a replica that died and was restarted) in OUT/ray-errors.txt; the host's compaction and
-# reclaim counters before and after in OUT/vmstat.txt, and every second's CPU (OUT/vmstat-1s.txt) and GPU clocks
-# (OUT/gpu-1s.csv).
+# (benchmarks/soak.py) on the model's route at 0.8x its capacity (SOAK_LOAD sets another share), its requests paced
+# evenly (SOAK_ARRIVALS=poisson: Poisson's). Longer than one call allows: DETACH=1 starts the run in the background (in
+# out/detached, with BENCH_TIMEOUT raised to fit) and returns at once; a later call on the same machine with COLLECT=1
+# waits for it (up to 560 s) and copies its rows (*.jsonl) and an archive of every file (detached.tar.gz) to OUT. Any
+# program compiled while serving is in OUT/recompiles.txt (start-up's too: read the clock times), a replica's slow
+# garbage collections (SLOW_COLLECTION_S) and each second its threads' holds add up to STALL_WARN_S in OUT/pauses.txt,
+# with STALL_STACKS=1 every thread's stack during each long hold (STALL_DUMP_S) in OUT/stalls.txt, Ray's errors (a
+# replica that died and was restarted) in OUT/ray-errors.txt; the host's compaction and reclaim counters before and
+# after in OUT/vmstat.txt, and every second's CPU (OUT/vmstat-1s.txt) and GPU clocks (OUT/gpu-1s.csv).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-out/serve}
@@ -35,7 +35,9 @@ if [ -n "${COLLECT:-}" ]; then
         kill -0 "$(cat "$detached/pid")" 2>/dev/null || break   # gone without finishing: say so now, not in 560 s
         sleep 1
     done
-    cp -r "$detached"/. "$OUT"/ || true
+    # the rows, and everything in one archive: the device tool brings back 8 files of a call's OUT
+    cp "$detached"/*.jsonl "$OUT"/ 2>/dev/null || true
+    tar czf "$OUT/detached.tar.gz" -C "$detached" . || true
     [ -e "$detached/done" ] || { kill -0 "$(cat "$detached/pid")" 2>/dev/null \
         && echo "[serve.sh] the detached run is still going: collect again" >&2 \
         || echo "[serve.sh] the detached run ended without finishing (see serve.sh.log)" >&2; exit 1; }
@@ -86,7 +88,7 @@ timeout --signal=INT "${BENCH_TIMEOUT:-560}" python3 -m benchmarks serve --out "
     ${DECODER_GRAPHS:+--decoder-graphs} \
     ${DECODER_OPTIONS:+--decoder-compile-options "$DECODER_OPTIONS"} $([ "${ENGINE_ALONE:-1}" = 0 ] && echo --no-engine-alone) \
     ${PROFILE:+--profile} ${STALL_STACKS:+--stall-stacks} \
-    ${SOAK:+--soak $SOAK} ${SOAK_ARRIVALS:+--soak-arrivals $SOAK_ARRIVALS} \
+    ${SOAK:+--soak $SOAK} ${SOAK_LOAD:+--soak-load $SOAK_LOAD} ${SOAK_ARRIVALS:+--soak-arrivals $SOAK_ARRIVALS} \
     2>&1 | tee "$OUT/serve.log" || status=$?
 grep -rh "__recompiles\]" /tmp/ray/session_latest/logs/ 2>/dev/null | cut -c1-600 > "$OUT/recompiles.txt" || true
 vm_counters after >> "$OUT/vmstat.txt"

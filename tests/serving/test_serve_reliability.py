@@ -149,7 +149,7 @@ def test_a_soak_at_80_percent_of_capacity_fails_nothing_and_holds_its_memory(clu
     cores it is the neighbours' doing as much as the server's (the benchmark holds it, on a host of its own)."""
     body = {"model": "digits-s", "prompt": "3"}
     pids = lambda: replica_pids("dit", model_deployment_name("digits-s"))  # noqa: E731
-    report = soak.asyncio.run(soak.soak(cluster.base, body, pids, load=0.8, seconds=40.0, window_s=10.0,
+    report = soak.asyncio.run(soak.soak(cluster.base, body, pids, load=soak.LOAD, seconds=40.0, window_s=10.0,
                                         sample_every_s=2.0, clients=4, capacity_seconds=3.0))
     s = report.summary()
     figure("soak", **s, windows=report.windows())
