@@ -6,9 +6,10 @@ count (what a user gets without distillation), and of the student at each count;
     python -m benchmarks student-quality checkpoints/digits-m-4step.safetensors --steps 2 4 --guidance 1.25 1.5 2
 
 ``--guidance`` adds the student at those scales at each step count: guidance trades diversity (and Frechet distance)
-for class fidelity, and a student's best scale need not be its teacher's. The teacher is the one the student's contract names, found beside the student. Every setting samples the same
-seeds, ``--samples-per-class`` per digit, through the engine; rows go to ``OUT/student-quality.jsonl`` as they are
-measured. The picture (``OUT/<student>-vs-teacher.png``) has one row per digit and, per setting, its first samples.
+for class fidelity, and a student's best scale need not be its teacher's. The teacher is the one the student's
+contract names, found beside the student. Every setting samples the same seeds, ``--samples-per-class`` per digit,
+through the engine; rows go to ``OUT/student-quality.jsonl`` as they are measured. The picture
+(``OUT/<student>-vs-teacher.png``) has one row per digit and, per setting, its first samples.
 """
 
 from __future__ import annotations

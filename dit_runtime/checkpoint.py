@@ -154,7 +154,8 @@ def _open(path: str | os.PathLike, device: str = "cpu"):
     try:
         return safe_open(str(path), framework="pt", device=device)
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); it may be truncated or corrupted") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); it may be truncated or corrupted") \
+            from None
 
 
 def load_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu",

@@ -280,7 +280,8 @@ class ModelArgs(_Args):
         limits = limits or Limits()
         given = {"fp8_min_rows": self.fp8_min_rows, "fp8_blocks": self.fp8_blocks}
         fast_paths = FastPaths(**{name: value for name, value in given.items() if value is not None})
-        return EngineConfig(fast_paths=fast_paths, device=self.device, precision=self.precision, max_batch_size=self.max_batch_size,
+        return EngineConfig(fast_paths=fast_paths, device=self.device, precision=self.precision,
+                            max_batch_size=self.max_batch_size,
                             max_queue_size=self.max_queue_size, max_queue_wait_s=self.max_queue_wait_s,
                             limits=limits.request_limits(),
                             default_inference_steps=self.default_steps(limits), compile=self.compile,

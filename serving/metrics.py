@@ -25,7 +25,8 @@ class GatewayMetrics:
     whichever ingress answered (the gateway, or a model serving its own route)."""
 
     def __init__(self):
-        self.latency = Histogram("dit_request_latency_seconds", "End-to-end latency of image requests at the API (gateway or model route)",
+        self.latency = Histogram("dit_request_latency_seconds",
+                                 "End-to-end latency of image requests at the API (gateway or model route)",
                                  boundaries=LATENCY_BUCKETS, tag_keys=("model", "status"))
         self.requests = Counter("dit_requests_total", "Image requests by model and HTTP status",
                                 tag_keys=("model", "status"))

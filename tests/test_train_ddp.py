@@ -31,7 +31,8 @@ config = load_config(sys.argv[2], [
     ("trainer.learning_rate", "0.001"), ("checkpointing.save_every", "3"), ("checkpointing.output_dir", out)])
 trainer = Trainer(config, command=["dit-train", "(ddp test)"])
 trainer.run()
-save_file({k: v.contiguous() for k, v in trainer.model.state_dict().items()}, f"{out}/rank{trainer.dist.rank}.safetensors")
+save_file({k: v.contiguous() for k, v in trainer.model.state_dict().items()},
+          f"{out}/rank{trainer.dist.rank}.safetensors")
 # One write of one line: the two ranks share the pipe, and print's separate writes of each piece interleave.
 sys.stdout.write(f"world {trainer.dist.world_size} global_batch {trainer.global_batch}\\n")
 sys.stdout.flush()

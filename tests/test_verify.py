@@ -100,7 +100,8 @@ def test_activation_model_matches_what_autograd_saves_under_bf16_autocast():
     measured = sum(t.untyped_storage().nbytes() for t in saved.values()
                    if not (t.dtype == torch.bfloat16 and tuple(t.shape) in weight_shapes))
     expected = activation_bytes_per_token_layer(config) * tokens
-    assert expected <= measured <= 1.03 * expected, f"measured {measured / tokens:.0f} B/token, model {expected / tokens}"
+    assert expected <= measured <= 1.03 * expected, \
+        f"measured {measured / tokens:.0f} B/token, model {expected / tokens}"
     assert len(saved) > 10  # the hook saw the block's tensors
 
 
