@@ -43,6 +43,7 @@ class Decoder:
 
     upsampling: int = 1
     channels: int
+    store: ProgramStore | None = None  # where its compiled programs are saved and loaded, if it has any
 
     def __call__(self, samples: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -123,7 +124,6 @@ class VAEDecoder(Decoder):
             raise ValueError("a decoder's cuda_graphs need it compiled (compile_decoder) and on a CUDA device")
         self.cuda_graphs = cuda_graphs
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}  # batch: graph, in, out
-        self.store: ProgramStore | None = None
         self._programs: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}  # batch size: its saved program
         if compile and program_dir is not None:
             from .engine.programs import ProgramStore, aot_compile_enabled  # the engine package imports this module

@@ -141,7 +141,7 @@ class ModelServer:
                                     decoder=vae_loaded - verified + decoder_warmup, total=done - started)
         self.metrics.record_startup(self.startup)
         # Saved compiled programs, the steps' and a VAE decoder's: loaded, or compiled and saved for the next start.
-        stores = [store for store in (runner.store, getattr(self.engine.decoder, "store", None)) if store is not None]
+        stores = [store for store in (runner.store, self.engine.decoder.store) if store is not None]
         programs = (f"; compiled programs: {sum(s.loaded for s in stores)} loaded, {sum(s.compiled for s in stores)} "
                     "compiled") if stores else ""
         log.info("model %r loaded from %s in %.1f s (%s%s)", self.name, source, self.startup.total,
